@@ -1,0 +1,22 @@
+"""phantomgrad: train implicit (deep equilibrium) models fast with phantom gradients.
+
+    import phantomgrad as pg
+    deq = pg.DEQ(f, solver=pg.Anderson(max_iter=30, tol=1e-4), backward=pg.UPG(k=5, damping=0.5))
+    z, info = deq(x, z0)
+
+Method: Geng, Zhang, Bai, Wang, Lin, "On Training Implicit Models", NeurIPS 2021.
+"""
+
+from .backward import JFB, NPG, UPG, Backprop, BackwardMode, Implicit, make_backward
+from .deq import DEQ, DEQInfo
+from .regularize import jacobian_penalty, spectral_radius
+from .solvers import Anderson, Broyden, FixedPoint, Solver, SolverInfo, make_solver
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEQ", "DEQInfo",
+    "Solver", "SolverInfo", "FixedPoint", "Anderson", "Broyden", "make_solver",
+    "BackwardMode", "Implicit", "UPG", "NPG", "JFB", "Backprop", "make_backward",
+    "jacobian_penalty", "spectral_radius",
+]

@@ -1,0 +1,211 @@
+"""Backward modes: how the gradient of a DEQ layer is made.
+
+All of them approximate the exact implicit gradient (the paper's Eq. 4)
+
+    dL/dtheta = J_theta^T (I - J_h^T)^{-1} dL/dh,
+
+with J_h = dF/dh and J_theta = dF/dtheta at the fixed point h*, by replacing
+(I - J_h)^{-1} with a matrix A (Eq. 5). A backward mode receives
+
+* ``fn``: the flat map z -> F(z, x), differentiable in the parameters and in x,
+* ``z_star``: the detached fixed point, shape (B, D),
+* ``info``: the forward solver's :class:`~phantomgrad.deq.DEQInfo`,
+
+and returns the tensor the layer outputs, carrying the gradient it prescribes.
+Backward modes know nothing about models or solvers' internals.
+
+``Backprop`` is different: it needs the solver to run with autograd on, so the
+DEQ layer asks ``mode.differentiates_solver`` before solving.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .solvers import Broyden, Solver, SolverInfo, _check_damping
+
+FlatFn = Callable[[Tensor], Tensor]
+
+
+def _check_k(k: int) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k (number of phantom-gradient steps) must be an integer >= 1, got {k!r}")
+    return k
+
+
+class BackwardMode:
+    """Base class. ``attach`` is only called when a gradient is wanted."""
+
+    differentiates_solver = False
+
+    def attach(self, fn: FlatFn, z_star: Tensor, info) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        keys = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({keys})"
+
+
+class _RouteGradient(torch.autograd.Function):
+    """Outputs z* exactly; in backward, maps the incoming dL/dh through ``transform``
+    and hands the result to ``fz`` = F(z*), whose graph carries it on to the
+    parameters and the input as J_theta^T (...) and J_x^T (...).
+
+    ``transform(grad, vjp)`` gets ``vjp(v) = J_h^T v`` at z* (through the graph of
+    fz, which it reuses, so F is not evaluated again).
+    """
+
+    @staticmethod
+    def forward(ctx, fz: Tensor, z_req: Tensor, z_star: Tensor, transform):
+        ctx.fz = fz  # an input, not an output: no reference cycle
+        ctx.z_req = z_req
+        ctx.transform = transform
+        return z_star.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        fz, z_req = ctx.fz, ctx.z_req
+
+        def vjp(v: Tensor) -> Tensor:
+            return torch.autograd.grad(fz, z_req, v, retain_graph=True)[0]
+
+        with torch.enable_grad():
+            routed = ctx.transform(grad, vjp)
+        return routed, None, None, None
+
+
+def _one_step_graph(fn: FlatFn, z_star: Tensor) -> tuple[Tensor, Tensor]:
+    """F(z*) with a graph to the parameters, x and a fresh leaf standing for z*."""
+    z_req = z_star.detach().requires_grad_()
+    with torch.enable_grad():
+        fz = fn(z_req)
+    return fz, z_req
+
+
+class Implicit(BackwardMode):
+    """The exact gradient by implicit differentiation (Eq. 4).
+
+    Solves g = J_h^T g + dL/dh at h* with ``solver`` (vector-Jacobian products through
+    one stored evaluation of F, so memory is O(1) in the number of solver steps), then
+    passes J_theta^T g on. The default solver stops on a *relative* residual, so the
+    gradient stays exact whatever the scale of the loss. After backward,
+    ``info.backward`` holds the backward solve's :class:`SolverInfo` (its
+    ``converged`` says whether the gradient is exact to the tolerance).
+    """
+
+    def __init__(self, solver: Solver | None = None):
+        self.solver = solver if solver is not None else Broyden(max_iter=30, tol=1e-6, stop="rel")
+
+    def attach(self, fn, z_star, info):
+        fz, z_req = _one_step_graph(fn, z_star)
+        solver = self.solver
+
+        def transform(grad: Tensor, vjp) -> Tensor:
+            g, binfo = solver.solve(lambda y: vjp(y) + grad, grad)
+            info.backward = binfo
+            return g
+
+        return _RouteGradient.apply(fz, z_req, z_star, transform)
+
+
+class NPG(BackwardMode):
+    """Neumann-series phantom gradient A_{k,lambda} (Eq. 17).
+
+        dL/dtheta ~ lambda J_theta^T (I + B^T + ... + (B^T)^{k-1}) dL/dh,
+        B = lambda J_h + (1 - lambda) I   at h*.
+
+    k vector-Jacobian products in all (k - 1 with J_h^T, one with J_theta^T), memory
+    independent of k. The layer outputs h*.
+    """
+
+    def __init__(self, k: int = 5, damping: float = 0.5):
+        self.k = _check_k(k)
+        self.damping = _check_damping("damping", damping)
+
+    def attach(self, fn, z_star, info):
+        fz, z_req = _one_step_graph(fn, z_star)
+        k, lam = self.k, self.damping
+
+        def transform(grad: Tensor, vjp) -> Tensor:
+            term = total = grad
+            for _ in range(k - 1):
+                term = lam * vjp(term) + (1 - lam) * term
+                total = total + term
+            return lam * total
+
+        return _RouteGradient.apply(fz, z_req, z_star, transform)
+
+
+class UPG(BackwardMode):
+    """Unrolling-based phantom gradient A_{k,lambda} (Eq. 16).
+
+    Starting from the detached h*, runs k damped steps with autograd on,
+
+        h_{t+1} = lambda F(h_t) + (1 - lambda) h_t,
+
+    and the gradient is backpropagation through them (memory O(k)). In training the
+    layer outputs h_k, not h*, as the authors' code does: the head sees the state the
+    gradient was computed for. Under ``torch.no_grad`` or in eval mode the layer
+    outputs h* and runs no extra steps.
+    """
+
+    def __init__(self, k: int = 5, damping: float = 0.5):
+        self.k = _check_k(k)
+        self.damping = _check_damping("damping", damping)
+
+    def attach(self, fn, z_star, info):
+        h = z_star.detach()
+        lam = self.damping
+        with torch.enable_grad():
+            for _ in range(self.k):
+                fh = fn(h)
+                h = fh if lam == 1.0 else lam * fh + (1 - lam) * h
+        return h
+
+
+class JFB(UPG):
+    """The one-step (Jacobian-free) gradient: UPG with k = 1, lambda = 1, i.e. A = I.
+    The layer outputs F(h*) in training."""
+
+    def __init__(self):
+        super().__init__(k=1, damping=1.0)
+
+    def __repr__(self) -> str:
+        return "JFB()"
+
+
+class Backprop(BackwardMode):
+    """Differentiate through the forward solver's own iterations (unrolled graph).
+
+    The reference exact gradient of the unrolled computation; memory grows with the
+    number of solver steps. The layer outputs the solver's returned iterate.
+    """
+
+    differentiates_solver = True
+
+    def attach(self, fn, z_star, info):  # the solver already built the graph
+        return z_star
+
+
+BACKWARD_MODES: dict[str, type[BackwardMode]] = {
+    "implicit": Implicit,
+    "upg": UPG,
+    "npg": NPG,
+    "jfb": JFB,
+    "backprop": Backprop,
+}
+
+
+def make_backward(name: str, **kwargs) -> BackwardMode:
+    """Build a backward mode by name, for configs."""
+    try:
+        cls = BACKWARD_MODES[name]
+    except KeyError:
+        raise ValueError(f"unknown backward mode {name!r}; choose one of {sorted(BACKWARD_MODES)}") from None
+    return cls(**kwargs)
+
+
+__all__ = ["BackwardMode", "Implicit", "UPG", "NPG", "JFB", "Backprop", "make_backward", "SolverInfo"]

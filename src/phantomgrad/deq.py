@@ -1,0 +1,167 @@
+"""The DEQ layer: solve for the fixed point, then let the backward mode attach the gradient.
+
+    z*, info = DEQ(f, solver, backward)(x, z0)      with   z* = f(z*, x)
+
+``f(z, x)`` is any module or callable whose output has the structure of ``z``: one
+tensor or a tuple of tensors, each with the batch on dimension 0. The layer packs
+that structure into flat states (B, D) for the solver and unpacks the result.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .backward import UPG, BackwardMode
+from .solvers import Anderson, Solver, SolverInfo
+
+log = logging.getLogger(__name__)
+
+State = Tensor | tuple[Tensor, ...]
+
+
+@dataclass
+class DEQInfo(SolverInfo):
+    """The forward solve's :class:`SolverInfo`, plus ``backward``: the backward solve's
+    info for ``pg.Implicit`` (filled in when backward runs, else None)."""
+
+    backward: SolverInfo | None = None
+
+
+class _Packer:
+    """Flattens a tensor or a tuple of tensors with a common batch dimension to (B, D)."""
+
+    def __init__(self, z: State):
+        self.is_tuple = isinstance(z, (tuple, list))
+        parts = tuple(z) if self.is_tuple else (z,)
+        if not parts or not all(isinstance(p, Tensor) for p in parts):
+            raise TypeError(f"a DEQ state must be a Tensor or a tuple of Tensors, got {_describe(z)}")
+        self.batch = parts[0].shape[0]
+        self.shapes = [tuple(p.shape) for p in parts]
+        if any(s[0] != self.batch for s in self.shapes):
+            raise ValueError(f"every part of the state must share the batch size on dim 0, got shapes {self.shapes}")
+        self.sizes = [int(torch.Size(s[1:]).numel()) for s in self.shapes]
+
+    def check(self, z: State, what: str) -> None:
+        shapes = [tuple(p.shape) for p in z] if isinstance(z, (tuple, list)) else [tuple(z.shape)] if isinstance(z, Tensor) else None
+        if shapes is None or isinstance(z, (tuple, list)) != self.is_tuple or shapes != self.shapes:
+            raise ValueError(
+                f"{what} has structure {_describe(z)} but z0 has {self._describe_self()}; "
+                "f(z, x) must return a state of exactly the structure and shapes of z0"
+            )
+
+    def _describe_self(self) -> str:
+        return f"tuple of shapes {self.shapes}" if self.is_tuple else f"Tensor of shape {self.shapes[0]}"
+
+    def pack(self, z: State) -> Tensor:
+        if not self.is_tuple:
+            return z.reshape(self.batch, -1)
+        return torch.cat([p.reshape(self.batch, -1) for p in z], dim=1)
+
+    def unpack(self, flat: Tensor) -> State:
+        if not self.is_tuple:
+            return flat.reshape(self.shapes[0])
+        parts = torch.split(flat, self.sizes, dim=1)
+        return tuple(p.reshape(s) for p, s in zip(parts, self.shapes))
+
+
+def _describe(z: Any) -> str:
+    if isinstance(z, Tensor):
+        return f"Tensor of shape {tuple(z.shape)}"
+    if isinstance(z, (tuple, list)):
+        return "tuple of [" + ", ".join(_describe(p) for p in z) + "]"
+    return type(z).__name__
+
+
+def _all_finite(z: Any) -> bool:
+    if isinstance(z, Tensor):
+        return not torch.is_floating_point(z) or bool(torch.isfinite(z).all())
+    if isinstance(z, (tuple, list)):
+        return all(_all_finite(p) for p in z)
+    if isinstance(z, dict):
+        return all(_all_finite(p) for p in z.values())
+    return True
+
+
+class DEQ(nn.Module):
+    """A deep equilibrium layer.
+
+    Args:
+        f: the map F; ``f(z, x)`` returns the next state with the structure of ``z``.
+            If it is an ``nn.Module`` its parameters are registered here.
+        solver: forward solver (default ``Anderson(max_iter=30, tol=1e-4)``).
+        backward: backward mode (default ``UPG(k=5, damping=0.5)``).
+        warn_not_converged: log a warning when a forward solve misses its tolerance.
+
+    ``forward(x, z0)`` returns ``(z, info)``. Gradients flow to the parameters of f and
+    to x, never to z0. Under ``torch.no_grad()`` or in eval mode only the forward
+    solve runs and the output is h*; in training, what is returned and how its
+    gradient is made is the backward mode's business (UPG, for one, returns h_k).
+    """
+
+    def __init__(
+        self,
+        f: Callable[..., State],
+        solver: Solver | None = None,
+        backward: BackwardMode | None = None,
+        warn_not_converged: bool = False,
+    ):
+        super().__init__()
+        if not callable(f):
+            raise TypeError(f"f must be callable as f(z, x), got {type(f).__name__}")
+        self.f = f  # registered as a submodule when it is a Module
+        self.solver = solver if solver is not None else Anderson(max_iter=30, tol=1e-4)
+        self.backward_mode = backward if backward is not None else UPG(k=5, damping=0.5)
+        if not isinstance(self.solver, Solver):
+            raise TypeError(f"solver must be a phantomgrad solver such as pg.Anderson(), got {self.solver!r}")
+        if not isinstance(self.backward_mode, BackwardMode):
+            raise TypeError(f"backward must be a phantomgrad backward mode such as pg.UPG(), got {self.backward_mode!r}")
+        self.warn_not_converged = warn_not_converged
+
+    def extra_repr(self) -> str:
+        return f"solver={self.solver!r}, backward={self.backward_mode!r}"
+
+    def forward(self, x: Any, z0: State) -> tuple[State, DEQInfo]:
+        packer = _Packer(z0)
+        if not _all_finite(z0):
+            raise ValueError("z0 contains NaN or Inf; start the solve from a finite state (e.g. zeros)")
+        if not _all_finite(x):
+            raise ValueError("the input x contains NaN or Inf; check the data and the layers before the DEQ")
+
+        def fn(flat: Tensor) -> Tensor:
+            out = self.f(packer.unpack(flat), x)
+            packer.check(out, "f(z, x)")
+            return packer.pack(out)
+
+        z0_flat = packer.pack(z0).detach()
+        wants_grad = torch.is_grad_enabled() and self.training
+        mode = self.backward_mode
+        if wants_grad and mode.differentiates_solver:
+            z_star, sinfo = self.solver.solve(fn, z0_flat)
+        else:
+            with torch.no_grad():
+                z_star, sinfo = self.solver.solve(fn, z0_flat)
+        info = DEQInfo(**vars(sinfo))
+        self._report(info)
+        if wants_grad:
+            z_out = mode.attach(fn, z_star, info)
+        else:
+            z_out = z_star.detach()
+        return packer.unpack(z_out), info
+
+    def _report(self, info: DEQInfo) -> None:
+        if bool(info.nonfinite.any()):
+            log.warning(
+                "DEQ forward solve produced non-finite values for %d of %d samples; the returned state is the "
+                "last finite iterate (see info.nonfinite). Lower the damping, regularise the Jacobian or check f.",
+                int(info.nonfinite.sum()), info.nonfinite.numel(),
+            )
+        if self.warn_not_converged and not info.all_converged:
+            log.warning(
+                "DEQ forward solve did not converge for %d of %d samples (mean relative residual %.3g after %d steps)",
+                int((~info.converged).sum()), info.converged.numel(), float(info.rel_residual.mean()), int(info.nstep.max()),
+            )

@@ -1,0 +1,1 @@
+"""Implicit models built on :class:`phantomgrad.DEQ`."""

@@ -1,0 +1,1 @@
+"""Reusable layers for implicit models."""

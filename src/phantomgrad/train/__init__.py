@@ -1,0 +1,1 @@
+"""Training: trainer, config, checkpoints, logging."""
