@@ -1,0 +1,115 @@
+"""The DEQ layer's contract: info, bad input, warnings, regularisers."""
+
+import logging
+
+import pytest
+import torch
+
+import phantomgrad as pg
+from conftest import TanhLayer, TupleLayer
+
+F64 = torch.float64
+
+
+def test_info_fields_are_per_sample():
+    layer = TanhLayer()
+    z, info = pg.DEQ(layer, solver=pg.Anderson(max_iter=40, tol=1e-8))(torch.randn(5, 4, dtype=F64), torch.zeros(5, 6, dtype=F64))
+    for name in ("abs_residual", "rel_residual", "nstep", "converged", "nonfinite", "fallback"):
+        assert getattr(info, name).shape == (5,), name
+    assert info.converged.all()
+    assert set(info.summary()) >= {"abs_residual", "rel_residual", "nstep", "converged"}
+
+
+def test_mismatched_z0_names_both_structures():
+    deq = pg.DEQ(lambda z, x: torch.tanh(x @ torch.ones(4, 6, dtype=F64)))
+    with pytest.raises(ValueError, match=r"f\(z, x\).*\(3, 6\).*\(3, 5\)"):
+        deq(torch.randn(3, 4, dtype=F64), torch.zeros(3, 5, dtype=F64))
+    with pytest.raises(ValueError, match="tuple"):
+        deq(torch.randn(3, 4, dtype=F64), (torch.zeros(3, 6, dtype=F64),))
+    with pytest.raises(ValueError, match="tuple"):
+        pg.DEQ(TupleLayer())(torch.randn(2, 4, dtype=F64), torch.zeros(2, 4, dtype=F64))
+
+
+@pytest.mark.parametrize("where", ["x", "z0"])
+def test_non_finite_inputs_are_refused(where):
+    x = torch.randn(2, 4, dtype=F64)
+    z0 = torch.zeros(2, 6, dtype=F64)
+    (x if where == "x" else z0)[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pg.DEQ(TanhLayer())(x, z0)
+
+
+def test_non_finite_residual_is_flagged_and_not_handed_on(caplog):
+    # F blows up to inf after a couple of steps for sample 0 only.
+    def f(z, x):
+        return z * x + 1.0
+
+    x = torch.tensor([[1e200], [0.5]], dtype=F64)
+    with caplog.at_level(logging.WARNING, logger="phantomgrad"):
+        with torch.no_grad():
+            z, info = pg.DEQ(f, solver=pg.FixedPoint(max_iter=10, tol=1e-12))(x, torch.zeros(2, 1, dtype=F64))
+    assert info.nonfinite.tolist() == [True, False]
+    assert torch.isfinite(z).all()
+    assert not info.converged[0]
+    assert "non-finite" in caplog.text
+
+
+def test_not_converged_warning_can_be_switched_on(caplog):
+    layer = TanhLayer(lipschitz=0.99)
+    args = (torch.randn(2, 4, dtype=F64), torch.zeros(2, 6, dtype=F64))
+    with caplog.at_level(logging.WARNING, logger="phantomgrad"):
+        _, info = pg.DEQ(layer, solver=pg.FixedPoint(max_iter=2, tol=1e-12))(*args)
+    assert not info.converged.any() and caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="phantomgrad"):
+        pg.DEQ(layer, solver=pg.FixedPoint(max_iter=2, tol=1e-12), warn_not_converged=True)(*args)
+    assert "did not converge" in caplog.text
+
+
+def test_constructor_rejects_wrong_types():
+    with pytest.raises(TypeError, match="solver"):
+        pg.DEQ(TanhLayer(), solver="anderson")
+    with pytest.raises(TypeError, match="backward"):
+        pg.DEQ(TanhLayer(), backward="upg")
+    with pytest.raises(TypeError, match="callable"):
+        pg.DEQ(3)
+
+
+def test_parameters_of_f_are_registered():
+    layer = TanhLayer()
+    deq = pg.DEQ(layer)
+    assert {id(p) for p in deq.parameters()} == {id(p) for p in layer.parameters()}
+
+
+def test_make_by_name():
+    assert isinstance(pg.make_solver("broyden", memory=3), pg.Broyden)
+    assert isinstance(pg.make_backward("npg", k=2, damping=0.5), pg.NPG)
+    with pytest.raises(ValueError, match="choose one of"):
+        pg.make_solver("newton")
+    with pytest.raises(ValueError, match="choose one of"):
+        pg.make_backward("upgg")
+
+
+def test_spectral_radius_of_a_linear_map():
+    # F(z) = z A^T + x with A symmetric: dF/dz = A, spectral radius = max |eigenvalue|.
+    A = torch.randn(5, 5, dtype=F64)
+    A = (A + A.T) / 2
+    expected = torch.linalg.eigvalsh(A).abs().max()
+    A = A / expected * 0.8
+
+    def f(z, x):
+        return z @ A.T + x
+
+    rho = pg.spectral_radius(f, torch.zeros(3, 5, dtype=F64), torch.randn(3, 5, dtype=F64), iters=300)
+    assert rho.shape == (3,)
+    assert torch.allclose(rho, torch.full((3,), 0.8, dtype=F64), atol=1e-6)
+
+
+def test_jacobian_penalty_estimates_frobenius_norm_and_is_differentiable():
+    layer = TanhLayer(dim=6)
+    x = torch.randn(4, 4, dtype=F64)
+    z = torch.randn(4, 6, dtype=F64)
+    exact = sum(torch.autograd.functional.jacobian(lambda zi: layer(zi, x[i]), z[i]).pow(2).sum() for i in range(4)) / (4 * 6)
+    estimate = pg.jacobian_penalty(layer, z, x, n_samples=2000)
+    assert torch.allclose(estimate, exact, rtol=0.05)
+    pg.jacobian_penalty(layer, z, x).backward()
+    assert layer.W.grad is not None and layer.W.grad.abs().sum() > 0
