@@ -26,8 +26,9 @@ def test_mismatched_z0_names_both_structures():
         deq(torch.randn(3, 4, dtype=F64), torch.zeros(3, 5, dtype=F64))
     with pytest.raises(ValueError, match="tuple"):
         deq(torch.randn(3, 4, dtype=F64), (torch.zeros(3, 6, dtype=F64),))
+    pair = pg.DEQ(lambda z, x: (torch.tanh(x), torch.tanh(x[:, :3])))
     with pytest.raises(ValueError, match="tuple"):
-        pg.DEQ(TupleLayer())(torch.randn(2, 4, dtype=F64), torch.zeros(2, 4, dtype=F64))
+        pair(torch.randn(2, 4, dtype=F64), torch.zeros(2, 4, dtype=F64))
 
 
 @pytest.mark.parametrize("where", ["x", "z0"])
