@@ -113,7 +113,7 @@ def load_cifar10(
     data = np.concatenate([d for d, _ in batches])
     labels = np.concatenate([y for _, y in batches])
     log.debug("cifar10 %s: %d images from %s", split, len(data), directory)
-    images = normalise(torch.from_numpy(data).float().div_(255.0), SPEC)
+    images = normalise(torch.from_numpy(data), SPEC)
     transform = RandomCropFlip(padding=4, flip=True, fill=SPEC.black) if augment else None
     return TensorImageDataset(images, torch.from_numpy(labels), transform), SPEC
 

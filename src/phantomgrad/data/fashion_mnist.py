@@ -86,8 +86,8 @@ def _find(directory: Path, stem: str) -> Path:
 
 
 @lru_cache(maxsize=4)
-def _decode(images_path: Path, labels_path: Path, _stamp: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """Decoded (images (N, 28, 28) uint8, labels (N,) int64), cached per process.
+def _decode(images_path: Path, labels_path: Path, _stamp: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded (images (N, 1, 28, 28) uint8, labels (N,) int64), cached per process.
     `_stamp` (size and mtime of both files) makes a replaced file miss the cache."""
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
@@ -99,9 +99,8 @@ def _decode(images_path: Path, labels_path: Path, _stamp: tuple) -> tuple[np.nda
         )
     if labels.size and labels.max() >= len(CLASSES):
         raise ValueError(f"{labels_path} has label {labels.max()} >= {len(CLASSES)}; {_REINSTALL}")
-    labels = labels.astype(np.int64)
-    labels.setflags(write=False)
-    return images, labels
+    # Copies: np.frombuffer arrays are read-only, which torch tensors cannot express.
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
 def load_fashion_mnist(
@@ -121,6 +120,6 @@ def load_fashion_mnist(
     stamp = tuple((s.st_size, s.st_mtime_ns) for s in map(os.stat, (images_path, labels_path)))
     images, labels = _decode(images_path.resolve(), labels_path.resolve(), stamp)
     log.debug("fashion-mnist %s: %d images from %s", split, len(images), directory)
-    x = normalise(torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1), SPEC)
     transform = RandomCropFlip(padding=2, flip=False, fill=SPEC.black) if augment else None
-    return TensorImageDataset(x, torch.from_numpy(labels.copy()), transform), SPEC
+    # normalise() and clone() copy, so callers never share the cached tensors.
+    return TensorImageDataset(normalise(images, SPEC), labels.clone(), transform), SPEC

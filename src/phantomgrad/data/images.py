@@ -68,10 +68,16 @@ def check_split(split: str) -> str:
 
 
 def normalise(images: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
-    """Map `(N, C, H, W)` pixels in [0, 1] to `(pixel - mean) / std` per channel (float32)."""
+    """Return `(pixel - mean) / std` per channel as a new float32 `(N, C, H, W)` tensor.
+
+    `images` are uint8 pixels 0..255 or floats in [0, 1]; the input is not modified.
+    """
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
-    return ((images.to(torch.float32) - mean) / std).contiguous()
+    out = images.to(torch.float32, copy=True).contiguous()
+    if images.dtype == torch.uint8:
+        out.div_(255.0)
+    return out.sub_(mean).div_(std)
 
 
 @dataclass(frozen=True)
