@@ -24,22 +24,6 @@ def build_backward(cfg: TrainConfig) -> pg.BackwardMode:
     return pg.make_backward(cfg.backward)
 
 
-def build_image_data(cfg: TrainConfig):
-    from phantomgrad.data.images import load_image_dataset
-
-    options = {"size": cfg.image_size} if cfg.dataset == "imagefolder" and cfg.image_size else {}
-    train_set, spec = load_image_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, **options)
-    test_set, _ = load_image_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, **options)
-    return train_set, test_set, spec
-
-
-def build_image_model(cfg: TrainConfig, spec) -> torch.nn.Module:
-    from phantomgrad.models.mdeq import MDEQ, MDEQConfig
-
-    model_cfg = MDEQConfig.named(cfg.model, in_channels=spec.channels, image_size=spec.size, num_classes=spec.num_classes, dropout=cfg.dropout)
-    return MDEQ(model_cfg, solver=build_solver(cfg), backward=build_backward(cfg))
-
-
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":

@@ -27,11 +27,12 @@ class TrainConfig:
     """All the knobs of ``phantomgrad train``. Defaults train an MDEQ on digits with UPG A_{5,0.5}."""
 
     # what to train
-    task: str = "image"  # image (this issue); lm and graph come with their models
-    dataset: str = "digits"  # digits | fashion-mnist | cifar10 | imagefolder
+    task: str = "image"  # image | (see phantomgrad.train.tasks.TASKS)
+    dataset: str = "digits"  # image: digits | fashion-mnist | cifar10 | imagefolder
     data_dir: str | None = None
-    image_size: int | None = None  # imagefolder only: crop size
+    data_options: dict = field(default_factory=dict)  # dataset keywords, e.g. {size: 64} for imagefolder
     model: str = "mdeq-tiny"
+    arch: dict = field(default_factory=dict)  # architecture overrides passed to the model's config
     dropout: float = 0.0
     # equilibrium solve
     solver: str = "anderson"  # anderson | broyden | fixed_point
@@ -47,6 +48,8 @@ class TrainConfig:
     backward_tol: float = 1e-4
     pretrain_steps: int = 0  # first N steps train F as a weight-tied stack (unrolled)
     pretrain_depth: int = 6
+    jac_reg_weight: float = 0.0  # weight of pg.jacobian_penalty at the fixed point (models that support it)
+    jac_reg_freq: float = 0.0  # probability of adding the penalty on a step
     # optimisation
     epochs: int = 12
     batch_size: int = 64
@@ -70,8 +73,10 @@ class TrainConfig:
 
     # ---- validation -------------------------------------------------------------------
     def validate(self) -> None:
-        _choice("task", self.task, ("image",))
-        _choice("dataset", self.dataset, ("digits", "fashion-mnist", "cifar10", "imagefolder"))
+        from .tasks import TASKS  # the registry imports this module
+
+        _choice("task", self.task, tuple(TASKS))
+        _choice("dataset", self.dataset, TASKS[self.task][2])
         _choice("solver", self.solver, ("anderson", "broyden", "fixed_point"))
         _choice("solver_stop", self.solver_stop, ("rel", "abs"))
         _choice("backward", self.backward, ("implicit", "upg", "npg", "jfb", "backprop"))
@@ -93,6 +98,8 @@ class TrainConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ConfigError("weight_decay must be >= 0 and momentum in [0, 1)")
+        if self.jac_reg_weight < 0 or not 0 <= self.jac_reg_freq <= 1:
+            raise ConfigError("jac_reg_weight must be >= 0 and jac_reg_freq in [0, 1]")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"grad_clip must be > 0 or null, got {self.grad_clip!r}")
 
@@ -105,7 +112,13 @@ class TrainConfig:
             values.update(read_config_file(Path(path)))
         for item in overrides or []:
             key, value = parse_override(item)
-            values[key] = value
+            if "." in key:  # arch.channels=[24,24] sets one entry of a dict-valued key
+                outer, inner = key.split(".", 1)
+                if not isinstance(values.get(outer, {}), dict):
+                    raise ConfigError(f"{outer} is not a mapping, so {key!r} cannot be set")
+                values.setdefault(outer, {})[inner] = value
+            else:
+                values[key] = value
         return cls.from_dict(values)
 
     @classmethod
@@ -171,6 +184,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value
         if typ is bool and isinstance(value, bool):
             return value
+        if typ is dict and isinstance(value, dict):
+            return dict(value)
         if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)

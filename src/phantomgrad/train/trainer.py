@@ -21,7 +21,6 @@ from statistics import median
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -30,6 +29,7 @@ from . import builders
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .metrics import MetricsWriter
+from .tasks import StepResult, build_task
 
 log = logging.getLogger(__name__)
 
@@ -39,35 +39,26 @@ RESUMABLE_CHANGES = {"epochs", "progress", "out_dir", "tensorboard", "eval_every
 
 @dataclass
 class Meter:
-    """Running sums over one epoch."""
+    """Running sums over one epoch (metric sums from the task, solver steps, timings)."""
 
-    loss: float = 0.0
-    correct: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
     count: int = 0
     nstep: float = 0.0
     batches: int = 0
     forward_s: float = 0.0
     backward_s: float = 0.0
     step_s: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
-    def add(self, loss: float, correct: int, count: int, nstep: float) -> None:
-        self.loss += loss * count
-        self.correct += correct
-        self.count += count
-        self.nstep += nstep
+    def add(self, result: StepResult) -> None:
+        for key, value in result.sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += result.count
         self.batches += 1
+        if result.info is not None:
+            self.nstep += float(result.info.nstep.float().mean())
 
-    def means(self) -> dict[str, float]:
-        return {
-            "loss": self.loss / max(self.count, 1),
-            "accuracy": self.correct / max(self.count, 1),
-            "nstep": self.nstep / max(self.batches, 1),
-        }
-
-
-def _unpack(output) -> tuple[torch.Tensor, Any]:
-    return output if isinstance(output, tuple) else (output, None)
+    def means(self, finalize) -> dict[str, float]:
+        return {**finalize(self.sums, self.count), "nstep": self.nstep / max(self.batches, 1)}
 
 
 class Trainer:
@@ -81,8 +72,9 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = builders.resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.train_set, self.test_set, self.spec = builders.build_image_data(cfg)
-        self.model = builders.build_image_model(cfg, self.spec).to(self.device)
+        self.task = build_task(cfg)
+        self.model = self.task.model.to(self.device)
+        self.train_set = self.task.train_set
         self.optimizer = builders.build_optimizer(cfg, self.model)
         self.steps_per_epoch = -(-len(self.train_set) // cfg.batch_size)
         self.scheduler = builders.build_scheduler(cfg, self.optimizer, cfg.epochs * self.steps_per_epoch)
@@ -95,55 +87,52 @@ class Trainer:
         """Shuffled with a generator seeded by (seed, epoch): the data order is a function of
         the epoch alone, so a resumed run sees the same batches."""
         gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True, generator=gen, drop_last=False)
+        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True, generator=gen, collate_fn=self.task.collate)
 
-    # ---- one step ---------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor):
-        if self.step < self.cfg.pretrain_steps:
-            return _unpack(self.model.forward_unrolled(x, self.cfg.pretrain_depth))
-        return _unpack(self.model(x))
-
+    # ---- one epoch ----------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         meter = Meter()
-        bar = tqdm(self._train_loader(epoch), desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=not self.cfg.progress, dynamic_ncols=True)
-        for x, y in bar:
-            x, y = x.to(self.device), y.to(self.device)
+        bar = tqdm(self._train_loader(epoch), desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+                   disable=not self.cfg.progress, dynamic_ncols=True)
+        after_step = getattr(self.model, "after_optimizer_step", None)
+        for batch in bar:
             t0 = time.perf_counter()
-            logits, info = self._forward(x)
-            loss = F.cross_entropy(logits, y)
+            result = self.task.step(self.model, batch, self.device, self.step)
             t1 = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            result.loss.backward()
             t2 = time.perf_counter()
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
+            if after_step is not None:
+                after_step()
             self.step += 1
             t3 = time.perf_counter()
-            nstep = float(info.nstep.float().mean()) if info is not None else 0.0
-            meter.add(float(loss), int((logits.argmax(1) == y).sum()), len(y), nstep)
+            meter.add(result)
             meter.forward_s += t1 - t0
             meter.backward_s += t2 - t1
             meter.step_s += t3 - t0
-            m = meter.means()
-            bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.3f}", nstep=f"{nstep:.1f}")
+            shown = meter.means(self.task.finalize)
+            bar.set_postfix({k: f"{shown[k]:.3f}" for k in self.task.progress_keys if k in shown} | {"nstep": f"{shown['nstep']:.1f}"})
         bar.close()
-        out = {f"train_{k}": v for k, v in meter.means().items()}
+        out = {f"train_{k}": v for k, v in meter.means(self.task.finalize).items()}
         out.update(train_seconds=meter.step_s, forward_seconds=meter.forward_s, backward_seconds=meter.backward_s)
         return out
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Every evaluation split, in eval mode (the DEQ returns h*, no backward work)."""
         self.model.eval()
-        meter = Meter()
-        for x, y in DataLoader(self.test_set, batch_size=max(self.cfg.batch_size, 256)):
-            x, y = x.to(self.device), y.to(self.device)
-            logits, info = _unpack(self.model(x))
-            loss = F.cross_entropy(logits, y)
-            meter.add(float(loss), int((logits.argmax(1) == y).sum()), len(y), float(info.nstep.float().mean()) if info is not None else 0.0)
-        return {f"test_{k}": v for k, v in meter.means().items()}
+        out: dict[str, float] = {}
+        for split, dataset in self.task.eval_sets.items():
+            meter = Meter()
+            for batch in DataLoader(dataset, batch_size=max(self.cfg.batch_size, 256), collate_fn=self.task.collate):
+                meter.add(self.task.step(self.model, batch, self.device, None))
+            out.update({f"{split}_{k}": v for k, v in meter.means(self.task.finalize).items()})
+        return out
 
     # ---- the run ----------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -155,7 +144,8 @@ class Trainer:
         if self.resume:
             writer.truncate_after(self.epoch)
         n_params = sum(p.numel() for p in self.model.parameters())
-        log.info("training %s (%d parameters) on %s with %r, %d epochs", self.cfg.model, n_params, self.cfg.dataset, self.model, self.cfg.epochs)
+        log.info("training %s (%d parameters) on %s, %s, %d epochs", self.cfg.model, n_params, self.cfg.dataset,
+                 getattr(getattr(self.model, "deq", None), "backward_mode", "?"), self.cfg.epochs)
         while self.epoch < self.cfg.epochs:
             epoch = self.epoch
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -183,9 +173,8 @@ class Trainer:
             "backward": self.cfg.backward,
             "parameters": n_params,
             "epochs": self.epoch,
+            "final_metrics": {k: v for k, v in last.items() if k.startswith(("test_", "valid_", "train_"))},
             "test_accuracy": last.get("test_accuracy"),
-            "test_loss": last.get("test_loss"),
-            "train_accuracy": last.get("train_accuracy"),
             "seconds_per_epoch": median(epoch_times) if epoch_times else None,
             "train_seconds": total,
             "mean_forward_steps": sum(r["train_nstep"] for r in self.history) / max(len(self.history), 1),

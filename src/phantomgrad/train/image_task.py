@@ -1,0 +1,42 @@
+"""Image classification: an MDEQ on an image dataset, cross-entropy loss, accuracy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import builders
+from .config import ConfigError, TrainConfig
+from .tasks import StepResult, Task, mean_loss_accuracy
+
+
+def build_image_task(cfg: TrainConfig) -> Task:
+    from phantomgrad.data.images import load_image_dataset
+    from phantomgrad.models.mdeq import MDEQ, MDEQConfig
+
+    options = dict(cfg.data_options)
+    if cfg.dataset != "imagefolder" and options:
+        raise ConfigError(f"data_options {sorted(options)} are not used by dataset {cfg.dataset!r}; only imagefolder takes one (size)")
+    try:
+        train_set, spec = load_image_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, **options)
+        test_set, _ = load_image_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, **options)
+    except TypeError as err:
+        raise ConfigError(f"bad data_options for {cfg.dataset}: {err}") from None
+    try:
+        model_cfg = MDEQConfig.named(cfg.model, in_channels=spec.channels, image_size=spec.size, num_classes=spec.num_classes,
+                                     dropout=cfg.dropout, **cfg.arch)
+    except TypeError as err:
+        raise ConfigError(f"bad arch options for {cfg.model}: {err}") from None
+    model = MDEQ(model_cfg, solver=builders.build_solver(cfg), backward=builders.build_backward(cfg))
+
+    def step(model, batch, device, global_step: int | None) -> StepResult:
+        """global_step is the optimiser step about to be taken, or None in evaluation."""
+        x, y = batch[0].to(device), batch[1].to(device)
+        if global_step is not None and global_step < cfg.pretrain_steps:
+            logits, info = model.forward_unrolled(x, cfg.pretrain_depth)
+        else:
+            logits, info = model(x)
+        loss = F.cross_entropy(logits, y)
+        correct = float((logits.argmax(1) == y).sum())
+        return StepResult(loss, {"loss": float(loss.detach()) * len(y), "correct": correct}, len(y), info)
+    return Task("image", model, train_set, {"test": test_set}, step, mean_loss_accuracy, progress_keys=("loss", "accuracy"))

@@ -1,0 +1,71 @@
+"""What the trainer needs from a kind of problem (images, language, graphs).
+
+A :class:`Task` owns its data and model and knows how to turn one batch into a loss and
+metric sums; the trainer owns everything else (optimisation, logging, checkpoints). New
+tasks register a builder in ``TASKS``: ``build(cfg) -> Task``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from .config import ConfigError, TrainConfig
+
+# task name -> (module, builder function, datasets it accepts)
+TASKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "image": ("phantomgrad.train.image_task", "build_image_task", ("digits", "fashion-mnist", "cifar10", "imagefolder")),
+}
+
+
+@dataclass
+class StepResult:
+    """One batch: the loss to backpropagate, metric sums over the batch, and the solver info."""
+
+    loss: Tensor
+    sums: dict[str, float]  # e.g. {"loss": sum of losses, "correct": n correct}
+    count: int  # samples (or tokens) the sums run over
+    info: Any = None
+
+
+@dataclass
+class Task:
+    """Data, model and per-batch loss of one problem.
+
+    ``eval_sets`` maps split names to datasets; metrics are prefixed with the split name.
+    ``step(model, batch, device, global_step)`` returns a :class:`StepResult`; global_step is
+    the index of the optimiser step the batch is for, or None in evaluation;
+    ``finalize(sums, count)`` turns the epoch's sums into metrics (mean loss, accuracy,
+    perplexity...). A model may define ``after_optimizer_step()`` (e.g. a projection that
+    keeps it well-posed); the trainer calls it after every optimiser step.
+    """
+
+    name: str
+    model: nn.Module
+    train_set: Dataset
+    eval_sets: dict[str, Dataset]
+    step: Callable[[nn.Module, Any, torch.device, int | None], StepResult]
+    finalize: Callable[[dict[str, float], int], dict[str, float]]
+    collate: Callable | None = None
+    progress_keys: tuple[str, ...] = ("loss",)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {cfg.task!r}")
+    module, builder, datasets = TASKS[cfg.task]
+    if cfg.dataset not in datasets:
+        raise ConfigError(f"dataset {cfg.dataset!r} is not a {cfg.task} dataset; choose one of {', '.join(datasets)}")
+    return getattr(importlib.import_module(module), builder)(cfg)
+
+
+def mean_loss_accuracy(sums: dict[str, float], count: int) -> dict[str, float]:
+    """Classification metrics from sums of losses and of correct predictions."""
+    n = max(count, 1)
+    return {"loss": sums.get("loss", 0.0) / n, "accuracy": sums.get("correct", 0.0) / n}

@@ -1,0 +1,100 @@
+"""The train command end to end at a tiny budget (digits, 1-2 epochs, a small MDEQ)."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from phantomgrad.cli import main
+from phantomgrad.train.checkpoint import CheckpointError, load_checkpoint
+from phantomgrad.train.config import TrainConfig
+from phantomgrad.train.trainer import train
+
+TINY = ["arch.channels=[8,8]", "arch.head_channels=[4,8]", "arch.final_channels=32", "batch_size=128",
+        "solver_max_iter=6", "progress=false", "threads=2"]
+
+
+def _cfg(tmp_path, *extra):
+    return TrainConfig.from_sources(None, TINY + [f"out_dir={tmp_path}", *extra])
+
+
+def test_train_command_writes_metrics_checkpoint_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", *TINY, "epochs=2", f"out_dir={out}", "--json", str(tmp_path / "s.json")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy (final epoch)" in printed and "share of step time in backward" in printed
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"train_loss", "train_accuracy", "test_accuracy", "train_nstep", "lr"} <= set(rows[0])
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["epochs"] == 2 and 0 <= summary["test_accuracy"] <= 1
+    assert summary["test_accuracy"] == pytest.approx(float(rows[-1]["test_accuracy"]))  # the final epoch's, not the best
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    assert (out / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("backward", ["implicit", "npg", "jfb"])
+def test_every_backward_mode_trains(tmp_path, backward):
+    summary = train(_cfg(tmp_path, "epochs=1", f"backward={backward}", "backward_max_iter=5"))
+    assert summary["test_accuracy"] is not None and summary["train_seconds"] > 0
+
+
+def test_learning_happens(tmp_path):
+    summary = train(_cfg(tmp_path, "epochs=3", "lr=0.005"))
+    assert summary["test_accuracy"] > 0.6  # chance is 0.1
+
+
+def test_pretraining_steps_use_the_unrolled_model(tmp_path, monkeypatch):
+    from phantomgrad.models.mdeq import MDEQ
+
+    calls = {"unrolled": 0}
+    original = MDEQ.forward_unrolled
+
+    def spy(self, x, depth=None):
+        calls["unrolled"] += 1
+        assert depth == 3
+        return original(self, x, depth)
+
+    monkeypatch.setattr(MDEQ, "forward_unrolled", spy)
+    train(_cfg(tmp_path, "epochs=1", "pretrain_steps=4", "pretrain_depth=3", "batch_size=256"))
+    assert calls["unrolled"] == 4
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    from phantomgrad.train.trainer import Trainer
+
+    straight = train(_cfg(tmp_path / "a", "epochs=2", "dropout=0.1"))
+    original = Trainer.train_epoch
+
+    def crash_in_second_epoch(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("killed")
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path / "b", "epochs=2", "dropout=0.1"))
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    resumed = train(_cfg(tmp_path / "b", "epochs=2", "dropout=0.1"), resume=True)
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    timing = lambda metrics: {k: v for k, v in metrics.items() if "seconds" not in k}  # noqa: E731
+    assert timing(resumed["final_metrics"]) == timing(straight["final_metrics"])
+    assert len(list(csv.DictReader((tmp_path / "b" / "metrics.csv").open()))) == 2
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    train(_cfg(tmp_path, "epochs=1"))
+    with pytest.raises(CheckpointError, match="lr"):
+        train(_cfg(tmp_path, "epochs=2", "lr=0.1"), resume=True)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'epochs'" in err and err.count("\n") == 1
+    assert main(["train", "dataset=cifar10", f"out_dir={tmp_path}"]) == 2
+    assert "data_dir" in capsys.readouterr().err
