@@ -12,8 +12,8 @@ def test_defaults_are_valid_and_train_upg_5_05_on_digits():
 def test_file_then_overrides(tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("epochs: 3\nbackward: npg\nlr: 0.01\n")
-    cfg = TrainConfig.from_sources(yaml_file, ["epochs=5", "damping=0.8", "data_dir=null"])
-    assert (cfg.epochs, cfg.backward, cfg.lr, cfg.damping, cfg.data_dir) == (5, "npg", 0.01, 0.8, None)
+    cfg = TrainConfig.from_sources(yaml_file, ["epochs=5", "damping=0.8", "data_dir=null", "solver_tol=1e-5"])
+    assert (cfg.epochs, cfg.backward, cfg.lr, cfg.damping, cfg.data_dir, cfg.solver_tol) == (5, "npg", 0.01, 0.8, None, 1e-5)
     toml_file = tmp_path / "run.toml"
     toml_file.write_text('epochs = 2\noptimizer = "sgd"\nlr = 1\n')
     cfg = TrainConfig.from_sources(toml_file)
@@ -32,6 +32,7 @@ def test_file_then_overrides(tmp_path):
         ("damping=1.5", r"damping must be in \(0, 1\]"),
         ("damping=0", "damping"),
         ("lr=-0.1", "lr must be > 0"),
+        ("lr=fast", "lr must be float"),
         ("backward=upgg", "did you mean 'upg'"),
         ("solver=newton", "solver must be one of"),
         ("progress=maybe", "progress must be bool"),

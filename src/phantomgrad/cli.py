@@ -14,7 +14,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
     "train": ("phantomgrad.train.command", "train an implicit model (default: MDEQ on digits with UPG A_{5,0.5})"),
+    "ablate": ("phantomgrad.experiments.ablate", "the paper's Table 1 and Fig. 3 at CPU scale on Fashion-MNIST"),
     "cosine": ("phantomgrad.experiments.cosine", "the paper's Fig. 1: cosine of UPG/NPG to the exact gradient vs k"),
+    "lm-table": ("phantomgrad.experiments.lm_table", "the paper's Table 3 at CPU scale: DEQ transformer, implicit vs UPG"),
 }
 
 

@@ -1,1 +1,5 @@
 """Reusable layers for implicit models."""
+
+from .dropout import VariationalDropout2d
+
+__all__ = ["VariationalDropout2d"]

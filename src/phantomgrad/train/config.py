@@ -180,6 +180,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             continue
         if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if typ is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if typ is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if typ is bool and isinstance(value, bool):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 
 from . import builders
 from .config import ConfigError, TrainConfig
@@ -15,17 +16,21 @@ def build_image_task(cfg: TrainConfig) -> Task:
     from phantomgrad.models.mdeq import MDEQ, MDEQConfig
 
     options = dict(cfg.data_options)
+    subsets = {split: options.pop(f"{split}_subset", None) for split in ("train", "test")}
     if cfg.dataset != "imagefolder" and options:
-        raise ConfigError(f"data_options {sorted(options)} are not used by dataset {cfg.dataset!r}; only imagefolder takes one (size)")
+        raise ConfigError(f"data_options {sorted(options)} are not used by dataset {cfg.dataset!r}; "
+                          "image datasets take train_subset and test_subset (imagefolder also size)")
     try:
         train_set, spec = load_image_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, **options)
         test_set, _ = load_image_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, **options)
     except TypeError as err:
         raise ConfigError(f"bad data_options for {cfg.dataset}: {err}") from None
+    train_set = _subset(train_set, subsets["train"], "train_subset")
+    test_set = _subset(test_set, subsets["test"], "test_subset")
     try:
         model_cfg = MDEQConfig.named(cfg.model, in_channels=spec.channels, image_size=spec.size, num_classes=spec.num_classes,
                                      dropout=cfg.dropout, **cfg.arch)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"bad arch options for {cfg.model}: {err}") from None
     model = MDEQ(model_cfg, solver=builders.build_solver(cfg), backward=builders.build_backward(cfg))
 
@@ -40,3 +45,14 @@ def build_image_task(cfg: TrainConfig) -> Task:
         correct = float((logits.argmax(1) == y).sum())
         return StepResult(loss, {"loss": float(loss.detach()) * len(y), "correct": correct}, len(y), info)
     return Task("image", model, train_set, {"test": test_set}, step, mean_loss_accuracy, progress_keys=("loss", "accuracy"))
+
+
+def _subset(dataset, size, key: str):
+    """A fixed random subset of ``size`` items (the same for every run: the permutation is
+    seeded by the dataset size, not by the run's seed), or the whole dataset for None."""
+    if size is None:
+        return dataset
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= len(dataset):
+        raise ConfigError(f"data_options.{key} must be an integer in [1, {len(dataset)}], got {size!r}")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(len(dataset)))
+    return Subset(dataset, order[:size].tolist())
