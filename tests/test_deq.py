@@ -114,3 +114,33 @@ def test_jacobian_penalty_estimates_frobenius_norm_and_is_differentiable():
     assert torch.allclose(estimate, exact, rtol=0.05)
     pg.jacobian_penalty(layer, z, x).backward()
     assert layer.W.grad is not None and layer.W.grad.abs().sum() > 0
+
+
+def test_fallback_solver_is_used_when_it_helps():
+    class Flaky(pg.Solver):
+        """A solver that always returns NaN residuals: stands in for a diverging Anderson."""
+
+        def _iterate(self, fn, z, tracker, fallback):
+            tracker.observe(z, torch.full_like(z, float("nan")))
+
+    layer = TanhLayer()
+    x = torch.randn(3, 4, dtype=F64)
+    with torch.no_grad():
+        z, info = pg.DEQ(layer, solver=Flaky(max_iter=5), fallback=pg.FixedPoint(damping=0.5, max_iter=300, tol=1e-10))(
+            x, torch.zeros(3, 6, dtype=F64))
+        residual = (layer(z, x) - z).norm(dim=1)
+    assert info.fallback.all() and not info.nonfinite.any() and info.converged.all()
+    assert (residual < 1e-8).all()
+
+
+def test_state_stays_float32_when_f_runs_in_bfloat16():
+    layer = TanhLayer(dtype=torch.float32)
+    x = torch.randn(3, 4)
+
+    def f(z, x):  # what autocast does to F's output
+        return layer(z, x).bfloat16()
+
+    with torch.no_grad():
+        z, info = pg.DEQ(f, solver=pg.FixedPoint(max_iter=50, tol=1e-2))(x, torch.zeros(3, 6, dtype=torch.bfloat16))
+    assert z.dtype == torch.float32
+    assert info.converged.all()

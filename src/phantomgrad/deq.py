@@ -9,6 +9,7 @@ that structure into flat states (B, D) for the solver and unpacks the result.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -96,6 +97,12 @@ class DEQ(nn.Module):
         solver: forward solver (default ``Anderson(max_iter=30, tol=1e-4)``).
         backward: backward mode (default ``UPG(k=5, damping=0.5)``).
         warn_not_converged: log a warning when a forward solve misses its tolerance.
+        fallback: a second solver (e.g. ``pg.FixedPoint(damping=0.5)``) that re-solves, from
+            z0, the samples whose first solve produced non-finite values; used samples are
+            flagged in ``info.fallback`` and logged.
+
+    The solver's state is kept in at least float32: under ``torch.autocast`` F may compute
+    in bfloat16, but its output is cast back, so iterates and residuals stay float32.
 
     ``forward(x, z0)`` returns ``(z, info)``. Gradients flow to the parameters of f and
     to x, never to z0. Under ``torch.no_grad()`` or in eval mode only the forward
@@ -109,6 +116,7 @@ class DEQ(nn.Module):
         solver: Solver | None = None,
         backward: BackwardMode | None = None,
         warn_not_converged: bool = False,
+        fallback: Solver | None = None,
     ):
         super().__init__()
         if not callable(f):
@@ -121,6 +129,9 @@ class DEQ(nn.Module):
         if not isinstance(self.backward_mode, BackwardMode):
             raise TypeError(f"backward must be a phantomgrad backward mode such as pg.UPG(), got {self.backward_mode!r}")
         self.warn_not_converged = warn_not_converged
+        if fallback is not None and not isinstance(fallback, Solver):
+            raise TypeError(f"fallback must be a phantomgrad solver such as pg.FixedPoint(damping=0.5), got {fallback!r}")
+        self.fallback = fallback
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, backward={self.backward_mode!r}"
@@ -132,19 +143,21 @@ class DEQ(nn.Module):
         if not _all_finite(x):
             raise ValueError("the input x contains NaN or Inf; check the data and the layers before the DEQ")
 
+        z0_flat = packer.pack(z0).detach()
+        state_dtype = torch.promote_types(z0_flat.dtype, torch.float32) if z0_flat.is_floating_point() else z0_flat.dtype
+        z0_flat = z0_flat.to(state_dtype)
+
         def fn(flat: Tensor) -> Tensor:
             out = self.f(packer.unpack(flat), x)
             packer.check(out, "f(z, x)")
-            return packer.pack(out)
+            return packer.pack(out).to(state_dtype)
 
-        z0_flat = packer.pack(z0).detach()
         wants_grad = torch.is_grad_enabled() and self.training
         mode = self.backward_mode
-        if wants_grad and mode.differentiates_solver:
+        with contextlib.nullcontext() if wants_grad and mode.differentiates_solver else torch.no_grad():
             z_star, sinfo = self.solver.solve(fn, z0_flat)
-        else:
-            with torch.no_grad():
-                z_star, sinfo = self.solver.solve(fn, z0_flat)
+            if self.fallback is not None and bool(sinfo.nonfinite.any()):
+                z_star, sinfo = self._fall_back(fn, z0_flat, z_star, sinfo)
         info = DEQInfo(**vars(sinfo))
         self._report(info)
         if wants_grad:
@@ -152,6 +165,21 @@ class DEQ(nn.Module):
         else:
             z_out = z_star.detach()
         return packer.unpack(z_out), info
+
+    def _fall_back(self, fn, z0: Tensor, z_star: Tensor, first: SolverInfo) -> tuple[Tensor, SolverInfo]:
+        """Re-solve with the fallback solver and take its result where the first went non-finite."""
+        retry, second = self.fallback.solve(fn, z0)
+        use = first.nonfinite & ~second.nonfinite
+        log.warning("forward solve with %s went non-finite for %d of %d samples; %d recovered with the fallback %s",
+                    type(self.solver).__name__, int(first.nonfinite.sum()), first.nonfinite.numel(), int(use.sum()), self.fallback)
+        merged = {}
+        for name, a in vars(first).items():
+            b = getattr(second, name)
+            merged[name] = torch.where(use, b, a) if isinstance(a, Tensor) and name not in ("fallback", "nonfinite") else a
+        merged["fallback"] = first.fallback | use
+        merged["nonfinite"] = first.nonfinite & ~use
+        merged["trace"] = first.trace
+        return torch.where(use[:, None], retry, z_star), SolverInfo(**merged)
 
     def _report(self, info: DEQInfo) -> None:
         if bool(info.nonfinite.any()):

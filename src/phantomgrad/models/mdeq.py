@@ -460,7 +460,11 @@ class MDEQ(nn.Module):
         """The equilibrium map F."""
         return self.deq.f
 
-    def forward(self, x: Tensor) -> tuple[Tensor, DEQInfo]:
+    def forward(self, x: Tensor, unrolled: int | None = None) -> tuple[Tensor, DEQInfo]:
+        """``unrolled=depth`` runs :meth:`forward_unrolled` instead (so pretraining also goes
+        through wrappers such as DistributedDataParallel)."""
+        if unrolled is not None:
+            return self.forward_unrolled(x, unrolled)
         u, z0 = self._start(x)
         z, info = self.deq(u, z0)
         return self.head(z), info

@@ -8,7 +8,7 @@ import torch
 
 import phantomgrad as pg
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 
 def build_solver(cfg: TrainConfig) -> pg.Solver:
@@ -19,9 +19,27 @@ def build_backward(cfg: TrainConfig) -> pg.BackwardMode:
     if cfg.backward == "implicit":
         solver = pg.make_solver(cfg.backward_solver, max_iter=cfg.backward_max_iter, tol=cfg.backward_tol, stop="rel")
         return pg.Implicit(solver)
+    if cfg.backward == "adaptive":
+        from phantomgrad.adaptive import AdaptivePhantom
+
+        try:
+            return AdaptivePhantom(k=cfg.k, damping=cfg.damping, **cfg.backward_options)
+        except TypeError as err:
+            raise ConfigError(f"bad backward_options for the adaptive mode: {err}") from None
+    if cfg.backward_options:
+        raise ConfigError(f"backward_options {sorted(cfg.backward_options)} are only used by backward=adaptive")
     if cfg.backward in ("upg", "npg"):
         return pg.make_backward(cfg.backward, k=cfg.k, damping=cfg.damping)
     return pg.make_backward(cfg.backward)
+
+
+def build_fallback_solver(cfg: TrainConfig) -> pg.Solver | None:
+    """A damped, patient solver to retry a forward solve that produced non-finite values."""
+    if cfg.fallback_solver is None:
+        return None
+    if cfg.fallback_solver == "fixed_point":
+        return pg.FixedPoint(damping=0.5, max_iter=2 * cfg.solver_max_iter, tol=cfg.solver_tol, stop=cfg.solver_stop)
+    return pg.make_solver(cfg.fallback_solver, max_iter=2 * cfg.solver_max_iter, tol=cfg.solver_tol, stop=cfg.solver_stop)
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -40,9 +40,10 @@ class TrainConfig:
     solver_tol: float = 1e-3
     solver_stop: str = "rel"
     # gradient
-    backward: str = "upg"  # implicit | upg | npg | jfb | backprop
+    backward: str = "upg"  # implicit | upg | npg | jfb | backprop | adaptive
     k: int = 5
     damping: float = 0.5
+    backward_options: dict = field(default_factory=dict)  # extra keywords of the backward mode (adaptive)
     backward_solver: str = "broyden"  # implicit only: broyden | fixed_point | anderson
     backward_max_iter: int = 20
     backward_tol: float = 1e-4
@@ -59,11 +60,18 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "cosine"  # cosine | constant
     grad_clip: float | None = None
+    precision: str = "fp32"  # fp32 | bf16 (F under autocast; solver state and residuals stay fp32)
+    # robustness
+    max_bad_steps: int = 5  # stop after this many skipped (non-finite) steps in a row
+    fallback_solver: str | None = "fixed_point"  # re-solve with a damped fixed point when the solve goes non-finite
+    # gradient-quality monitor (issue: beyond the paper)
+    monitor_every: int = 0  # every N steps compare the phantom gradient with the exact one (0: off)
+    monitor_rescale: bool = False  # rescale the phantom gradient by the monitored norm ratio
     # run
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None
-    out_dir: str = "runs/train"
+    out_dir: str | None = None  # default: runs/<dataset>-<backward>-<date-time>
     progress: bool = True
     tensorboard: bool = False
     eval_every: int = 1  # evaluate on the test split every N epochs (and always at the end)
@@ -79,7 +87,10 @@ class TrainConfig:
         _choice("dataset", self.dataset, TASKS[self.task][2])
         _choice("solver", self.solver, ("anderson", "broyden", "fixed_point"))
         _choice("solver_stop", self.solver_stop, ("rel", "abs"))
-        _choice("backward", self.backward, ("implicit", "upg", "npg", "jfb", "backprop"))
+        _choice("backward", self.backward, ("implicit", "upg", "npg", "jfb", "backprop", "adaptive"))
+        _choice("precision", self.precision, ("fp32", "bf16"))
+        if self.fallback_solver is not None:
+            _choice("fallback_solver", self.fallback_solver, ("fixed_point", "anderson", "broyden"))
         _choice("backward_solver", self.backward_solver, ("broyden", "fixed_point", "anderson"))
         _choice("optimizer", self.optimizer, ("adam", "sgd"))
         _choice("schedule", self.schedule, ("cosine", "constant"))
@@ -87,6 +98,8 @@ class TrainConfig:
         for key in ("solver_max_iter", "backward_max_iter", "epochs", "batch_size", "k", "pretrain_depth", "eval_every"):
             _at_least(key, getattr(self, key), 1)
         _at_least("pretrain_steps", self.pretrain_steps, 0)
+        _at_least("monitor_every", self.monitor_every, 0)
+        _at_least("max_bad_steps", self.max_bad_steps, 1)
         if self.threads is not None:
             _at_least("threads", self.threads, 1)
         for key in ("solver_tol", "backward_tol", "lr"):

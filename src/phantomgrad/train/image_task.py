@@ -38,7 +38,7 @@ def build_image_task(cfg: TrainConfig) -> Task:
         """global_step is the optimiser step about to be taken, or None in evaluation."""
         x, y = batch[0].to(device), batch[1].to(device)
         if global_step is not None and global_step < cfg.pretrain_steps:
-            logits, info = model.forward_unrolled(x, cfg.pretrain_depth)
+            logits, info = model(x, unrolled=cfg.pretrain_depth)
         else:
             logits, info = model(x)
         loss = F.cross_entropy(logits, y)

@@ -1,40 +1,62 @@
 """The training loop, readable top to bottom.
 
     for each epoch:
-        for each batch:  logits, info = model(x)  ->  loss  ->  backward (the DEQ's backward mode)
-                         ->  optimiser step  ->  lr schedule step
-        evaluate on the test split (model.eval(): the layer returns h*, no backward work)
-        append a row to metrics.csv, write the checkpoint atomically
+        for each batch:  loss = task.step(model, batch)     (forward solve; F under autocast for bf16)
+                         loss.backward()                    (the DEQ's backward mode makes the gradient)
+                         guard: a non-finite loss, gradient or residual skips the step
+                         callbacks (e.g. the gradient-quality monitor), optimiser step, lr schedule step
+        evaluate every split (model.eval(): the layer returns h*, no backward work)
+        append a row to metrics.csv, write the checkpoint atomically   (rank 0 only)
 
-The reported accuracy is the final epoch's test accuracy: nothing is selected by looking
-at the test set.
+Under torchrun the model is wrapped in DistributedDataParallel, each process reads its
+share of every global batch (``batch_size`` is the global batch), and metrics are summed
+over processes. The reported accuracy is the final epoch's: nothing is selected on the test set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from statistics import median
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import yaml
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
+
+import phantomgrad as pg
 
 from . import builders
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
+from .distributed import DistInfo, all_reduce_sum, any_process, barrier, init_distributed
 from .metrics import MetricsWriter
 from .tasks import StepResult, build_task
 
 log = logging.getLogger(__name__)
 
 # keys that may differ between a run and its resumption
-RESUMABLE_CHANGES = {"epochs", "progress", "out_dir", "tensorboard", "eval_every", "device", "threads"}
+RESUMABLE_CHANGES = {"epochs", "progress", "out_dir", "tensorboard", "eval_every", "device", "threads", "max_bad_steps"}
+
+
+class DivergenceError(RuntimeError):
+    """Training stopped because too many steps in a row were not finite."""
+
+
+class Callback(Protocol):
+    """Hooks into the loop; every method is optional."""
+
+    def after_backward(self, trainer: "Trainer", batch: Any, result: StepResult) -> None: ...
+    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -57,52 +79,107 @@ class Meter:
         if result.info is not None:
             self.nstep += float(result.info.nstep.float().mean())
 
+    def reduce(self, dist: DistInfo, device: torch.device) -> "Meter":
+        """Sum the counters over processes (timings stay this process's)."""
+        if not dist.enabled:
+            return self
+        keys = sorted(self.sums)
+        values = all_reduce_sum([self.sums[k] for k in keys] + [self.count, self.nstep, self.batches], dist, device)
+        out = Meter(dict(zip(keys, values[: len(keys)])), int(values[-3]), values[-2], int(values[-1]),
+                    self.forward_s, self.backward_s, self.step_s)
+        return out
+
     def means(self, finalize) -> dict[str, float]:
         return {**finalize(self.sums, self.count), "nstep": self.nstep / max(self.batches, 1)}
+
+
+def deq_layers(model: torch.nn.Module) -> list[pg.DEQ]:
+    return [m for m in model.modules() if isinstance(m, pg.DEQ)]
 
 
 class Trainer:
     """Trains one model as configured by a :class:`TrainConfig`; ``fit()`` returns the summary."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, callbacks: list[Callback] | None = None):
         self.cfg = cfg
-        self.out_dir = Path(cfg.out_dir)
         self.resume = resume
+        if resume and cfg.out_dir is None:
+            raise ConfigError("--resume needs out_dir=... naming the run to continue")
+        self.out_dir = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / f"{cfg.dataset}-{cfg.backward}-{datetime.now():%Y%m%d-%H%M%S}"
+        if not resume and (self.out_dir / "checkpoint.pt").exists():
+            raise ConfigError(f"out_dir {self.out_dir} already holds a run (checkpoint.pt); continue it with --resume, "
+                              "or choose another out_dir (nothing was overwritten)")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = builders.resolve_device(cfg.device)
+        device = builders.resolve_device(cfg.device)
+        self.dist = init_distributed(device.type == "cuda")
+        self.device = torch.device("cuda", self.dist.local_rank) if device.type == "cuda" else device
+        if cfg.batch_size % self.dist.world_size:
+            raise ConfigError(f"batch_size={cfg.batch_size} (the global batch) must be divisible by the {self.dist.world_size} processes")
         torch.manual_seed(cfg.seed)
         self.task = build_task(cfg)
         self.model = self.task.model.to(self.device)
-        self.train_set = self.task.train_set
+        fallback = builders.build_fallback_solver(cfg)
+        for layer in deq_layers(self.model):
+            layer.fallback = fallback
+        self.net = DistributedDataParallel(self.model) if self.dist.enabled else self.model  # what the steps call
         self.optimizer = builders.build_optimizer(cfg, self.model)
-        self.steps_per_epoch = -(-len(self.train_set) // cfg.batch_size)
+        self.local_batch = cfg.batch_size // self.dist.world_size
+        self.steps_per_epoch = len(self._train_loader(0))
         self.scheduler = builders.build_scheduler(cfg, self.optimizer, cfg.epochs * self.steps_per_epoch)
+        self.callbacks: list[Callback] = list(callbacks or [])
         self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps taken
+        self.skipped = 0  # steps skipped by the divergence guard
         self.history: list[dict[str, Any]] = []
 
     # ---- data -------------------------------------------------------------------------
     def _train_loader(self, epoch: int) -> DataLoader:
-        """Shuffled with a generator seeded by (seed, epoch): the data order is a function of
-        the epoch alone, so a resumed run sees the same batches."""
-        gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True, generator=gen, collate_fn=self.task.collate)
+        """The order is a function of (seed, epoch) alone, so a resumed run sees the same
+        batches, and the processes of a distributed run split each global batch."""
+        sampler = DistributedSampler(self.task.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                     shuffle=True, seed=self.cfg.seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(self.task.train_set, batch_size=self.local_batch, sampler=sampler, collate_fn=self.task.collate)
+
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     # ---- one epoch ----------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        self.model.train()
+        self.net.train()
         meter = Meter()
         bar = tqdm(self._train_loader(epoch), desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
-                   disable=not self.cfg.progress, dynamic_ncols=True)
+                   disable=not (self.cfg.progress and self.dist.is_main), dynamic_ncols=True)
         after_step = getattr(self.model, "after_optimizer_step", None)
+        bad_in_a_row = 0
         for batch in bar:
             t0 = time.perf_counter()
-            result = self.task.step(self.model, batch, self.device, self.step)
+            with self._autocast():
+                result = self.task.step(self.net, batch, self.device, self.step)
             t1 = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             result.loss.backward()
             t2 = time.perf_counter()
+            local_problem = self._diverged(result)
+            problem = local_problem or ("another process's step" if any_process(bool(local_problem), self.dist, self.device) else "")
+            if problem:
+                self.skipped += 1
+                bad_in_a_row += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                log.warning("step %d skipped: non-finite %s (%d in a row)", self.step, problem, bad_in_a_row)
+                if bad_in_a_row >= self.cfg.max_bad_steps:
+                    raise DivergenceError(
+                        f"training diverged: {bad_in_a_row} steps in a row had a non-finite {problem} (last at step {self.step}); "
+                        "try a smaller damping, Jacobian regularisation (jac_reg_weight, jac_reg_freq), fewer solver steps, "
+                        "a lower lr or grad_clip")
+                continue
+            bad_in_a_row = 0
+            for cb in self.callbacks:
+                if hasattr(cb, "after_backward"):
+                    cb.after_backward(self, batch, result)
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
@@ -118,47 +195,76 @@ class Trainer:
             shown = meter.means(self.task.finalize)
             bar.set_postfix({k: f"{shown[k]:.3f}" for k in self.task.progress_keys if k in shown} | {"nstep": f"{shown['nstep']:.1f}"})
         bar.close()
-        out = {f"train_{k}": v for k, v in meter.means(self.task.finalize).items()}
-        out.update(train_seconds=meter.step_s, forward_seconds=meter.forward_s, backward_seconds=meter.backward_s)
+        reduced = meter.reduce(self.dist, self.device)
+        out = {f"train_{k}": v for k, v in reduced.means(self.task.finalize).items()}
+        out.update(train_seconds=meter.step_s, forward_seconds=meter.forward_s, backward_seconds=meter.backward_s,
+                   skipped_steps=self.skipped)
         return out
+
+    def _diverged(self, result: StepResult) -> str:
+        """Name what is not finite this step ('' when all is well)."""
+        if not torch.isfinite(result.loss.detach()).all():
+            return "loss"
+        info = result.info
+        if info is not None and bool(info.nonfinite.any()):
+            return "solver residual"
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.detach().abs().sum() for g in grads]).sum()):
+            return "gradient"
+        return ""
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Every evaluation split, in eval mode (the DEQ returns h*, no backward work)."""
-        self.model.eval()
+        """Every evaluation split, in eval mode (the DEQ returns h*, no backward work);
+        each process takes every world_size-th sample and the sums are reduced."""
+        self.net.eval()
         out: dict[str, float] = {}
         for split, dataset in self.task.eval_sets.items():
+            if self.dist.enabled:
+                dataset = Subset(dataset, range(self.dist.rank, len(dataset), self.dist.world_size))
             meter = Meter()
-            for batch in DataLoader(dataset, batch_size=max(self.cfg.batch_size, 256), collate_fn=self.task.collate):
-                meter.add(self.task.step(self.model, batch, self.device, None))
+            for batch in DataLoader(dataset, batch_size=max(self.local_batch, 256), collate_fn=self.task.collate):
+                with self._autocast():
+                    meter.add(self.task.step(self.model, batch, self.device, None))
+            meter = meter.reduce(self.dist, self.device)
             out.update({f"{split}_{k}": v for k, v in meter.means(self.task.finalize).items()})
         return out
 
     # ---- the run ----------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main
         if self.resume:
             self._restore()
-        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        writer = MetricsWriter(self.out_dir, tensorboard=self.cfg.tensorboard, resume=self.resume)
-        if self.resume:
-            writer.truncate_after(self.epoch)
+        writer = None
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict() | {"out_dir": str(self.out_dir)}, sort_keys=False))
+            writer = MetricsWriter(self.out_dir, tensorboard=self.cfg.tensorboard, resume=self.resume)
+            if self.resume:
+                writer.truncate_after(self.epoch)
         n_params = sum(p.numel() for p in self.model.parameters())
-        log.info("training %s (%d parameters) on %s, %s, %d epochs", self.cfg.model, n_params, self.cfg.dataset,
-                 getattr(getattr(self.model, "deq", None), "backward_mode", "?"), self.cfg.epochs)
+        log.info("training %s (%d parameters) on %s with %s, %d epochs, %d process(es), out_dir %s", self.cfg.model, n_params,
+                 self.cfg.dataset, getattr(deq_layers(self.model)[0], "backward_mode", "?") if deq_layers(self.model) else "?",
+                 self.cfg.epochs, self.dist.world_size, self.out_dir)
         while self.epoch < self.cfg.epochs:
             epoch = self.epoch
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
             row.update(self.train_epoch(epoch))
             if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs:
                 row.update(self.evaluate())
+            for cb in self.callbacks:
+                if hasattr(cb, "on_epoch_end"):
+                    cb.on_epoch_end(self, row)
             self.epoch += 1
             self.history.append(row)
-            writer.write(row)
-            self._save()
+            if main:
+                writer.write(row)
+                self._save()
+            barrier(self.dist)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
         summary = self.summary(n_params)
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if main:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
     def summary(self, n_params: int) -> dict[str, Any]:
@@ -173,13 +279,16 @@ class Trainer:
             "backward": self.cfg.backward,
             "parameters": n_params,
             "epochs": self.epoch,
+            "steps": self.step,
+            "skipped_steps": self.skipped,
+            "processes": self.dist.world_size,
             "final_metrics": {k: v for k, v in last.items() if k.startswith(("test_", "valid_", "train_"))},
             "test_accuracy": last.get("test_accuracy"),
-            "seconds_per_epoch": median(epoch_times) if epoch_times else None,
+            "seconds_per_epoch": median(epoch_times) if epoch_times else math.nan,
             "train_seconds": total,
             "mean_forward_steps": sum(r["train_nstep"] for r in self.history) / max(len(self.history), 1),
-            "backward_share": bwd / total if total else None,
-            "forward_share": fwd / total if total else None,
+            "backward_share": bwd / total if total else math.nan,
+            "forward_share": fwd / total if total else math.nan,
             "accuracy_selection": "final epoch (no selection on the test set)",
             "out_dir": str(self.out_dir),
         }
@@ -190,6 +299,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
             "step": self.step,
+            "skipped": self.skipped,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -210,15 +320,17 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
-            raise CheckpointError(f"checkpoint in {self.out_dir} does not fit this model ({err}); use a new out_dir") from None
+            raise CheckpointError(f"checkpoint in {self.out_dir} does not fit this model ({str(err).splitlines()[0]}); "
+                                  "use a new out_dir") from None
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.skipped = state.get("skipped", 0)
         log.info("resumed from %s after epoch %d (step %d)", self.out_dir / "checkpoint.pt", self.epoch, self.step)
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: bool = False, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Train as configured; returns the summary (also written to out_dir/summary.json)."""
-    return Trainer(cfg, resume=resume).fit()
+    return Trainer(cfg, resume=resume, callbacks=callbacks).fit()
