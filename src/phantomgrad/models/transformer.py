@@ -370,9 +370,15 @@ class DEQTransformer(nn.Module):
             logits = self.head(z)
         return LMOutput(logits, info, z, u)
 
-    def forward(self, tokens: Tensor) -> tuple[Tensor, DEQInfo]:
+    def forward(self, tokens: Tensor, unrolled: int | None = None,
+                return_state: bool = False) -> tuple[Tensor, DEQInfo] | LMOutput:
+        """``(logits, info)``; with ``return_state=True`` the :class:`LMOutput` of
+        :meth:`solve`; with ``unrolled=depth`` :meth:`forward_unrolled`. (Keywords rather
+        than methods, so that both also go through wrappers such as DistributedDataParallel.)"""
+        if unrolled is not None:
+            return self.forward_unrolled(tokens, unrolled)
         out = self.solve(tokens)
-        return out.logits, out.info
+        return out if return_state else (out.logits, out.info)
 
     def forward_unrolled(self, tokens: Tensor, depth: int = 6) -> tuple[Tensor, DEQInfo]:
         """Pretraining: F as a weight-tied stack of ``depth`` layers from z0 = 0, plain backprop.

@@ -20,6 +20,7 @@ from .config import ConfigError, TrainConfig
 # task name -> (module, builder function, datasets it accepts)
 TASKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "image": ("phantomgrad.train.image_task", "build_image_task", ("digits", "fashion-mnist", "cifar10", "imagefolder")),
+    "lm": ("phantomgrad.train.lm_task", "build_lm_task", ("bible", "shakespeare", "wikitext103")),
 }
 
 
