@@ -274,3 +274,8 @@ def test_lm_table_runs_end_to_end_at_a_tiny_budget(text_dir, tmp_path, capsys):
     assert table.count("\n| ") == 5  # header + 4 rows
     assert main(["lm-table", "--budget", "tiny", "--data-dir", str(text_dir), "--out", str(out)]) == 2  # never overwrites
     assert "already hold runs" in capsys.readouterr().err
+    # the causal re-evaluation reloads the four checkpoints and evaluates them with fixed-point iteration
+    assert main(["lm-table", "--budget", "tiny", "--out", str(out), "--recheck", "--json", str(tmp_path / "r.json")]) == 0
+    recheck = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert len(recheck) == 4 and all(math.isfinite(r["test_ppl"]) and r["test_nstep"] > 6 for r in recheck)
+    assert (out / "recheck.md").exists()

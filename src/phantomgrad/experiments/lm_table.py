@@ -19,6 +19,13 @@ step (no selection on either split), seconds per training step and its ratio to 
 Implicit row of the same norm, mean forward solver steps, and, measured after training
 on the first validation batch, the spectral radius of dF/dz at z* and, for Implicit,
 the number of backward solver steps and whether they converged.
+
+``--recheck`` trains nothing: it reloads the rows' final checkpoints from ``--out`` and
+evaluates valid and test again with plain fixed-point iteration (``RECHECK_ITERS``
+steps, relative tolerance ``RECHECK_TOL``). Anderson's mixing weights see the whole
+sequence, so an unconverged Anderson solve lets later tokens move earlier positions a
+little; fixed-point iteration of the causal map is causal at every step, so the recheck
+gives perplexities that are causal by construction.
 """
 
 from __future__ import annotations
@@ -159,6 +166,63 @@ def run_row(row: Row, budget: Budget, dataset: str, seed: int, threads: int | No
     }
 
 
+RECHECK_ITERS, RECHECK_TOL = 100, 1e-4
+
+
+def recheck_row(run_dir: Path, threads: int | None = None) -> dict[str, Any]:
+    """Evaluate the final checkpoint in ``run_dir`` on valid and test with fixed-point
+    iteration (exactly causal); returns ppl, bpc, forward steps and residual per split."""
+    import yaml
+    from torch.utils.data import DataLoader
+
+    from phantomgrad.train.checkpoint import load_checkpoint
+    from phantomgrad.train.config import TrainConfig
+    from phantomgrad.train.lm_task import build_lm_task, lm_metrics
+
+    config_path = run_dir / "config.yaml"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} does not exist; run `phantomgrad lm-table --out {run_dir.parent}` first")
+    values = yaml.safe_load(config_path.read_text())
+    values.update(solver="fixed_point", solver_max_iter=RECHECK_ITERS, solver_tol=RECHECK_TOL, solver_stop="rel")
+    if threads:
+        values["threads"] = threads
+    cfg = TrainConfig.from_dict(values)
+    task = build_lm_task(cfg)
+    task.model.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["model"])
+    task.model.eval()
+    result: dict[str, Any] = {}
+    with torch.no_grad():
+        for split, dataset in task.eval_sets.items():
+            sums: dict[str, float] = {}
+            count, nstep, batches = 0, 0.0, 0
+            for batch in DataLoader(dataset, batch_size=max(cfg.batch_size, 256)):
+                step = task.step(task.model, batch, torch.device("cpu"), None)
+                for key, value in step.sums.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                count += step.count
+                nstep += float(step.info.nstep.float().mean())
+                batches += 1
+            metrics = lm_metrics(sums, count)
+            result.update({f"{split}_ppl": metrics["ppl"], f"{split}_bpc": metrics["bpc"],
+                           f"{split}_rel_residual": metrics["rel_residual"], f"{split}_nstep": nstep / max(batches, 1)})
+    return result
+
+
+def format_recheck(rows: list[tuple[str, dict[str, Any], dict[str, Any] | None]]) -> str:
+    """Markdown: the trained rows' Anderson perplexities next to the fixed-point ones."""
+    lines = [
+        "| model | valid ppl (Anderson) | valid ppl (fixed point) | test ppl (Anderson) | test ppl (fixed point) | "
+        "test bpc (fixed point) | fixed-point steps | residual |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, fp, trained in rows:
+        va = f"{trained['valid_ppl']:.3f}" if trained else "-"
+        ta = f"{trained['test_ppl']:.3f}" if trained else "-"
+        lines.append(f"| {name} | {va} | {fp['valid_ppl']:.3f} | {ta} | {fp['test_ppl']:.3f} | {fp['test_bpc']:.3f} | "
+                     f"{fp['test_nstep']:.1f} | {fp['test_rel_residual']:.1e} |")
+    return "\n".join(lines)
+
+
 def add_relative_times(results: list[dict[str, Any]]) -> None:
     """time_vs_implicit = seconds per step / that of the Implicit row with the same norm."""
     implicit = {r["norm"]: r["seconds_per_step"] for r in results if r["backward"] == "implicit"}
@@ -194,6 +258,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", default=None, help="comma-separated row numbers 1-4 to run (default: all)")
     parser.add_argument("--out", type=Path, default=Path("runs/lm-table"), help="run directories and table.md go here")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--recheck", action="store_true",
+                        help="train nothing: re-evaluate the runs in --out with exactly causal fixed-point iteration")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -214,6 +280,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--rows must be numbers from 1 to {len(ROWS)}, got {args.rows!r}")
         rows = [ROWS[i - 1] for i in picked]
     slugs = {row.name: row.name.lower().replace(" + ", "-").replace(" ", "-").replace("_{5,0.8}", "5-0.8") for row in rows}
+    if args.recheck:
+        return run_recheck(args, rows, slugs)
     taken = [str(args.out / slugs[row.name]) for row in rows if (args.out / slugs[row.name] / "checkpoint.pt").exists()]
     if taken:
         raise ValueError(f"{', '.join(taken)} already hold runs; pass another --out or delete them (nothing was overwritten)")
@@ -234,14 +302,41 @@ def run(args: argparse.Namespace) -> int:
               f"{platform.machine()} CPU, {date.today().isoformat()}; total {wall / 60:.1f} min")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(header + "\n\n" + table + "\n")
+    payload = json.dumps({"budget": asdict(budget), "dataset": args.dataset, "seed": args.seed, "threads": args.threads,
+                          "torch": torch.__version__, "date": date.today().isoformat(), "wall_seconds": wall, "k": K,
+                          "damping": DAMPING, "jac_reg_weight": JR_WEIGHT, "jac_reg_freq": JR_FREQ, "rows": results}, indent=2)
+    (args.out / "results.json").write_text(payload)  # --recheck reads it
     print(header)
     print(table)
-    print(f"wrote {args.out / 'table.md'}")
+    print(f"wrote {args.out / 'table.md'} and {args.out / 'results.json'}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"budget": asdict(budget), "dataset": args.dataset, "seed": args.seed,
-                                         "threads": args.threads, "torch": torch.__version__, "date": date.today().isoformat(),
-                                         "wall_seconds": wall, "k": K, "damping": DAMPING, "jac_reg_weight": JR_WEIGHT,
-                                         "jac_reg_freq": JR_FREQ, "rows": results}, indent=2))
+        args.json.write_text(payload)
         print(f"wrote {args.json}")
+    return 0
+
+
+def run_recheck(args: argparse.Namespace, rows: list[Row], slugs: dict[str, str]) -> int:
+    """``--recheck``: fixed-point re-evaluation of the trained rows in ``args.out``."""
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    trained = {}
+    if (args.out / "results.json").exists():
+        trained = {r["row"]: r for r in json.loads((args.out / "results.json").read_text())["rows"]}
+    found = []
+    for row in rows:
+        run_dir = args.out / slugs[row.name]
+        print(f"recheck {row.name} ({run_dir}) ...", flush=True)
+        found.append((row.name, recheck_row(run_dir, args.threads), trained.get(row.name)))
+    table = format_recheck(found)
+    header = (f"Fixed-point re-evaluation ({RECHECK_ITERS} steps, tol {RECHECK_TOL:g}) of the runs in {args.out}, "
+              f"torch {torch.__version__}, {date.today().isoformat()}; {(time.perf_counter() - start) / 60:.1f} min")
+    (args.out / "recheck.md").write_text(header + "\n\n" + table + "\n")
+    print(header)
+    print(table)
+    print(f"wrote {args.out / 'recheck.md'}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"recheck_iters": RECHECK_ITERS, "recheck_tol": RECHECK_TOL,
+                                         "rows": [{"row": n, **fp} for n, fp, _ in found]}, indent=2))
     return 0

@@ -79,11 +79,11 @@ from ..solvers import Solver
 # ----------------------------------------------------------------------------- config
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # for tests and smoke runs (~10K parameters with a 63-character vocabulary)
+    # for tests and smoke runs (14K parameters with a 63-character vocabulary)
     "deq-transformer-tiny": dict(d_model=32, n_heads=2, d_ff=64),
-    # the CPU-scale Table 3 model of `phantomgrad lm-table`
+    # the CPU-scale Table 3 model of `phantomgrad lm-table` (67K parameters)
     "deq-transformer-small": dict(d_model=64, n_heads=4, d_ff=256),
-    # a larger default for longer runs
+    # a larger default for longer runs (257K parameters)
     "deq-transformer": dict(d_model=128, n_heads=4, d_ff=512),
 }
 
