@@ -21,6 +21,7 @@ from .config import ConfigError, TrainConfig
 TASKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "image": ("phantomgrad.train.image_task", "build_image_task", ("digits", "fashion-mnist", "cifar10", "imagefolder")),
     "lm": ("phantomgrad.train.lm_task", "build_lm_task", ("bible", "shakespeare", "wikitext103")),
+    "graph": ("phantomgrad.train.graph_task", "build_graph_task", ("mutag", "tu", "chains")),
 }
 
 
