@@ -58,6 +58,7 @@ Choices, each as in the authors' code:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -120,6 +121,9 @@ class MDEQConfig:
         downsample_times: stride-2 convs in the stem (0, 1 or 2).
         weight_norm: weight-normalise the residual-block and post-fuse convs.
         pretrain_depth: layers of the weight-tied stack in :meth:`MDEQ.forward_unrolled`.
+        outer_norm: normalisation in the stem and head (outside F): ``"batch"`` (MDEQ's) or
+            ``"group"`` (GroupNorm: per sample, so results do not depend on how a batch is split
+            over processes; used for exact one-process/many-process comparisons).
     """
 
     in_channels: int
@@ -134,6 +138,7 @@ class MDEQConfig:
     downsample_times: int = 0
     weight_norm: bool = True
     pretrain_depth: int = 10
+    outer_norm: str = "batch"
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -162,6 +167,8 @@ class MDEQConfig:
             )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"MDEQConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.outer_norm not in ("batch", "group"):
+            raise ValueError(f"MDEQConfig.outer_norm must be 'batch' or 'group', got {self.outer_norm!r}")
         if self.downsample_times not in (0, 1, 2):
             raise ValueError(f"MDEQConfig.downsample_times must be 0, 1 or 2, got {self.downsample_times!r}")
 
@@ -341,6 +348,13 @@ class MDEQBlock(nn.Module):
 
 # ----------------------------------------------------------------------------- stem and head
 
+def _outer_norm(kind: str, channels: int, affine: bool = True) -> nn.Module:
+    """BatchNorm2d, or GroupNorm with up to 8 groups, for the layers outside F."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels, affine=affine)
+    return nn.GroupNorm(math.gcd(8, channels), channels, affine=affine)
+
+
 class MDEQStem(nn.Module):
     """Computes the injection u from the image, outside the equilibrium.
 
@@ -351,22 +365,22 @@ class MDEQStem(nn.Module):
     only the highest-resolution branch is injected, as in MDEQ.
     """
 
-    def __init__(self, in_channels: int, channels: Sequence[int], downsample_times: int):
+    def __init__(self, in_channels: int, channels: Sequence[int], downsample_times: int, norm: str = "batch"):
         super().__init__()
         c0 = channels[0]
         self.num_branches = len(channels)
         self.net = nn.Sequential(
             _conv3x3(in_channels, c0, stride=2 if downsample_times >= 1 else 1),
-            nn.BatchNorm2d(c0),
+            _outer_norm(norm, c0),
             nn.ReLU(),
             _conv3x3(c0, c0, stride=2 if downsample_times >= 2 else 1),
-            nn.BatchNorm2d(c0),
+            _outer_norm(norm, c0),
             nn.ReLU(),
         )
         if downsample_times == 0 and len(channels) <= 2:
             self.inject: nn.Module = nn.Identity()
         else:
-            self.inject = nn.Sequential(nn.Conv2d(c0, c0, kernel_size=1, bias=False), nn.BatchNorm2d(c0), nn.ReLU())
+            self.inject = nn.Sequential(nn.Conv2d(c0, c0, kernel_size=1, bias=False), _outer_norm(norm, c0), nn.ReLU())
 
     def forward(self, x: Tensor) -> Injection:
         u0 = self.inject(self.net(x))
@@ -380,20 +394,20 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, c_in: int, width: int):
+    def __init__(self, c_in: int, width: int, norm: str = "batch"):
         super().__init__()
         c_out = width * self.expansion
         self.body = nn.Sequential(
             nn.Conv2d(c_in, width, kernel_size=1, bias=False),
-            nn.BatchNorm2d(width, affine=False),
+            _outer_norm(norm, width, affine=False),
             nn.ReLU(),
             _conv3x3(width, width),
-            nn.BatchNorm2d(width, affine=False),
+            _outer_norm(norm, width, affine=False),
             nn.ReLU(),
             nn.Conv2d(width, c_out, kernel_size=1, bias=False),
-            nn.BatchNorm2d(c_out, affine=False),
+            _outer_norm(norm, c_out, affine=False),
         )
-        self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, kernel_size=1, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, kernel_size=1, bias=False), _outer_norm(norm, c_out))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.body(x) + self.shortcut(x))
@@ -409,15 +423,16 @@ class MDEQHead(nn.Module):
     conv (with bias) -> BN -> ReLU from branch i's head width to branch i+1's.
     """
 
-    def __init__(self, channels: Sequence[int], head_channels: Sequence[int], final_channels: int, num_classes: int):
+    def __init__(self, channels: Sequence[int], head_channels: Sequence[int], final_channels: int, num_classes: int,
+                 norm: str = "batch"):
         super().__init__()
         widths = [h * Bottleneck.expansion for h in head_channels]
-        self.increase = nn.ModuleList(Bottleneck(c, h) for c, h in zip(channels, head_channels))
+        self.increase = nn.ModuleList(Bottleneck(c, h, norm) for c, h in zip(channels, head_channels))
         self.downsample = nn.ModuleList(
-            nn.Sequential(_conv3x3(widths[i], widths[i + 1], stride=2, bias=True), nn.BatchNorm2d(widths[i + 1]), nn.ReLU())
+            nn.Sequential(_conv3x3(widths[i], widths[i + 1], stride=2, bias=True), _outer_norm(norm, widths[i + 1]), nn.ReLU())
             for i in range(len(widths) - 1)
         )
-        self.final = nn.Sequential(nn.Conv2d(widths[-1], final_channels, kernel_size=1), nn.BatchNorm2d(final_channels), nn.ReLU())
+        self.final = nn.Sequential(nn.Conv2d(widths[-1], final_channels, kernel_size=1), _outer_norm(norm, final_channels), nn.ReLU())
         self.classifier = nn.Linear(final_channels, num_classes)
 
     def forward(self, z: Sequence[Tensor]) -> Tensor:
@@ -450,10 +465,10 @@ class MDEQ(nn.Module):
         if not isinstance(config, MDEQConfig):
             raise TypeError(f"config must be an MDEQConfig (e.g. MDEQConfig.named('mdeq-tiny')), got {type(config).__name__}")
         self.config = config
-        self.stem = MDEQStem(config.in_channels, config.channels, config.downsample_times)
+        self.stem = MDEQStem(config.in_channels, config.channels, config.downsample_times, config.outer_norm)
         block = MDEQBlock(config.channels, config.expansion, config.num_groups, config.dropout, config.weight_norm)
         self.deq = DEQ(block, solver=solver, backward=backward)  # F lives at self.deq.f (one copy in state_dict)
-        self.head = MDEQHead(config.channels, config.head_channels, config.final_channels, config.num_classes)
+        self.head = MDEQHead(config.channels, config.head_channels, config.final_channels, config.num_classes, config.outer_norm)
 
     @property
     def block(self) -> MDEQBlock:

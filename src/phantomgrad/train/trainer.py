@@ -122,6 +122,12 @@ class Trainer:
         fallback = builders.build_fallback_solver(cfg)
         for layer in deq_layers(self.model):
             layer.fallback = fallback
+        if self.dist.enabled and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            if self.device.type == "cuda":
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            else:
+                log.warning("BatchNorm statistics are per process under gloo; use arch.outer_norm=group for results "
+                            "that do not depend on the number of processes")
         self.net = DistributedDataParallel(self.model) if self.dist.enabled else self.model  # what the steps call
         self.optimizer = builders.build_optimizer(cfg, self.model)
         self.local_batch = cfg.batch_size // self.dist.world_size
