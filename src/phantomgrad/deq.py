@@ -147,21 +147,29 @@ class DEQ(nn.Module):
         state_dtype = torch.promote_types(z0_flat.dtype, torch.float32) if z0_flat.is_floating_point() else z0_flat.dtype
         z0_flat = z0_flat.to(state_dtype)
 
+        # Under autocast only F runs in low precision; the solver's algebra stays in state_dtype.
+        device_type = z0_flat.device.type
+        autocast_on = torch.is_autocast_enabled(device_type)
+        autocast_dtype = torch.get_autocast_dtype(device_type) if autocast_on else None
+
         def fn(flat: Tensor) -> Tensor:
-            out = self.f(packer.unpack(flat), x)
+            with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+                out = self.f(packer.unpack(flat), x)
             packer.check(out, "f(z, x)")
             return packer.pack(out).to(state_dtype)
 
         wants_grad = torch.is_grad_enabled() and self.training
         mode = self.backward_mode
-        with contextlib.nullcontext() if wants_grad and mode.differentiates_solver else torch.no_grad():
+        with contextlib.nullcontext() if wants_grad and mode.differentiates_solver else torch.no_grad(), \
+                torch.autocast(device_type, enabled=False):
             z_star, sinfo = self.solver.solve(fn, z0_flat)
             if self.fallback is not None and bool(sinfo.nonfinite.any()):
                 z_star, sinfo = self._fall_back(fn, z0_flat, z_star, sinfo)
         info = DEQInfo(**vars(sinfo))
         self._report(info)
         if wants_grad:
-            z_out = mode.attach(fn, z_star, info)
+            with torch.autocast(device_type, enabled=False):
+                z_out = mode.attach(fn, z_star, info)
         else:
             z_out = z_star.detach()
         return packer.unpack(z_out), info

@@ -1,0 +1,190 @@
+"""Faults and bad input: atomic checkpoints, exact resume after SIGKILL, the divergence guard,
+bf16, and one-line errors that overwrite nothing."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import phantomgrad as pg
+from phantomgrad.cli import main
+from phantomgrad.train.checkpoint import load_checkpoint
+from phantomgrad.train.config import TrainConfig
+from phantomgrad.train.trainer import DivergenceError, Trainer
+
+TINY = ["dataset=digits", "arch.channels=[8,8]", "arch.head_channels=[4,4]", "arch.final_channels=16",
+        "batch_size=32", "data_options.train_subset=640", "data_options.test_subset=100", "solver_max_iter=5",
+        "progress=false", "threads=1", "dropout=0.1"]
+
+
+def _run(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "phantomgrad", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path):
+    straight = _run([*TINY, "epochs=3", f"out_dir={tmp_path / 'straight'}"])
+    killed_dir = tmp_path / "killed"
+    victim = _run([*TINY, "epochs=3", f"out_dir={killed_dir}"])
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until epoch 1's checkpoint is written, then kill inside epoch 2
+        if (killed_dir / "checkpoint.pt").exists():
+            time.sleep(0.4)
+            break
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    survived = load_checkpoint(killed_dir / "checkpoint.pt")  # readable whatever the moment of the kill
+    assert survived["epoch"] in (1, 2)
+    resumed = _run([*TINY, "epochs=3", f"out_dir={killed_dir}", "--resume"])
+    assert resumed.wait(240) == 0, resumed.stderr.read()
+    assert straight.wait(240) == 0, straight.stderr.read()
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(killed_dir / "checkpoint.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert _without_timing(a["history"]) == _without_timing(b["history"])
+    rows = list(csv.DictReader((killed_dir / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert not [p for p in killed_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_divergence_guard_skips_non_finite_steps_and_stops(tmp_path, monkeypatch):
+    trainer = Trainer(TrainConfig.from_sources(None, [*TINY, "epochs=1", "max_bad_steps=3", f"out_dir={tmp_path}"]))
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    original = trainer.task.step
+
+    def poisoned(model, batch, device, step):
+        result = original(model, batch, device, step)
+        result.loss = result.loss * float("nan")
+        return result
+
+    trainer.task.step = poisoned
+    with pytest.raises(DivergenceError, match=r"3 steps in a row had a non-finite loss.*damping.*jac_reg"):
+        trainer.fit()
+    assert trainer.skipped == 3
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing reached the weights
+
+
+def test_guard_skips_an_isolated_bad_step_and_training_goes_on(tmp_path):
+    trainer = Trainer(TrainConfig.from_sources(None, [*TINY, "epochs=1", f"out_dir={tmp_path}"]))
+    original = trainer.task.step
+
+    def once_bad(model, batch, device, step):
+        result = original(model, batch, device, step)
+        if step == 2 and not once_bad.done:
+            once_bad.done = True
+            result.loss = result.loss + float("inf")
+        return result
+
+    once_bad.done = False
+    trainer.task.step = once_bad
+    summary = trainer.fit()
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 640 // 32 - 1
+
+
+class _Contractive(torch.nn.Module):
+    """F(z, x) = tanh(W z + U x) with ||W||_2 = 0.5."""
+
+    def __init__(self):
+        super().__init__()
+        self.W, self.U = torch.nn.Linear(64, 64), torch.nn.Linear(32, 64)
+        with torch.no_grad():
+            self.W.weight.mul_(0.5 / torch.linalg.matrix_norm(self.W.weight, ord=2))
+
+    def forward(self, z, x):
+        return torch.tanh(self.W(z) + self.U(x))
+
+
+@pytest.mark.parametrize("mode", [pg.UPG(5, 0.5), pg.NPG(5, 0.5), pg.Implicit(), pg.JFB()], ids=lambda m: type(m).__name__)
+def test_bf16_gradient_is_close_to_fp32(mode):
+    torch.manual_seed(0)
+    f, head = _Contractive(), torch.nn.Linear(64, 10)
+    deq = pg.DEQ(f, solver=pg.Anderson(max_iter=30, tol=1e-4), backward=mode)
+    x, y = torch.randn(128, 32), torch.randint(0, 10, (128,))
+
+    def grad(bf16):
+        f.zero_grad()
+        head.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            z, info = deq(x, torch.zeros(128, 64))
+            loss = torch.nn.functional.cross_entropy(head(z), y)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in [*f.parameters(), *head.parameters()]]), z, info
+
+    g32, _, _ = grad(False)
+    g16, z, info = grad(True)
+    assert z.dtype == torch.float32  # the solver ran in float32
+    assert info.rel_residual.max() < 1e-2  # as far as F in bfloat16 (8-bit mantissa) allows
+    assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.99
+
+
+def test_bf16_training_run(tmp_path):
+    summary = Trainer(TrainConfig.from_sources(None, [*TINY, "epochs=1", "precision=bf16", f"out_dir={tmp_path}"])).fit()
+    assert summary["skipped_steps"] == 0 and summary["test_accuracy"] is not None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["epoch=3"], "unknown config key 'epoch'; did you mean 'epochs'"),
+        (["epochs=three"], "epochs must be int"),
+        (["k=0"], "k must be >= 1"),
+        (["damping=1.5"], "damping must be in (0, 1]"),
+        (["lr=-0.1"], "lr must be > 0"),
+        (["precision=fp8"], "precision must be one of fp32, bf16"),
+        (["dataset=fashion-mnist", "data_dir=/nonexistent/fmnist"], "apt-get install dataset-fashion-mnist"),
+        (["dataset=cifar10", "data_dir=/nonexistent/cifar"], "cifar-10-batches-py"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
+    assert main(["train", *args, f"out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_corrupted_data_file(tmp_path, capsys):
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (data / name).write_bytes(b"\x00\x00\x08\x03garbage")
+    assert main(["train", "dataset=fashion-mnist", f"data_dir={data}", f"out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "train-images-idx3-ubyte" in err and err.count("\n") == 1
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "epochs=1", f"out_dir={out}"]) == 0
+    return out
+
+
+def test_corrupted_or_mismatched_checkpoint(finished_run, capsys):
+    capsys.readouterr()
+    ck = finished_run / "checkpoint.pt"
+    good = ck.read_bytes()
+    metrics = (finished_run / "metrics.csv").read_text()
+    # a different architecture: refused, nothing overwritten
+    assert main(["train", *TINY, "epochs=2", "arch.channels=[16,16]", f"out_dir={finished_run}", "--resume"]) == 2
+    assert "different config" in capsys.readouterr().err
+    # a fresh run into a directory that holds one: refused
+    assert main(["train", *TINY, "epochs=1", f"out_dir={finished_run}"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    # corrupted bytes: refused with a one-line error
+    ck.write_bytes(good[: len(good) // 3])
+    assert main(["train", *TINY, "epochs=2", f"out_dir={finished_run}", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupted" in err and err.count("\n") == 1
+    assert ck.read_bytes() == good[: len(good) // 3] and (finished_run / "metrics.csv").read_text() == metrics
