@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 import phantomgrad as pg
 from phantomgrad.cli import main
-from phantomgrad.data.chains import make_chains
-from phantomgrad.data.graphs import Graph, collate_graphs, normalized_adjacency
+from phantomgrad.data.graphs import Graph, collate_graphs
 from phantomgrad.models.ignn import IGNN, inf_norm, perron_bound, project_rows_l1
 from phantomgrad.train.config import ConfigError, TrainConfig
 from phantomgrad.train.trainer import Trainer, train

@@ -56,18 +56,14 @@ batch sets the number of iterations for all.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import phantomgrad as pg
-
-log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- projection
