@@ -144,3 +144,16 @@ def test_state_stays_float32_when_f_runs_in_bfloat16():
         z, info = pg.DEQ(f, solver=pg.FixedPoint(max_iter=50, tol=1e-2))(x, torch.zeros(3, 6, dtype=torch.bfloat16))
     assert z.dtype == torch.float32
     assert info.converged.all()
+
+
+def test_sparse_inputs_are_accepted_and_checked():
+    adjacency = torch.eye(3, dtype=F64).to_sparse()
+
+    def f(z, x):
+        return 0.5 * torch.sparse.mm(x[1], z.T).T + x[0]
+
+    z, info = pg.DEQ(f, solver=pg.FixedPoint(max_iter=100, tol=1e-10))((torch.ones(1, 3, dtype=F64), adjacency), torch.zeros(1, 3, dtype=F64))
+    assert info.converged.all() and torch.allclose(z, torch.full((1, 3), 2.0, dtype=F64))
+    bad = torch.sparse_coo_tensor([[0], [0]], torch.tensor([float("nan")], dtype=F64), (3, 3), check_invariants=True)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pg.DEQ(f)((torch.ones(1, 3, dtype=F64), bad), torch.zeros(1, 3, dtype=F64))

@@ -80,7 +80,12 @@ def _describe(z: Any) -> str:
 
 def _all_finite(z: Any) -> bool:
     if isinstance(z, Tensor):
-        return not torch.is_floating_point(z) or bool(torch.isfinite(z).all())
+        if not torch.is_floating_point(z):
+            return True
+        if z.layout != torch.strided:  # sparse inputs (e.g. a graph's adjacency): check the stored values
+            values = z.values() if z.layout in (torch.sparse_csr, torch.sparse_csc) else z._values()
+            return bool(torch.isfinite(values).all())
+        return bool(torch.isfinite(z).all())
     if isinstance(z, (tuple, list)):
         return all(_all_finite(p) for p in z)
     if isinstance(z, dict):

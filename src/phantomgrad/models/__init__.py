@@ -1,5 +1,8 @@
-"""Implicit models built on :class:`phantomgrad.DEQ`."""
+"""Implicit models built on :class:`phantomgrad.DEQ`: MDEQ (images), the DEQ transformer
+(language) and IGNN (graphs)."""
 
+from .ignn import IGNN, IGNNConfig
 from .mdeq import MDEQ, MDEQBlock, MDEQConfig
+from .transformer import DEQTransformer, TransformerConfig
 
-__all__ = ["MDEQ", "MDEQBlock", "MDEQConfig"]
+__all__ = ["MDEQ", "MDEQBlock", "MDEQConfig", "DEQTransformer", "TransformerConfig", "IGNN", "IGNNConfig"]
