@@ -18,6 +18,9 @@ from typing import Any
 import yaml
 
 
+DEFAULT_MODELS = {"image": "mdeq-tiny", "lm": "deq-transformer", "graph": "ignn"}
+
+
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names it and the fix."""
 
@@ -31,7 +34,7 @@ class TrainConfig:
     dataset: str = "digits"  # image: digits | fashion-mnist | cifar10 | imagefolder
     data_dir: str | None = None
     data_options: dict = field(default_factory=dict)  # dataset keywords, e.g. {size: 64} for imagefolder
-    model: str = "mdeq-tiny"
+    model: str | None = None  # None: the task's default (image: mdeq-tiny, lm: deq-transformer, graph: ignn)
     arch: dict = field(default_factory=dict)  # architecture overrides passed to the model's config
     dropout: float = 0.0
     # equilibrium solve
@@ -77,6 +80,8 @@ class TrainConfig:
     eval_every: int = 1  # evaluate on the test split every N epochs (and always at the end)
 
     def __post_init__(self) -> None:
+        if self.model is None and self.task in DEFAULT_MODELS:
+            self.model = DEFAULT_MODELS[self.task]
         self.validate()
 
     # ---- validation -------------------------------------------------------------------

@@ -32,7 +32,7 @@ from .tasks import StepResult, Task, mean_loss_accuracy
 
 log = logging.getLogger(__name__)
 
-MODEL_NAMES = ("ignn", "mdeq-tiny")  # mdeq-tiny: TrainConfig's default, i.e. no model chosen
+MODEL_NAMES = ("ignn",)
 
 
 @dataclass

@@ -53,7 +53,6 @@ from .tasks import StepResult, Task
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "deq-transformer"
 RADIUS_ITERS = 10  # power-iteration steps for the logged spectral radius
 RADIUS_EVERY = 25  # ... measured on every RADIUS_EVERY-th training step
 
@@ -157,9 +156,6 @@ def build_lm_task(cfg: TrainConfig) -> Task:
     from phantomgrad.models.transformer import PRESETS, DEQTransformer, TransformerConfig
 
     options = LMDataOptions.from_dict(dict(cfg.data_options))
-    if cfg.model == "mdeq-tiny":  # the TrainConfig default is an image model
-        log.info("task=lm: model defaults to %s", DEFAULT_MODEL)
-        cfg.model = DEFAULT_MODEL
     if cfg.model not in PRESETS:
         raise ConfigError(f"model {cfg.model!r} is not a DEQ transformer; for task=lm choose one of {', '.join(PRESETS)}")
     if cfg.jac_reg_weight > 0 and cfg.jac_reg_freq == 0:
