@@ -30,6 +30,27 @@ from .solvers import Broyden, Solver, SolverInfo, _check_damping
 FlatFn = Callable[[Tensor], Tensor]
 
 
+def _allow_repeated_vjps_under_compile() -> None:
+    """Let the backward of a torch.compile'd F run more than once (retain_graph=True).
+
+    NPG and Implicit take several VJPs through one graph of F (and the gradient monitor does so
+    in any run). AOTAutograd by default compiles backward graphs that free ("donate") their
+    saved tensors and then refuses retain_graph=True, or, when the backward was first run
+    without it, would reuse freed buffers. Graphs compiled with ``donated_buffer`` off keep
+    their saved tensors, so it is turned off when phantomgrad is imported (a memory
+    optimisation of compiled backward passes is lost; nothing changes without torch.compile).
+    """
+    try:
+        import torch._functorch.config as aot_config
+    except ImportError:
+        return
+    if getattr(aot_config, "donated_buffer", False):
+        aot_config.donated_buffer = False
+
+
+_allow_repeated_vjps_under_compile()
+
+
 def _check_k(k: int) -> int:
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k (number of phantom-gradient steps) must be an integer >= 1, got {k!r}")
