@@ -80,7 +80,7 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
-    # docs/results/lm_table.md: about 20 minutes for the four rows with threads=1 on a shared 2-core CPU
+    # docs/results/lm_table.md: 24.5 min for the four rows with threads=1 on a busy 2-core CPU (11 min of CPU time)
     "cpu": Budget(model="deq-transformer-small", seq_len=64, batch_size=32, steps=600, eval_tokens=None,
                   lr=3e-3, solver_max_iter=16, backward_max_iter=16),
     # for tests: seconds
@@ -249,7 +249,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu",
-                        help="cpu: the committed table (~20 min on 2 cores); tiny: seconds, for tests (default %(default)s)")
+                        help="cpu: the committed table (~25 min on 2 shared cores); tiny: seconds, for tests (default %(default)s)")
     parser.add_argument("--dataset", choices=("bible", "shakespeare"), default="bible", help="corpus (default %(default)s)")
     parser.add_argument("--data-dir", default=None, help="read the corpus from here instead of the installed one")
     parser.add_argument("--seed", type=int, default=0, help="seed of every row (default %(default)s)")
