@@ -31,8 +31,8 @@ Options. ``data_options`` is checked by :class:`LMDataOptions` (``seq_len``,
 ``train_tokens``, ``eval_tokens``); ``arch`` by
 :class:`~phantomgrad.models.transformer.TransformerConfig` (``d_model``, ``n_heads``,
 ``d_ff``, ``norm``, ``positions``, ...). ``model`` names a preset
-(``deq-transformer-tiny``, ``deq-transformer-small``, ``deq-transformer``); the
-TrainConfig default (``mdeq-tiny``, an image model) becomes ``deq-transformer``.
+(``deq-transformer-tiny``, ``deq-transformer-small``, ``deq-transformer``); left unset,
+TrainConfig resolves it to ``deq-transformer`` for task=lm.
 """
 
 from __future__ import annotations
