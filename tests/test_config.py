@@ -72,3 +72,18 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path / "nothing.pt")
+
+
+def test_metrics_csv_takes_columns_that_appear_later(tmp_path):
+    import csv
+
+    from phantomgrad.train.metrics import MetricsWriter
+
+    writer = MetricsWriter(tmp_path)
+    writer.write({"epoch": 1, "train_loss": 1.0})
+    writer.write({"epoch": 2, "train_loss": 0.9, "test_accuracy": 0.5})
+    writer.write({"epoch": 3, "train_loss": 0.8})
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [r["test_accuracy"] for r in rows] == ["", "0.5", ""]
+    writer.truncate_after(2)
+    assert [r["epoch"] for r in csv.DictReader((tmp_path / "metrics.csv").open())] == ["1", "2"]

@@ -27,12 +27,16 @@ class MetricsWriter:
                 log.warning("tensorboard=true but the tensorboard package is missing: pip install 'phantomgrad[tensorboard]'")
 
     def write(self, row: dict[str, Any]) -> None:
-        new = not self.path.exists()
-        with self.path.open("a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        """Append ``row``; when it brings new columns (e.g. test metrics on an evaluation
+        epoch), the file is rewritten with the union of columns, earlier rows left blank there."""
+        rows = self._read()
+        columns = list(rows[0]) if rows else []
+        new = [k for k in row if k not in columns]
+        if rows and not new:
+            with self.path.open("a", newline="") as fh:
+                csv.DictWriter(fh, fieldnames=columns, restval="").writerow(row)
+        else:
+            self._rewrite(rows + [row], columns + new)
         if self.tb is not None:
             step = row.get("epoch", 0)
             for key, value in row.items():
@@ -42,14 +46,19 @@ class MetricsWriter:
 
     def truncate_after(self, epoch: int) -> None:
         """On resume: drop rows of epochs after the checkpoint's, so no epoch is counted twice."""
-        if not self.path.exists():
-            return
-        with self.path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = self._read()
         keep = [r for r in rows if int(r["epoch"]) <= epoch]
         if len(keep) != len(rows):
-            with self.path.open("w", newline="") as fh:
-                if keep:
-                    writer = csv.DictWriter(fh, fieldnames=list(keep[0]))
-                    writer.writeheader()
-                    writer.writerows(keep)
+            self._rewrite(keep, list(rows[0]))
+
+    def _read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    def _rewrite(self, rows: list[dict[str, Any]], columns: list[str]) -> None:
+        with self.path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
