@@ -40,6 +40,8 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, all_reduce_sum, any_process, barrier, init_distributed
 from .metrics import MetricsWriter
+from .monitor_callback import GradientMonitor
+from .report import RunRecorder, write_report
 from .tasks import StepResult, build_task
 
 log = logging.getLogger(__name__)
@@ -133,7 +135,9 @@ class Trainer:
         self.local_batch = cfg.batch_size // self.dist.world_size
         self.steps_per_epoch = len(self._train_loader(0))
         self.scheduler = builders.build_scheduler(cfg, self.optimizer, cfg.epochs * self.steps_per_epoch)
-        self.callbacks: list[Callback] = list(callbacks or [])
+        self.callbacks: list[Callback] = list(callbacks or []) + [RunRecorder()]  # RunRecorder: solver statistics for the report
+        if cfg.monitor_every or cfg.backward == "adaptive":
+            self.callbacks.append(GradientMonitor.from_config(cfg, self.model, self.device))
         self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps taken
         self.skipped = 0  # steps skipped by the divergence guard
@@ -271,6 +275,7 @@ class Trainer:
         summary = self.summary(n_params)
         if main:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_report(self)
         return summary
 
     def summary(self, n_params: int) -> dict[str, Any]:
