@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("phantomgrad.train.command", "train an implicit model (default: MDEQ on digits with UPG A_{5,0.5})"),
     "ablate": ("phantomgrad.experiments.ablate", "the paper's Table 1 and Fig. 3 at CPU scale on Fashion-MNIST"),
     "cosine": ("phantomgrad.experiments.cosine", "the paper's Fig. 1: cosine of UPG/NPG to the exact gradient vs k"),
+    "bench": ("phantomgrad.experiments.bench", "time and memory of every backward mode (the paper's Table 2), optionally against TorchDEQ"),
     "report": ("phantomgrad.train.report", "render a run's report (JSON + Markdown with plots) from its directory"),
     "graph-table": ("phantomgrad.experiments.graph_table", "the paper's Table 4 at CPU scale: IGNN, implicit vs UPG"),
     "lm-table": ("phantomgrad.experiments.lm_table", "the paper's Table 3 at CPU scale: DEQ transformer, implicit vs UPG"),

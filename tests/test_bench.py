@@ -1,0 +1,133 @@
+"""`phantomgrad bench` end to end at a tiny budget, and its F-evaluation counts. No timing assertions."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from phantomgrad.cli import main
+from phantomgrad.experiments.bench import (
+    MODES,
+    TORCHDEQ_INSTALL,
+    BenchConfig,
+    Runner,
+    _variant,
+    build_problem,
+    measure_memory,
+)
+
+TINY_SYNTHETIC = ["bench", "--model", "synthetic", "--dim", "8", "--batch", "4", "--repeats", "1", "--warmup", "0"]
+
+
+def _runner(**kw) -> tuple[BenchConfig, Runner]:
+    cfg = BenchConfig(**kw)
+    return cfg, Runner(cfg, build_problem(cfg))
+
+
+def test_bench_command_writes_tables_plot_and_json(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(TINY_SYNTHETIC + ["--solver-iter", "6", "--sweep-k", "1..2", "--sweep-K", "2,3", "--no-memory",
+                                  "--out", str(out), "--json", str(tmp_path / "b.json")])
+    assert code == 0
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert set(res) >= {"config", "machine", "floors", "rows", "solvers", "sweep_k", "sweep_K", "reference", "targets", "seconds"}
+    assert [r["mode"] for r in res["rows"]] == list(MODES)
+    for r in res["rows"]:
+        for key in ("forward_ms", "deq_forward_ms", "backward_ms", "deq_backward_ms", "step_ms", "f_forward",
+                    "vjp_backward", "f_backward_calls", "cosine", "floor_ms"):
+            assert key in r, key
+        assert r["step_ms"] > 0 and r["step_ms"] >= r["forward_ms"]
+        assert -1.0 <= r["cosine"] <= 1.0 + 1e-9
+    implicit = next(r for r in res["rows"] if r["mode"] == "implicit-broyden")
+    assert implicit["cosine"] > 0.999  # the same gradient as the tightly solved reference
+    assert {s["solver"] for s in res["solvers"]} == {"fixed_point", "anderson", "broyden"}
+    assert [(r["mode"], r["k"]) for r in res["sweep_k"]] == [("upg", 1), ("npg", 1), ("upg", 2), ("npg", 2)]
+    assert len(res["sweep_K"]) == 6
+    assert set(res["floors"]) >= {"f_ms", "vjp_state_ms", "vjp_full_ms"}
+    assert all({"target", "value", "limit", "met"} <= set(t) for t in res["targets"])
+    assert (out / "bench.png").stat().st_size > 1000
+    assert "| mode | lib |" in (out / "bench.md").read_text()
+    assert "UPG A_{5,0.5}" in capsys.readouterr().out
+
+
+def test_f_evaluation_counts_per_mode():
+    # FixedPoint with an unreachable tolerance runs exactly K steps forward and backward.
+    K, k = 6, 3
+    cfg, runner = _runner(model="synthetic", dim=8, batch=4, solver="fixed_point", solver_iter=K, solver_tol=1e-30,
+                          k=k, backward_iter=5, backward_tol=1e-30)
+    counts = {m: runner.count(_variant(cfg, m)) for m in MODES}
+    none = {"f_backward_calls": 0, "backward_nstep": None}
+    assert counts["upg"] == {"f_forward": K + k, "vjp_backward": k, **none}
+    assert counts["npg"] == {"f_forward": K + 1, "vjp_backward": k, **none}
+    assert counts["jfb"] == {"f_forward": K + 1, "vjp_backward": 1, **none}
+    # Backprop returns the last iterate whose residual was measured, z_{K-1}: K - 1 evaluations lead to it
+    assert counts["backprop"] == {"f_forward": K, "vjp_backward": K - 1, **none}
+    for mode in ("implicit-fixed_point", "implicit-broyden"):
+        # the backward solve's 5 VJPs, then one pass of J_theta^T g to the parameters
+        assert counts[mode] == {"f_forward": K + 1, "f_backward_calls": 0, "vjp_backward": 5 + 1, "backward_nstep": 5}
+
+
+def test_implicit_count_follows_an_early_stop():
+    cfg, runner = _runner(model="synthetic", dim=8, batch=4, solver_iter=40, backward_iter=40, backward_tol=1e-4)
+    counts = runner.count(_variant(cfg, "implicit-fixed_point"))
+    assert 1 < counts["backward_nstep"] < 40  # a contraction: the backward solve stops early
+    assert counts["vjp_backward"] == counts["backward_nstep"] + 1
+
+
+def test_mdeq_tiny_at_tiny_size(tmp_path):
+    code = main(["bench", "--model", "mdeq-tiny", "--image-size", "8", "--batch", "2", "--solver-iter", "3",
+                 "--backward-iter", "3", "--repeats", "1", "--warmup", "0", "--modes", "implicit-broyden,upg,npg",
+                 "--no-memory", "--no-solvers", "--out", str(tmp_path), "--json", str(tmp_path / "m.json")])
+    assert code == 0
+    rows = {r["mode"]: r for r in json.loads((tmp_path / "m.json").read_text())["rows"]}
+    assert rows["upg"]["f_forward"] == 3 + 5 and rows["upg"]["vjp_backward"] == 5
+    assert rows["npg"]["vjp_backward"] == 5
+    assert rows["implicit-broyden"]["vjp_backward"] == rows["implicit-broyden"]["backward_nstep"] + 1
+    assert all(math.isfinite(r["deq_backward_ms"]) and r["deq_backward_ms"] > 0 for r in rows.values())
+
+
+def test_memory_is_measured_in_a_fresh_process():
+    cfg = BenchConfig(model="synthetic", dim=8, batch=4, solver_iter=4)
+    mem = measure_memory(cfg, _variant(cfg, "upg"))
+    assert math.isfinite(mem["step_mib"]) and mem["step_mib"] >= 0
+    assert mem["peak_rss_mib"] > 10  # at least the interpreter and torch
+
+
+def test_torchdeq_counts_match_its_source():
+    pytest.importorskip("torchdeq")
+    K, k = 5, 3
+    cfg, runner = _runner(model="synthetic", dim=8, batch=4, solver="fixed_point", solver_iter=K, solver_tol=1e-30,
+                          k=k, backward_iter=4, backward_tol=1e-30)
+    assert runner.count(_variant(cfg, "upg", lib="torchdeq")) == {
+        "f_forward": K + k, "f_backward_calls": 0, "vjp_backward": k, "backward_nstep": None,
+    }
+    # TorchDEQ's IFT evaluates F once in the forward with a graph and once more in the backward;
+    # its backward solve starts from zero, so all b_max_iter VJPs run.
+    assert runner.count(_variant(cfg, "implicit-fixed_point", lib="torchdeq")) == {
+        "f_forward": K + 1, "f_backward_calls": 1, "vjp_backward": 4 + 1, "backward_nstep": None,
+    }
+
+
+def test_compare_without_torchdeq_names_the_install_command(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchdeq", None)  # import torchdeq now raises ImportError
+    assert main(TINY_SYNTHETIC + ["--compare", "torchdeq", "--no-memory"]) == 2
+    assert TORCHDEQ_INSTALL in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--modes", "upg,bogus"], "bogus"),
+    (["--solver-iter", "0"], "solver_iter"),
+    (["--damping", "1.5"], "damping"),
+])
+def test_bad_values_are_refused(argv, match, capsys):
+    assert main(TINY_SYNTHETIC + argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cuda_request_without_a_gpu_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="cuda"):
+        BenchConfig(device="cuda")
