@@ -7,15 +7,18 @@ phantom and the exact gradient (measured by :func:`phantomgrad.monitor.gradient_
 says how far from it the current k is. :class:`AdaptivePhantom` is UPG with the current
 (k, lambda), and :meth:`AdaptivePhantom.observe` moves them:
 
-* cosine < ``low``  -> k <- min(k + k_step, k_max); when k is already k_max and
-  ``adapt_damping`` is on, lambda <- max(lambda * damping_factor, damping_min) instead
-  (a smaller lambda shrinks rho(B) when F is near losing its contraction, the usual reason
-  a large k still gives a poor direction);
+* cosine < ``low``  -> k <- min(k + k_step, k_max): more unrolled steps bring A_{k,lambda}
+  closer to (I - J_h)^{-1} (Fig. 1 of the paper; measured on MDEQ in docs/monitor_adaptive.md);
 * cosine > ``high`` -> k <- max(k - k_step, k_min): a good gradient with fewer steps is cheaper;
 * forward residual > ``residual_growth`` x its running mean (an exponential moving average
-  of the residuals observed before) -> the same move as a low cosine: the equilibrium is
-  getting harder to reach, and the phantom gradient is built from a worse h*;
+  of the residuals observed before): F is losing its contraction. With ``adapt_damping``,
+  lambda <- max(lambda * damping_factor, damping_min): a smaller lambda keeps the unrolled
+  map h -> lambda F(h) + (1 - lambda) h stable where F is not (the paper's reason for
+  lambda < 1); once lambda is at its floor, or without ``adapt_damping``, k is raised;
 * otherwise nothing changes (the band [low, high] is the hysteresis that keeps k still).
+
+Lambda is not moved on a low cosine: when F is contractive, a smaller lambda slows the
+convergence of A_{k,lambda} (the cosine falls), so it would not help.
 
 The gradient of the layer is exactly UPG's at the current (k, lambda). The
 :class:`~phantomgrad.train.monitor_callback.GradientMonitor` calls ``observe`` every time it
@@ -44,8 +47,7 @@ class AdaptivePhantom(UPG):
         low, high: cosine thresholds, 0 < low < high <= 1: below ``low`` k rises, above
             ``high`` it falls.
         k_step: how much k moves per observation.
-        adapt_damping: allow lowering lambda when k is at k_max and the cosine is still low,
-            or the residual grows.
+        adapt_damping: lower lambda (rather than raise k) when the residual grows.
         damping_min, damping_factor: lambda's floor, and the factor it is multiplied by.
         residual_growth: a forward residual above this multiple of its running mean counts
             as growing (``math.inf`` turns this off).
@@ -97,14 +99,17 @@ class AdaptivePhantom(UPG):
                 f"low={self.low}, high={self.high})")
 
     # ---- adaptation -------------------------------------------------------------------
-    def _more_accurate(self, why: str) -> str:
+    def _raise_k(self, why: str) -> str:
         if self.k < self.k_max:
             self.k = min(self.k + self.k_step, self.k_max)
             return f"k up ({why})"
+        return f"at bounds ({why})"
+
+    def _stabilise(self, why: str) -> str:
         if self.adapt_damping and self.damping > self.damping_min:
             self.damping = max(self.damping * self.damping_factor, self.damping_min)
             return f"damping down ({why})"
-        return f"at bounds ({why})"
+        return self._raise_k(why)
 
     def observe(self, cosine: float | None = None, residual: float | None = None) -> str:
         """Take one measurement and move (k, lambda); returns what was done ('keep', 'k up (...)', ...).
@@ -117,10 +122,10 @@ class AdaptivePhantom(UPG):
         cos = cosine if cosine is not None and math.isfinite(cosine) else None
         res = residual if residual is not None and math.isfinite(residual) else None
         grew = res is not None and self.residual_mean is not None and res > self.residual_growth * self.residual_mean
-        if cos is not None and cos < self.low:
-            action = self._more_accurate(f"cosine {cos:.3f} < {self.low}")
-        elif grew:
-            action = self._more_accurate(f"residual {res:.3g} > {self.residual_growth} x {self.residual_mean:.3g}")
+        if grew:
+            action = self._stabilise(f"residual {res:.3g} > {self.residual_growth} x {self.residual_mean:.3g}")
+        elif cos is not None and cos < self.low:
+            action = self._raise_k(f"cosine {cos:.3f} < {self.low}")
         elif cos is not None and cos > self.high and self.k > self.k_min:
             self.k = max(self.k - self.k_step, self.k_min)
             action = f"k down (cosine {cos:.3f} > {self.high})"

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cosine": ("phantomgrad.experiments.cosine", "the paper's Fig. 1: cosine of UPG/NPG to the exact gradient vs k"),
     "bench": ("phantomgrad.experiments.bench", "time and memory of every backward mode (the paper's Table 2), optionally against TorchDEQ"),
     "report": ("phantomgrad.train.report", "render a run's report (JSON + Markdown with plots) from its directory"),
+    "adaptive-compare": ("phantomgrad.experiments.adaptive_compare", "AdaptivePhantom vs fixed UPG (Table 1 rows) and SGD gradient rescaling on Fashion-MNIST"),
     "graph-table": ("phantomgrad.experiments.graph_table", "the paper's Table 4 at CPU scale: IGNN, implicit vs UPG"),
     "lm-table": ("phantomgrad.experiments.lm_table", "the paper's Table 3 at CPU scale: DEQ transformer, implicit vs UPG"),
 }
