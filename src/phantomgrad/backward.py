@@ -153,7 +153,7 @@ class NPG(BackwardMode):
         def transform(grad: Tensor, vjp) -> Tensor:
             term = total = grad
             for _ in range(k - 1):
-                term = lam * vjp(term) + (1 - lam) * term
+                term = torch.lerp(term, vjp(term), lam)  # lam * J^T term + (1 - lam) * term, one kernel
                 total = total + term
             return lam * total
 
@@ -183,7 +183,7 @@ class UPG(BackwardMode):
         with torch.enable_grad():
             for _ in range(self.k):
                 fh = fn(h)
-                h = fh if lam == 1.0 else lam * fh + (1 - lam) * h
+                h = fh if lam == 1.0 else torch.lerp(h, fh, lam)  # lam * F(h) + (1 - lam) * h, one kernel
         return h
 
 

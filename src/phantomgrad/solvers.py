@@ -78,13 +78,18 @@ class _Tracker:
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
         self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
         self.trace: list[Tensor] | None = [] if keep_trace else None
+        self.any_active = self.all_active = True
 
     def observe(self, z: Tensor, fz: Tensor) -> Tensor:
-        """Record the residual of iterate ``z`` (with fn(z) = fz); return residual fn(z) - z."""
+        """Record the residual of iterate ``z`` (with fn(z) = fz); return residual fn(z) - z.
+
+        Afterwards ``any_active`` / ``all_active`` say (as Python bools, from one host
+        sync) whether some / every sample still iterates, so solvers can skip masking.
+        """
         g = fz - z
         with torch.no_grad():
-            abs_res = g.detach().norm(dim=1).double()
-            rel_res = abs_res / fz.detach().norm(dim=1).double().clamp_min(torch.finfo(torch.float64).tiny)
+            abs_res = torch.linalg.vector_norm(g.detach(), dim=1).double()
+            rel_res = abs_res / torch.linalg.vector_norm(fz.detach(), dim=1).double().clamp_min(torch.finfo(torch.float64).tiny)
             finite = torch.isfinite(abs_res) & torch.isfinite(rel_res)
             self.nonfinite |= ~finite & self.active
             crit = rel_res if self.stop == "rel" else abs_res
@@ -95,8 +100,15 @@ class _Tracker:
             if self.trace is not None:
                 self.trace.append(torch.where(self.active, crit, torch.nan))
             done = finite & (crit <= self.tol)
-        self.best_z = torch.where(better[:, None], z, self.best_z)
-        self.active = self.active & ~done & finite
+            active = self.active & ~done & finite
+            all_better, any_better, self.all_active, self.any_active = torch.stack(
+                (better.all(), better.any(), active.all(), active.any())
+            ).tolist()
+        if all_better:  # the common case: keep a reference, copy nothing
+            self.best_z = z
+        elif any_better:
+            self.best_z = torch.where(better[:, None], z, self.best_z)
+        self.active = active
         return g
 
     def info(self, fallback: Tensor) -> SolverInfo:
@@ -172,10 +184,11 @@ class FixedPoint(Solver):
         for _ in range(self.max_iter):
             fz = fn(z)
             g = tracker.observe(z, fz)
-            if not tracker.active.any():
+            if not tracker.any_active:
                 return
-            step = g if self.damping == 1.0 else self.damping * g
-            z = torch.where(tracker.active[:, None], z + step, z)
+            # z + 1 * (F(z) - z) is F(z): no arithmetic for the undamped step
+            z_next = fz if self.damping == 1.0 else torch.add(z, g, alpha=self.damping)
+            z = z_next if tracker.all_active else torch.where(tracker.active[:, None], z_next, z)
 
 
 def _write(buf: Tensor, slot: int, value: Tensor) -> Tensor:
@@ -202,6 +215,12 @@ class Anderson(Solver):
     reaches 1e-10 relative residual in float64 (a fixed absolute ridge stalls).
     Where the small m x m system is singular or not finite anyway, that sample takes
     a plain damped step instead, and ``info.fallback`` reports it.
+
+    Implementation (one pass over the history per product): the history stores dG and
+    dY = dZ + mixing * dG, the differences of the plain steps y_i = z_i + mixing * g_i
+    (y_i = F(z_i) when mixing = 1), so z_{n+1} = y_n - dY gamma needs no temporary; the
+    current residual sits in an extra row of the dG buffer, so one batched product gives
+    both the Gram matrix dG^T dG and the right-hand side dG^T g_n.
     """
 
     def __init__(self, m: int = 5, ridge: float = 1e-4, mixing: float = 1.0, **kwargs):
@@ -217,36 +236,37 @@ class Anderson(Solver):
     def _iterate(self, fn, z, tracker, fallback):
         batch, dim = z.shape
         m = self.m
-        dZ = z.new_zeros(batch, m, dim)
-        dG = z.new_zeros(batch, m, dim)
-        z_prev = g_prev = None
+        G = z.new_zeros(batch, m + 1, dim)  # rows 0..m-1: dG ring buffer; row m: the current residual
+        dY = z.new_zeros(batch, m, dim)
+        y_prev = None
         tiny = torch.finfo(z.dtype).tiny
         for n in range(self.max_iter):
             fz = fn(z)
             g = tracker.observe(z, fz)
-            if not tracker.active.any():
+            if not tracker.any_active:
                 return
-            if g_prev is not None:
+            y = fz if self.mixing == 1.0 else torch.add(z, g, alpha=self.mixing)
+            if y_prev is not None:
                 slot = (n - 1) % m
-                dZ = _write(dZ, slot, z - z_prev)
-                dG = _write(dG, slot, g - g_prev)
-            z_prev, g_prev = z, g
+                G = _write(G, slot, g - G[:, m])
+                dY = _write(dY, slot, y - y_prev)
+            G = _write(G, m, g)
+            y_prev = y
             used = min(n, m)
-            z_next = z + self.mixing * g
+            z_next = y
             if used > 0:
-                Gu, Zu = dG[:, :used], dZ[:, :used]
-                gram = Gu @ Gu.transpose(1, 2)  # (B, used, used)
+                prod = G @ G.transpose(1, 2)  # (B, m+1, m+1): Gram matrix and right-hand side at once
+                gram, rhs = prod[:, :used, :used], prod[:, :used, m:]  # the ring fills slots 0, 1, ... in order
                 scale = gram.diagonal(dim1=1, dim2=2).sum(-1) / used
                 eye = torch.eye(used, dtype=z.dtype, device=z.device)
                 reg = (self.ridge * scale + tiny)[:, None, None] * eye
-                rhs = (Gu @ g.unsqueeze(-1))  # (B, used, 1)
                 gamma, status = torch.linalg.solve_ex(gram + reg, rhs)
                 ok = (status == 0) & torch.isfinite(gamma).all(dim=(1, 2))
                 gamma = torch.where(ok[:, None, None], gamma, torch.zeros_like(gamma))
                 fallback |= ~ok & tracker.active
-                correction = ((Zu + self.mixing * Gu).transpose(1, 2) @ gamma).squeeze(-1)
-                z_next = z_next - correction
-            z = torch.where(tracker.active[:, None], z_next, z)
+                # z_next = y - dY^T gamma, in one fused kernel
+                z_next = torch.baddbmm(y.unsqueeze(1), gamma.transpose(1, 2), dY[:, :used], alpha=-1).squeeze(1)
+            z = z_next if tracker.all_active else torch.where(tracker.active[:, None], z_next, z)
 
 
 class Broyden(Solver):
@@ -259,7 +279,24 @@ class Broyden(Solver):
         u = (dz - H dg) / (dz^T H dg),   v^T = dz^T H.
 
     The rank-one pairs live in a ring buffer of ``memory`` slots: memory does not
-    grow with ``max_iter``; once full, the oldest pair is overwritten.
+    grow with ``max_iter``; once full, the oldest update is forgotten.
+
+    Implementation (compact form, only the steps are stored). Every step is a full step
+    s_n = -H_n g_n, so with w = H_n g_{n+1}: H_n dg = w + s_n, u_n = -w / (s_n^T (w + s_n))
+    and the next step is s_{n+1} = -w ||s_n||^2 / (s_n^T (w + s_n)) = u_n ||s_n||^2. Hence
+
+        H_{n+1} = H_n + u_n s_n^T H_n = (I + c_n s_{n+1} s_n^T) H_n,   c_n = 1 / ||s_n||^2
+
+    (c_n = 0 where the update is skipped), and H y = -y + sum_j c_j beta_j s_{j+1} where
+    beta solves a small unit lower-triangular system built from the steps' Gram matrix
+    and beta's right-hand side is -S^T y. One step of the solver therefore reads the
+    stored steps twice (one product S^T [g, s] that also yields the new Gram row, one
+    expansion) where the (u, v) form reads 2 x ``memory`` vectors four times, and it stores
+    one vector per update instead of two. Up to rounding, the iterates are those of the
+    (u, v) form as long as no update has been forgotten; once the ring is full the oldest
+    factor is dropped. Under autograd (``pg.Backprop``) the steps are kept as separate
+    tensors and the products are taken vector by vector, so the graph holds each step
+    once instead of a copy of the buffer per iteration.
     """
 
     def __init__(self, memory: int = 20, **kwargs):
@@ -270,37 +307,86 @@ class Broyden(Solver):
 
     def _iterate(self, fn, z, tracker, fallback):
         batch, dim = z.shape
-        U = z.new_zeros(batch, self.memory, dim)
-        V = z.new_zeros(batch, self.memory, dim)
+        mem = self.memory
         eps = torch.finfo(z.dtype).eps
-
-        def apply_h(y: Tensor) -> Tensor:  # H y = -y + U^T... (per sample)
-            return -y + ((V @ y.unsqueeze(-1)).transpose(1, 2) @ U).squeeze(1)
-
-        def apply_ht(x: Tensor) -> Tensor:  # x^T H
-            return -x + ((U @ x.unsqueeze(-1)).transpose(1, 2) @ V).squeeze(1)
+        differentiable = torch.is_grad_enabled()
+        steps: list[Tensor | None] = [None] * mem  # autograd path: the stored steps by slot
+        S = None if differentiable else z.new_zeros(batch, mem, dim)  # no-grad path: the stored steps by slot
+        P = z.new_zeros(batch, mem, mem)  # Gram matrix of the stored steps, by slot
+        c = z.new_zeros(batch, mem)  # c_j of the factor (I + c_j s_{j+1} s_j^T), at the slot of s_j
+        written = 0  # steps written to the ring so far
 
         fz = fn(z)
         g = tracker.observe(z, fz)
+        s = g if tracker.all_active else torch.where(tracker.active[:, None], g, torch.zeros_like(g))  # s_0 = -H_0 g_0, H_0 = -I
         for n in range(1, self.max_iter):
-            if not tracker.active.any():
+            if not tracker.any_active:
                 return
-            active = tracker.active[:, None]
-            dz = torch.where(active, -apply_h(g), torch.zeros_like(g))
-            z = z + dz
+            active = tracker.active[:, None]  # the samples that take step s
+            z = z + s
             fz = fn(z)
-            g_new = tracker.observe(z, fz)
-            dg = g_new - g
-            g = g_new
-            h_dg = apply_h(dg)
-            denom = (dz * h_dg).sum(-1, keepdim=True)
-            good = active & (denom.abs() > eps * dz.norm(dim=-1, keepdim=True) * h_dg.norm(dim=-1, keepdim=True)) & torch.isfinite(denom)
-            safe = torch.where(good, denom, torch.ones_like(denom))
-            u = torch.where(good, (dz - h_dg) / safe, torch.zeros_like(dz))
-            v = torch.where(good, apply_ht(dz), torch.zeros_like(dz))
-            slot = (n - 1) % self.memory
-            U = _write(U, slot, u)
-            V = _write(V, slot, v)
+            g = tracker.observe(z, fz)
+
+            # w = H g with the q stored factors, oldest first: slots `order`
+            q = min(written, mem)
+            order = [(written - q + t) % mem for t in range(q)]
+            if q == 0:
+                w = -g
+                dots_s = None
+            else:
+                if differentiable:
+                    stored = [steps[o] for o in order]
+                    dots_g = torch.stack([(sk * g).sum(-1) for sk in stored], 1)  # s_k^T g, (B, q)
+                    dots_s = torch.stack([(sk * s).sum(-1) for sk in stored], 1)  # s_k^T s, the new Gram row
+                else:
+                    rows = S if q == mem else S[:, :q]
+                    prod = rows @ torch.stack((g, s), -1)  # (B, rows, 2): one pass over the stored steps
+                    if q == mem and order[0] != 0:
+                        prod = prod[:, order]
+                    dots_g, dots_s = prod[..., 0], prod[..., 1]
+                cq = c[:, order]
+                gram = P[:, order][:, :, order]
+                # (I - L) beta = -S^T g,  L[j, i] = c_i s_j^T s_{i+1} for i < j
+                low = torch.zeros_like(gram)
+                low[:, :, : q - 1] = gram[:, :, 1:] * cq[:, None, : q - 1]
+                eye = torch.eye(q, dtype=z.dtype, device=z.device)
+                beta = torch.linalg.solve_triangular(eye - low.tril(-1), -dots_g.unsqueeze(-1), upper=False, unitriangular=True)
+                e = cq * beta.squeeze(-1)  # coefficient of s_{j+1} for factor j; the newest multiplies s
+                if differentiable:
+                    w = -g + e[:, q - 1 : q] * s
+                    for j in range(q - 1):
+                        w = w + e[:, j : j + 1] * stored[j + 1]
+                else:
+                    coef = z.new_zeros(batch, rows.shape[1])
+                    if q > 1:
+                        coef[:, order[1:]] = e[:, : q - 1]
+                    w = torch.baddbmm(g.unsqueeze(1), coef.unsqueeze(1), rows, beta=-1).squeeze(1)
+                    w = torch.addcmul(w, s, e[:, q - 1 : q])
+
+            # the update with step s: skipped where the denominator is tiny or not finite
+            h_dg = w + s
+            denom = (s * h_dg).sum(-1, keepdim=True)
+            ss = (s * s).sum(-1, keepdim=True)
+            good = active & (denom.abs() > eps * ss.sqrt() * torch.linalg.vector_norm(h_dg, dim=-1, keepdim=True)) & torch.isfinite(denom)
+            safe_ss = torch.where(good, ss, torch.ones_like(ss))
+            safe_denom = torch.where(good, denom, torch.ones_like(denom))
+            c_new = torch.where(good, 1.0 / safe_ss, torch.zeros_like(ss)).squeeze(-1)
+            s_next = w * torch.where(good, -ss / safe_denom, -torch.ones_like(ss))  # -H_{n+1} g
+
+            # store s (it becomes s_j of the newest factor), its Gram row and c
+            slot = written % mem
+            if differentiable:
+                P, c = P.clone(), c.clone()
+                steps[slot] = s
+            else:
+                S[:, slot] = s
+            if dots_s is not None:
+                P[:, slot, order] = dots_s
+                P[:, order, slot] = dots_s
+            P[:, slot, slot] = ss.squeeze(-1)
+            c[:, slot] = c_new
+            written += 1
+            s = s_next if tracker.all_active else torch.where(tracker.active[:, None], s_next, torch.zeros_like(s_next))
 
 
 SOLVERS: dict[str, type[Solver]] = {"fixed_point": FixedPoint, "anderson": Anderson, "broyden": Broyden}
