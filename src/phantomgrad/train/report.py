@@ -382,7 +382,8 @@ def _plot_metrics(epochs: list[dict[str, Any]], path: Path) -> None:
     axes[1].set(xlabel="epoch", ylabel="accuracy")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a language model has no accuracy curve
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
