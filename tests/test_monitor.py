@@ -165,6 +165,29 @@ def test_rescaling_multiplies_the_deq_gradient_by_the_inverse_norm_ratio(tmp_pat
     assert len(monitor.trace) == 1
 
 
+def test_one_outlier_moves_the_scale_by_at_most_the_clip(tmp_path, monkeypatch):
+    """At initialisation the norm ratio can be 0.05 (the exact solve diverges); it must not hold the
+    scale at its bound for long: each measurement is clipped before it enters the moving average."""
+    import phantomgrad.train.monitor_callback as mc
+    from phantomgrad.monitor import GradientQuality
+
+    ratios = iter([0.05, 0.8, 0.8, 0.8])
+    monkeypatch.setattr(mc, "gradient_quality", lambda *a, **k: GradientQuality(
+        0.9, 0.5, 0.9, next(ratios), 1.0, 2.0, None, None, None, 0.0))
+    monitor = GradientMonitor(every=1, rescale=True, scale_range=(0.5, 3.0), scale_ema=0.5)
+    trainer = _fake_trainer(Classifier(pg.JFB(), dropout=0.0), lambda: torch.zeros(()), tmp_path)
+    scales = []
+    for _ in range(4):
+        monitor._measure(trainer, None, SimpleNamespace(info=None))
+        scales.append(monitor.scale)
+    expected, log_s = [], None
+    for target in (math.log(3.0), -math.log(0.8), -math.log(0.8), -math.log(0.8)):
+        log_s = target if log_s is None else 0.5 * log_s + 0.5 * target
+        expected.append(math.exp(log_s))
+    assert scales == pytest.approx(expected)
+    assert scales[0] == pytest.approx(3.0) and scales[-1] < 1.5
+
+
 def test_rescaling_is_clipped(tmp_path):
     model = Classifier(pg.JFB(), dropout=0.0)
     x, y = torch.randn(16, 5, dtype=D), torch.randint(0, 3, (16,))

@@ -8,7 +8,7 @@ says how far from it the current k is. :class:`AdaptivePhantom` is UPG with the 
 (k, lambda), and :meth:`AdaptivePhantom.observe` moves them:
 
 * cosine < ``low``  -> k <- min(k + k_step, k_max): more unrolled steps bring A_{k,lambda}
-  closer to (I - J_h)^{-1} (Fig. 1 of the paper; measured on MDEQ in docs/monitor_adaptive.md);
+  closer to (I - J_h)^{-1} (Theorem 2 and Fig. 1 of the paper);
 * cosine > ``high`` -> k <- max(k - k_step, k_min): a good gradient with fewer steps is cheaper;
 * forward residual > ``residual_growth`` x its running mean (an exponential moving average
   of the residuals observed before): F is losing its contraction. With ``adapt_damping``,

@@ -12,8 +12,8 @@ It then
 * tells every :class:`~phantomgrad.adaptive.AdaptivePhantom` in the model (``observe``) the
   cosine over F's parameters and the forward residual;
 * with ``rescale``, multiplies the phantom gradient of F's parameters (``scope="deq"``) or of
-  all parameters (``scope="all"``) by s = clip(exp(EMA of -log norm_ratio), *scale_range*) on
-  every step from the first measurement on, so that SGD takes a step of the exact
+  all parameters (``scope="all"``) by s = exp(EMA of clip(-log norm_ratio, log *scale_range*))
+  on every step from the first measurement on, so that SGD takes a step of the exact
   gradient's length in the phantom direction (Adam is invariant to such a scale, up to eps);
 * adds per-epoch means to the metrics row (``grad_cosine``, ``grad_norm_ratio``,
   ``grad_cosine_deq``, ``grad_norm_ratio_deq``, ``grad_spectral_radius``, ``grad_scale``,
@@ -72,7 +72,8 @@ class GradientMonitor:
             run's ``backward_solver``, ``backward_max_iter`` and ``backward_tol``).
         radius_iters: power-iteration steps for rho(dF/dh) (0: skip).
         scale_ema: weight of the past in the moving average of log(1 / norm_ratio).
-        scale_range: (low, high) bounds on the scale.
+        scale_range: (low, high) bounds on the scale; each measured 1 / norm_ratio is clipped to
+            them before it enters the average.
         scope: ``"deq"`` (rescale F's parameters) or ``"all"`` (every parameter).
         plot: draw ``gradient_quality.png`` at the end of every epoch.
     """
@@ -83,7 +84,7 @@ class GradientMonitor:
         rescale: bool = False,
         reference: pg.BackwardMode | None = None,
         radius_iters: int = 10,
-        scale_ema: float = 0.8,
+        scale_ema: float = 0.5,
         scale_range: tuple[float, float] = (0.5, 3.0),
         scope: str = "deq",
         plot: bool = True,
@@ -200,10 +201,12 @@ class GradientMonitor:
         if self.rescale:
             ratio = q.norm_ratio_deq if self.scope == "deq" else q.norm_ratio
             if math.isfinite(ratio) and ratio > 0:
-                target = -math.log(ratio)
-                self._log_scale = target if self._log_scale is None else self.scale_ema * self._log_scale + (1 - self.scale_ema) * target
                 low, high = self.scale_range
-                self.scale = min(max(math.exp(self._log_scale), low), high)
+                # clip each measurement before averaging, so one outlier (e.g. at initialisation, where the exact
+                # solve diverges and the ratio can be 0.05) moves the average by at most log(high)
+                target = min(max(-math.log(ratio), math.log(low)), math.log(high))
+                self._log_scale = target if self._log_scale is None else self.scale_ema * self._log_scale + (1 - self.scale_ema) * target
+                self.scale = math.exp(self._log_scale)
         modes = _adaptive_modes(model)
         # the (k, lambda) that made this step's phantom gradient, before observe() moves them
         k_used = float(modes[0].k) if modes else _fixed(model, "k")
