@@ -200,6 +200,14 @@ def _write(buf: Tensor, slot: int, value: Tensor) -> Tensor:
     return buf
 
 
+def _write_diff(buf: Tensor, slot: int, a: Tensor, b: Tensor) -> Tensor:
+    """buf[:, slot] = a - b, computed straight into the buffer unless autograd needs the old buffer."""
+    if buf.requires_grad or a.requires_grad or b.requires_grad:
+        return _write(buf, slot, a - b)
+    torch.sub(a, b, out=buf[:, slot])
+    return buf
+
+
 class Anderson(Solver):
     """Anderson acceleration (type II) with a scale-aware ridge.
 
@@ -248,8 +256,8 @@ class Anderson(Solver):
             y = fz if self.mixing == 1.0 else torch.add(z, g, alpha=self.mixing)
             if y_prev is not None:
                 slot = (n - 1) % m
-                G = _write(G, slot, g - G[:, m])
-                dY = _write(dY, slot, y - y_prev)
+                G = _write_diff(G, slot, g, G[:, m])
+                dY = _write_diff(dY, slot, y, y_prev)
             G = _write(G, m, g)
             y_prev = y
             used = min(n, m)
