@@ -54,8 +54,12 @@ def main(path):
         loss = nn.functional.cross_entropy(model(x[local]), y[local])
         loss.backward()
         grads[name] = [p.grad.clone() for p in model.module.parameters()]
+        del model  # release this DDP reducer before the group goes away
     if rank == 0:
         torch.save(grads, path)
+    # Every rank waits here so that none tears gloo down while a peer still talks to it
+    # (without it a rank could abort with "terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

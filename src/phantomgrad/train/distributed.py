@@ -63,3 +63,14 @@ def any_process(flag: bool, info: DistInfo, device: torch.device) -> bool:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def shutdown_distributed(info: DistInfo) -> None:
+    """Leave the process group once every process has arrived here.
+
+    The barrier matters: a process that tears gloo down while a peer still talks to it can
+    abort ("terminate called without an active exception").
+    """
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -38,7 +38,7 @@ import phantomgrad as pg
 from . import builders
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .distributed import DistInfo, all_reduce_sum, any_process, barrier, init_distributed
+from .distributed import DistInfo, all_reduce_sum, any_process, barrier, init_distributed, shutdown_distributed
 from .metrics import MetricsWriter
 from .monitor_callback import GradientMonitor
 from .report import RunRecorder, write_report
@@ -343,5 +343,12 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, resume: bool = False, callbacks: list[Callback] | None = None) -> dict[str, Any]:
-    """Train as configured; returns the summary (also written to out_dir/summary.json)."""
-    return Trainer(cfg, resume=resume, callbacks=callbacks).fit()
+    """Train as configured; returns the summary (also written to out_dir/summary.json).
+
+    Under torchrun every process leaves the process group at the end, after the others (not
+    on an error: a barrier there could wait for a peer that has died; torchrun stops them all).
+    """
+    trainer = Trainer(cfg, resume=resume, callbacks=callbacks)
+    summary = trainer.fit()
+    shutdown_distributed(trainer.dist)
+    return summary
