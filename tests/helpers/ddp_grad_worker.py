@@ -1,6 +1,7 @@
 """Run under torchrun with 2 processes: DDP gradients of a float64 DEQ on each process's half
 of a global batch, for every backward mode; rank 0 saves them to the path in argv[1]."""
 
+import gc
 import sys
 
 import torch
@@ -54,7 +55,10 @@ def main(path):
         loss = nn.functional.cross_entropy(model(x[local]), y[local])
         loss.backward()
         grads[name] = [p.grad.clone() for p in model.module.parameters()]
-        del model  # release this DDP reducer before the group goes away
+        del model
+    # Free the DDP reducers now (the models sit in reference cycles) rather than while the
+    # interpreter shuts down, when gloo's threads can no longer take the GIL and abort.
+    gc.collect()
     if rank == 0:
         torch.save(grads, path)
     # Every rank waits here so that none tears gloo down while a peer still talks to it

@@ -7,6 +7,7 @@ GPU). Without those variables everything runs in one process and these helpers a
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -68,9 +69,12 @@ def barrier(info: DistInfo) -> None:
 def shutdown_distributed(info: DistInfo) -> None:
     """Leave the process group once every process has arrived here.
 
-    The barrier matters: a process that tears gloo down while a peer still talks to it can
-    abort ("terminate called without an active exception").
+    Call it after dropping the DDP model. Objects that still hold the group when the
+    interpreter shuts down (a DDP reducer in a reference cycle, say) can make gloo abort
+    the process ("terminate called without an active exception"); hence the ``gc.collect``.
+    The barrier keeps any process from leaving while a peer still talks to it.
     """
     if info.enabled and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()

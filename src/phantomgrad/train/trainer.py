@@ -350,5 +350,7 @@ def train(cfg: TrainConfig, resume: bool = False, callbacks: list[Callback] | No
     """
     trainer = Trainer(cfg, resume=resume, callbacks=callbacks)
     summary = trainer.fit()
-    shutdown_distributed(trainer.dist)
+    info = trainer.dist
+    del trainer  # the DDP reducer must go before its process group (see shutdown_distributed)
+    shutdown_distributed(info)
     return summary
