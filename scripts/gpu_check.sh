@@ -35,8 +35,8 @@ echo "core tests on cuda: exit $? ($(tail -1 "$OUT/core_tests_cuda.txt"))" | tee
 # 2. the benchmark on cuda (about 2 minutes)
 compare=()
 python -c "import torchdeq" 2>/dev/null && compare=(--compare torchdeq)
-timeout 240 python -m phantomgrad bench --model mdeq-tiny --batch 32 --device cuda --repeats 10 --warmup 2 \
-  --sweep-k 1..10 --sweep-K 5,10,20,30,40 --sweep-repeats 5 "${compare[@]}" \
+timeout 240 python -m phantomgrad bench --model mdeq-tiny --batch 32 --device cuda --repeats 7 --warmup 2 \
+  --sweep-k 1..10 --sweep-K 5,10,20,30,40 --sweep-repeats 3 "${compare[@]}" \
   --out "$OUT/bench" --json "$OUT/bench/bench.json" > "$OUT/bench.txt" 2>&1
 echo "bench on cuda: exit $?" | tee -a "$OUT/summary.txt"
 echo "total $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"

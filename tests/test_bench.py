@@ -50,6 +50,10 @@ def test_bench_command_writes_tables_plot_and_json(tmp_path, capsys):
     assert (out / "bench.png").stat().st_size > 1000
     assert "| mode | lib |" in (out / "bench.md").read_text()
     assert "UPG A_{5,0.5}" in capsys.readouterr().out
+    # the tables and the plot come back from the JSON alone
+    assert main(["bench", "--render", str(tmp_path / "b.json"), "--out", str(tmp_path / "again")]) == 0
+    assert "| mode | lib |" in capsys.readouterr().out
+    assert (tmp_path / "again" / "bench.png").exists()
 
 
 def test_f_evaluation_counts_per_mode():

@@ -115,6 +115,7 @@ class BenchConfig:
     sweep_k: tuple[int, ...] = ()
     sweep_K: tuple[int, ...] = ()
     sweep_repeats: int = 3
+    quiet_factor: float = 1.25    # a step counts as quiet when the F probe next to it is <= this x the fastest; 0: use all
     profile: str | None = None    # write torch.profiler tables of one step per variant to this directory
 
     def __post_init__(self) -> None:
@@ -423,6 +424,32 @@ class FCounter:
         self.module.__dict__.pop("forward", None)
 
 
+class FTimer:
+    """Accumulates the wall time spent inside F (a module) while installed, so a solve's
+    overhead is measured against the F evaluations of the same run (immune to drift
+    between separate measurements). Synchronises CUDA around each call."""
+
+    def __init__(self, module: nn.Module, clock: "_Clock"):
+        self.module, self.clock = module, clock
+        self.seconds, self.calls = 0.0, 0
+
+    def install(self) -> "FTimer":
+        original = self.module.forward
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = self.clock()
+            out = original(*args, **kwargs)
+            self.seconds += self.clock() - t0
+            self.calls += 1
+            return out
+
+        self.module.forward = timed
+        return self
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
 def _rss_reset() -> None:
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -602,6 +629,8 @@ class Runner:
             "forward_rel_residual": float(info.rel_residual.max()),
             "backward_rel_residual": float(b.rel_residual.max()) if b is not None else math.nan,
             "forward_nstep": int(info.nstep.max()), "backward_nstep": int(b.nstep.max()) if b is not None else 0,
+            # an "exact" gradient needs both solves converged; 1e-3 is loose enough for float32
+            "converged": bool(float(info.rel_residual.max()) <= 1e-3 and b is not None and float(b.rel_residual.max()) <= 1e-3),
         }
 
 
@@ -622,9 +651,14 @@ def _spread(xs: Sequence[float]) -> float:
     return (q3 - q1) / med if med else math.nan
 
 
-def _paired_ratio(num: Sequence[float], den: Sequence[float]) -> tuple[float, float, float]:
-    """Median, min and max of the per-round ratios num[r] / den[r]."""
-    ratios = [a / b for a, b in zip(num, den) if b and not (math.isnan(a) or math.isnan(b))]
+def _paired_ratio(num: Sequence[float], den: Sequence[float], mask: Sequence[bool] | None = None) -> tuple[float, float, float]:
+    """Median, min and max of the per-round ratios num[r] / den[r] (over the rounds in
+    ``mask`` when some are, else over all)."""
+    pairs = [(a, b) for a, b in zip(num, den) if b and not (math.isnan(a) or math.isnan(b))]
+    if mask is not None:
+        kept = [p for p, q in zip(zip(num, den), mask) if q and p[1] and not (math.isnan(p[0]) or math.isnan(p[1]))]
+        pairs = kept or pairs
+    ratios = [a / b for a, b in pairs]
     if not ratios:
         return math.nan, math.nan, math.nan
     return statistics.median(ratios), min(ratios), max(ratios)
@@ -740,41 +774,63 @@ def machine_info(cfg: BenchConfig) -> dict[str, Any]:
     return info
 
 
-def _time_rounds(runner: Runner, variants: list[Variant], repeats: int, warmup: int, floors: bool) -> tuple[dict, dict]:
-    """Round-robin timing: each round runs every variant once (and the floor probes)."""
+def _time_rounds(runner: Runner, variants: list[Variant], repeats: int, warmup: int, floors: bool) -> dict:
+    """Round-robin timing: each round runs every variant once. With ``floors``, the floor
+    probes (one F, one VJP wrt the state, one full VJP) are timed right after each
+    variant's step, so a variant's backward can be divided by the floor of the same
+    moment (``floor_*`` samples of that variant)."""
     samples: dict[Variant, dict[str, list[float]]] = {v: {} for v in variants}
-    floor: dict[str, list[float]] = {"f": [], "vjp_state": [], "vjp_full": []}
     for r in range(warmup + repeats):
         for v in variants:
             t = runner.step(v)
             runner.restore()
+            if floors:
+                t.update(floor_f=runner.time_f(), floor_vjp_state=runner.time_vjp(full=False), floor_vjp_full=runner.time_vjp(full=True))
             if r >= warmup:
                 for key, val in t.items():
                     samples[v].setdefault(key, []).append(val)
-        if floors:
-            f, vz, vf = runner.time_f(), runner.time_vjp(full=False), runner.time_vjp(full=True)
-            if r >= warmup:
-                floor["f"].append(f)
-                floor["vjp_state"].append(vz)
-                floor["vjp_full"].append(vf)
         log.info("round %d/%d done", r + 1, warmup + repeats)
-    return samples, floor
+    return samples
 
 
-def _row(v: Variant, s: dict[str, list[float]]) -> dict[str, Any]:
+def _quiet_mask(samples: dict[Variant, dict[str, list[float]]], factor: float) -> dict[Variant, list[bool]]:
+    """Per variant and round: was the machine quiet? The F probe timed right after the step
+    must be within ``factor`` of the fastest F probe of the whole run (on a shared machine
+    another process's burst slows F and everything else several-fold)."""
+    fs = [x for s in samples.values() for x in s.get("floor_f", [])]
+    if not fs or factor <= 0:
+        return {v: [True] * len(s.get("step", [])) for v, s in samples.items()}
+    fastest = min(fs)
+    return {v: [x <= factor * fastest for x in s["floor_f"]] for v, s in samples.items()}
+
+
+def _pick(xs: Sequence[float], mask: Sequence[bool]) -> list[float]:
+    """The quiet samples, or all of them when none was quiet."""
+    quiet = [x for x, q in zip(xs, mask) if q]
+    return quiet if quiet else list(xs)
+
+
+def _row(v: Variant, s: dict[str, list[float]], mask: Sequence[bool] | None = None) -> dict[str, Any]:
+    mask = list(mask) if mask is not None else [True] * len(s.get("step", []))
     row: dict[str, Any] = {"lib": v.lib, "mode": v.mode, "label": v.label, **{k: getattr(v, k) for k in ("k", "damping", "backward_iter", "solver_iter")}}
     for key in ("forward", "deq_forward", "backward", "deq_backward", "step", "cpu"):
-        row[f"{key}_ms"] = 1e3 * _median(s.get(key, []))
-        row[f"{key}_spread"] = _spread(s.get(key, []))
-    row["samples_ms"] = {key: [1e3 * x for x in xs] for key, xs in s.items() if key != "loss"}
+        xs = _pick(s.get(key, []), mask)
+        row[f"{key}_ms"] = 1e3 * _median(xs)
+        row[f"{key}_spread"] = _spread(xs)
+        row[f"{key}_ms_all_rounds"] = 1e3 * _median(s.get(key, []))
+    row["quiet_rounds"] = sum(mask)
+    row["rounds"] = len(mask)
+    row["quiet_mask"] = mask
+    row["samples_ms"] = {key: [1e3 * x for x in xs] for key, xs in s.items() if key != "loss" and not key.startswith("floor")}
+    row["floor_samples_ms"] = {key: [1e3 * x for x in xs] for key, xs in s.items() if key.startswith("floor")}
     return row
 
 
-def _floor_of(row: dict[str, Any], floors: dict[str, float]) -> float:
+def _floor_of(row: dict[str, Any], f_ms: float, vjp_state_ms: float, vjp_full_ms: float) -> float:
     """The VJPs of F a backward cannot avoid, in ms: k full VJPs for UPG; k - 1 state-only
-    plus one full for NPG; backward steps state-only plus one full for Implicit; one full
-    for JFB; solver steps full for Backprop."""
-    vz, vf = floors["vjp_state_ms"], floors["vjp_full_ms"]
+    plus one full for NPG; the backward solve's VJPs state-only plus one full for
+    Implicit; one full for JFB; the solver's steps full for Backprop."""
+    vz, vf = vjp_state_ms, vjp_full_ms
     n = row.get("vjp_backward")
     if row["mode"] == "upg":
         return row["k"] * vf
@@ -815,21 +871,28 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
 
     # 2. timing, round-robin
     log.info("timing %d variants x %d rounds", len(variants), cfg.warmup + cfg.repeats)
-    samples, floor = _time_rounds(runner, variants, cfg.repeats, cfg.warmup, floors=True)
-    result.floors = {f"{k}_ms": 1e3 * _median(xs) for k, xs in floor.items()}
-    result.floors.update({f"{k}_spread": _spread(xs) for k, xs in floor.items()})
+    samples = _time_rounds(runner, variants, cfg.repeats, cfg.warmup, floors=True)
+    quiet = _quiet_mask(samples, cfg.quiet_factor)
+    for key in ("f", "vjp_state", "vjp_full"):
+        allq = [x for v in variants for x in _pick(samples[v][f"floor_{key}"], quiet[v])]
+        result.floors[f"{key}_ms"] = 1e3 * _median(allq)
     rows = {}
     for v in variants:
-        row = _row(v, samples[v])
+        row = _row(v, samples[v], quiet[v])
         row.update(counts[v])
-        row["floor_ms"] = _floor_of(row, result.floors)
-        row["deq_backward_over_floor"] = row["deq_backward_ms"] / row["floor_ms"] if row["floor_ms"] else math.nan
+        sv = samples[v]
+        fl = {k: _pick(sv[f"floor_{k}"], quiet[v]) for k in ("f", "vjp_state", "vjp_full")}
+        row["floor_ms"] = _floor_of(row, 1e3 * _median(fl["f"]), 1e3 * _median(fl["vjp_state"]), 1e3 * _median(fl["vjp_full"]))
+        per_round = [1e3 * b / _floor_of(row, 1e3 * f, 1e3 * vz, 1e3 * vf)
+                     for b, f, vz, vf in zip(_pick(sv["deq_backward"], quiet[v]), fl["f"], fl["vjp_state"], fl["vjp_full"])]
+        row["deq_backward_over_floor"] = _median(per_round)  # paired per round, then the median
         rows[v] = row
     for v in variants:  # ratios per round against the partner variant
         if v.lib == "torchdeq":
             pgv = replace(v, lib="phantomgrad")
+            both = [a and b for a, b in zip(quiet[v], quiet[pgv])]
             for key in ("step", "forward", "backward", "deq_forward", "deq_backward"):
-                med, lo, hi = _paired_ratio(samples[v][key], samples[pgv][key])
+                med, lo, hi = _paired_ratio(samples[v][key], samples[pgv][key], both)
                 rows[pgv][f"torchdeq_over_phantomgrad_{key}"] = med
                 if key == "step":
                     rows[pgv]["torchdeq_over_phantomgrad_step_range"] = [lo, hi]
@@ -913,10 +976,11 @@ def profile_variants(cfg: BenchConfig, runner: Runner, variants: list[Variant], 
 def sweep(cfg: BenchConfig, runner: Runner, variants: list[Variant]) -> list[dict[str, Any]]:
     """Time (and measure the memory of) many variants of phantomgrad, round-robin."""
     counts = {v: runner.count(v) for v in variants}
-    samples, _ = _time_rounds(runner, variants, cfg.sweep_repeats, cfg.warmup, floors=False)
+    samples = _time_rounds(runner, variants, cfg.sweep_repeats, cfg.warmup, floors=True)
+    quiet = _quiet_mask(samples, cfg.quiet_factor)
     rows = []
     for v in variants:
-        row = _row(v, samples[v])
+        row = _row(v, samples[v], quiet[v])
         row.update(counts[v])
         if cfg.memory:
             row.update(measure_memory(cfg, v, runner))
@@ -925,7 +989,9 @@ def sweep(cfg: BenchConfig, runner: Runner, variants: list[Variant]) -> list[dic
 
 
 def solver_table(cfg: BenchConfig, runner: Runner) -> list[dict[str, Any]]:
-    """Each forward solver alone under no_grad (K steps), against K evaluations of F."""
+    """Each forward solver alone under no_grad (K steps), against the time its own F
+    evaluations took in the same run (:class:`FTimer`): overhead = solve - inside F,
+    medians over rounds, the overhead in % is the median of the per-round ratios."""
     p = runner.p
     with torch.no_grad():
         u, z0 = p.start(p.x)
@@ -959,25 +1025,28 @@ def solver_table(cfg: BenchConfig, runner: Runner) -> list[dict[str, Any]]:
                 counter.remove()
             counts[(lib, solver)] = counter.calls.get("forward", 0)
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in counts}
-    f_times: list[float] = []
+    inside: dict[tuple[str, str], list[float]] = {key: [] for key in counts}
     for r in range(cfg.warmup + cfg.repeats):
         for key in counts:
-            t0 = runner.clock()
-            solve(key[0], key[1])
+            timer = FTimer(p.block, runner.clock).install()
+            try:
+                t0 = runner.clock()
+                solve(key[0], key[1])
+                dt = runner.clock() - t0
+            finally:
+                timer.remove()
             if r >= cfg.warmup:
-                samples[key].append(runner.clock() - t0)
-        fs = [runner.time_f() for _ in range(3)]
-        if r >= cfg.warmup:
-            f_times.append(statistics.median(fs))
-    f_ms = 1e3 * _median(f_times)
+                samples[key].append(dt)
+                inside[key].append(timer.seconds)
     rows = []
     for (lib, solver), xs in samples.items():
-        ms = 1e3 * _median(xs)
-        n = counts[(lib, solver)]
+        ins = inside[(lib, solver)]
+        over = [a - b for a, b in zip(xs, ins)]
+        rel = [o / b for o, b in zip(over, ins)]
         rows.append({
-            "solver": solver, "lib": lib, "ms": ms, "spread": _spread(xs), "f_evals": n, "f_ms": f_ms,
-            "f_evals_ms": n * f_ms, "overhead_ms": ms - n * f_ms, "overhead_pct": 100 * (ms - n * f_ms) / (n * f_ms),
-            "samples_ms": [1e3 * x for x in xs],
+            "solver": solver, "lib": lib, "ms": 1e3 * _median(xs), "spread": _spread(xs), "f_evals": counts[(lib, solver)],
+            "f_evals_ms": 1e3 * _median(ins), "overhead_ms": 1e3 * _median(over), "overhead_pct": 100 * _median(rel),
+            "samples_ms": [1e3 * x for x in xs], "inside_f_ms": [1e3 * x for x in ins],
         })
     return rows
 
@@ -1006,14 +1075,15 @@ def evaluate_targets(res: BenchResult) -> list[dict[str, Any]]:
     solvers = {(s["lib"], s["solver"]): s for s in res.solvers}
     if ("phantomgrad", "fixed_point") in solvers:
         s = solvers[("phantomgrad", "fixed_point")]
-        add("FixedPoint time / its F evaluations", s["ms"] / s["f_evals_ms"], 1.1, "<=")
+        add("FixedPoint time / its F evaluations", 1 + s["overhead_pct"] / 100, 1.1, "<=")
     for name in ("anderson", "broyden"):
         a, b = solvers.get(("phantomgrad", name)), solvers.get(("torchdeq", name))
         if a and b and b["overhead_ms"] > 0:
             add(f"{name} overhead beyond F: phantomgrad / TorchDEQ", a["overhead_ms"] / b["overhead_ms"], 0.5, "<=")
     upg, imp = _find(rows, "upg"), _find(rows, "implicit-broyden")
     if upg and imp and upg["k"] == 5 and upg["damping"] == 0.5:
-        med, _, _ = _paired_ratio(imp["samples_ms"]["step"], upg["samples_ms"]["step"])
+        both = [a and b for a, b in zip(imp["quiet_mask"], upg["quiet_mask"])]
+        med, _, _ = _paired_ratio(imp["samples_ms"]["step"], upg["samples_ms"]["step"], both)
         add(f"step: Implicit (broyden, {imp['backward_iter']}) / UPG A_{{5,0.5}}", med, 1.5, ">=")
     for r in rows:
         if r["lib"] == "phantomgrad" and "torchdeq_over_phantomgrad_step" in r:
@@ -1043,38 +1113,46 @@ def format_tables(res: BenchResult) -> str:
     lines = [
         f"model {cfg.model}, batch {cfg.batch}, forward solver {cfg.solver} ({cfg.solver_iter} steps, tol {cfg.solver_tol:g}, "
         f"stop {cfg.stop}), {cfg.threads} threads, {cfg.device}, {cfg.dtype}; medians of {cfg.repeats} rounds after "
-        f"{cfg.warmup} warm-up; spread = IQR / median",
+        f"{cfg.warmup} warm-up; spread = IQR / median; quiet rounds only (F probe next to the step <= {cfg.quiet_factor:g}x the fastest) "
+        f"when there are any: see the q column",
         "",
         f"floor: F {_f(res.floors.get('f_ms'), 2)} ms, VJP (state) {_f(res.floors.get('vjp_state_ms'), 2)} ms, "
         f"VJP (state, params, injection) {_f(res.floors.get('vjp_full_ms'), 2)} ms",
         "",
-        "| mode | lib | forward ms | DEQ fwd ms | backward ms | DEQ bwd ms | bwd / floor | step ms (spread) | F fwd | VJPs bwd | F in bwd | step MiB | cos to exact | TorchDEQ / pg step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | lib | forward ms | DEQ fwd ms | backward ms | DEQ bwd ms | bwd / floor | step ms (spread) | q | F fwd | VJPs bwd | F in bwd | step MiB | cos to exact | TorchDEQ / pg step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res.rows:
         ratio = r.get("torchdeq_over_phantomgrad_step")
         cos = r.get("cosine")
+        star = "" if res.reference.get("converged", True) else "*"
         lines.append(
             f"| {r['label']} | {r['lib']} | {_f(r['forward_ms'])} | {_f(r['deq_forward_ms'])} | {_f(r['backward_ms'])} | "
             f"{_f(r['deq_backward_ms'])} | {_f(r.get('deq_backward_over_floor'), 2)} | {_f(r['step_ms'])} ({100 * r['step_spread']:.0f}%) | "
+            f"{r['quiet_rounds']}/{r['rounds']} | "
             f"{r.get('f_forward', '-')} | {r.get('vjp_backward', '-')} | {r.get('f_backward_calls', '-')} | {_f(r.get('step_mib'))} | "
-            f"{_f(cos, 4)} | {_f(ratio, 2) + 'x' if ratio else '-'} |"
+            f"{_f(cos, 4)}{star if cos is not None else ''} | {_f(ratio, 2) + 'x' if ratio else '-'} |"
         )
     if res.reference:
         ref = res.reference
         lines += ["", f"exact reference: Implicit, {ref['forward_nstep']} forward / {ref['backward_nstep']} backward Broyden steps, "
                       f"relative residuals {ref['forward_rel_residual']:.2g} / {ref['backward_rel_residual']:.2g}"]
+        if not ref.get("converged", True):
+            lines.append("(*) the reference did not converge (no reachable fixed point, e.g. an untrained non-contractive map): "
+                         "the cosines compare two inexact gradients and mean little")
     if res.solvers:
-        lines += ["", "| forward solver (no grad) | lib | ms (spread) | F evals | F evals ms | overhead ms | overhead |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| forward solver (no grad) | lib | ms (spread) | F evals | inside F ms | overhead ms | overhead |", "|---|---|---|---|---|---|---|"]
         for s in res.solvers:
             lines.append(f"| {s['solver']} | {s['lib']} | {_f(s['ms'])} ({100 * s['spread']:.0f}%) | {s['f_evals']} | {_f(s['f_evals_ms'])} | "
                          f"{_f(s['overhead_ms'])} | {s['overhead_pct']:+.0f}% |")
     for title, rows in (("sweep over k", res.sweep_k), ("sweep over solver steps K", res.sweep_K)):
         if rows:
-            lines += ["", f"{title}:", "", "| mode | k | K fwd | K bwd | DEQ bwd ms | backward ms | step ms | VJPs bwd | step MiB |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += ["", f"{title}:", "", "| mode | k | K fwd | K bwd | DEQ bwd ms | backward ms | step ms (spread) | q | VJPs bwd | step MiB |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for r in rows:
                 lines.append(f"| {r['label']} | {r['k']} | {r['solver_iter']} | {r['backward_iter']} | {_f(r['deq_backward_ms'])} | "
-                             f"{_f(r['backward_ms'])} | {_f(r['step_ms'])} | {r.get('vjp_backward', '-')} | {_f(r.get('step_mib'))} |")
+                             f"{_f(r['backward_ms'])} | {_f(r['step_ms'])} ({100 * r['step_spread']:.0f}%) | {r['quiet_rounds']}/{r['rounds']} | "
+                             f"{r.get('vjp_backward', '-')} | {_f(r.get('step_mib'))} |")
     if res.targets:
         lines += ["", "| target | measured | limit | met |", "|---|---|---|---|"]
         for t in res.targets:
@@ -1127,6 +1205,17 @@ def to_json(res: BenchResult) -> dict[str, Any]:
     return out
 
 
+def from_json(data: dict[str, Any]) -> BenchResult:
+    """A :class:`BenchResult` back from :func:`to_json`'s output (to re-render its tables and plot)."""
+    known = {f.name for f in fields(BenchConfig)}
+    cfg = BenchConfig(**{k: v for k, v in data["config"].items() if k in known})
+    res = BenchResult(cfg)
+    for f in fields(BenchResult):
+        if f.name != "config" and f.name in data:
+            setattr(res, f.name, data[f.name])
+    return res
+
+
 # ----------------------------------------------------------------------------- command line
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -1164,12 +1253,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-k", type=_ints, default=(), help="UPG/NPG k values, e.g. 1..10 (default none)")
     parser.add_argument("--sweep-K", type=_ints, default=(), help="solver steps for Implicit/Backprop, e.g. 5,10,20,30,40 (default none)")
     parser.add_argument("--sweep-repeats", type=int, default=d.sweep_repeats, help="timed rounds in sweeps (default %(default)s)")
+    parser.add_argument("--quiet-factor", type=float, default=d.quiet_factor,
+                        help="medians over steps whose adjacent F probe is <= this x the fastest F of the run (default %(default)s; 0: all)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory subprocesses")
     parser.add_argument("--no-cosine", action="store_true", help="skip the gradient cosine")
     parser.add_argument("--no-solvers", action="store_true", help="skip the forward-solver table")
     parser.add_argument("--profile", type=Path, default=None, help="write torch.profiler tables (one step per mode) to this directory")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="directory for bench.md and bench.png")
     parser.add_argument("--json", type=Path, default=None, help="also write every measurement here")
+    parser.add_argument("--render", type=Path, default=None, help="measure nothing: print the tables (and plot) of an earlier --json")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -1180,11 +1272,18 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         backward_iter=args.backward_iter, backward_tol=args.backward_tol, repeats=args.repeats, warmup=args.warmup,
         threads=args.threads, device=args.device, dtype=args.dtype, seed=args.seed, compare=args.compare,
         memory=not args.no_memory, cosine=not args.no_cosine, solvers=not args.no_solvers,
-        sweep_k=args.sweep_k, sweep_K=args.sweep_K, sweep_repeats=args.sweep_repeats, profile=str(args.profile) if args.profile else None,
+        sweep_k=args.sweep_k, sweep_K=args.sweep_K, sweep_repeats=args.sweep_repeats, quiet_factor=args.quiet_factor, profile=str(args.profile) if args.profile else None,
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.render is not None:  # no measuring: tables and plot from an earlier --json
+        result = from_json(json.loads(args.render.read_text()))
+        print(format_tables(result))
+        png = plot(result, args.out / "bench.png")
+        if png:
+            print(f"wrote {png}")
+        return 0
     cfg = config_from_args(args)
     result = run_bench(cfg)
     table = format_tables(result)
