@@ -168,3 +168,10 @@ def test_adaptive_compare_command_at_a_tiny_budget(tmp_path, capsys):
     assert [v["row"] for v in result["compare"]["verdicts"]] == [rows[2]["row"], rows[3]["row"]]
     assert all(set(v) >= {"best_fixed", "accuracy_reached", "cpu_time_not_more", "target_met"} for v in result["compare"]["verdicts"])
     assert "target met" in (tmp_path / "adaptive.md").read_text() and "target met" in capsys.readouterr().out
+
+
+def test_adaptive_and_monitor_are_exported_from_the_package_root():
+    assert pg.AdaptivePhantom is AdaptivePhantom
+    from phantomgrad.monitor import gradient_quality
+    assert pg.gradient_quality is gradient_quality
+    assert {"AdaptivePhantom", "gradient_quality", "GradientQuality"} <= set(pg.__all__)

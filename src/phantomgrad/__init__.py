@@ -7,8 +7,10 @@
 Method: Geng, Zhang, Bai, Wang, Lin, "On Training Implicit Models", NeurIPS 2021.
 """
 
+from .adaptive import AdaptivePhantom
 from .backward import JFB, NPG, UPG, Backprop, BackwardMode, Implicit, make_backward
 from .deq import DEQ, DEQInfo
+from .monitor import GradientQuality, gradient_quality
 from .regularize import jacobian_penalty, spectral_radius
 from .solvers import Anderson, Broyden, FixedPoint, Solver, SolverInfo, make_solver
 
@@ -17,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEQ", "DEQInfo",
     "Solver", "SolverInfo", "FixedPoint", "Anderson", "Broyden", "make_solver",
-    "BackwardMode", "Implicit", "UPG", "NPG", "JFB", "Backprop", "make_backward",
+    "BackwardMode", "Implicit", "UPG", "NPG", "JFB", "Backprop", "make_backward", "AdaptivePhantom",
+    "gradient_quality", "GradientQuality",
     "jacobian_penalty", "spectral_radius",
 ]
