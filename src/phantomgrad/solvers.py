@@ -323,6 +323,9 @@ class Broyden(Solver):
         P = z.new_zeros(batch, mem, mem)  # Gram matrix of the stored steps, by slot
         c = z.new_zeros(batch, mem)  # c_j of the factor (I + c_j s_{j+1} s_j^T), at the slot of s_j
         written = 0  # steps written to the ring so far
+        # rotations[r] = (r, r+1, ..., mem-1, 0, ..., r-1): the slots oldest first once the ring is full
+        ar = torch.arange(mem, device=z.device)
+        rotations = (ar[:, None] + ar[None, :]) % mem
 
         fz = fn(z)
         g = tracker.observe(z, fz)
@@ -335,9 +338,18 @@ class Broyden(Solver):
             fz = fn(z)
             g = tracker.observe(z, fz)
 
-            # w = H g with the q stored factors, oldest first: slots `order`
+            # w = H g with the q stored factors, oldest first: slots `order`. Until the ring is
+            # full these are slots 0..q-1 (plain slices); afterwards a rotation, indexed with a
+            # row of `rotations` that already lives on z's device (a Python list as index would
+            # be copied to the GPU, and wait for it, several times per step).
             q = min(written, mem)
             order = [(written - q + t) % mem for t in range(q)]
+            full = q == mem and order[0] != 0
+            order_t = rotations[order[0]] if full else None
+
+            def by_order(t: Tensor, dim: int) -> Tensor:
+                return t.index_select(dim, order_t) if full else t.narrow(dim, 0, q)
+
             if q == 0:
                 w = -g
                 dots_s = None
@@ -348,12 +360,10 @@ class Broyden(Solver):
                     dots_s = torch.stack([(sk * s).sum(-1) for sk in stored], 1)  # s_k^T s, the new Gram row
                 else:
                     rows = S if q == mem else S[:, :q]
-                    prod = rows @ torch.stack((g, s), -1)  # (B, rows, 2): one pass over the stored steps
-                    if q == mem and order[0] != 0:
-                        prod = prod[:, order]
+                    prod = by_order(rows @ torch.stack((g, s), -1), 1)  # (B, q, 2): one pass over the stored steps
                     dots_g, dots_s = prod[..., 0], prod[..., 1]
-                cq = c[:, order]
-                gram = P[:, order][:, :, order]
+                cq = by_order(c, 1)
+                gram = by_order(by_order(P, 1), 2)
                 # (I - L) beta = -S^T g,  L[j, i] = c_i s_j^T s_{i+1} for i < j
                 low = torch.zeros_like(gram)
                 low[:, :, : q - 1] = gram[:, :, 1:] * cq[:, None, : q - 1]
@@ -366,8 +376,10 @@ class Broyden(Solver):
                         w = w + e[:, j : j + 1] * stored[j + 1]
                 else:
                     coef = z.new_zeros(batch, rows.shape[1])
-                    if q > 1:
-                        coef[:, order[1:]] = e[:, : q - 1]
+                    if full:
+                        coef.index_copy_(1, order_t[1:], e[:, : q - 1])
+                    elif q > 1:
+                        coef[:, 1:q] = e[:, : q - 1]
                     w = torch.baddbmm(g.unsqueeze(1), coef.unsqueeze(1), rows, beta=-1).squeeze(1)
                     w = torch.addcmul(w, s, e[:, q - 1 : q])
 
@@ -389,8 +401,12 @@ class Broyden(Solver):
             else:
                 S[:, slot] = s
             if dots_s is not None:
-                P[:, slot, order] = dots_s
-                P[:, order, slot] = dots_s
+                if full:
+                    P[:, slot].index_copy_(1, order_t, dots_s)
+                    P[:, :, slot].index_copy_(1, order_t, dots_s)
+                else:
+                    P[:, slot, :q] = dots_s
+                    P[:, :q, slot] = dots_s
             P[:, slot, slot] = ss.squeeze(-1)
             c[:, slot] = c_new
             written += 1
