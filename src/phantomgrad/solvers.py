@@ -360,7 +360,13 @@ class Broyden(Solver):
                     dots_s = torch.stack([(sk * s).sum(-1) for sk in stored], 1)  # s_k^T s, the new Gram row
                 else:
                     rows = S if q == mem else S[:, :q]
-                    prod = by_order(rows @ torch.stack((g, s), -1), 1)  # (B, q, 2): one pass over the stored steps
+                    if rows.is_cuda:
+                        # two matrix-vector products: cuBLAS runs the (q x D)(D x 2) batched product
+                        # about 15x slower (1.03 ms vs 70 us on an H200 at B=32, q=20, D=30720)
+                        prod = torch.cat((rows @ g.unsqueeze(-1), rows @ s.unsqueeze(-1)), -1)
+                    else:  # on CPU one pass over the stored steps is faster (8.8 vs 16 ms, same sizes)
+                        prod = rows @ torch.stack((g, s), -1)
+                    prod = by_order(prod, 1)  # (B, q, 2)
                     dots_g, dots_s = prod[..., 0], prod[..., 1]
                 cq = by_order(c, 1)
                 gram = by_order(by_order(P, 1), 2)
