@@ -24,6 +24,7 @@ Conventions shared by all solvers
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -88,22 +89,24 @@ class _Tracker:
         """
         g = fz - z
         with torch.no_grad():
+            # Few kernels on purpose: on a GPU a small F is launch-bound, and this runs every step.
             abs_res = torch.linalg.vector_norm(g.detach(), dim=1).double()
             rel_res = abs_res / torch.linalg.vector_norm(fz.detach(), dim=1).double().clamp_min(torch.finfo(torch.float64).tiny)
-            finite = torch.isfinite(abs_res) & torch.isfinite(rel_res)
-            self.nonfinite |= ~finite & self.active
+            finite = (abs_res + rel_res) < math.inf  # both are >= 0: the sum is finite iff both are (NaN fails too)
+            ok = self.active & finite  # still iterating, and this iterate is finite
+            self.nonfinite |= self.active ^ ok  # active but not finite
             crit = rel_res if self.stop == "rel" else abs_res
-            better = self.active & finite & (crit < (self.best_rel if self.stop == "rel" else self.best_abs))
+            better = ok & (crit < (self.best_rel if self.stop == "rel" else self.best_abs))
             self.best_abs = torch.where(better, abs_res, self.best_abs)
             self.best_rel = torch.where(better, rel_res, self.best_rel)
-            self.nstep = self.nstep + self.active.long()
+            self.nstep += self.active
             if self.trace is not None:
                 self.trace.append(torch.where(self.active, crit, torch.nan))
-            done = finite & (crit <= self.tol)
-            active = self.active & ~done & finite
-            all_better, any_better, self.all_active, self.any_active = torch.stack(
-                (better.all(), better.any(), active.all(), active.any())
-            ).tolist()
+            active = ok & (crit > self.tol)  # not converged; a non-finite sample stops too
+            n_better, n_active = torch.stack((better.sum(), active.sum())).tolist()  # the one host sync per step
+            batch = better.shape[0]
+            all_better, any_better = n_better == batch, n_better > 0
+            self.all_active, self.any_active = n_active == batch, n_active > 0
         if all_better:  # the common case: keep a reference, copy nothing
             self.best_z = z
         elif any_better:
@@ -265,12 +268,13 @@ class Anderson(Solver):
             if used > 0:
                 prod = G @ G.transpose(1, 2)  # (B, m+1, m+1): Gram matrix and right-hand side at once
                 gram, rhs = prod[:, :used, :used], prod[:, :used, m:]  # the ring fills slots 0, 1, ... in order
-                scale = gram.diagonal(dim1=1, dim2=2).sum(-1) / used
-                eye = torch.eye(used, dtype=z.dtype, device=z.device)
-                reg = (self.ridge * scale + tiny)[:, None, None] * eye
-                gamma, status = torch.linalg.solve_ex(gram + reg, rhs)
-                ok = (status == 0) & torch.isfinite(gamma).all(dim=(1, 2))
-                gamma = torch.where(ok[:, None, None], gamma, torch.zeros_like(gamma))
+                diag = gram.diagonal(dim1=1, dim2=2)
+                scale = diag.sum(-1) / used
+                diag.add_((self.ridge * scale + tiny)[:, None])  # the ridge, in place: prod is this step's own
+                gamma, status = torch.linalg.solve_ex(gram, rhs)
+                # finite iff its largest |entry| is (NaN propagates through amax)
+                ok = (status == 0) & (torch.linalg.vector_norm(gamma, ord=math.inf, dim=(1, 2)) < math.inf)
+                gamma = torch.where(ok[:, None, None], gamma, 0.0)
                 fallback |= ~ok & tracker.active
                 # z_next = y - dY^T gamma, in one fused kernel
                 z_next = torch.baddbmm(y.unsqueeze(1), gamma.transpose(1, 2), dY[:, :used], alpha=-1).squeeze(1)
@@ -370,34 +374,39 @@ class Broyden(Solver):
                     dots_g, dots_s = prod[..., 0], prod[..., 1]
                 cq = by_order(c, 1)
                 gram = by_order(by_order(P, 1), 2)
-                # (I - L) beta = -S^T g,  L[j, i] = c_i s_j^T s_{i+1} for i < j
-                low = torch.zeros_like(gram)
-                low[:, :, : q - 1] = gram[:, :, 1:] * cq[:, None, : q - 1]
-                eye = torch.eye(q, dtype=z.dtype, device=z.device)
-                beta = torch.linalg.solve_triangular(eye - low.tril(-1), -dots_g.unsqueeze(-1), upper=False, unitriangular=True)
+                # (I - L) beta = -S^T g,  L[j, i] = c_i s_j^T s_{i+1} for i < j. The solver reads only
+                # the strictly lower triangle (unit diagonal), so it gets -L in columns 0..q-2 and
+                # whatever is above the diagonal, with no eye, tril or zero fill.
+                minus_low = gram[:, :, 1:] * cq[:, None, : q - 1].neg()
+                if q == 1:
+                    minus_low = gram  # 1 x 1: only the (implied) unit diagonal is used
+                else:
+                    minus_low = torch.cat((minus_low, gram[:, :, :1]), -1)  # the last column is above the diagonal
+                beta = torch.linalg.solve_triangular(minus_low, dots_g.neg().unsqueeze(-1), upper=False, unitriangular=True)
                 e = cq * beta.squeeze(-1)  # coefficient of s_{j+1} for factor j; the newest multiplies s
                 if differentiable:
                     w = -g + e[:, q - 1 : q] * s
                     for j in range(q - 1):
                         w = w + e[:, j : j + 1] * stored[j + 1]
                 else:
-                    coef = z.new_zeros(batch, rows.shape[1])
-                    if full:
-                        coef.index_copy_(1, order_t[1:], e[:, : q - 1])
-                    elif q > 1:
-                        coef[:, 1:q] = e[:, : q - 1]
-                    w = torch.baddbmm(g.unsqueeze(1), coef.unsqueeze(1), rows, beta=-1).squeeze(1)
+                    if full:  # the coefficients scattered to the slots of s_{j+1}
+                        coef = z.new_zeros(batch, mem).index_copy_(1, order_t[1:], e[:, : q - 1])
+                        w = torch.baddbmm(g.unsqueeze(1), coef.unsqueeze(1), rows, beta=-1).squeeze(1)
+                    elif q > 1:  # s_{j+1} sits in slot j + 1: a slice, no scatter
+                        w = torch.baddbmm(g.unsqueeze(1), e[:, None, : q - 1], rows[:, 1:q], beta=-1).squeeze(1)
+                    else:
+                        w = -g
                     w = torch.addcmul(w, s, e[:, q - 1 : q])
 
             # the update with step s: skipped where the denominator is tiny or not finite
             h_dg = w + s
             denom = (s * h_dg).sum(-1, keepdim=True)
             ss = (s * s).sum(-1, keepdim=True)
-            good = active & (denom.abs() > eps * ss.sqrt() * torch.linalg.vector_norm(h_dg, dim=-1, keepdim=True)) & torch.isfinite(denom)
-            safe_ss = torch.where(good, ss, torch.ones_like(ss))
-            safe_denom = torch.where(good, denom, torch.ones_like(denom))
-            c_new = torch.where(good, 1.0 / safe_ss, torch.zeros_like(ss)).squeeze(-1)
-            s_next = w * torch.where(good, -ss / safe_denom, -torch.ones_like(ss))  # -H_{n+1} g
+            abs_denom = denom.abs()
+            good = active & (abs_denom > eps * ss.sqrt() * torch.linalg.vector_norm(h_dg, dim=-1, keepdim=True)) & (abs_denom < math.inf)
+            safe_ss = torch.where(good, ss, 1.0)
+            c_new = torch.where(good, safe_ss.reciprocal(), 0.0).squeeze(-1)
+            s_next = w * torch.where(good, ss.neg() / torch.where(good, denom, 1.0), -1.0)  # -H_{n+1} g
 
             # store s (it becomes s_j of the newest factor), its Gram row and c
             slot = written % mem
