@@ -135,3 +135,13 @@ def test_cuda_request_without_a_gpu_is_refused():
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="cuda"):
         BenchConfig(device="cuda")
+
+
+def test_bench_runs_the_deq_transformer_on_token_ids(capsys):
+    # the language model: integer token ids in, (B L, V) logits against the next tokens
+    args = ["bench", "--model", "deq-transformer-small", "--batch", "2", "--seq-len", "8", "--modes", "upg,jfb",
+            "--repeats", "1", "--warmup", "0", "--no-memory", "--no-solvers", "--solver-iter", "8"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "model deq-transformer-small, batch 2" in out
+    assert "| UPG A_{5,0.5} | phantomgrad |" in out and "| JFB | phantomgrad |" in out

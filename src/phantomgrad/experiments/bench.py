@@ -1,8 +1,9 @@
 """``phantomgrad bench``: time and memory of every backward mode (the paper's Table 2),
 optionally side by side with TorchDEQ.
 
-What one run measures, for a model (the synthetic layer of Fig. 1 or MDEQ-tiny at
-CIFAR size) and one forward solver shared by every mode:
+What one run measures, for a model (the synthetic layer of Fig. 1, MDEQ-tiny at
+CIFAR size, or a DEQ transformer language model on random tokens) and one forward
+solver shared by every mode:
 
 * per backward mode (Implicit with a Broyden and with a fixed-point backward solve,
   UPG, NPG, JFB, Backprop): the forward, the backward and the whole training step
@@ -70,7 +71,7 @@ from .cosine import SyntheticLayer
 log = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("implicit-broyden", "implicit-fixed_point", "upg", "npg", "jfb", "backprop")
-MODELS: tuple[str, ...] = ("mdeq-tiny", "synthetic")
+MODELS: tuple[str, ...] = ("mdeq-tiny", "synthetic", "deq-transformer-small", "deq-transformer")
 SOLVER_NAMES: tuple[str, ...] = ("fixed_point", "anderson", "broyden")
 TORCHDEQ_INSTALL = "pip install --no-deps torchdeq==0.1.0"
 _TD_SOLVER = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
@@ -89,6 +90,8 @@ class BenchConfig:
     image_size: int = 32          # mdeq-tiny: H = W
     dim: int = 64                 # synthetic: state size
     in_dim: int = 32              # synthetic: input size
+    seq_len: int = 64             # deq-transformer*: tokens per sequence
+    vocab: int = 64               # deq-transformer*: token ids (random; the cost does not depend on the text)
     solver: str = "broyden"       # the forward solver of every mode
     solver_iter: int = 30         # its max_iter (K)
     solver_tol: float = 1e-4
@@ -129,7 +132,7 @@ class BenchConfig:
         unknown = [m for m in self.modes if m not in MODES]
         if unknown or not self.modes:
             raise ValueError(f"unknown or no backward modes {unknown or list(self.modes)}; choose from {list(MODES)}")
-        for name in ("batch", "image_size", "dim", "in_dim", "solver_iter", "k", "backward_iter", "repeats", "threads", "ref_iter", "sweep_repeats"):
+        for name in ("batch", "image_size", "dim", "in_dim", "seq_len", "vocab", "solver_iter", "k", "backward_iter", "repeats", "threads", "ref_iter", "sweep_repeats"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -228,6 +231,24 @@ def build_problem(cfg: BenchConfig) -> Problem:
             return model.stem(x), x.new_zeros(x.shape[0], cfg.dim)
 
         head = model.head
+    elif cfg.model.startswith("deq-transformer"):
+        from ..models.transformer import DEQTransformer, TransformerConfig
+
+        model = DEQTransformer(TransformerConfig.named(cfg.model, vocab_size=cfg.vocab))
+        tokens = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq_len + 1), generator=gen)
+        x = tokens[:, :-1]  # position t predicts token t + 1
+
+        def start(x: Tensor) -> tuple[Any, State]:
+            u = model.injection(x)
+            z0 = u.new_zeros(x.shape[0], x.shape[1], model.config.d_model)
+            model.block.reset_dropout(z0)
+            model.drop_out.reset(z0)
+            return u, z0
+
+        def head(z: Tensor) -> Tensor:
+            return model.head(z).reshape(-1, cfg.vocab)  # (B L, V) against the (B L,) next tokens
+
+        y = tokens[:, 1:].reshape(-1)
     else:
         from ..models.mdeq import MDEQ, MDEQConfig
 
@@ -243,9 +264,11 @@ def build_problem(cfg: BenchConfig) -> Problem:
             return u, z0
 
         head = model.head
-    y = torch.randint(0, classes, (cfg.batch,), generator=gen)
+    if not cfg.model.startswith("deq-transformer"):
+        y = torch.randint(0, classes, (cfg.batch,), generator=gen)
     model.to(device=device, dtype=dtype).train()
-    return Problem(cfg.model, model, x.to(device=device, dtype=dtype), y.to(device), start, head)
+    x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)  # token ids stay integers
+    return Problem(cfg.model, model, x, y.to(device), start, head)
 
 
 # ----------------------------------------------------------------------------- solvers and modes
@@ -1235,6 +1258,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=d.batch, help="batch size (default %(default)s)")
     parser.add_argument("--image-size", type=int, default=d.image_size, help="mdeq-tiny image size (default %(default)s)")
     parser.add_argument("--dim", type=int, default=d.dim, help="synthetic state size (default %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=d.seq_len, help="deq-transformer tokens per sequence (default %(default)s)")
     parser.add_argument("--solver", choices=SOLVER_NAMES, default=d.solver, help="forward solver of every mode (default %(default)s)")
     parser.add_argument("--solver-iter", type=int, default=d.solver_iter, help="forward solver steps K (default %(default)s)")
     parser.add_argument("--solver-tol", type=float, default=d.solver_tol, help="forward tolerance (default %(default)s)")
@@ -1266,7 +1290,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
-        model=args.model, batch=args.batch, image_size=args.image_size, dim=args.dim, solver=args.solver,
+        model=args.model, batch=args.batch, image_size=args.image_size, dim=args.dim, seq_len=args.seq_len, solver=args.solver,
         solver_iter=args.solver_iter, solver_tol=args.solver_tol,
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()), k=args.k, damping=args.damping,
         backward_iter=args.backward_iter, backward_tol=args.backward_tol, repeats=args.repeats, warmup=args.warmup,
