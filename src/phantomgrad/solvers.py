@@ -321,7 +321,11 @@ class Broyden(Solver):
         batch, dim = z.shape
         mem = self.memory
         eps = torch.finfo(z.dtype).eps
-        differentiable = torch.is_grad_enabled()
+        fz = fn(z)
+        g = tracker.observe(z, fz)
+        # The autograd path only where a graph is being built (pg.Backprop): grad mode alone is
+        # not enough, e.g. Implicit's backward solve runs under enable_grad on VJPs without graphs.
+        differentiable = torch.is_grad_enabled() and g.requires_grad
         steps: list[Tensor | None] = [None] * mem  # autograd path: the stored steps by slot
         S = None if differentiable else z.new_zeros(batch, mem, dim)  # no-grad path: the stored steps by slot
         P = z.new_zeros(batch, mem, mem)  # Gram matrix of the stored steps, by slot
@@ -330,9 +334,6 @@ class Broyden(Solver):
         # rotations[r] = (r, r+1, ..., mem-1, 0, ..., r-1): the slots oldest first once the ring is full
         ar = torch.arange(mem, device=z.device)
         rotations = (ar[:, None] + ar[None, :]) % mem
-
-        fz = fn(z)
-        g = tracker.observe(z, fz)
         s = g if tracker.all_active else torch.where(tracker.active[:, None], g, torch.zeros_like(g))  # s_0 = -H_0 g_0, H_0 = -I
         for n in range(1, self.max_iter):
             if not tracker.any_active:
@@ -364,12 +365,14 @@ class Broyden(Solver):
                     dots_s = torch.stack([(sk * s).sum(-1) for sk in stored], 1)  # s_k^T s, the new Gram row
                 else:
                     rows = S if q == mem else S[:, :q]
+                    # The layout of this skinny product matters (B=32, q=20, D=30720): cuBLAS runs it
+                    # about 15x slower than two matrix-vector products (1.03 ms vs 70 us on an H200);
+                    # on CPU one product with a column-major (D x 2) operand is fastest (3.0 ms, vs
+                    # 9.2 ms row-major and 16 ms as two matrix-vector products). scripts/gpu_bmm_layouts.py
                     if rows.is_cuda:
-                        # two matrix-vector products: cuBLAS runs the (q x D)(D x 2) batched product
-                        # about 15x slower (1.03 ms vs 70 us on an H200 at B=32, q=20, D=30720)
                         prod = torch.cat((rows @ g.unsqueeze(-1), rows @ s.unsqueeze(-1)), -1)
-                    else:  # on CPU one pass over the stored steps is faster (8.8 vs 16 ms, same sizes)
-                        prod = rows @ torch.stack((g, s), -1)
+                    else:
+                        prod = rows @ torch.stack((g, s), 1).mT
                     prod = by_order(prod, 1)  # (B, q, 2)
                     dots_g, dots_s = prod[..., 0], prod[..., 1]
                 cq = by_order(c, 1)
