@@ -46,3 +46,23 @@ def _seed():
 @pytest.fixture
 def tanh_layer():
     return TanhLayer()
+
+
+def train_killed_in_epoch(cfg, epoch: int = 1) -> None:
+    """Run ``train(cfg)`` as if the process were killed when epoch ``epoch`` (0-based) starts: the
+    checkpoints of the epochs before it are on disk, nothing of it is. Trainer is left unpatched."""
+    from phantomgrad.train.trainer import Trainer, train
+
+    original = Trainer.train_epoch
+
+    def killed(self, e):
+        if e == epoch:
+            raise KeyboardInterrupt("killed")
+        return original(self, e)
+
+    Trainer.train_epoch = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    finally:
+        Trainer.train_epoch = original

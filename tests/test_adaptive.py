@@ -9,13 +9,13 @@ import math
 
 import pytest
 import torch
-from conftest import TanhLayer
+from conftest import TanhLayer, train_killed_in_epoch
 
 import phantomgrad as pg
 from phantomgrad.adaptive import AdaptivePhantom
 from phantomgrad.train import builders
 from phantomgrad.train.config import ConfigError, TrainConfig
-from phantomgrad.train.trainer import Trainer, train
+from phantomgrad.train.trainer import train
 
 TINY = ["arch.channels=[8,8]", "arch.head_channels=[4,8]", "arch.final_channels=32", "batch_size=64",
         "solver_max_iter=6", "backward_max_iter=4", "progress=false", "threads=1",
@@ -126,24 +126,14 @@ def test_config_builds_it_with_its_options():
         builders.build_backward(TrainConfig.from_sources(None, ["backward=adaptive", "backward_options={k_maxx: 7}"]))
 
 
-def test_trainer_adapts_k_and_resumes_its_state(tmp_path, monkeypatch):
+def test_trainer_adapts_k_and_resumes_its_state(tmp_path):
     """With thresholds no phantom gradient can meet (low=0.9999), every measurement raises k; the state
     after epoch 1 comes back when a killed run is resumed."""
     overrides = TINY + ["backward=adaptive", "k=1", "monitor_every=1", f"out_dir={tmp_path}",
                         "backward_options={k_max: 9, low: 0.9999, high: 0.99999}"]
-    original = Trainer.train_epoch
-
-    def crash_in_second_epoch(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt("killed")
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig.from_sources(None, overrides + ["epochs=2"]))
+    train_killed_in_epoch(TrainConfig.from_sources(None, overrides + ["epochs=2"]), epoch=1)
     saved = json.loads((tmp_path / "adaptive_state.json").read_text())
     assert saved["1"][0]["k"] == 4  # 3 steps measured, each raised k
-    monkeypatch.setattr(Trainer, "train_epoch", original)
     train(TrainConfig.from_sources(None, overrides + ["epochs=2"]), resume=True)
     trace = list(csv.DictReader((tmp_path / "gradient_quality.csv").open()))
     assert [int(r["step"]) for r in trace] == [0, 1, 2, 3, 4, 5]

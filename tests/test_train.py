@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import train_killed_in_epoch
 
 from phantomgrad.cli import main
 from phantomgrad.train.checkpoint import CheckpointError, load_checkpoint
@@ -62,21 +63,9 @@ def test_pretraining_steps_use_the_unrolled_model(tmp_path, monkeypatch):
     assert calls["unrolled"] == 4
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch):
-    from phantomgrad.train.trainer import Trainer
-
+def test_resume_continues_exactly(tmp_path):
     straight = train(_cfg(tmp_path / "a", "epochs=2", "dropout=0.1"))
-    original = Trainer.train_epoch
-
-    def crash_in_second_epoch(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt("killed")
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train(_cfg(tmp_path / "b", "epochs=2", "dropout=0.1"))
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    train_killed_in_epoch(_cfg(tmp_path / "b", "epochs=2", "dropout=0.1"), epoch=1)
     resumed = train(_cfg(tmp_path / "b", "epochs=2", "dropout=0.1"), resume=True)
     a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
