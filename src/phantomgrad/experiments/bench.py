@@ -412,7 +412,24 @@ class _CountVJP(torch.autograd.Function):
         return (None, *grads)
 
 
-class FCounter:
+class _ForwardWrapper:
+    """Wraps the ``forward`` of one module instance while installed: ``install()`` puts
+    ``self._wrap(original_forward)`` on the instance, ``remove()`` restores the class's."""
+
+    module: nn.Module
+
+    def _wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        raise NotImplementedError
+
+    def install(self):
+        self.module.forward = self._wrap(self.module.forward)
+        return self
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
+class FCounter(_ForwardWrapper):
     """Counts evaluations of F (a module) by phase, and backward passes through them.
 
     ``install()`` wraps the module instance's ``forward``; ``remove()`` restores it. Used
@@ -428,9 +445,7 @@ class FCounter:
     def reset(self) -> None:
         self.calls, self.vjp, self.phase = {}, 0, "forward"
 
-    def install(self) -> "FCounter":
-        original = self.module.forward
-
+    def _wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def counted(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
             self.calls[self.phase] = self.calls.get(self.phase, 0) + 1
@@ -440,14 +455,10 @@ class FCounter:
                 return type(out)(parts) if isinstance(out, (tuple, list)) else parts[0]
             return out
 
-        self.module.forward = counted
-        return self
-
-    def remove(self) -> None:
-        self.module.__dict__.pop("forward", None)
+        return counted
 
 
-class FTimer:
+class FTimer(_ForwardWrapper):
     """Accumulates the wall time spent inside F (a module) while installed, so a solve's
     overhead is measured against the F evaluations of the same run (immune to drift
     between separate measurements). Synchronises CUDA around each call."""
@@ -456,9 +467,7 @@ class FTimer:
         self.module, self.clock = module, clock
         self.seconds, self.calls = 0.0, 0
 
-    def install(self) -> "FTimer":
-        original = self.module.forward
-
+    def _wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
             t0 = self.clock()
             out = original(*args, **kwargs)
@@ -466,11 +475,7 @@ class FTimer:
             self.calls += 1
             return out
 
-        self.module.forward = timed
-        return self
-
-    def remove(self) -> None:
-        self.module.__dict__.pop("forward", None)
+        return timed
 
 
 def _rss_reset() -> None:
@@ -676,12 +681,11 @@ def _spread(xs: Sequence[float]) -> float:
 
 def _paired_ratio(num: Sequence[float], den: Sequence[float], mask: Sequence[bool] | None = None) -> tuple[float, float, float]:
     """Median, min and max of the per-round ratios num[r] / den[r] (over the rounds in
-    ``mask`` when some are, else over all)."""
-    pairs = [(a, b) for a, b in zip(num, den) if b and not (math.isnan(a) or math.isnan(b))]
+    ``mask`` when some are, else over all; rounds with a NaN or a zero denominator are left out)."""
+    valid = [bool(b) and not (math.isnan(a) or math.isnan(b)) for a, b in zip(num, den)]
+    ratios = [a / b for a, b, v in zip(num, den, valid) if v]
     if mask is not None:
-        kept = [p for p, q in zip(zip(num, den), mask) if q and p[1] and not (math.isnan(p[0]) or math.isnan(p[1]))]
-        pairs = kept or pairs
-    ratios = [a / b for a, b in pairs]
+        ratios = _pick(ratios, [q for q, v in zip(mask, valid) if v])
     if not ratios:
         return math.nan, math.nan, math.nan
     return statistics.median(ratios), min(ratios), max(ratios)
