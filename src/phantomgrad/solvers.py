@@ -334,7 +334,7 @@ class Broyden(Solver):
         # rotations[r] = (r, r+1, ..., mem-1, 0, ..., r-1): the slots oldest first once the ring is full
         ar = torch.arange(mem, device=z.device)
         rotations = (ar[:, None] + ar[None, :]) % mem
-        s = g if tracker.all_active else torch.where(tracker.active[:, None], g, torch.zeros_like(g))  # s_0 = -H_0 g_0, H_0 = -I
+        s = g if tracker.all_active else torch.where(tracker.active[:, None], g, 0.0)  # s_0 = -H_0 g_0, H_0 = -I
         for n in range(1, self.max_iter):
             if not tracker.any_active:
                 return
@@ -343,14 +343,14 @@ class Broyden(Solver):
             fz = fn(z)
             g = tracker.observe(z, fz)
 
-            # w = H g with the q stored factors, oldest first: slots `order`. Until the ring is
-            # full these are slots 0..q-1 (plain slices); afterwards a rotation, indexed with a
-            # row of `rotations` that already lives on z's device (a Python list as index would
-            # be copied to the GPU, and wait for it, several times per step).
+            # w = H g with the q stored factors, oldest first: slots first, first + 1, ... (mod mem).
+            # Until the ring is full these are slots 0..q-1 (plain slices); afterwards a rotation,
+            # indexed with a row of `rotations` that already lives on z's device (a Python list as
+            # index would be copied to the GPU, and wait for it, several times per step).
             q = min(written, mem)
-            order = [(written - q + t) % mem for t in range(q)]
-            full = q == mem and order[0] != 0
-            order_t = rotations[order[0]] if full else None
+            first = (written - q) % mem  # the oldest stored step's slot
+            full = q == mem and first != 0
+            order_t = rotations[first] if full else None
 
             def by_order(t: Tensor, dim: int) -> Tensor:
                 return t.index_select(dim, order_t) if full else t.narrow(dim, 0, q)
@@ -360,7 +360,7 @@ class Broyden(Solver):
                 dots_s = None
             else:
                 if differentiable:
-                    stored = [steps[o] for o in order]
+                    stored = [steps[(first + t) % mem] for t in range(q)]
                     dots_g = torch.stack([(sk * g).sum(-1) for sk in stored], 1)  # s_k^T g, (B, q)
                     dots_s = torch.stack([(sk * s).sum(-1) for sk in stored], 1)  # s_k^T s, the new Gram row
                 else:
@@ -380,11 +380,10 @@ class Broyden(Solver):
                 # (I - L) beta = -S^T g,  L[j, i] = c_i s_j^T s_{i+1} for i < j. The solver reads only
                 # the strictly lower triangle (unit diagonal), so it gets -L in columns 0..q-2 and
                 # whatever is above the diagonal, with no eye, tril or zero fill.
-                minus_low = gram[:, :, 1:] * cq[:, None, : q - 1].neg()
                 if q == 1:
                     minus_low = gram  # 1 x 1: only the (implied) unit diagonal is used
-                else:
-                    minus_low = torch.cat((minus_low, gram[:, :, :1]), -1)  # the last column is above the diagonal
+                else:  # the last column is above the diagonal: any values do
+                    minus_low = torch.cat((gram[:, :, 1:] * cq[:, None, : q - 1].neg(), gram[:, :, :1]), -1)
                 beta = torch.linalg.solve_triangular(minus_low, dots_g.neg().unsqueeze(-1), upper=False, unitriangular=True)
                 e = cq * beta.squeeze(-1)  # coefficient of s_{j+1} for factor j; the newest multiplies s
                 if differentiable:
@@ -428,7 +427,7 @@ class Broyden(Solver):
             P[:, slot, slot] = ss.squeeze(-1)
             c[:, slot] = c_new
             written += 1
-            s = s_next if tracker.all_active else torch.where(tracker.active[:, None], s_next, torch.zeros_like(s_next))
+            s = s_next if tracker.all_active else torch.where(tracker.active[:, None], s_next, 0.0)
 
 
 SOLVERS: dict[str, type[Solver]] = {"fixed_point": FixedPoint, "anderson": Anderson, "broyden": Broyden}
