@@ -1,15 +1,14 @@
 """Run under torchrun with 2 processes: DDP gradients of a float64 DEQ on each process's half
 of a global batch, for every backward mode; rank 0 saves them to the path in argv[1]."""
 
-import gc
 import sys
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import phantomgrad as pg
+from phantomgrad.train.distributed import init_distributed, shutdown_distributed
 
 
 class Model(nn.Module):
@@ -45,8 +44,8 @@ def global_batch():
 
 
 def main(path):
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    info = init_distributed(use_cuda=False)  # the trainer's own set-up and teardown
+    rank, world = info.rank, info.world_size
     x, y = global_batch()
     local = slice(rank * 8 // world, (rank + 1) * 8 // world)
     grads = {}
@@ -55,16 +54,10 @@ def main(path):
         loss = nn.functional.cross_entropy(model(x[local]), y[local])
         loss.backward()
         grads[name] = [p.grad.clone() for p in model.module.parameters()]
-        del model
-    # Free the DDP reducers now (the models sit in reference cycles) rather than while the
-    # interpreter shuts down, when gloo's threads can no longer take the GIL and abort.
-    gc.collect()
+        del model  # no DDP model may outlive the process group (see shutdown_distributed)
     if rank == 0:
         torch.save(grads, path)
-    # Every rank waits here so that none tears gloo down while a peer still talks to it
-    # (without it a rank could abort with "terminate called without an active exception").
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown_distributed(info)
 
 
 if __name__ == "__main__":
