@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from phantomgrad.experiments.ablate import BASE, BUDGETS, Budget, _overrides
+from phantomgrad.experiments.ablate import BASE, BUDGETS, Budget, _mean_std, _overrides
 from phantomgrad.train.config import TrainConfig
 from phantomgrad.train.trainer import Trainer
 
@@ -101,10 +101,8 @@ def _summarise(name: str, extra: list[str], runs: list[dict[str, Any]]) -> dict[
     def mean(key: str) -> float:
         return statistics.fmean(r[key] for r in runs)
 
-    def std(key: str) -> float:
-        return statistics.stdev(r[key] for r in runs) if len(runs) > 1 else 0.0
-
-    return {"row": name, "overrides": extra, "accuracy_mean": mean("test_accuracy"), "accuracy_std": std("test_accuracy"),
+    accuracy_mean, accuracy_std = _mean_std([r["test_accuracy"] for r in runs])
+    return {"row": name, "overrides": extra, "accuracy_mean": accuracy_mean, "accuracy_std": accuracy_std,
             "train_seconds_mean": mean("train_seconds"), "train_cpu_seconds_mean": mean("train_cpu_seconds"),
             "monitor_share_mean": mean("monitor_share"), "runs": runs}
 
