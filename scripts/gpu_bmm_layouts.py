@@ -18,7 +18,7 @@ def t(fn, n=50):
 def splitk(A, X, c):  # A (B,p,D), X (B,D,r) -> (B,p,r) summing c chunks of K
     Bn, p, Dd = A.shape; r = X.shape[-1]
     a = A.view(Bn, p, c, Dd // c).transpose(1, 2).reshape(Bn * c, p, Dd // c)
-    x = X.reshape(Bn, c, Dd // c, r).reshape(Bn * c, Dd // c, r) if X.is_contiguous() else X.contiguous().view(Bn * c, Dd // c, r)
+    x = X.reshape(Bn * c, Dd // c, r)  # chunk k of sample b is rows k*D/c..(k+1)*D/c of X[b] (copies when X is a transposed view)
     return torch.bmm(a, x).view(Bn, c, p, r).sum(1)
 ref = S @ torch.stack((g, s), -1)
 res = {
