@@ -10,17 +10,28 @@ UPG at k = 5, with the spectral radius of dF/dh at the fixed point at the end of
 (the paper sees NPG degrade and the radius surge at large k while UPG holds).
 
 The reported accuracy is each run's final-epoch test accuracy (no selection on the test set).
+
+Budgets: ``cpu`` (the committed docs/results/ablate: 8,000 images, 2 epochs), ``full`` (all
+60,000 training images, 6 epochs, rows Implicit | UPG A_{5,0.5} | NPG A_{5,0.5} | JFB |
+UPG A_{9,0.5} + dropout: docs/results/table1_full) and ``tiny`` (tests). Every run keeps its
+own directory under ``--out``: a run with a checkpoint resumes from its last finished epoch, a
+finished run (``result.json``) is read back, so an interrupted experiment continues where it
+stopped; ``--jobs N`` trains N runs side by side, one thread each.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import csv
 import json
 import logging
 import platform
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +43,25 @@ from phantomgrad.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-TABLE1_ROWS: list[tuple[str, list[str]]] = [
-    ("Implicit (with pretraining)", ["backward=implicit", "pretrain_steps=PRETRAIN"]),
-    ("Implicit (no pretraining)", ["backward=implicit"]),
-    ("UPG A_{5,0.5}", ["backward=upg", "k=5", "damping=0.5"]),
-    ("NPG A_{5,0.5}", ["backward=npg", "k=5", "damping=0.5"]),
-    ("UPG A_{9,0.5} + dropout", ["backward=upg", "k=9", "damping=0.5", "dropout=0.1"]),
-]
+Row = tuple[str, tuple[str, ...]]
+
+TABLE1_ROWS: tuple[Row, ...] = (
+    ("Implicit (with pretraining)", ("backward=implicit", "pretrain_steps=PRETRAIN")),
+    ("Implicit (no pretraining)", ("backward=implicit",)),
+    ("UPG A_{5,0.5}", ("backward=upg", "k=5", "damping=0.5")),
+    ("NPG A_{5,0.5}", ("backward=npg", "k=5", "damping=0.5")),
+    ("UPG A_{9,0.5} + dropout", ("backward=upg", "k=9", "damping=0.5", "dropout=0.1")),
+)
+
+# The full-scale table (issue 17): the rows are run in this order, so that with --jobs 2 the
+# first pair (Implicit, UPG A_{5,0.5}) trains side by side and their times compare directly.
+TABLE1_FULL_ROWS: tuple[Row, ...] = (
+    ("Implicit", ("backward=implicit",)),
+    ("UPG A_{5,0.5}", ("backward=upg", "k=5", "damping=0.5")),
+    ("NPG A_{5,0.5}", ("backward=npg", "k=5", "damping=0.5")),
+    ("JFB", ("backward=jfb",)),
+    ("UPG A_{9,0.5} + dropout", ("backward=upg", "k=9", "damping=0.5", "dropout=0.1")),
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +75,9 @@ class Budget:
     pretrain_steps: int
     ks: tuple[int, ...]
     dampings: tuple[float, ...]
+    rows: tuple[Row, ...] = TABLE1_ROWS
+    reference: str = "Implicit (no pretraining)"  # the row that "time vs implicit" divides by
+    eval_every: int = 1000  # 1000: only after the last epoch; 1: a per-epoch test curve
 
 
 BUDGETS = {
@@ -59,6 +85,10 @@ BUDGETS = {
     # batch 64), the full 10,000-image test set; 15 Table-1 runs and 13 Fig.-3 runs.
     "cpu": Budget(train_subset=8000, test_subset=None, epochs=2, seeds=(0, 1, 2), pretrain_steps=50,
                   ks=(1, 3, 5, 9), dampings=(0.3, 0.5, 1.0)),
+    # docs/results/table1_full: all 60,000 training images, 6 epochs (5,628 steps of batch 64), one seed,
+    # the test set evaluated after every epoch for the curves (the table reports the last epoch only).
+    "full": Budget(train_subset=None, test_subset=None, epochs=6, seeds=(0,), pretrain_steps=0,
+                   ks=(5,), dampings=(0.5,), rows=TABLE1_FULL_ROWS, reference="Implicit", eval_every=1),
     # For tests: seconds.
     "tiny": Budget(train_subset=128, test_subset=64, epochs=1, seeds=(0,), pretrain_steps=1, ks=(1, 2), dampings=(0.5, 1.0)),
 }
@@ -74,47 +104,151 @@ def _overrides(budget: Budget, extra: list[str], seed: int, out_dir: Path, base:
     subsets = [f"data_options.train_subset={budget.train_subset}"] if budget.train_subset else []
     subsets += [f"data_options.test_subset={budget.test_subset}"] if budget.test_subset else []
     extra = [e.replace("PRETRAIN", str(budget.pretrain_steps)) for e in extra]
-    return base + subsets + [f"epochs={budget.epochs}", f"seed={seed}", f"out_dir={out_dir}"] + extra
+    evals = [f"eval_every={budget.eval_every}"]
+    return base + subsets + evals + [f"epochs={budget.epochs}", f"seed={seed}", f"out_dir={out_dir}"] + extra
 
 
-def run_one(overrides: list[str], radius_batch: int = 64) -> dict[str, Any]:
-    """Train one configuration; add the spectral radius of dF/dh at h* on a test batch.
+class BackwardSolveRecorder:
+    """Trainer callback: how the backward solve of ``pg.Implicit`` went, over all training steps
+    (the fraction of samples whose backward solve met its tolerance, mean steps and residual)."""
 
-    A run whose directory already holds a checkpoint is resumed (and, if it had finished,
-    only re-evaluated), so an interrupted experiment picks up where it stopped."""
+    def __init__(self) -> None:
+        self.samples = self.converged = 0
+        self.nstep_sum = self.residual_sum = 0.0
+
+    def after_backward(self, trainer: Trainer, batch: Any, result: Any) -> None:
+        info = getattr(result.info, "backward", None)
+        if info is None:
+            return
+        self.samples += info.converged.numel()  # host syncs below: once per step, Implicit rows only
+        self.converged += int(info.converged.sum())
+        self.nstep_sum += float(info.nstep.float().sum())
+        self.residual_sum += float(info.rel_residual.double().sum())
+
+    def summary(self) -> dict[str, float | None]:
+        if not self.samples:
+            return {"backward_converged_fraction": None, "backward_mean_steps": None, "backward_rel_residual_mean": None}
+        return {"backward_converged_fraction": self.converged / self.samples, "backward_mean_steps": self.nstep_sum / self.samples,
+                "backward_rel_residual_mean": self.residual_sum / self.samples}
+
+
+def _epoch_curves(run_dir: Path) -> list[dict[str, Any]]:
+    """Per epoch: test accuracy (where evaluated), training seconds and the mean relative residual
+    of the training solves (from metrics.csv and forward_stats.csv)."""
+    with (run_dir / "metrics.csv").open(newline="") as fh:
+        epochs = list(csv.DictReader(fh))
+    residuals: dict[int, list[float]] = {}
+    stats = run_dir / "forward_stats.csv"
+    if stats.exists():
+        with stats.open(newline="") as fh:
+            for r in csv.DictReader(fh):
+                if r["rel_residual_mean"] not in ("", "nan"):
+                    residuals.setdefault(int(r["epoch"]), []).append(float(r["rel_residual_mean"]))
+    out = []
+    for r in epochs:
+        e = int(r["epoch"])
+        acc = r.get("test_accuracy", "")
+        out.append({"epoch": e, "test_accuracy": float(acc) if acc else None, "train_seconds": float(r["train_seconds"]),
+                    "train_rel_residual": statistics.fmean(residuals[e]) if residuals.get(e) else None})
+    return out
+
+
+def run_one(overrides: list[str], radius_batch: int = 64, threads: int | None = None) -> dict[str, Any]:
+    """Train one configuration; add the spectral radius of dF/dh at h* on a test batch, the
+    per-epoch curves and, for Implicit, how its backward solves went.
+
+    A run whose directory already holds a checkpoint is resumed from its last finished epoch;
+    a run that finished (``result.json``) is read back without training, so an interrupted
+    experiment picks up where it stopped."""
+    if threads:
+        torch.set_num_threads(threads)
     cfg = TrainConfig.from_sources(None, overrides)
-    trainer = Trainer(cfg, resume=(Path(cfg.out_dir) / "checkpoint.pt").exists())
+    done = Path(cfg.out_dir) / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    recorder = BackwardSolveRecorder()
+    trainer = Trainer(cfg, resume=(Path(cfg.out_dir) / "checkpoint.pt").exists(), callbacks=[recorder])
     summary = trainer.fit()
     model = trainer.model.eval()
     images = torch.stack([trainer.task.eval_sets["test"][i][0] for i in range(min(radius_batch, len(trainer.task.eval_sets["test"])))])
     z, u, info = model.equilibrium(images.to(trainer.device))
     summary["spectral_radius"] = float(pg.spectral_radius(model.block, z, u, iters=30).mean())
     summary["eval_rel_residual"] = float(info.rel_residual.mean())
+    summary["train_images"] = len(trainer.task.train_set)
+    summary["test_images"] = len(trainer.task.eval_sets["test"])
+    summary["curves"] = _epoch_curves(Path(cfg.out_dir))
+    summary["threads"] = torch.get_num_threads()
+    if trainer.resume:  # the backward statistics of epochs before the resume are not in this process
+        summary["backward_stats_from_epoch"] = trainer.history[0]["epoch"] if trainer.history else None
+    summary.update(recorder.summary())
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    tmp.replace(done)
     return summary
+
+
+def _worker_init() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s [%(process)d]: %(message)s")
+
+
+def run_jobs(jobs: list[tuple[Any, list[str]]], n_jobs: int, threads: int,
+             on_done: Any = None) -> dict[Any, dict[str, Any]]:
+    """Run ``(key, overrides)`` jobs, ``n_jobs`` at a time in separate processes (one thread
+    each) or in this process when ``n_jobs`` is 1; ``on_done(results)`` after each finishes."""
+    results: dict[Any, dict[str, Any]] = {}
+    if n_jobs <= 1:
+        for key, overrides in jobs:
+            results[key] = run_one(overrides)
+            if on_done:
+                on_done(results)
+        return results
+    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+        futures = {pool.submit(run_one, overrides, 64, threads): key for key, overrides in jobs}
+        for fut in as_completed(futures):
+            results[futures[fut]] = fut.result()
+            if on_done:
+                on_done(results)
+    return results
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def run_table1(budget: Budget, out_dir: Path, base: list[str]) -> list[dict[str, Any]]:
+def _table1_rows(budget: Budget, results: dict[tuple[int, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Aggregate the finished runs into table rows (a row appears once all its seeds finished)."""
     rows = []
-    for name, extra in TABLE1_ROWS:
-        runs = []
-        for seed in budget.seeds:
-            slug = name.split(" ")[0].lower() + f"-{TABLE1_ROWS.index((name, extra))}-s{seed}"
-            log.info("table 1: %s, seed %d", name, seed)
-            runs.append(run_one(_overrides(budget, extra, seed, out_dir / slug, base)))
+    for i, (name, extra) in enumerate(budget.rows):
+        if not all((i, seed) in results for seed in budget.seeds):
+            continue
+        runs = [results[(i, seed)] for seed in budget.seeds]
         acc = _mean_std([r["test_accuracy"] for r in runs])
         secs = _mean_std([r["train_seconds"] for r in runs])
-        rows.append({"row": name, "overrides": extra, "accuracy_mean": acc[0], "accuracy_std": acc[1],
-                     "train_seconds_mean": secs[0], "spectral_radius_mean": statistics.fmean(r["spectral_radius"] for r in runs),
-                     "mean_forward_steps": statistics.fmean(r["mean_forward_steps"] for r in runs),
-                     "runs": runs})
-    reference = rows[1]["train_seconds_mean"]  # implicit without pretraining
+        row = {"row": name, "overrides": list(extra), "seeds": list(budget.seeds),
+               "test_accuracies": [r["test_accuracy"] for r in runs], "accuracy_mean": acc[0], "accuracy_std": acc[1],
+               "train_images": runs[0].get("train_images"), "epochs": runs[0]["epochs"],
+               "train_seconds_mean": secs[0], "seconds_per_epoch_mean": statistics.fmean(r["seconds_per_epoch"] for r in runs),
+               "spectral_radius_mean": statistics.fmean(r["spectral_radius"] for r in runs),
+               "mean_forward_steps": statistics.fmean(r["mean_forward_steps"] for r in runs),
+               "eval_rel_residual_mean": statistics.fmean(r["eval_rel_residual"] for r in runs), "runs": runs}
+        fractions = [r.get("backward_converged_fraction") for r in runs]
+        row["backward_converged_fraction"] = statistics.fmean(fractions) if None not in fractions else None
+        rows.append(row)
+    reference = next((r["train_seconds_mean"] for r in rows if r["row"] == budget.reference), None)
     for row in rows:
-        row["time_vs_implicit"] = row["train_seconds_mean"] / reference
+        row["time_vs_implicit"] = row["train_seconds_mean"] / reference if reference else None
     return rows
+
+
+def run_table1(budget: Budget, out_dir: Path, base: list[str], n_jobs: int = 1, threads: int = 1,
+               on_rows: Any = None) -> list[dict[str, Any]]:
+    jobs = []
+    for seed in budget.seeds:
+        for i, (name, extra) in enumerate(budget.rows):
+            slug = name.split(" ")[0].lower() + f"-{i}-s{seed}"
+            jobs.append(((i, seed), _overrides(budget, list(extra), seed, out_dir / slug, base)))
+    results = run_jobs(jobs, n_jobs, threads, on_done=(lambda res: on_rows(_table1_rows(budget, res))) if on_rows else None)
+    return _table1_rows(budget, results)
 
 
 def run_fig3(budget: Budget, out_dir: Path, base: list[str]) -> list[dict[str, Any]]:
@@ -126,20 +260,52 @@ def run_fig3(budget: Budget, out_dir: Path, base: list[str]) -> list[dict[str, A
     for mode, k, lam in points:
         log.info("fig 3: %s k=%d lambda=%.2f", mode, k, lam)
         extra = [f"backward={mode.lower()}", f"k={k}", f"damping={lam}"]
-        summary = run_one(_overrides(budget, extra, seed, out_dir / f"{mode.lower()}-k{k}-l{lam}", base))
+        summary = run_one(_overrides(budget, extra, seed, out_dir / f"{mode.lower()}-k{k}-l{lam}", base))  # resumes
         results.append({"mode": mode, "k": k, "damping": lam, "test_accuracy": summary["test_accuracy"],
                         "spectral_radius": summary["spectral_radius"], "train_seconds": summary["train_seconds"]})
     return results
 
 
 def format_table1(rows: list[dict[str, Any]], budget: Budget) -> str:
-    lines = [f"| row | test accuracy (mean +- std, {len(budget.seeds)} seeds) | training time vs implicit | "
-             "mean forward steps | spectral radius at h* |", "|---|---|---|---|---|"]
+    full = budget.eval_every == 1
+    head = (f"| row | test accuracy (mean +- std, {len(budget.seeds)} seed{'s' if len(budget.seeds) > 1 else ''}) | "
+            "training time vs implicit | mean forward steps | spectral radius at h* |")
+    lines = [head + (" s/epoch | rel. residual at h* (test) | Implicit backward converged |" if full else ""),
+             "|---|---|---|---|---|" + ("---|---|---|" if full else "")]
     for r in rows:
-        lines.append(f"| {r['row']} | {100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f} | "
-                     f"{r['time_vs_implicit']:.2f}x ({r['train_seconds_mean']:.0f} s) | {r['mean_forward_steps']:.1f} | "
-                     f"{r['spectral_radius_mean']:.2f} |")
+        ratio = f"{r['time_vs_implicit']:.2f}x" if r["time_vs_implicit"] is not None else "n/a (no Implicit row yet)"
+        line = (f"| {r['row']} | {100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f} | "
+                f"{ratio} ({r['train_seconds_mean']:.0f} s) | {r['mean_forward_steps']:.1f} | {r['spectral_radius_mean']:.2f} |")
+        if full:
+            conv = r.get("backward_converged_fraction")
+            line += (f" {r['seconds_per_epoch_mean']:.0f} | {r['eval_rel_residual_mean']:.2g} | "
+                     f"{'-' if conv is None else f'{100 * conv:.0f}% of samples'} |")
+        lines.append(line)
     return "\n".join(lines)
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """Test accuracy and the training solves' mean relative residual per epoch, one line per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        curve = r["runs"][0]["curves"]
+        pts = [c for c in curve if c["test_accuracy"] is not None]
+        axes[0].plot([c["epoch"] for c in pts], [100 * c["test_accuracy"] for c in pts], marker="o", label=r["row"])
+        pts = [c for c in curve if c["train_rel_residual"] is not None]
+        axes[1].semilogy([c["epoch"] for c in pts], [c["train_rel_residual"] for c in pts], marker="o", label=r["row"])
+    axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title=f"test accuracy per epoch (seed {rows[0]['seeds'][0]})")
+    axes[1].set(xlabel="epoch", ylabel="mean relative residual ||F(z)-z||/||F(z)||", title="forward residual of the training solves")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def format_fig3(points: list[dict[str, Any]]) -> str:
@@ -176,9 +342,15 @@ def plot_fig3(points: list[dict[str, Any]], path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--what", choices=("table1", "fig3", "both"), default="both")
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu", help="cpu: the committed results; tiny: seconds")
-    parser.add_argument("--out", type=Path, default=Path("runs/ablate"), help="run directories and results go here")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu",
+                        help="cpu: docs/results/ablate (8,000 images, 2 epochs); full: docs/results/table1_full "
+                             "(60,000 images, 6 epochs, hours); tiny: seconds")
+    parser.add_argument("--out", type=Path, default=Path("runs/ablate"),
+                        help="run directories and results go here; rerunning with the same --out resumes")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (per run when --jobs > 1: then 1 is best)")
+    parser.add_argument("--jobs", type=int, default=1, help="Table 1 runs trained side by side, each in its own process")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="seeds instead of the budget's (finished runs of other seeds are reused, e.g. add a second seed later)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every run (e.g. data_dir=...)")
 
@@ -186,6 +358,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     budget = BUDGETS[args.budget]
+    if args.seeds:
+        budget = dataclasses.replace(budget, seeds=tuple(args.seeds))
     base = BASE + [f"threads={args.threads}"] + list(args.overrides)
     TrainConfig.from_sources(None, base)  # fail fast on a bad override
     args.out.mkdir(parents=True, exist_ok=True)
@@ -193,20 +367,37 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"budget": budget.__dict__,
                               "base_overrides": base, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     text = []
+    if args.jobs < 1 or args.threads < 1:
+        raise ValueError("--jobs and --threads take a positive integer")
     if args.what in ("table1", "both"):
-        rows = run_table1(budget, args.out, base)
+        def write_partial(rows: list[dict[str, Any]]) -> None:  # each row's result as soon as it finishes
+            _write_outputs(args, budget, {**result, "table1": rows, "partial": True}, ["## Table 1\n\n" + format_table1(rows, budget)], rows)
+
+        rows = run_table1(budget, args.out, base, n_jobs=args.jobs, threads=args.threads, on_rows=write_partial)
         result["table1"] = rows
         text.append("## Table 1\n\n" + format_table1(rows, budget))
+        if budget.eval_every == 1 and rows:
+            plot_curves(rows, args.out / "curves.png")
+            text.append("![curves](curves.png)")
     if args.what in ("fig3", "both"):
         points = run_fig3(budget, args.out, base)
         result["fig3"] = points
         plot_fig3(points, args.out / "fig3.png")
         text.append("## Fig. 3\n\n" + format_fig3(points) + f"\n\n![fig3]({(args.out / 'fig3.png').name})")
     result["seconds"] = time.perf_counter() - start
-    report = "\n\n".join(text) + f"\n\nTotal wall time: {result['seconds'] / 60:.1f} min.\n"
-    (args.out / "ablate.md").write_text(report)
+    report = _write_outputs(args, budget, result, text + [f"Total wall time of this invocation: {result['seconds'] / 60:.1f} min."],
+                            result.get("table1", []))
     print(report)
+    print(f"wrote {args.out / 'ablate.md'} and {args.json or args.out / 'ablate.json'}")
+    return 0
+
+
+def _write_outputs(args: argparse.Namespace, budget: Budget, result: dict[str, Any], text: list[str],
+                   rows: list[dict[str, Any]]) -> str:
+    report = "\n\n".join(text) + "\n"
+    (args.out / "ablate.md").write_text(report)
     json_path = args.json or args.out / "ablate.json"
     json_path.write_text(json.dumps(result, indent=2, default=str))
-    print(f"wrote {args.out / 'ablate.md'} and {json_path}")
-    return 0
+    if budget.eval_every == 1 and rows:
+        plot_curves(rows, args.out / "curves.png")
+    return report
