@@ -25,7 +25,10 @@ def _write_diff(buf: Tensor, slot: int, a: Tensor, b: Tensor) -> Tensor:
     """buf[:, slot] = a - b, computed straight into the buffer unless autograd needs the old buffer."""
     if buf.requires_grad or a.requires_grad or b.requires_grad:
         return _write(buf, slot, a - b)
-    torch.sub(a, b, out=buf[:, slot])
+    if torch.compiler.is_compiling():  # Dynamo refuses out= on a strided view; the compiler fuses this anyway
+        buf[:, slot] = a - b
+    else:
+        torch.sub(a, b, out=buf[:, slot])
     return buf
 
 
