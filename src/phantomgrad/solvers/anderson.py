@@ -100,7 +100,7 @@ class Anderson(Solver):
                 # finite iff its largest |entry| is (NaN propagates through amax)
                 ok = (status == 0) & (torch.linalg.vector_norm(gamma, ord=math.inf, dim=(1, 2)) < math.inf)
                 gamma = torch.where(ok[:, None, None], gamma, 0.0)
-                fallback |= ~ok & tracker.active
+                fallback |= tracker.active > ok  # active and not ok (on bools, a > b is a & ~b)
                 # z_next = y - dY^T gamma, in one fused kernel
                 z_next = torch.baddbmm(y.unsqueeze(1), gamma.transpose(1, 2), dY[:, :used], alpha=-1).squeeze(1)
             z = tracker.advance(z_next, z)
