@@ -27,7 +27,8 @@ def _problem(batch: int):
     layer = TanhLayer(dim=7, lipschitz=0.9)
     x = torch.randn(batch, 4, dtype=F64) * torch.linspace(0.2, 3.0, batch, dtype=F64)[:, None]
     with torch.no_grad():
-        z_star = pg.FixedPoint(max_iter=2000, tol=1e-14).solve(lambda z: layer(z, x), torch.zeros(batch, 7, dtype=F64))[0]
+        z_star = pg.FixedPoint(max_iter=2000, tol=1e-14).solve(lambda z: layer(z, x),
+                                                               torch.zeros(batch, 7, dtype=F64))[0]
     oscillating = torch.zeros(batch, 1, dtype=torch.bool)
     diverging = torch.zeros(batch, 1, dtype=torch.bool)
     if batch > 1:
