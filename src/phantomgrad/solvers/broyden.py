@@ -105,9 +105,10 @@ class Broyden(Solver):
     tensors and the products are taken vector by vector, so the graph holds each step
     once instead of a copy of the buffer per iteration.
 
-    A sample that stops keeps its stored steps (later writes to the ring are masked for it),
-    so ``solve(..., keep_inverse=True)`` returns in ``info.inverse_jacobian`` each sample's
-    estimate H at the point where it stopped (:class:`BroydenInverse`).
+    With ``solve(..., keep_inverse=True)`` a sample that stops keeps its stored steps (later
+    writes to the ring are masked for it, at a few more operations per step), and
+    ``info.inverse_jacobian`` holds each sample's estimate H at the point where it stopped
+    (:class:`BroydenInverse`).
 
     Args:
         memory: the number of rank-one updates kept, >= 1.
@@ -136,7 +137,12 @@ class Broyden(Solver):
         # rotations[r] = (r, r+1, ..., mem-1, 0, ..., r-1): the slots oldest first once the ring is full
         ar = torch.arange(mem, device=z.device)
         rotations = (ar[:, None] + ar[None, :]) % mem
-        s = g  # s_0 = -H_0 g_0 with H_0 = -I (a sample that stopped at z0 never takes it)
+        # With keep_inverse, a stopped sample holds its factors and its next step (masked writes);
+        # without, its step is zeroed (it stays in place) and its slots fill with identity factors.
+        hold = tracker.keep_inverse
+        s = g  # s_0 = -H_0 g_0 with H_0 = -I
+        if not (hold or tracker.all_active):
+            s = torch.where(tracker.active[:, None], s, 0.0)
         if tracker.keeping_now:
             tracker.keep_state(z + s)
         for n in range(1, self.max_iter):
@@ -145,7 +151,8 @@ class Broyden(Solver):
             # Samples that stopped are frozen by masks unless the host knows every sample iterates.
             masked = not tracker.all_active
             took = tracker.active[:, None]  # the samples that take step s
-            z = torch.where(took, z + s, z) if masked else z + s
+            hold_masked = hold and masked
+            z = torch.where(took, z + s, z) if hold_masked else z + s
             fz = fn(z)
             g = tracker.observe(z, fz)
 
@@ -180,7 +187,7 @@ class Broyden(Solver):
                         prod = rows @ torch.stack((g, s), 1).mT
                     prod = by_order(prod, 1)  # (B, q, 2)
                     dots_g, dots_s = prod[..., 0], prod[..., 1]
-                if masked:  # a stopped sample solves with a zero right-hand side: w = -g, finite
+                if hold_masked:  # a stopped sample solves with a zero right-hand side: w = -g, finite
                     dots_g = torch.where(took, dots_g, 0.0)
                 cq = by_order(c, 1)
                 gram = by_order(by_order(P, 1), 2)
@@ -227,10 +234,13 @@ class Broyden(Solver):
             slot = written % mem
             if differentiable:
                 P, c = P.clone(), c.clone()
-                old = steps[slot] if steps[slot] is not None else torch.zeros_like(s)
-                steps[slot] = torch.where(took, s, old) if masked else s
+                if hold_masked:
+                    old = steps[slot] if steps[slot] is not None else torch.zeros_like(s)
+                    steps[slot] = torch.where(took, s, old)
+                else:
+                    steps[slot] = s
             else:
-                S[:, slot] = torch.where(took, s, S[:, slot]) if masked else s
+                S[:, slot] = torch.where(took, s, S[:, slot]) if hold_masked else s
             if dots_s is not None:
                 if full:
                     P[:, slot].index_copy_(1, order_t, dots_s)
@@ -239,11 +249,14 @@ class Broyden(Solver):
                     P[:, slot, :q] = dots_s
                     P[:, :q, slot] = dots_s
             P[:, slot, slot] = ss.squeeze(-1)
-            c[:, slot] = torch.where(took.squeeze(-1), c_new, c[:, slot]) if masked else c_new
+            c[:, slot] = torch.where(took.squeeze(-1), c_new, c[:, slot]) if hold_masked else c_new
             written += 1
-            # a sample that just stopped keeps s_next (its estimate's newest factor needs it); it is
-            # frozen from now on, so it never takes it
-            s = torch.where(took, s_next, s) if masked else s_next
+            if not masked:
+                s = s_next
+            elif hold:  # a sample that just stopped keeps s_next (its estimate's newest factor needs it)
+                s = torch.where(took, s_next, s)
+            else:
+                s = torch.where(tracker.active[:, None], s_next, 0.0)
             if tracker.keeping_now:
                 tracker.keep_state(z + s)
         if tracker.keep_inverse:
