@@ -61,9 +61,23 @@ class BackwardMode:
     """Base class. ``attach`` is only called when a gradient is wanted."""
 
     differentiates_solver = False
+    outputs_fixed_point = False
 
     def attach(self, fn: FlatFn, z_star: Tensor, info) -> Tensor:
         raise NotImplementedError
+
+    def attach_at_fixed_point(self, fn: FlatFn, z_star: Tensor, info) -> Tensor:
+        """What the layer returns in eval mode with autograd recording: the value z*, the gradient of ``attach``.
+
+        For a mode whose ``attach`` outputs another state (UPG's h_k, JFB's F(h*)) this is the
+        straight-through form z* + (out - out.detach()): the value is z* exactly (out - out.detach()
+        is 0), and the gradient is the one ``attach`` prescribes. Modes whose ``attach`` already
+        outputs z* (``outputs_fixed_point = True``) return it unchanged.
+        """
+        out = self.attach(fn, z_star, info)
+        if self.outputs_fixed_point:
+            return out
+        return z_star.detach() + (out - out.detach())
 
     def __repr__(self) -> str:
         keys = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -117,6 +131,8 @@ class Implicit(BackwardMode):
     ``converged`` says whether the gradient is exact to the tolerance).
     """
 
+    outputs_fixed_point = True
+
     def __init__(self, solver: Solver | None = None):
         self.solver = solver if solver is not None else Broyden(max_iter=30, tol=1e-6, stop="rel")
 
@@ -141,6 +157,8 @@ class NPG(BackwardMode):
     k vector-Jacobian products in all (k - 1 with J_h^T, one with J_theta^T), memory
     independent of k. The layer outputs h*.
     """
+
+    outputs_fixed_point = True
 
     def __init__(self, k: int = 5, damping: float = 0.5):
         self.k = _check_k(k)
@@ -169,8 +187,9 @@ class UPG(BackwardMode):
 
     and the gradient is backpropagation through them (memory O(k)). In training the
     layer outputs h_k, not h*, as the authors' code does: the head sees the state the
-    gradient was computed for. Under ``torch.no_grad`` or in eval mode the layer
-    outputs h* and runs no extra steps.
+    gradient was computed for. In eval mode (with autograd recording) the layer outputs
+    h* + (h_k - h_k.detach()): the value h*, the gradient of the k steps. Under
+    ``torch.no_grad`` it outputs h* and runs no extra steps.
     """
 
     def __init__(self, k: int = 5, damping: float = 0.5):
@@ -189,7 +208,7 @@ class UPG(BackwardMode):
 
 class JFB(UPG):
     """The one-step (Jacobian-free) gradient: UPG with k = 1, lambda = 1, i.e. A = I.
-    The layer outputs F(h*) in training."""
+    The layer outputs F(h*) in training, and h* + (F(h*) - F(h*).detach()) in eval mode."""
 
     def __init__(self):
         super().__init__(k=1, damping=1.0)
@@ -206,6 +225,7 @@ class Backprop(BackwardMode):
     """
 
     differentiates_solver = True
+    outputs_fixed_point = True
 
     def attach(self, fn, z_star, info):  # the solver already built the graph
         return z_star

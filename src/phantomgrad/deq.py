@@ -112,9 +112,16 @@ class DEQ(nn.Module):
     in bfloat16, but its output is cast back, so iterates and residuals stay float32.
 
     ``forward(x, z0)`` returns ``(z, info)``. Gradients flow to the parameters of f and
-    to x, never to z0. Under ``torch.no_grad()`` or in eval mode only the forward
-    solve runs and the output is h*; in training, what is returned and how its
-    gradient is made is the backward mode's business (UPG, for one, returns h_k).
+    to x, never to z0. What is returned, and how its gradient is made, is the backward
+    mode's business:
+
+    * training mode, autograd recording: the mode's output (h* for Implicit, NPG and
+      Backprop; h_k for UPG; F(h*) for JFB) with the mode's gradient;
+    * eval mode, autograd recording: the value h* with the same gradient (for UPG,
+      h* + (h_k - h_k.detach())), so saliency maps and input optimisation work as in
+      training: ``eval()`` changes dropout and normalisation, not autograd;
+    * under ``torch.no_grad()`` / ``torch.inference_mode()``: h*, and only the forward
+      solve runs.
     """
 
     def __init__(
@@ -168,7 +175,7 @@ class DEQ(nn.Module):
             packer.check(out, "f(z, x)")
             return packer.pack(out).to(state_dtype)
 
-        wants_grad = torch.is_grad_enabled() and self.training
+        wants_grad = torch.is_grad_enabled()  # eval mode too: only no_grad/inference_mode skip backward work
         mode = self.backward_mode
         with contextlib.nullcontext() if wants_grad and mode.differentiates_solver else torch.no_grad(), \
                 torch.autocast(device_type, enabled=False):
@@ -179,7 +186,7 @@ class DEQ(nn.Module):
         self._report(info)
         if wants_grad:
             with torch.autocast(device_type, enabled=False):
-                z_out = mode.attach(fn, z_star, info)
+                z_out = mode.attach(fn, z_star, info) if self.training else mode.attach_at_fixed_point(fn, z_star, info)
         else:
             z_out = z_star.detach()
         return packer.unpack(z_out), info
