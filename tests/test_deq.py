@@ -157,3 +157,41 @@ def test_sparse_inputs_are_accepted_and_checked():
     bad = torch.sparse_coo_tensor([[0], [0]], torch.tensor([float("nan")], dtype=F64), (3, 3), check_invariants=True)
     with pytest.raises(ValueError, match="NaN or Inf"):
         pg.DEQ(f)((torch.ones(1, 3, dtype=F64), bad), torch.zeros(1, 3, dtype=F64))
+
+
+def test_swapped_arguments_name_what_f_received():
+    layer = TanhLayer(dim=6, in_dim=4)
+    x, z0 = torch.randn(3, 4, dtype=F64), torch.zeros(3, 6, dtype=F64)
+    with pytest.raises(RuntimeError) as caught:
+        pg.DEQ(layer)(z0, x)  # swapped: f receives x's tensor as z and z0 as x
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "z = Tensor (3, 4) float64" in message and "x = Tensor (3, 6) float64" in message
+    assert "deq(x, z0)" in message and "f(z, x)" in message
+    assert isinstance(caught.value.__cause__, RuntimeError)  # chained from F's own error
+    pair = pg.DEQ(TupleLayer())
+    with pytest.raises(RuntimeError, match=r"z = tuple of \[Tensor \(2, 4\) float64, Tensor \(2, 3\) float64\]"):
+        pair(torch.randn(2, 5, dtype=F64), (torch.zeros(2, 4, dtype=F64), torch.zeros(2, 3, dtype=F64)))
+
+
+def test_other_errors_of_f_pass_unchanged():
+    class Custom(Exception):
+        pass
+
+    def f(z, x):
+        raise Custom("from f")
+
+    with pytest.raises(Custom, match="^from f$"):
+        pg.DEQ(f)(torch.randn(2, 3), torch.zeros(2, 3))
+
+
+def test_signatures_and_help_show_the_real_arguments():
+    import inspect
+    import pydoc
+
+    for obj in (pg.DEQ, pg.UPG, pg.NPG, pg.JFB, pg.Implicit, pg.Backprop, pg.AdaptivePhantom):
+        params = inspect.signature(obj).parameters.values()
+        assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in params), obj
+    assert list(inspect.signature(pg.DEQ.forward).parameters) == ["self", "x", "z0"]
+    text = pydoc.render_doc(pg.DEQ, renderer=pydoc.plaintext)
+    assert "Solve z* = f(z*, x) from ``z0``" in text

@@ -80,6 +80,37 @@ def _describe(z: Any) -> str:
     return type(z).__name__
 
 
+def _describe_typed(z: Any) -> str:
+    """Shapes and dtypes, for the error when F fails: 'Tensor (3, 6) float64', 'tuple of [...]'."""
+    if isinstance(z, Tensor):
+        return f"Tensor {tuple(z.shape)} {str(z.dtype).removeprefix('torch.')}"
+    if isinstance(z, (tuple, list)):
+        return f"{type(z).__name__} of [" + ", ".join(_describe_typed(p) for p in z) + "]"
+    if isinstance(z, dict):
+        return "dict of {" + ", ".join(f"{k!r}: {_describe_typed(v)}" for k, v in z.items()) + "}"
+    return type(z).__name__
+
+
+# Errors of F's first call that are re-raised with what the layer passed (other types pass unchanged,
+# and so does running out of memory, a RuntimeError that callers catch by its own type).
+_EXPLAINED_ERRORS = (TypeError, ValueError, IndexError, RuntimeError)
+
+
+def _explain_first_call_error(err: Exception, z: State, x: Any) -> Exception | None:
+    """A one-line error naming what f(z, x) received and the calling conventions, or None to re-raise as is."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return None
+    base = next((t for t in _EXPLAINED_ERRORS if isinstance(err, t)), None)
+    if base is None:
+        return None
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return base(
+        f"f(z, x) failed on its first call, with z = {_describe_typed(z)} (shaped like z0) and "
+        f"x = {_describe_typed(x)}: {first_line}. The layer is called as deq(x, z0) and calls f(z, x); "
+        "check the order of the arguments of both"
+    )
+
+
 def _all_finite(z: Any) -> bool:
     if isinstance(z, Tensor):
         if not torch.is_floating_point(z):
@@ -151,6 +182,25 @@ class DEQ(nn.Module):
         return f"solver={self.solver!r}, backward={self.backward_mode!r}"
 
     def forward(self, x: Any, z0: State) -> tuple[State, DEQInfo]:
+        """Solve z* = f(z*, x) from ``z0`` and attach the backward mode's gradient.
+
+        Args:
+            x: the input injection, passed to ``f`` unchanged as its second argument (a
+                tensor, a tuple, a dict, ...). Gradients reach it.
+            z0: the starting state: a tensor or a tuple of tensors with the batch on
+                dimension 0; ``f(z, x)`` must return this structure and these shapes. No
+                gradient reaches it.
+
+        Returns:
+            ``(z, info)``: ``z`` with the structure of ``z0`` (see the class docstring for
+            its value in training, eval and no_grad), ``info`` a :class:`DEQInfo` with
+            per-sample residuals, step counts and flags of the forward solve.
+
+        Raises:
+            ValueError: z0 or x holds NaN/Inf, or f returns another structure than z0.
+            TypeError, ValueError, IndexError, RuntimeError: the first call of f failed;
+                the message names what the layer passed to f (chained from f's error).
+        """
         packer = _Packer(z0)
         if not _all_finite(z0):
             raise ValueError("z0 contains NaN or Inf; start the solve from a finite state (e.g. zeros)")
@@ -166,12 +216,27 @@ class DEQ(nn.Module):
         autocast_on = torch.is_autocast_enabled(device_type)
         autocast_dtype = torch.get_autocast_dtype(device_type) if autocast_on else None
 
-        def fn(flat: Tensor) -> Tensor:
+        def call_f(z: State) -> State:
             if autocast_on:  # the solve runs with autocast off; F alone gets it back
                 with torch.autocast(device_type, dtype=autocast_dtype):
-                    out = self.f(packer.unpack(flat), x)
-            else:  # no context manager per call: F may take only microseconds
-                out = self.f(packer.unpack(flat), x)
+                    return self.f(z, x)
+            return self.f(z, x)  # no context manager per call: F may take only microseconds
+
+        first_call = [True]
+
+        def fn(flat: Tensor) -> Tensor:
+            z = packer.unpack(flat)
+            if first_call[0]:  # a failing first call is most often a mix-up of f(z, x) and deq(x, z0)
+                try:
+                    out = call_f(z)
+                except Exception as err:
+                    explained = _explain_first_call_error(err, z, x)
+                    if explained is None:
+                        raise
+                    raise explained from err
+                first_call[0] = False
+            else:
+                out = call_f(z)
             packer.check(out, "f(z, x)")
             return packer.pack(out).to(state_dtype)
 
