@@ -55,15 +55,37 @@ def test_non_finite_residual_is_flagged_and_not_handed_on(caplog):
     assert "non-finite" in caplog.text
 
 
-def test_not_converged_warning_can_be_switched_on(caplog):
+def _slow_layer_args():
     layer = TanhLayer(lipschitz=0.99)
-    args = (torch.randn(2, 4, dtype=F64), torch.zeros(2, 6, dtype=F64))
+    return layer, (torch.randn(2, 4, dtype=F64), torch.zeros(2, 6, dtype=F64))
+
+
+def test_not_converged_warning_is_on_by_default_and_rate_limited(caplog):
+    layer, args = _slow_layer_args()
+    deq = pg.DEQ(layer, solver=pg.FixedPoint(max_iter=2, tol=1e-6), warn_interval=3)
     with caplog.at_level(logging.WARNING, logger="phantomgrad"):
-        _, info = pg.DEQ(layer, solver=pg.FixedPoint(max_iter=2, tol=1e-12))(*args)
-    assert not info.converged.any() and caplog.text == ""
+        for _ in range(7):
+            _, info = deq(*args)
+    assert not info.converged.any()
+    warnings = [r for r in caplog.records if "missed its tolerance" in r.getMessage()]
+    assert len(warnings) == 3  # calls 0, 3 and 6
+    assert "warn_not_converged=False" in warnings[0].getMessage()
+
+
+def test_not_converged_warning_needs_a_10x_miss_and_can_be_silenced(caplog):
+    layer, args = _slow_layer_args()
+    with torch.no_grad():
+        _, info = pg.DEQ(layer, solver=pg.FixedPoint(max_iter=2, tol=1e-6), warn_not_converged=False)(*args)
+    mean = float(info.rel_residual.mean())
     with caplog.at_level(logging.WARNING, logger="phantomgrad"):
-        pg.DEQ(layer, solver=pg.FixedPoint(max_iter=2, tol=1e-12), warn_not_converged=True)(*args)
-    assert "did not converge" in caplog.text
+        pg.DEQ(layer, solver=pg.FixedPoint(max_iter=2, tol=mean / 9.9))(*args)  # missed, by less than 10x
+        pg.DEQ(layer, solver=pg.FixedPoint(max_iter=2, tol=1e-6), warn_not_converged=False)(*args)
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="phantomgrad"):
+        pg.DEQ(layer, solver=pg.FixedPoint(max_iter=2, tol=mean / 10.1))(*args)
+    assert "missed its tolerance" in caplog.text
+    with pytest.raises(ValueError, match="warn_interval"):
+        pg.DEQ(layer, warn_interval=True)
 
 
 def test_constructor_rejects_wrong_types():

@@ -111,6 +111,12 @@ def _explain_first_call_error(err: Exception, z: State, x: Any) -> Exception | N
     )
 
 
+def check_positive_int(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
 def _all_finite(z: Any) -> bool:
     if isinstance(z, Tensor):
         if not torch.is_floating_point(z):
@@ -134,7 +140,13 @@ class DEQ(nn.Module):
             If it is an ``nn.Module`` its parameters are registered here.
         solver: forward solver (default ``Anderson(max_iter=30, tol=1e-4)``).
         backward: backward mode (default ``UPG(k=5, damping=0.5)``).
-        warn_not_converged: log a warning when a forward solve misses its tolerance.
+        warn_not_converged: log a warning (``logging``, logger ``phantomgrad.deq``) when the
+            forward solve misses its tolerance by 10x or more: the batch mean of the residual
+            the solver stops on (relative for ``stop="rel"``, absolute for ``"abs"``) is
+            >= 10 x ``tol``. At most one warning per ``warn_interval`` calls of this layer.
+            ``False`` silences it.
+        warn_interval: calls of the layer between two warnings (and, with a sync-free solver,
+            ``check_every=None``, between two checks: each check reads the residual on the host).
         fallback: a second solver (e.g. ``pg.FixedPoint(damping=0.5)``) that re-solves, from
             z0, the samples whose first solve produced non-finite values; used samples are
             flagged in ``info.fallback`` and logged.
@@ -160,8 +172,9 @@ class DEQ(nn.Module):
         f: Callable[..., State],
         solver: Solver | None = None,
         backward: BackwardMode | None = None,
-        warn_not_converged: bool = False,
+        warn_not_converged: bool = True,
         fallback: Solver | None = None,
+        warn_interval: int = 1000,
     ):
         super().__init__()
         if not callable(f):
@@ -173,7 +186,10 @@ class DEQ(nn.Module):
             raise TypeError(f"solver must be a phantomgrad solver such as pg.Anderson(), got {self.solver!r}")
         if not isinstance(self.backward_mode, BackwardMode):
             raise TypeError(f"backward must be a phantomgrad backward mode such as pg.UPG(), got {self.backward_mode!r}")
-        self.warn_not_converged = warn_not_converged
+        self.warn_not_converged = bool(warn_not_converged)
+        self.warn_interval = check_positive_int("warn_interval", warn_interval)
+        self._calls = 0  # forward calls seen by the health checks (eager only)
+        self._quiet_until = 0  # no not-converged warning before this call
         if fallback is not None and not isinstance(fallback, Solver):
             raise TypeError(f"fallback must be a phantomgrad solver such as pg.FixedPoint(damping=0.5), got {fallback!r}")
         self.fallback = fallback
@@ -271,15 +287,37 @@ class DEQ(nn.Module):
         merged["trace"] = first.trace
         return torch.where(use[:, None], retry, z_star), SolverInfo(**merged)
 
+    def _sync_free(self) -> bool:
+        """Whether the solver never reads the device from the host (``check_every=None``)."""
+        return getattr(self.solver, "check_every", 1) is None
+
     def _report(self, info: DEQInfo) -> None:
-        if bool(info.nonfinite.any()):
+        """Log non-finite solves and solves that missed their tolerance by 10x (eager only).
+
+        Host sync: reads two numbers from the device, on every call, or only every
+        ``warn_interval`` calls when the solver is sync-free (``check_every=None``).
+        """
+        call = self._calls
+        self._calls += 1
+        if self._sync_free() and call % self.warn_interval:
+            return
+        solver = self.solver
+        stop_res = info.rel_residual if getattr(solver, "stop", "rel") == "rel" else info.abs_residual
+        n_nonfinite, mean_res = torch.stack((info.nonfinite.sum().double(), stop_res.double().mean())).tolist()  # sync
+        if n_nonfinite:
             log.warning(
                 "DEQ forward solve produced non-finite values for %d of %d samples; the returned state is the "
                 "last finite iterate (see info.nonfinite). Lower the damping, regularise the Jacobian or check f.",
-                int(info.nonfinite.sum()), info.nonfinite.numel(),
+                int(n_nonfinite), info.nonfinite.numel(),
             )
-        if self.warn_not_converged and not info.all_converged:
-            log.warning(
-                "DEQ forward solve did not converge for %d of %d samples (mean relative residual %.3g after %d steps)",
-                int((~info.converged).sum()), info.converged.numel(), float(info.rel_residual.mean()), int(info.nstep.max()),
-            )
+        tol = getattr(solver, "tol", None)
+        if not (self.warn_not_converged and tol and call >= self._quiet_until and mean_res >= 10 * tol):
+            return
+        self._quiet_until = call + self.warn_interval
+        log.warning(
+            "DEQ forward solve missed its tolerance: mean %s residual %.3g >= 10 x tol=%.3g (%d of %d samples "
+            "not converged, at most %d steps). Raise max_iter, try pg.Anderson/pg.Broyden or make f more "
+            "contractive; pg.DEQ(..., warn_not_converged=False) silences this (next warning in >= %d calls).",
+            getattr(solver, "stop", "rel"), mean_res, tol, int((~info.converged).sum()), info.converged.numel(),
+            int(info.nstep.max()), self.warn_interval,
+        )
