@@ -180,7 +180,8 @@ def test_tuple_state_implicit_matches_backprop():
     assert torch.allclose(exact, implicit, rtol=1e-7, atol=1e-10)
 
 
-EVERY_MODE = [pg.Implicit(), pg.UPG(3, 0.5), pg.NPG(3, 0.5), pg.JFB(), pg.Backprop(), pg.AdaptivePhantom(k=2)]
+# the shared contract tests run on every registered mode, built with its defaults
+EVERY_MODE = [cls() for cls in pg.BACKWARD_MODES.values()]
 
 
 @pytest.mark.parametrize("mode", EVERY_MODE, ids=lambda m: type(m).__name__)

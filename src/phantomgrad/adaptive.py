@@ -54,6 +54,9 @@ class AdaptivePhantom(UPG):
         residual_ema: weight of the past in the running mean of residuals.
     """
 
+    config_keys = ("k", "damping", "k_min", "k_max", "low", "high", "k_step", "adapt_damping", "damping_min",
+                   "damping_factor", "residual_growth", "residual_ema")
+
     def __init__(
         self,
         k: int = 5,

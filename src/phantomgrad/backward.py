@@ -20,7 +20,8 @@ DEQ layer asks ``mode.differentiates_solver`` before solving.
 
 from __future__ import annotations
 
-from typing import Callable
+import abc
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -57,16 +58,41 @@ def _check_k(k: int) -> int:
     return k
 
 
-class BackwardMode:
-    """Base class. ``attach`` is only called when a gradient is wanted."""
+class BackwardMode(abc.ABC):
+    """How a DEQ layer's gradient is made: subclass it and implement :meth:`attach`.
 
-    differentiates_solver = False
-    outputs_fixed_point = False
+    Class attributes a mode declares (each has a default here):
 
-    def attach(self, fn: FlatFn, z_star: Tensor, info) -> Tensor:
-        raise NotImplementedError
+    * ``config_keys``: the names of the ``__init__`` arguments that a config may set (e.g.
+      ``("k", "damping")``); every name is a parameter of ``__init__`` with a default, so its
+      annotation and default are read with ``inspect.signature(cls)``. Values are plain data
+      (int, float, bool, str), except an argument annotated as a :class:`Solver` (Implicit's
+      ``solver``), which a config builds from its solver keys. ``make_backward`` accepts
+      exactly these keys.
+    * ``differentiates_solver``: the forward solve runs with autograd on (``Backprop``).
+    * ``outputs_fixed_point``: ``attach`` returns a tensor whose value is z* (Implicit, NPG,
+      Backprop); others (UPG's h_k) get the straight-through form in eval mode.
 
-    def attach_at_fixed_point(self, fn: FlatFn, z_star: Tensor, info) -> Tensor:
+    A new mode is one subclass plus one line in ``phantomgrad.modes.BACKWARD_MODES``.
+    """
+
+    config_keys: ClassVar[tuple[str, ...]] = ()
+    differentiates_solver: ClassVar[bool] = False
+    outputs_fixed_point: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def attach(self, fn: FlatFn, z_star: Tensor, info: Any) -> Tensor:
+        """Return the layer's output in training, carrying this mode's gradient.
+
+        Called only when autograd records. ``fn`` is the flat map z -> F(z, x) on (B, D),
+        differentiable in the parameters and in x; ``z_star`` the solver's state (detached
+        unless ``differentiates_solver``); ``info`` the forward solve's :class:`DEQInfo`, which
+        a mode may fill in (Implicit sets ``info.backward`` when its backward runs). The
+        gradient that reaches the parameters and x through the output is the mode's
+        approximation of J_theta^T (I - J_h^T)^{-1} dL/dh.
+        """
+
+    def attach_at_fixed_point(self, fn: FlatFn, z_star: Tensor, info: Any) -> Tensor:
         """What the layer returns in eval mode with autograd recording: the value z*, the gradient of ``attach``.
 
         For a mode whose ``attach`` outputs another state (UPG's h_k, JFB's F(h*)) this is the
@@ -131,6 +157,7 @@ class Implicit(BackwardMode):
     ``converged`` says whether the gradient is exact to the tolerance).
     """
 
+    config_keys = ("solver",)
     outputs_fixed_point = True
 
     def __init__(self, solver: Solver | None = None):
@@ -158,6 +185,7 @@ class NPG(BackwardMode):
     independent of k. The layer outputs h*.
     """
 
+    config_keys = ("k", "damping")
     outputs_fixed_point = True
 
     def __init__(self, k: int = 5, damping: float = 0.5):
@@ -192,6 +220,8 @@ class UPG(BackwardMode):
     ``torch.no_grad`` it outputs h* and runs no extra steps.
     """
 
+    config_keys = ("k", "damping")
+
     def __init__(self, k: int = 5, damping: float = 0.5):
         self.k = _check_k(k)
         self.damping = _check_damping("damping", damping)
@@ -210,7 +240,9 @@ class JFB(UPG):
     """The one-step (Jacobian-free) gradient: UPG with k = 1, lambda = 1, i.e. A = I.
     The layer outputs F(h*) in training, and h* + (F(h*) - F(h*).detach()) in eval mode."""
 
-    def __init__(self):
+    config_keys = ()
+
+    def __init__(self) -> None:
         super().__init__(k=1, damping=1.0)
 
     def __repr__(self) -> str:
@@ -231,22 +263,4 @@ class Backprop(BackwardMode):
         return z_star
 
 
-BACKWARD_MODES: dict[str, type[BackwardMode]] = {
-    "implicit": Implicit,
-    "upg": UPG,
-    "npg": NPG,
-    "jfb": JFB,
-    "backprop": Backprop,
-}
-
-
-def make_backward(name: str, **kwargs) -> BackwardMode:
-    """Build a backward mode by name, for configs."""
-    try:
-        cls = BACKWARD_MODES[name]
-    except KeyError:
-        raise ValueError(f"unknown backward mode {name!r}; choose one of {sorted(BACKWARD_MODES)}") from None
-    return cls(**kwargs)
-
-
-__all__ = ["BackwardMode", "Implicit", "UPG", "NPG", "JFB", "Backprop", "make_backward", "SolverInfo"]
+__all__ = ["BackwardMode", "Implicit", "UPG", "NPG", "JFB", "Backprop"]
