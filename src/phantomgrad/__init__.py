@@ -13,13 +13,13 @@ from .deq import DEQ, DEQInfo
 from .modes import BACKWARD_MODES, make_backward
 from .monitor import GradientQuality, gradient_quality
 from .regularize import jacobian_penalty, spectral_radius
-from .solvers import Anderson, Broyden, FixedPoint, Solver, SolverInfo, make_solver
+from .solvers import Anderson, Broyden, FixedPoint, Solver, SolverInfo, Unrolled, make_solver
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEQ", "DEQInfo",
-    "Solver", "SolverInfo", "FixedPoint", "Anderson", "Broyden", "make_solver",
+    "Solver", "SolverInfo", "FixedPoint", "Anderson", "Broyden", "Unrolled", "make_solver",
     "BackwardMode", "Implicit", "UPG", "NPG", "JFB", "Backprop", "AdaptivePhantom",
     "BACKWARD_MODES", "make_backward",
     "gradient_quality", "GradientQuality",
