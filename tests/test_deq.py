@@ -214,6 +214,6 @@ def test_signatures_and_help_show_the_real_arguments():
     for obj in (pg.DEQ, pg.UPG, pg.NPG, pg.JFB, pg.Implicit, pg.Backprop, pg.AdaptivePhantom):
         params = inspect.signature(obj).parameters.values()
         assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in params), obj
-    assert list(inspect.signature(pg.DEQ.forward).parameters) == ["self", "x", "z0"]
+    assert list(inspect.signature(pg.DEQ.forward).parameters) == ["self", "x", "z0", "states"]
     text = pydoc.render_doc(pg.DEQ, renderer=pydoc.plaintext)
     assert "Solve z* = f(z*, x) from ``z0``" in text

@@ -17,8 +17,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._checks import boolean, positive_int
 from .backward import UPG, BackwardMode
-from .solvers import Anderson, Solver, SolverInfo
+from .solvers import Anderson, Solver, SolverInfo, default_check_every
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +112,6 @@ def _explain_first_call_error(err: Exception, z: State, x: Any) -> Exception | N
     )
 
 
-def check_positive_int(name: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def _all_finite(z: Any) -> bool:
     if isinstance(z, Tensor):
         if not torch.is_floating_point(z):
@@ -149,7 +144,11 @@ class DEQ(nn.Module):
             ``check_every=None``, between two checks: each check reads the residual on the host).
         fallback: a second solver (e.g. ``pg.FixedPoint(damping=0.5)``) that re-solves, from
             z0, the samples whose first solve produced non-finite values; used samples are
-            flagged in ``info.fallback`` and logged.
+            flagged in ``info.fallback`` and logged. Deciding whether it is needed reads one
+            flag on the host per call, also with a sync-free solver.
+        return_states: trajectory supervision: solver steps t (1 <= t <= ``solver.max_iter``)
+            after which the layer also returns the state, each with its own phantom gradient
+            (see ``forward``'s ``states``); the default () returns the final state alone.
 
     The solver's state is kept in at least float32: under ``torch.autocast`` F may compute
     in bfloat16, but its output is cast back, so iterates and residuals stay float32.
@@ -175,6 +174,7 @@ class DEQ(nn.Module):
         warn_not_converged: bool = True,
         fallback: Solver | None = None,
         warn_interval: int = 1000,
+        return_states: Sequence[int] = (),
     ):
         super().__init__()
         if not callable(f):
@@ -186,8 +186,9 @@ class DEQ(nn.Module):
             raise TypeError(f"solver must be a phantomgrad solver such as pg.Anderson(), got {self.solver!r}")
         if not isinstance(self.backward_mode, BackwardMode):
             raise TypeError(f"backward must be a phantomgrad backward mode such as pg.UPG(), got {self.backward_mode!r}")
-        self.warn_not_converged = bool(warn_not_converged)
-        self.warn_interval = check_positive_int("warn_interval", warn_interval)
+        self.warn_not_converged = boolean("warn_not_converged", warn_not_converged)
+        self.warn_interval = positive_int("warn_interval", warn_interval)
+        self.return_states = self._check_states(return_states, "return_states")
         self._calls = 0  # forward calls seen by the health checks (eager only)
         self._quiet_until = 0  # no not-converged warning before this call
         if fallback is not None and not isinstance(fallback, Solver):
@@ -197,7 +198,7 @@ class DEQ(nn.Module):
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, backward={self.backward_mode!r}"
 
-    def forward(self, x: Any, z0: State) -> tuple[State, DEQInfo]:
+    def forward(self, x: Any, z0: State, states: Sequence[int] | None = None) -> tuple[Any, DEQInfo]:
         """Solve z* = f(z*, x) from ``z0`` and attach the backward mode's gradient.
 
         Args:
@@ -206,26 +207,41 @@ class DEQ(nn.Module):
             z0: the starting state: a tensor or a tuple of tensors with the batch on
                 dimension 0; ``f(z, x)`` must return this structure and these shapes. No
                 gradient reaches it.
+            states: trajectory supervision for this call (default: the layer's
+                ``return_states``): solver steps t whose states are returned too.
 
         Returns:
             ``(z, info)``: ``z`` with the structure of ``z0`` (see the class docstring for
             its value in training, eval and no_grad), ``info`` a :class:`DEQInfo` with
             per-sample residuals, step counts and flags of the forward solve.
 
+            With ``states=(t_1, ..., t_n)`` (or ``return_states``), ``z`` is instead a list
+            ``[z_t1, ..., z_tn, z_final]`` of n + 1 states, each with the structure of
+            ``z0``: z_t is the solver's state after t evaluations of f (for a sample that had
+            stopped by then, its final state; see ``Solver.solve(keep=...)``), and the last
+            entry is exactly what the call without ``states`` returns. Each state s carries
+            the backward mode's gradient made at s, as if s were the fixed point (the
+            fixed-point correction of DEQ optical flow): with UPG, the k damped steps from
+            s (the value s_k in training, s + (s_k - s_k.detach()) in eval), with Implicit
+            or NPG the value s with (I - J(s))^{-1} or its Neumann series at s. A loss can
+            be put on each. Implicit's ``info.backward`` describes the last backward solve run.
+
         Raises:
             ValueError: z0 or x holds NaN/Inf, or f returns another structure than z0.
             TypeError, ValueError, IndexError, RuntimeError: the first call of f failed;
                 the message names what the layer passed to f (chained from f's error).
         """
+        steps = self.return_states if states is None else self._check_states(states, "states")
         packer = _Packer(z0)
-        if not _all_finite(z0):
-            raise ValueError("z0 contains NaN or Inf; start the solve from a finite state (e.g. zeros)")
-        if not _all_finite(x):
-            raise ValueError("the input x contains NaN or Inf; check the data and the layers before the DEQ")
-
         z0_flat = packer.pack(z0).detach()
         state_dtype = torch.promote_types(z0_flat.dtype, torch.float32) if z0_flat.is_floating_point() else z0_flat.dtype
         z0_flat = z0_flat.to(state_dtype)
+        sync_free = self._sync_free(z0_flat.device)
+        if not sync_free:  # host syncs; a sync-free layer leaves non-finite inputs to info.nonfinite instead
+            if not _all_finite(z0):
+                raise ValueError("z0 contains NaN or Inf; start the solve from a finite state (e.g. zeros)")
+            if not _all_finite(x):
+                raise ValueError("the input x contains NaN or Inf; check the data and the layers before the DEQ")
 
         # Under autocast only F runs in low precision; the solver's algebra stays in state_dtype.
         device_type = z0_flat.device.type
@@ -260,17 +276,31 @@ class DEQ(nn.Module):
         mode = self.backward_mode
         with contextlib.nullcontext() if wants_grad and mode.differentiates_solver else torch.no_grad(), \
                 torch.autocast(device_type, enabled=False):
-            z_star, sinfo = self.solver.solve(fn, z0_flat)
-            if self.fallback is not None and bool(sinfo.nonfinite.any()):
+            z_star, sinfo = self.solver.solve(fn, z0_flat, keep=steps)
+            if self.fallback is not None and bool(sinfo.nonfinite.any()):  # host sync, only with a fallback
                 z_star, sinfo = self._fall_back(fn, z0_flat, z_star, sinfo)
         info = DEQInfo(**vars(sinfo))
-        self._report(info)
+        if not torch.compiler.is_compiling():  # host-side health checks stay out of compiled graphs
+            self._report(info, sync_free)
+        points = [*info.states, z_star] if steps else [z_star]
         if wants_grad:
+            attach = mode.attach if self.training else mode.attach_at_fixed_point
             with torch.autocast(device_type, enabled=False):
-                z_out = mode.attach(fn, z_star, info) if self.training else mode.attach_at_fixed_point(fn, z_star, info)
+                outs = [attach(fn, point, info) for point in points]
         else:
-            z_out = z_star.detach()
-        return packer.unpack(z_out), info
+            outs = [point.detach() for point in points]
+        if not steps:
+            return packer.unpack(outs[0]), info
+        return [packer.unpack(out) for out in outs], info
+
+    def _check_states(self, states: Sequence[int], name: str) -> tuple[int, ...]:
+        if isinstance(states, (int, Tensor)) or not isinstance(states, Sequence):
+            raise TypeError(f"{name} must be a sequence of solver steps such as (4, 8), got {states!r}")
+        steps = tuple(positive_int(f"{name} (a solver step)", t) for t in states)
+        if steps and max(steps) > self.solver.max_iter:
+            raise ValueError(f"{name} asks for the state after step {max(steps)}, but the solver runs at most "
+                             f"max_iter={self.solver.max_iter} steps; ask for steps <= max_iter")
+        return steps
 
     def _fall_back(self, fn, z0: Tensor, z_star: Tensor, first: SolverInfo) -> tuple[Tensor, SolverInfo]:
         """Re-solve with the fallback solver and take its result where the first went non-finite."""
@@ -285,13 +315,19 @@ class DEQ(nn.Module):
         merged["fallback"] = first.fallback | use
         merged["nonfinite"] = first.nonfinite & ~use
         merged["trace"] = first.trace
+        if first.states is not None:  # a recovered sample's kept states are the fallback's final state
+            merged["states"] = [torch.where(use[:, None], retry, s) for s in first.states]
         return torch.where(use[:, None], retry, z_star), SolverInfo(**merged)
 
-    def _sync_free(self) -> bool:
-        """Whether the solver never reads the device from the host (``check_every=None``)."""
-        return getattr(self.solver, "check_every", 1) is None
+    def _sync_free(self, device: torch.device) -> bool:
+        """Whether the solver never reads the device from the host (``check_every=None``, or
+        ``"auto"`` off the CPU): then the layer skips its own per-call host syncs too."""
+        check_every = getattr(self.solver, "check_every", 1)
+        if check_every == "auto":
+            check_every = default_check_every(device)
+        return check_every is None
 
-    def _report(self, info: DEQInfo) -> None:
+    def _report(self, info: DEQInfo, sync_free: bool) -> None:
         """Log non-finite solves and solves that missed their tolerance by 10x (eager only).
 
         Host sync: reads two numbers from the device, on every call, or only every
@@ -299,7 +335,7 @@ class DEQ(nn.Module):
         """
         call = self._calls
         self._calls += 1
-        if self._sync_free() and call % self.warn_interval:
+        if sync_free and call % self.warn_interval:
             return
         solver = self.solver
         stop_res = info.rel_residual if getattr(solver, "stop", "rel") == "rel" else info.abs_residual
