@@ -274,7 +274,7 @@ def test_z0_gets_no_gradient():
         assert z0.grad is None
 
 
-@pytest.mark.parametrize("k", [0, -1, 1.5])
+@pytest.mark.parametrize("k", [0, -1, 1.5, True])
 def test_bad_k(k):
     for mode in (pg.UPG, pg.NPG):
         with pytest.raises(ValueError, match="k"):

@@ -26,6 +26,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
+from ._checks import positive_int
 from .solvers import Broyden, Solver, SolverInfo, _check_damping
 
 FlatFn = Callable[[Tensor], Tensor]
@@ -52,10 +53,8 @@ def _allow_repeated_vjps_under_compile() -> None:
 _allow_repeated_vjps_under_compile()
 
 
-def _check_k(k: int) -> int:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k (number of phantom-gradient steps) must be an integer >= 1, got {k!r}")
-    return k
+def _check_k(k: int, name: str = "k (number of phantom-gradient steps)") -> int:
+    return positive_int(name, k)
 
 
 class BackwardMode(abc.ABC):
