@@ -217,3 +217,20 @@ def test_signatures_and_help_show_the_real_arguments():
     assert list(inspect.signature(pg.DEQ.forward).parameters) == ["self", "x", "z0", "states"]
     text = pydoc.render_doc(pg.DEQ, renderer=pydoc.plaintext)
     assert "Solve z* = f(z*, x) from ``z0``" in text
+
+
+@pytest.mark.parametrize("check_every, expected", [(1, 4), (None, 2)])
+def test_a_sync_free_layer_reads_its_health_only_every_warn_interval_calls(caplog, check_every, expected):
+    """With check_every=None the layer reads residuals and flags on the host once per warn_interval calls
+    (calls 0 and 3 of 4 here), not on every call."""
+    def f(z, x):
+        return z * x + 1.0  # sample 0 overflows to inf
+
+    x = torch.tensor([[1e200], [0.5]], dtype=F64)
+    deq = pg.DEQ(f, solver=pg.FixedPoint(max_iter=10, tol=1e-12, check_every=check_every), warn_interval=3,
+                 warn_not_converged=False)
+    with caplog.at_level(logging.WARNING, logger="phantomgrad"), torch.no_grad():
+        for _ in range(4):
+            _, info = deq(x, torch.zeros(2, 1, dtype=F64))
+    assert info.nonfinite.tolist() == [True, False]
+    assert sum("non-finite" in r.getMessage() for r in caplog.records) == expected

@@ -137,12 +137,51 @@ class _RouteGradient(torch.autograd.Function):
         return routed, None, None, None
 
 
-def _one_step_graph(fn: FlatFn, z_star: Tensor) -> tuple[Tensor, Tensor]:
-    """F(z*) with a graph to the parameters, x and a fresh leaf standing for z*."""
+class _RouteGradientRecomputed(torch.autograd.Function):
+    """:class:`_RouteGradient` for compiled graphs: ``fz`` = F(z*) carries a graph to the
+    parameters and the input only, and backward evaluates F once more at a fresh leaf for
+    z* to take ``vjp(v) = J_h^T v``. Dynamo cannot trace a leaf made with
+    ``requires_grad_()`` in the forward graph, so this costs one extra evaluation of F
+    per backward, under ``torch.compile`` only.
+    """
+
+    @staticmethod
+    def forward(ctx, fz: Tensor, z_star: Tensor, fn: FlatFn, transform):
+        ctx.save_for_backward(z_star)
+        ctx.fn = fn
+        ctx.transform = transform
+        return z_star.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (z_star,) = ctx.saved_tensors
+        with torch.enable_grad():
+            z_req = z_star.detach().requires_grad_()
+            fz = ctx.fn(z_req)
+
+            def vjp(v: Tensor) -> Tensor:
+                return torch.autograd.grad(fz, z_req, v, retain_graph=True)[0]
+
+            routed = ctx.transform(grad, vjp)
+        return routed, None, None, None
+
+
+def _route(fn: FlatFn, z_star: Tensor, transform) -> Tensor:
+    """z* with the gradient J_theta^T transform(dL/dh, vjp) (and J_x^T likewise), see :class:`_RouteGradient`.
+
+    Eager: one evaluation of F at a fresh leaf for z*, whose graph serves both the VJPs with
+    J_h and the one with J_theta. Under torch.compile: :class:`_RouteGradientRecomputed`
+    (the backward then takes VJPs with ``torch.autograd.grad``, which Dynamo traces only with
+    ``torch._dynamo.config.trace_autograd_ops = True``).
+    """
+    if torch.compiler.is_compiling():
+        with torch.enable_grad():
+            fz = fn(z_star.detach())
+        return _RouteGradientRecomputed.apply(fz, z_star, fn, transform)
     z_req = z_star.detach().requires_grad_()
     with torch.enable_grad():
         fz = fn(z_req)
-    return fz, z_req
+    return _RouteGradient.apply(fz, z_req, z_star, transform)
 
 
 class Implicit(BackwardMode):
@@ -153,7 +192,8 @@ class Implicit(BackwardMode):
     passes J_theta^T g on. The default solver stops on a *relative* residual, so the
     gradient stays exact whatever the scale of the loss. After backward,
     ``info.backward`` holds the backward solve's :class:`SolverInfo` (its
-    ``converged`` says whether the gradient is exact to the tolerance).
+    ``converged`` says whether the gradient is exact to the tolerance); under
+    ``torch.compile`` it stays None (a compiled backward runs no Python code).
     """
 
     config_keys = ("solver",)
@@ -163,15 +203,15 @@ class Implicit(BackwardMode):
         self.solver = solver if solver is not None else Broyden(max_iter=30, tol=1e-6, stop="rel")
 
     def attach(self, fn, z_star, info):
-        fz, z_req = _one_step_graph(fn, z_star)
         solver = self.solver
 
         def transform(grad: Tensor, vjp) -> Tensor:
             g, binfo = solver.solve(lambda y: vjp(y) + grad, grad)
-            info.backward = binfo
+            if not torch.compiler.is_compiling():  # a compiled backward replays no Python side effects
+                info.backward = binfo
             return g
 
-        return _RouteGradient.apply(fz, z_req, z_star, transform)
+        return _route(fn, z_star, transform)
 
 
 class NPG(BackwardMode):
@@ -192,7 +232,6 @@ class NPG(BackwardMode):
         self.damping = _check_damping("damping", damping)
 
     def attach(self, fn, z_star, info):
-        fz, z_req = _one_step_graph(fn, z_star)
         k, lam = self.k, self.damping
 
         def transform(grad: Tensor, vjp) -> Tensor:
@@ -202,7 +241,7 @@ class NPG(BackwardMode):
                 total = total + term
             return lam * total
 
-        return _RouteGradient.apply(fz, z_req, z_star, transform)
+        return _route(fn, z_star, transform)
 
 
 class UPG(BackwardMode):
