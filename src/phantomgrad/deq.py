@@ -164,6 +164,14 @@ class DEQ(nn.Module):
       training: ``eval()`` changes dropout and normalisation, not autograd;
     * under ``torch.no_grad()`` / ``torch.inference_mode()``: h*, and only the forward
       solve runs.
+
+    Host syncs. With a solver that checks convergence on the host (``check_every`` an
+    integer; ``"auto"`` on CPU) the layer also checks x and z0 for NaN/Inf (ValueError) and
+    reads the residuals for its warnings on every call. With a sync-free solver
+    (``check_every=None``; ``"auto"`` on CUDA) it reads nothing on the host: a non-finite
+    input is flagged in ``info.nonfinite`` by the solve instead of refused, and the warnings
+    read the device once every ``warn_interval`` calls. Under ``torch.compile`` the warnings
+    are skipped, so a sync-free layer compiles as one graph (``fullgraph=True``).
     """
 
     def __init__(
