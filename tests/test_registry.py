@@ -65,7 +65,8 @@ def _module_level_imports(path: Path, package: str) -> set[str]:
         if isinstance(node, (ast.If, ast.Try)):  # e.g. `if TYPE_CHECKING:` is skipped, try bodies count
             if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
                 continue
-            body.extend(node.body + getattr(node, "orelse", []) + [h for hd in getattr(node, "handlers", []) for h in hd.body])
+            handlers = [h for hd in getattr(node, "handlers", []) for h in hd.body]
+            body.extend(node.body + getattr(node, "orelse", []) + handlers)
         elif isinstance(node, ast.ImportFrom) and node.level:
             base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
             target = f"{base}.{node.module}" if node.module else base
@@ -82,7 +83,8 @@ def _module_level_imports(path: Path, package: str) -> set[str]:
 def test_no_import_cycle_among_the_core_modules():
     root = Path(pg.__file__).parent
     modules = {f"phantomgrad.{p.stem}": p for p in root.glob("*.py") if p.stem not in ("__init__", "__main__")}
-    graph = {m: {t for t in _module_level_imports(p, "phantomgrad") if t in modules and t != m} for m, p in modules.items()}
+    graph = {m: {t for t in _module_level_imports(p, "phantomgrad") if t in modules and t != m}
+             for m, p in modules.items()}
 
     def visit(node, stack):
         assert node not in stack, f"import cycle: {' -> '.join(stack + [node])}"

@@ -142,6 +142,6 @@ def test_states_are_checked_where_they_enter():
     deq = pg.DEQ(layer, solver=_solver())
     with pytest.raises(ValueError, match="states"):
         deq(torch.randn(2, 4, dtype=F64), torch.zeros(2, 6, dtype=F64), states=(0,))
-    z, _ = pg.DEQ(layer, solver=_solver(), return_states=(2,))(torch.randn(2, 4, dtype=F64), torch.zeros(2, 6, dtype=F64),
-                                                               states=())
+    with_states = pg.DEQ(layer, solver=_solver(), return_states=(2,))
+    z, _ = with_states(torch.randn(2, 4, dtype=F64), torch.zeros(2, 6, dtype=F64), states=())
     assert isinstance(z, torch.Tensor)  # the call's states=() overrides the layer's
