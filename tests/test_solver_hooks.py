@@ -245,3 +245,24 @@ def test_unrolled_keeps_states_and_never_stops():
     assert torch.equal(info.states[0], torch.full((2, 3), 0.25, dtype=F64)) and info.states[1] is z
     # the last layer's input z_4 = 1/16 has residual ||F(z_4) - z_4|| = sqrt(3) / 32 < 0.1
     assert torch.allclose(info.abs_residual, torch.full((2,), 3**0.5 / 32, dtype=F64)) and info.converged.all()
+
+
+# ---------------------------------------------------------------- API shape
+
+
+@pytest.mark.parametrize("cls", [pg.FixedPoint, pg.Anderson, pg.Broyden])
+def test_signatures_show_every_keyword(cls):
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    assert {"max_iter", "tol", "stop", "trace", "check_every"} <= set(params)
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    solver = cls(max_iter=7, check_every=None)
+    assert solver.max_iter == 7 and solver.check_every is None and "check_every=None" in repr(solver)
+
+
+def test_solver_is_an_abstract_base_class():
+    with pytest.raises(TypeError, match="abstract"):
+        pg.Solver()
+    assert set(SOLVERS) == {"fixed_point", "anderson", "broyden", "unrolled"}
+    assert all(issubclass(cls, pg.Solver) for cls in SOLVERS.values())

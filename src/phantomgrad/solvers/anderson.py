@@ -25,7 +25,10 @@ def _write_diff(buf: Tensor, slot: int, a: Tensor, b: Tensor) -> Tensor:
     """buf[:, slot] = a - b, computed straight into the buffer unless autograd needs the old buffer."""
     if buf.requires_grad or a.requires_grad or b.requires_grad:
         return _write(buf, slot, a - b)
-    torch.sub(a, b, out=buf[:, slot])
+    if torch.compiler.is_compiling():  # Dynamo refuses out= on a strided view; the compiler fuses this anyway
+        buf[:, slot] = a - b
+    else:
+        torch.sub(a, b, out=buf[:, slot])
     return buf
 
 
@@ -97,7 +100,7 @@ class Anderson(Solver):
                 # finite iff its largest |entry| is (NaN propagates through amax)
                 ok = (status == 0) & (torch.linalg.vector_norm(gamma, ord=math.inf, dim=(1, 2)) < math.inf)
                 gamma = torch.where(ok[:, None, None], gamma, 0.0)
-                fallback |= ~ok & tracker.active
+                fallback |= tracker.active > ok  # active and not ok (on bools, a > b is a & ~b)
                 # z_next = y - dY^T gamma, in one fused kernel
                 z_next = torch.baddbmm(y.unsqueeze(1), gamma.transpose(1, 2), dY[:, :used], alpha=-1).squeeze(1)
             z = tracker.advance(z_next, z)

@@ -93,8 +93,8 @@ def residual_norms(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """g = fz - z and the per-sample norms ||g||, ||g|| / ||fz|| (float64, no autograd on the norms)."""
     g = fz - z
     with torch.no_grad():
-        abs_res = torch.linalg.vector_norm(g.detach(), dim=1).double()
-        fz_norm = torch.linalg.vector_norm(fz.detach(), dim=1).double()
+        abs_res = torch.linalg.vector_norm(g, dim=1).double()
+        fz_norm = torch.linalg.vector_norm(fz, dim=1).double()
         rel_res = abs_res / fz_norm.clamp_min(torch.finfo(torch.float64).tiny)
     return g, abs_res, rel_res
 
@@ -120,7 +120,6 @@ class _Tracker:
         self.best_rel = torch.full_like(self.best_abs, float("inf"))
         self.nstep = torch.zeros(batch, dtype=torch.long, device=device)
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
-        self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
         self.trace: list[Tensor] | None = [] if keep_trace else None
         self.keep = tuple(keep)
         self.max_iter = max_iter
@@ -146,18 +145,17 @@ class _Tracker:
         self.evals += 1
         check = self.check_every is not None and self.evals % self.check_every == 0
         with torch.no_grad():
-            rel = self.stop == "rel"
-            crit = rel_res if rel else abs_res
-            finite = (abs_res + rel_res) < torch.inf  # both are >= 0: the sum is finite iff both are (NaN fails too)
-            ok = self.active & finite  # still iterating, and this iterate is finite
-            self.nonfinite |= self.active ^ ok  # active but not finite
-            better = ok & (crit < (self.best_rel if rel else self.best_abs))
+            crit, best_crit = (rel_res, self.best_rel) if self.stop == "rel" else (abs_res, self.best_abs)
+            # rel_res = abs_res / (a positive number), so abs_res finite is the test (NaN fails it too)
+            ok = self.active & (abs_res < torch.inf)  # still iterating, and this iterate is finite
+            better = ok & (crit < best_crit)
             self.best_abs = torch.where(better, abs_res, self.best_abs)
             self.best_rel = torch.where(better, rel_res, self.best_rel)
             self.nstep += self.active
             if self.trace is not None:
                 self.trace.append(torch.where(self.active, crit, torch.nan))
-            active = ok & (crit > self.tol)  # not converged; a non-finite sample stops too
+            # not converged; a non-finite sample stops too (info() tells the two apart)
+            active = ok & (crit > self.tol)
             if check:
                 n_better, n_active = torch.stack((better.sum(), active.sum())).tolist()  # host sync (check_every)
                 batch = better.shape[0]
@@ -192,6 +190,7 @@ class _Tracker:
 
     def info(self, fallback: Tensor) -> SolverInfo:
         crit = self.best_rel if self.stop == "rel" else self.best_abs
+        converged = crit <= self.tol
         trace = self.trace
         if trace is not None and self.check_every is not None:
             trace = trace[: int(self.nstep.max())]  # host sync, only with trace=True
@@ -199,8 +198,10 @@ class _Tracker:
             abs_residual=self.best_abs,
             rel_residual=self.best_rel,
             nstep=self.nstep,
-            converged=crit <= self.tol,
-            nonfinite=self.nonfinite,
+            converged=converged,
+            # A sample stops when it converges or when an iterate is not finite; a sample that
+            # stopped unconverged therefore met a non-finite value (no per-step bookkeeping needed).
+            nonfinite=~(self.active | converged),
             fallback=fallback,
             trace=trace,
             # steps not reached: every sample had stopped, so its state is the returned one

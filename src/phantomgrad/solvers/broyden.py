@@ -215,9 +215,12 @@ class Broyden(Solver):
             abs_denom = denom.abs()
             good = (took & (abs_denom > eps * ss.sqrt() * torch.linalg.vector_norm(h_dg, dim=-1, keepdim=True))
                     & (abs_denom < math.inf))
-            safe_ss = torch.where(good, ss, 1.0)
-            c_new = torch.where(good, safe_ss.reciprocal(), 0.0).squeeze(-1)
-            s_next = w * torch.where(good, ss.neg() / torch.where(good, denom, 1.0), -1.0)  # -H_{n+1} g
+            if differentiable:  # divide by safe values: the unused branch of a where still gets a gradient
+                ss_, denom_ = torch.where(good, ss, 1.0), torch.where(good, denom, 1.0)
+            else:
+                ss_, denom_ = ss, denom
+            c_new = torch.where(good, ss_.reciprocal(), 0.0).squeeze(-1)
+            s_next = w * torch.where(good, ss_.neg() / denom_, -1.0)  # -H_{n+1} g
 
             # store s (it becomes s_j of the newest factor), its Gram row and c; a stopped sample
             # keeps its stored steps and c (its estimate stays that of the point where it stopped)
