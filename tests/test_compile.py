@@ -144,7 +144,8 @@ def test_sync_free_layer_compiles_without_graph_breaks(mode, tuple_state):
     their backward, which Dynamo traces only with trace_autograd_ops."""
     torch.manual_seed(3)
     layer, x, z0 = _problem(tuple_state)
-    deq = pg.DEQ(layer, solver=pg.FixedPoint(max_iter=6, tol=1e-10, check_every=None), backward=SYNC_FREE_MODES[mode]())
+    solver = pg.Anderson(m=3, max_iter=6, tol=1e-10, check_every=None)  # the default solver of the layer
+    deq = pg.DEQ(layer, solver=solver, backward=SYNC_FREE_MODES[mode]())
     eager = _run(deq, layer, x, z0)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(trace_autograd_ops=True):
