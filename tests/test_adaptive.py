@@ -76,7 +76,8 @@ def test_the_running_mean_sets_what_growing_means():
 
 
 @pytest.mark.parametrize("bad", [dict(k=11), dict(k_min=3, k=2), dict(low=0.99, high=0.9), dict(damping_min=0.9),
-                                 dict(damping_factor=1.0), dict(residual_growth=1.0), dict(k_step=0)])
+                                 dict(damping_factor=1.0), dict(residual_growth=1.0), dict(k_step=0),
+                                 dict(k_max=True), dict(adapt_damping=1), dict(low=float("nan"))])
 def test_bad_arguments_are_refused(bad):
     with pytest.raises(ValueError):
         AdaptivePhantom(**bad)

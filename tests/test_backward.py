@@ -180,21 +180,62 @@ def test_tuple_state_implicit_matches_backprop():
     assert torch.allclose(exact, implicit, rtol=1e-7, atol=1e-10)
 
 
-@pytest.mark.parametrize("mode", [pg.Implicit(), pg.UPG(3, 0.5), pg.NPG(3, 0.5), pg.JFB(), pg.Backprop()], ids=lambda m: type(m).__name__)
-def test_no_graph_under_no_grad_or_eval(mode):
+# the shared contract tests run on every registered mode, built with its defaults
+EVERY_MODE = [cls() for cls in pg.BACKWARD_MODES.values()]
+
+
+@pytest.mark.parametrize("mode", EVERY_MODE, ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_no_graph_and_no_extra_work_under_no_grad(mode, context):
     layer, x, z0, _ = _setup()
     x.requires_grad_()
-    deq = pg.DEQ(layer, solver=pg.Anderson(max_iter=50, tol=1e-10), backward=mode)
-    with torch.no_grad():
-        z, _ = deq(x, z0)
-    assert not z.requires_grad
     calls = []
     layer.register_forward_hook(lambda *a: calls.append(1))
-    deq.eval()
-    z_eval, info = deq(x, z0)
-    assert not z_eval.requires_grad
-    assert len(calls) == int(info.nstep.max())  # the solve only, no extra steps
-    assert torch.equal(z_eval, z)  # h*, whatever the mode
+    for train in (True, False):
+        deq = pg.DEQ(layer, solver=pg.Anderson(max_iter=50, tol=1e-10), backward=mode).train(train)
+        calls.clear()
+        with context():
+            z, info = deq(x, z0)
+        assert not z.requires_grad
+        assert len(calls) == int(info.nstep.max())  # the solve only, no extra steps
+
+
+@pytest.mark.parametrize("mode", EVERY_MODE, ids=lambda m: type(m).__name__)
+def test_eval_mode_returns_h_star_with_the_training_gradient(mode):
+    """eval() changes dropout and normalisation, not autograd: the value is h*, the gradient the mode's."""
+    layer, x, z0, w = _setup()
+    deq = pg.DEQ(layer, solver=pg.Anderson(max_iter=50, tol=1e-12), backward=mode)
+    with torch.no_grad():
+        h_star, _ = deq(x, z0)
+    trained, _ = _grads(layer, deq.train(), x, z0, w)
+    xr = x.clone().requires_grad_()
+    layer.zero_grad()
+    z, _ = deq.eval()(xr, z0)
+    assert torch.equal(z, h_star)  # the value is h* exactly, for UPG and JFB too
+    (z * w).sum().backward()
+    evaluated = torch.cat([p.grad.flatten() for p in layer.parameters()] + [xr.grad.flatten()])
+    assert xr.grad.abs().sum() > 0
+    assert torch.allclose(evaluated, trained, rtol=1e-10, atol=1e-13)
+
+
+def test_eval_mode_input_gradient_is_the_exact_one_for_implicit():
+    layer, x, z0, w = _setup()
+    deq = pg.DEQ(layer, solver=_tight(), backward=_exact())
+    grads = []
+    for train in (True, False):
+        xr = x.clone().requires_grad_()
+        z, _ = deq.train(train)(xr, z0)
+        grads.append(torch.autograd.grad((z * w).sum(), xr)[0])
+    assert torch.equal(grads[0], grads[1])
+    # and it is the dense implicit gradient dL/dx = J_x^T (I - J_z)^{-T} w
+    z_star = _fixed_point(layer, x, z0)
+    eye = torch.eye(6, dtype=F64)
+    dense = []
+    for i in range(3):
+        jz = jacobian(lambda z: layer(z, x[i]), z_star[i])
+        jx = jacobian(lambda xi: layer(z_star[i], xi), x[i])
+        dense.append(jx.T @ torch.linalg.solve((eye - jz).T, w[i]))
+    assert torch.allclose(grads[1], torch.stack(dense), rtol=1e-8, atol=1e-11)
 
 
 def test_layer_called_twice_in_one_graph():
@@ -233,7 +274,7 @@ def test_z0_gets_no_gradient():
         assert z0.grad is None
 
 
-@pytest.mark.parametrize("k", [0, -1, 1.5])
+@pytest.mark.parametrize("k", [0, -1, 1.5, True])
 def test_bad_k(k):
     for mode in (pg.UPG, pg.NPG):
         with pytest.raises(ValueError, match="k"):

@@ -1,10 +1,10 @@
 """torch.compile on CPU: a training step whose F is compiled (or whose whole DEQ layer is) gives the
 eager loss and gradients for UPG, NPG and JFB, and the solvers run on a compiled F.
 
-The DEQ libraries that fail under torch.compile trace the solver loop and the custom backward
-into one graph; phantomgrad's solvers are plain Python loops around calls of F, so compiling F
-(the expensive part) leaves the data-dependent stopping rules in Python, and compiling the whole
-layer works through graph breaks.
+phantomgrad's solvers are plain Python loops around calls of F. With the default check_every
+(1 on CPU) the host reads the stopping test every step, so compiling the whole layer works through
+graph breaks; with check_every=None there is no host read at all and the whole layer, solve and
+backward mode, compiles as one graph (fullgraph=True), which is what a CUDA graph needs.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import phantomgrad as pg
+from conftest import TanhLayer, TupleLayer
 
 
 class MLPMap(nn.Module):
@@ -91,3 +92,110 @@ def test_whole_layer_compiles_with_graph_breaks():
         results.append([p.grad.clone() for p in f.parameters()])
     for ge, gc in zip(*results):
         assert torch.allclose(ge, gc, atol=1e-5, rtol=1e-4)
+
+
+# ---- whole-layer capture: check_every=None, torch.compile(fullgraph=True) -----------------------------------
+
+F64 = torch.float64
+SYNC_FREE_MODES = {
+    "upg": lambda: pg.UPG(k=3, damping=0.5),
+    "npg": lambda: pg.NPG(k=3, damping=0.5),
+    "jfb": pg.JFB,
+    "implicit": lambda: pg.Implicit(pg.Broyden(max_iter=8, tol=1e-10, check_every=None)),
+}
+
+
+def _problem(tuple_state: bool):
+    layer = TupleLayer() if tuple_state else TanhLayer()
+    x = torch.randn(3, 4, dtype=F64)
+    z0 = (torch.zeros(3, 4, dtype=F64), torch.zeros(3, 3, dtype=F64)) if tuple_state else torch.zeros(3, 6, dtype=F64)
+    return layer, x, z0
+
+
+def _parts(z):
+    return list(z) if isinstance(z, tuple) else [z]
+
+
+def _run(layer_call, layer, x, z0, **kwargs):
+    """Outputs, info and the gradients of a weighted loss on every returned state, for params and x."""
+    layer.zero_grad()
+    xr = x.clone().requires_grad_()
+    z, info = layer_call(xr, z0, **kwargs)
+    states = z if isinstance(z, list) else [z]
+    outs = [p for s in states for p in _parts(s)]
+    gen = torch.Generator().manual_seed(5)
+    sum((p * torch.randn(p.shape, generator=gen, dtype=p.dtype)).sum() for p in outs).backward()
+    return [o.detach() for o in outs], info, [p.grad.clone() for p in layer.parameters()] + [xr.grad.clone()]
+
+
+def _assert_same(eager, compiled):
+    (outs_e, info_e, grads_e), (outs_c, info_c, grads_c) = eager, compiled
+    for a, b in zip(outs_e + grads_e, outs_c + grads_c, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    for name in ("abs_residual", "rel_residual", "nstep", "converged", "nonfinite"):
+        assert torch.equal(getattr(info_e, name), getattr(info_c, name)), name
+
+
+@pytest.mark.parametrize("tuple_state", [False, True], ids=["tensor", "tuple"])
+@pytest.mark.parametrize("mode", sorted(SYNC_FREE_MODES))
+def test_sync_free_layer_compiles_without_graph_breaks(mode, tuple_state):
+    """With check_every=None the whole training step of the layer (solve and attach, and the backward mode's
+    own backward) is one graph: fullgraph=True refuses any graph break. NPG and Implicit take VJPs inside
+    their backward, which Dynamo traces only with trace_autograd_ops."""
+    torch.manual_seed(3)
+    layer, x, z0 = _problem(tuple_state)
+    solver = pg.Anderson(m=3, max_iter=6, tol=1e-10, check_every=None)  # the default solver of the layer
+    deq = pg.DEQ(layer, solver=solver, backward=SYNC_FREE_MODES[mode]())
+    eager = _run(deq, layer, x, z0)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        compiled = _run(torch.compile(deq, backend="aot_eager", fullgraph=True), layer, x, z0)
+    _assert_same(eager, compiled)
+    if mode == "implicit":
+        assert eager[1].backward is not None and compiled[1].backward is None  # no Python runs in a compiled backward
+
+
+def test_sync_free_layer_compiles_with_trajectory_states_in_eval_mode():
+    torch.manual_seed(4)
+    layer, x, z0 = _problem(False)
+    deq = pg.DEQ(layer, solver=pg.Broyden(max_iter=6, tol=1e-10, check_every=None), backward=pg.UPG(k=2, damping=0.5),
+                 return_states=(2, 4)).eval()
+    eager = _run(deq, layer, x, z0)
+    torch._dynamo.reset()
+    compiled = _run(torch.compile(deq, backend="aot_eager", fullgraph=True), layer, x, z0)
+    assert len(eager[0]) == 3
+    _assert_same(eager, compiled)
+
+
+def test_sync_free_layer_compiles_with_inductor():
+    torch.manual_seed(6)
+    f = MLPMap()
+    x, z0 = torch.randn(12, 8), torch.zeros(12, 16)
+    deq = pg.DEQ(f, solver=pg.FixedPoint(max_iter=8, tol=1e-6, check_every=None), backward=pg.UPG(k=3, damping=0.5))
+
+    def step(layer):
+        f.zero_grad()
+        z, info = layer(x, z0)
+        z.pow(2).sum().backward()
+        return z.detach(), [p.grad.clone() for p in f.parameters()], info
+
+    z_e, grads_e, info_e = step(deq)
+    torch._dynamo.reset()
+    z_c, grads_c, info_c = step(torch.compile(deq, fullgraph=True))
+    assert torch.equal(info_e.nstep, info_c.nstep)
+    assert torch.allclose(z_e, z_c, atol=1e-5)
+    for ge, gc in zip(grads_e, grads_c):
+        assert torch.allclose(ge, gc, atol=1e-5, rtol=1e-4)
+
+
+def test_sync_free_layer_leaves_non_finite_inputs_to_the_device_flag():
+    """Without host syncs the layer cannot refuse a NaN input up front; the solver flags the sample instead."""
+    layer = TanhLayer()
+    x = torch.randn(3, 4, dtype=F64)
+    x[1, 0] = float("nan")
+    with torch.no_grad():
+        _, info = pg.DEQ(layer, solver=pg.FixedPoint(max_iter=5, check_every=None), warn_not_converged=False)(
+            x, torch.zeros(3, 6, dtype=F64))
+    assert info.nonfinite.tolist() == [False, True, False]
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pg.DEQ(layer, solver=pg.FixedPoint(max_iter=5, check_every=1))(x, torch.zeros(3, 6, dtype=F64))

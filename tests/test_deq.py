@@ -55,15 +55,37 @@ def test_non_finite_residual_is_flagged_and_not_handed_on(caplog):
     assert "non-finite" in caplog.text
 
 
-def test_not_converged_warning_can_be_switched_on(caplog):
+def _slow_layer_args():
     layer = TanhLayer(lipschitz=0.99)
-    args = (torch.randn(2, 4, dtype=F64), torch.zeros(2, 6, dtype=F64))
+    return layer, (torch.randn(2, 4, dtype=F64), torch.zeros(2, 6, dtype=F64))
+
+
+def test_not_converged_warning_is_on_by_default_and_rate_limited(caplog):
+    layer, args = _slow_layer_args()
+    deq = pg.DEQ(layer, solver=pg.FixedPoint(max_iter=2, tol=1e-6), warn_interval=3)
     with caplog.at_level(logging.WARNING, logger="phantomgrad"):
-        _, info = pg.DEQ(layer, solver=pg.FixedPoint(max_iter=2, tol=1e-12))(*args)
-    assert not info.converged.any() and caplog.text == ""
+        for _ in range(7):
+            _, info = deq(*args)
+    assert not info.converged.any()
+    warnings = [r for r in caplog.records if "missed its tolerance" in r.getMessage()]
+    assert len(warnings) == 3  # calls 0, 3 and 6
+    assert "warn_not_converged=False" in warnings[0].getMessage()
+
+
+def test_not_converged_warning_needs_a_10x_miss_and_can_be_silenced(caplog):
+    layer, args = _slow_layer_args()
+    with torch.no_grad():
+        _, info = pg.DEQ(layer, solver=pg.FixedPoint(max_iter=2, tol=1e-6), warn_not_converged=False)(*args)
+    mean = float(info.rel_residual.mean())
     with caplog.at_level(logging.WARNING, logger="phantomgrad"):
-        pg.DEQ(layer, solver=pg.FixedPoint(max_iter=2, tol=1e-12), warn_not_converged=True)(*args)
-    assert "did not converge" in caplog.text
+        pg.DEQ(layer, solver=pg.FixedPoint(max_iter=2, tol=mean / 9.9))(*args)  # missed, by less than 10x
+        pg.DEQ(layer, solver=pg.FixedPoint(max_iter=2, tol=1e-6), warn_not_converged=False)(*args)
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="phantomgrad"):
+        pg.DEQ(layer, solver=pg.FixedPoint(max_iter=2, tol=mean / 10.1))(*args)
+    assert "missed its tolerance" in caplog.text
+    with pytest.raises(ValueError, match="warn_interval"):
+        pg.DEQ(layer, warn_interval=True)
 
 
 def test_constructor_rejects_wrong_types():
@@ -157,3 +179,58 @@ def test_sparse_inputs_are_accepted_and_checked():
     bad = torch.sparse_coo_tensor([[0], [0]], torch.tensor([float("nan")], dtype=F64), (3, 3), check_invariants=True)
     with pytest.raises(ValueError, match="NaN or Inf"):
         pg.DEQ(f)((torch.ones(1, 3, dtype=F64), bad), torch.zeros(1, 3, dtype=F64))
+
+
+def test_swapped_arguments_name_what_f_received():
+    layer = TanhLayer(dim=6, in_dim=4)
+    x, z0 = torch.randn(3, 4, dtype=F64), torch.zeros(3, 6, dtype=F64)
+    with pytest.raises(RuntimeError) as caught:
+        pg.DEQ(layer)(z0, x)  # swapped: f receives x's tensor as z and z0 as x
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "z = Tensor (3, 4) float64" in message and "x = Tensor (3, 6) float64" in message
+    assert "deq(x, z0)" in message and "f(z, x)" in message
+    assert isinstance(caught.value.__cause__, RuntimeError)  # chained from F's own error
+    pair = pg.DEQ(TupleLayer())
+    with pytest.raises(RuntimeError, match=r"z = tuple of \[Tensor \(2, 4\) float64, Tensor \(2, 3\) float64\]"):
+        pair(torch.randn(2, 5, dtype=F64), (torch.zeros(2, 4, dtype=F64), torch.zeros(2, 3, dtype=F64)))
+
+
+def test_other_errors_of_f_pass_unchanged():
+    class Custom(Exception):
+        pass
+
+    def f(z, x):
+        raise Custom("from f")
+
+    with pytest.raises(Custom, match="^from f$"):
+        pg.DEQ(f)(torch.randn(2, 3), torch.zeros(2, 3))
+
+
+def test_signatures_and_help_show_the_real_arguments():
+    import inspect
+    import pydoc
+
+    for obj in (pg.DEQ, pg.UPG, pg.NPG, pg.JFB, pg.Implicit, pg.Backprop, pg.AdaptivePhantom):
+        params = inspect.signature(obj).parameters.values()
+        assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in params), obj
+    assert list(inspect.signature(pg.DEQ.forward).parameters) == ["self", "x", "z0", "states"]
+    text = pydoc.render_doc(pg.DEQ, renderer=pydoc.plaintext)
+    assert "Solve z* = f(z*, x) from ``z0``" in text
+
+
+@pytest.mark.parametrize("check_every, expected", [(1, 4), (None, 2)])
+def test_a_sync_free_layer_reads_its_health_only_every_warn_interval_calls(caplog, check_every, expected):
+    """With check_every=None the layer reads residuals and flags on the host once per warn_interval calls
+    (calls 0 and 3 of 4 here), not on every call."""
+    def f(z, x):
+        return z * x + 1.0  # sample 0 overflows to inf
+
+    x = torch.tensor([[1e200], [0.5]], dtype=F64)
+    deq = pg.DEQ(f, solver=pg.FixedPoint(max_iter=10, tol=1e-12, check_every=check_every), warn_interval=3,
+                 warn_not_converged=False)
+    with caplog.at_level(logging.WARNING, logger="phantomgrad"), torch.no_grad():
+        for _ in range(4):
+            _, info = deq(x, torch.zeros(2, 1, dtype=F64))
+    assert info.nonfinite.tolist() == [True, False]
+    assert sum("non-finite" in r.getMessage() for r in caplog.records) == expected

@@ -8,8 +8,9 @@ Method: Geng, Zhang, Bai, Wang, Lin, "On Training Implicit Models", NeurIPS 2021
 """
 
 from .adaptive import AdaptivePhantom
-from .backward import JFB, NPG, UPG, Backprop, BackwardMode, Implicit, make_backward
+from .backward import JFB, NPG, UPG, Backprop, BackwardMode, Implicit
 from .deq import DEQ, DEQInfo
+from .modes import BACKWARD_MODES, make_backward
 from .monitor import GradientQuality, gradient_quality
 from .regularize import jacobian_penalty, spectral_radius
 from .solvers import Anderson, Broyden, FixedPoint, Solver, SolverInfo, Unrolled, make_solver
@@ -19,7 +20,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DEQ", "DEQInfo",
     "Solver", "SolverInfo", "FixedPoint", "Anderson", "Broyden", "Unrolled", "make_solver",
-    "BackwardMode", "Implicit", "UPG", "NPG", "JFB", "Backprop", "make_backward", "AdaptivePhantom",
+    "BackwardMode", "Implicit", "UPG", "NPG", "JFB", "Backprop", "AdaptivePhantom",
+    "BACKWARD_MODES", "make_backward",
     "gradient_quality", "GradientQuality",
     "jacobian_penalty", "spectral_radius",
 ]

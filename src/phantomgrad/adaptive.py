@@ -31,6 +31,7 @@ import logging
 import math
 from typing import Any
 
+from ._checks import boolean, finite_float
 from .backward import UPG, _check_k
 from .solvers import _check_damping
 
@@ -54,6 +55,9 @@ class AdaptivePhantom(UPG):
         residual_ema: weight of the past in the running mean of residuals.
     """
 
+    config_keys = ("k", "damping", "k_min", "k_max", "low", "high", "k_step", "adapt_damping", "damping_min",
+                   "damping_factor", "residual_growth", "residual_ema")
+
     def __init__(
         self,
         k: int = 5,
@@ -70,9 +74,9 @@ class AdaptivePhantom(UPG):
         residual_ema: float = 0.8,
     ):
         super().__init__(k=k, damping=damping)
-        _check_k(k_min)
-        _check_k(k_max)
-        _check_k(k_step)
+        k_min, k_max, k_step = _check_k(k_min, "k_min"), _check_k(k_max, "k_max"), _check_k(k_step, "k_step")
+        adapt_damping = boolean("adapt_damping", adapt_damping)
+        low, high = finite_float("low", low), finite_float("high", high)
         if not k_min <= k <= k_max:
             raise ValueError(f"need k_min <= k <= k_max, got k_min={k_min}, k={k}, k_max={k_max}")
         if not 0 < low < high <= 1:

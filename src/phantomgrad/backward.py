@@ -20,11 +20,13 @@ DEQ layer asks ``mode.differentiates_solver`` before solving.
 
 from __future__ import annotations
 
-from typing import Callable
+import abc
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
 
+from ._checks import positive_int
 from .solvers import Broyden, Solver, SolverInfo, _check_damping
 
 FlatFn = Callable[[Tensor], Tensor]
@@ -51,19 +53,56 @@ def _allow_repeated_vjps_under_compile() -> None:
 _allow_repeated_vjps_under_compile()
 
 
-def _check_k(k: int) -> int:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k (number of phantom-gradient steps) must be an integer >= 1, got {k!r}")
-    return k
+def _check_k(k: int, name: str = "k (number of phantom-gradient steps)") -> int:
+    return positive_int(name, k)
 
 
-class BackwardMode:
-    """Base class. ``attach`` is only called when a gradient is wanted."""
+class BackwardMode(abc.ABC):
+    """How a DEQ layer's gradient is made: subclass it and implement :meth:`attach`.
 
-    differentiates_solver = False
+    Class attributes a mode declares (each has a default here):
 
-    def attach(self, fn: FlatFn, z_star: Tensor, info) -> Tensor:
-        raise NotImplementedError
+    * ``config_keys``: the names of the ``__init__`` arguments that a config may set (e.g.
+      ``("k", "damping")``); every name is a parameter of ``__init__`` with a default, so its
+      annotation and default are read with ``inspect.signature(cls)``. Values are plain data
+      (int, float, bool, str), except an argument annotated as a :class:`Solver` (Implicit's
+      ``solver``), which a config builds from its solver keys. ``make_backward`` accepts
+      exactly these keys.
+    * ``differentiates_solver``: the forward solve runs with autograd on (``Backprop``).
+    * ``outputs_fixed_point``: ``attach`` returns a tensor whose value is z* (Implicit, NPG,
+      Backprop); others (UPG's h_k) get the straight-through form in eval mode.
+
+    A new mode is one subclass plus one line in ``phantomgrad.modes.BACKWARD_MODES``.
+    """
+
+    config_keys: ClassVar[tuple[str, ...]] = ()
+    differentiates_solver: ClassVar[bool] = False
+    outputs_fixed_point: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def attach(self, fn: FlatFn, z_star: Tensor, info: Any) -> Tensor:
+        """Return the layer's output in training, carrying this mode's gradient.
+
+        Called only when autograd records. ``fn`` is the flat map z -> F(z, x) on (B, D),
+        differentiable in the parameters and in x; ``z_star`` the solver's state (detached
+        unless ``differentiates_solver``); ``info`` the forward solve's :class:`DEQInfo`, which
+        a mode may fill in (Implicit sets ``info.backward`` when its backward runs). The
+        gradient that reaches the parameters and x through the output is the mode's
+        approximation of J_theta^T (I - J_h^T)^{-1} dL/dh.
+        """
+
+    def attach_at_fixed_point(self, fn: FlatFn, z_star: Tensor, info: Any) -> Tensor:
+        """What the layer returns in eval mode with autograd recording: the value z*, the gradient of ``attach``.
+
+        For a mode whose ``attach`` outputs another state (UPG's h_k, JFB's F(h*)) this is the
+        straight-through form z* + (out - out.detach()): the value is z* exactly (out - out.detach()
+        is 0), and the gradient is the one ``attach`` prescribes. Modes whose ``attach`` already
+        outputs z* (``outputs_fixed_point = True``) return it unchanged.
+        """
+        out = self.attach(fn, z_star, info)
+        if self.outputs_fixed_point:
+            return out
+        return z_star.detach() + (out - out.detach())
 
     def __repr__(self) -> str:
         keys = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -98,12 +137,51 @@ class _RouteGradient(torch.autograd.Function):
         return routed, None, None, None
 
 
-def _one_step_graph(fn: FlatFn, z_star: Tensor) -> tuple[Tensor, Tensor]:
-    """F(z*) with a graph to the parameters, x and a fresh leaf standing for z*."""
+class _RouteGradientRecomputed(torch.autograd.Function):
+    """:class:`_RouteGradient` for compiled graphs: ``fz`` = F(z*) carries a graph to the
+    parameters and the input only, and backward evaluates F once more at a fresh leaf for
+    z* to take ``vjp(v) = J_h^T v``. Dynamo cannot trace a leaf made with
+    ``requires_grad_()`` in the forward graph, so this costs one extra evaluation of F
+    per backward, under ``torch.compile`` only.
+    """
+
+    @staticmethod
+    def forward(ctx, fz: Tensor, z_star: Tensor, fn: FlatFn, transform):
+        ctx.save_for_backward(z_star)
+        ctx.fn = fn
+        ctx.transform = transform
+        return z_star.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (z_star,) = ctx.saved_tensors
+        with torch.enable_grad():
+            z_req = z_star.detach().requires_grad_()
+            fz = ctx.fn(z_req)
+
+            def vjp(v: Tensor) -> Tensor:
+                return torch.autograd.grad(fz, z_req, v, retain_graph=True)[0]
+
+            routed = ctx.transform(grad, vjp)
+        return routed, None, None, None
+
+
+def _route(fn: FlatFn, z_star: Tensor, transform) -> Tensor:
+    """z* with the gradient J_theta^T transform(dL/dh, vjp) (and J_x^T likewise), see :class:`_RouteGradient`.
+
+    Eager: one evaluation of F at a fresh leaf for z*, whose graph serves both the VJPs with
+    J_h and the one with J_theta. Under torch.compile: :class:`_RouteGradientRecomputed`
+    (the backward then takes VJPs with ``torch.autograd.grad``, which Dynamo traces only with
+    ``torch._dynamo.config.trace_autograd_ops = True``).
+    """
+    if torch.compiler.is_compiling():
+        with torch.enable_grad():
+            fz = fn(z_star.detach())
+        return _RouteGradientRecomputed.apply(fz, z_star, fn, transform)
     z_req = z_star.detach().requires_grad_()
     with torch.enable_grad():
         fz = fn(z_req)
-    return fz, z_req
+    return _RouteGradient.apply(fz, z_req, z_star, transform)
 
 
 class Implicit(BackwardMode):
@@ -114,22 +192,26 @@ class Implicit(BackwardMode):
     passes J_theta^T g on. The default solver stops on a *relative* residual, so the
     gradient stays exact whatever the scale of the loss. After backward,
     ``info.backward`` holds the backward solve's :class:`SolverInfo` (its
-    ``converged`` says whether the gradient is exact to the tolerance).
+    ``converged`` says whether the gradient is exact to the tolerance); under
+    ``torch.compile`` it stays None (a compiled backward runs no Python code).
     """
+
+    config_keys = ("solver",)
+    outputs_fixed_point = True
 
     def __init__(self, solver: Solver | None = None):
         self.solver = solver if solver is not None else Broyden(max_iter=30, tol=1e-6, stop="rel")
 
     def attach(self, fn, z_star, info):
-        fz, z_req = _one_step_graph(fn, z_star)
         solver = self.solver
 
         def transform(grad: Tensor, vjp) -> Tensor:
             g, binfo = solver.solve(lambda y: vjp(y) + grad, grad)
-            info.backward = binfo
+            if not torch.compiler.is_compiling():  # a compiled backward replays no Python side effects
+                info.backward = binfo
             return g
 
-        return _RouteGradient.apply(fz, z_req, z_star, transform)
+        return _route(fn, z_star, transform)
 
 
 class NPG(BackwardMode):
@@ -142,12 +224,14 @@ class NPG(BackwardMode):
     independent of k. The layer outputs h*.
     """
 
+    config_keys = ("k", "damping")
+    outputs_fixed_point = True
+
     def __init__(self, k: int = 5, damping: float = 0.5):
         self.k = _check_k(k)
         self.damping = _check_damping("damping", damping)
 
     def attach(self, fn, z_star, info):
-        fz, z_req = _one_step_graph(fn, z_star)
         k, lam = self.k, self.damping
 
         def transform(grad: Tensor, vjp) -> Tensor:
@@ -157,7 +241,7 @@ class NPG(BackwardMode):
                 total = total + term
             return lam * total
 
-        return _RouteGradient.apply(fz, z_req, z_star, transform)
+        return _route(fn, z_star, transform)
 
 
 class UPG(BackwardMode):
@@ -169,9 +253,12 @@ class UPG(BackwardMode):
 
     and the gradient is backpropagation through them (memory O(k)). In training the
     layer outputs h_k, not h*, as the authors' code does: the head sees the state the
-    gradient was computed for. Under ``torch.no_grad`` or in eval mode the layer
-    outputs h* and runs no extra steps.
+    gradient was computed for. In eval mode (with autograd recording) the layer outputs
+    h* + (h_k - h_k.detach()): the value h*, the gradient of the k steps. Under
+    ``torch.no_grad`` it outputs h* and runs no extra steps.
     """
+
+    config_keys = ("k", "damping")
 
     def __init__(self, k: int = 5, damping: float = 0.5):
         self.k = _check_k(k)
@@ -189,9 +276,11 @@ class UPG(BackwardMode):
 
 class JFB(UPG):
     """The one-step (Jacobian-free) gradient: UPG with k = 1, lambda = 1, i.e. A = I.
-    The layer outputs F(h*) in training."""
+    The layer outputs F(h*) in training, and h* + (F(h*) - F(h*).detach()) in eval mode."""
 
-    def __init__(self):
+    config_keys = ()
+
+    def __init__(self) -> None:
         super().__init__(k=1, damping=1.0)
 
     def __repr__(self) -> str:
@@ -206,27 +295,10 @@ class Backprop(BackwardMode):
     """
 
     differentiates_solver = True
+    outputs_fixed_point = True
 
     def attach(self, fn, z_star, info):  # the solver already built the graph
         return z_star
 
 
-BACKWARD_MODES: dict[str, type[BackwardMode]] = {
-    "implicit": Implicit,
-    "upg": UPG,
-    "npg": NPG,
-    "jfb": JFB,
-    "backprop": Backprop,
-}
-
-
-def make_backward(name: str, **kwargs) -> BackwardMode:
-    """Build a backward mode by name, for configs."""
-    try:
-        cls = BACKWARD_MODES[name]
-    except KeyError:
-        raise ValueError(f"unknown backward mode {name!r}; choose one of {sorted(BACKWARD_MODES)}") from None
-    return cls(**kwargs)
-
-
-__all__ = ["BackwardMode", "Implicit", "UPG", "NPG", "JFB", "Backprop", "make_backward", "SolverInfo"]
+__all__ = ["BackwardMode", "Implicit", "UPG", "NPG", "JFB", "Backprop"]

@@ -17,8 +17,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._checks import boolean, positive_int
 from .backward import UPG, BackwardMode
-from .solvers import Anderson, Solver, SolverInfo
+from .solvers import Anderson, Solver, SolverInfo, default_check_every
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,37 @@ def _describe(z: Any) -> str:
     return type(z).__name__
 
 
+def _describe_typed(z: Any) -> str:
+    """Shapes and dtypes, for the error when F fails: 'Tensor (3, 6) float64', 'tuple of [...]'."""
+    if isinstance(z, Tensor):
+        return f"Tensor {tuple(z.shape)} {str(z.dtype).removeprefix('torch.')}"
+    if isinstance(z, (tuple, list)):
+        return f"{type(z).__name__} of [" + ", ".join(_describe_typed(p) for p in z) + "]"
+    if isinstance(z, dict):
+        return "dict of {" + ", ".join(f"{k!r}: {_describe_typed(v)}" for k, v in z.items()) + "}"
+    return type(z).__name__
+
+
+# Errors of F's first call that are re-raised with what the layer passed (other types pass unchanged,
+# and so does running out of memory, a RuntimeError that callers catch by its own type).
+_EXPLAINED_ERRORS = (TypeError, ValueError, IndexError, RuntimeError)
+
+
+def _explain_first_call_error(err: Exception, z: State, x: Any) -> Exception | None:
+    """A one-line error naming what f(z, x) received and the calling conventions, or None to re-raise as is."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return None
+    base = next((t for t in _EXPLAINED_ERRORS if isinstance(err, t)), None)
+    if base is None:
+        return None
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return base(
+        f"f(z, x) failed on its first call, with z = {_describe_typed(z)} (shaped like z0) and "
+        f"x = {_describe_typed(x)}: {first_line}. The layer is called as deq(x, z0) and calls f(z, x); "
+        "check the order of the arguments of both"
+    )
+
+
 def _all_finite(z: Any) -> bool:
     if isinstance(z, Tensor):
         if not torch.is_floating_point(z):
@@ -103,18 +135,43 @@ class DEQ(nn.Module):
             If it is an ``nn.Module`` its parameters are registered here.
         solver: forward solver (default ``Anderson(max_iter=30, tol=1e-4)``).
         backward: backward mode (default ``UPG(k=5, damping=0.5)``).
-        warn_not_converged: log a warning when a forward solve misses its tolerance.
+        warn_not_converged: log a warning (``logging``, logger ``phantomgrad.deq``) when the
+            forward solve misses its tolerance by 10x or more: the batch mean of the residual
+            the solver stops on (relative for ``stop="rel"``, absolute for ``"abs"``) is
+            >= 10 x ``tol``. At most one warning per ``warn_interval`` calls of this layer.
+            ``False`` silences it.
+        warn_interval: calls of the layer between two warnings (and, with a sync-free solver,
+            ``check_every=None``, between two checks: each check reads the residual on the host).
         fallback: a second solver (e.g. ``pg.FixedPoint(damping=0.5)``) that re-solves, from
             z0, the samples whose first solve produced non-finite values; used samples are
-            flagged in ``info.fallback`` and logged.
+            flagged in ``info.fallback`` and logged. Deciding whether it is needed reads one
+            flag on the host per call, also with a sync-free solver.
+        return_states: trajectory supervision: solver steps t (1 <= t <= ``solver.max_iter``)
+            after which the layer also returns the state, each with its own phantom gradient
+            (see ``forward``'s ``states``); the default () returns the final state alone.
 
     The solver's state is kept in at least float32: under ``torch.autocast`` F may compute
     in bfloat16, but its output is cast back, so iterates and residuals stay float32.
 
     ``forward(x, z0)`` returns ``(z, info)``. Gradients flow to the parameters of f and
-    to x, never to z0. Under ``torch.no_grad()`` or in eval mode only the forward
-    solve runs and the output is h*; in training, what is returned and how its
-    gradient is made is the backward mode's business (UPG, for one, returns h_k).
+    to x, never to z0. What is returned, and how its gradient is made, is the backward
+    mode's business:
+
+    * training mode, autograd recording: the mode's output (h* for Implicit, NPG and
+      Backprop; h_k for UPG; F(h*) for JFB) with the mode's gradient;
+    * eval mode, autograd recording: the value h* with the same gradient (for UPG,
+      h* + (h_k - h_k.detach())), so saliency maps and input optimisation work as in
+      training: ``eval()`` changes dropout and normalisation, not autograd;
+    * under ``torch.no_grad()`` / ``torch.inference_mode()``: h*, and only the forward
+      solve runs.
+
+    Host syncs. With a solver that checks convergence on the host (``check_every`` an
+    integer; ``"auto"`` on CPU) the layer also checks x and z0 for NaN/Inf (ValueError) and
+    reads the residuals for its warnings on every call. With a sync-free solver
+    (``check_every=None``; ``"auto"`` on CUDA) it reads nothing on the host: a non-finite
+    input is flagged in ``info.nonfinite`` by the solve instead of refused, and the warnings
+    read the device once every ``warn_interval`` calls. Under ``torch.compile`` the warnings
+    are skipped, so a sync-free layer compiles as one graph (``fullgraph=True``).
     """
 
     def __init__(
@@ -122,8 +179,10 @@ class DEQ(nn.Module):
         f: Callable[..., State],
         solver: Solver | None = None,
         backward: BackwardMode | None = None,
-        warn_not_converged: bool = False,
+        warn_not_converged: bool = True,
         fallback: Solver | None = None,
+        warn_interval: int = 1000,
+        return_states: Sequence[int] = (),
     ):
         super().__init__()
         if not callable(f):
@@ -135,7 +194,11 @@ class DEQ(nn.Module):
             raise TypeError(f"solver must be a phantomgrad solver such as pg.Anderson(), got {self.solver!r}")
         if not isinstance(self.backward_mode, BackwardMode):
             raise TypeError(f"backward must be a phantomgrad backward mode such as pg.UPG(), got {self.backward_mode!r}")
-        self.warn_not_converged = warn_not_converged
+        self.warn_not_converged = boolean("warn_not_converged", warn_not_converged)
+        self.warn_interval = positive_int("warn_interval", warn_interval)
+        self.return_states = self._check_states(return_states, "return_states")
+        self._calls = 0  # forward calls seen by the health checks (eager only)
+        self._quiet_until = 0  # no not-converged warning before this call
         if fallback is not None and not isinstance(fallback, Solver):
             raise TypeError(f"fallback must be a phantomgrad solver such as pg.FixedPoint(damping=0.5), got {fallback!r}")
         self.fallback = fallback
@@ -143,46 +206,109 @@ class DEQ(nn.Module):
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, backward={self.backward_mode!r}"
 
-    def forward(self, x: Any, z0: State) -> tuple[State, DEQInfo]:
-        packer = _Packer(z0)
-        if not _all_finite(z0):
-            raise ValueError("z0 contains NaN or Inf; start the solve from a finite state (e.g. zeros)")
-        if not _all_finite(x):
-            raise ValueError("the input x contains NaN or Inf; check the data and the layers before the DEQ")
+    def forward(self, x: Any, z0: State, states: Sequence[int] | None = None) -> tuple[Any, DEQInfo]:
+        """Solve z* = f(z*, x) from ``z0`` and attach the backward mode's gradient.
 
+        Args:
+            x: the input injection, passed to ``f`` unchanged as its second argument (a
+                tensor, a tuple, a dict, ...). Gradients reach it.
+            z0: the starting state: a tensor or a tuple of tensors with the batch on
+                dimension 0; ``f(z, x)`` must return this structure and these shapes. No
+                gradient reaches it.
+            states: trajectory supervision for this call (default: the layer's
+                ``return_states``): solver steps t whose states are returned too.
+
+        Returns:
+            ``(z, info)``: ``z`` with the structure of ``z0`` (see the class docstring for
+            its value in training, eval and no_grad), ``info`` a :class:`DEQInfo` with
+            per-sample residuals, step counts and flags of the forward solve.
+
+            With ``states=(t_1, ..., t_n)`` (or ``return_states``), ``z`` is instead a list
+            ``[z_t1, ..., z_tn, z_final]`` of n + 1 states, each with the structure of
+            ``z0``: z_t is the solver's state after t evaluations of f (for a sample that had
+            stopped by then, its final state; see ``Solver.solve(keep=...)``), and the last
+            entry is exactly what the call without ``states`` returns. Each state s carries
+            the backward mode's gradient made at s, as if s were the fixed point (the
+            fixed-point correction of DEQ optical flow): with UPG, the k damped steps from
+            s (the value s_k in training, s + (s_k - s_k.detach()) in eval), with Implicit
+            or NPG the value s with (I - J(s))^{-1} or its Neumann series at s. A loss can
+            be put on each. Implicit's ``info.backward`` describes the last backward solve run.
+
+        Raises:
+            ValueError: z0 or x holds NaN/Inf, or f returns another structure than z0.
+            TypeError, ValueError, IndexError, RuntimeError: the first call of f failed;
+                the message names what the layer passed to f (chained from f's error).
+        """
+        steps = self.return_states if states is None else self._check_states(states, "states")
+        packer = _Packer(z0)
         z0_flat = packer.pack(z0).detach()
         state_dtype = torch.promote_types(z0_flat.dtype, torch.float32) if z0_flat.is_floating_point() else z0_flat.dtype
         z0_flat = z0_flat.to(state_dtype)
+        sync_free = self._sync_free(z0_flat.device)
+        if not sync_free:  # host syncs; a sync-free layer leaves non-finite inputs to info.nonfinite instead
+            if not _all_finite(z0):
+                raise ValueError("z0 contains NaN or Inf; start the solve from a finite state (e.g. zeros)")
+            if not _all_finite(x):
+                raise ValueError("the input x contains NaN or Inf; check the data and the layers before the DEQ")
 
         # Under autocast only F runs in low precision; the solver's algebra stays in state_dtype.
         device_type = z0_flat.device.type
         autocast_on = torch.is_autocast_enabled(device_type)
         autocast_dtype = torch.get_autocast_dtype(device_type) if autocast_on else None
 
-        def fn(flat: Tensor) -> Tensor:
+        def call_f(z: State) -> State:
             if autocast_on:  # the solve runs with autocast off; F alone gets it back
                 with torch.autocast(device_type, dtype=autocast_dtype):
-                    out = self.f(packer.unpack(flat), x)
-            else:  # no context manager per call: F may take only microseconds
-                out = self.f(packer.unpack(flat), x)
+                    return self.f(z, x)
+            return self.f(z, x)  # no context manager per call: F may take only microseconds
+
+        first_call = [True]
+
+        def fn(flat: Tensor) -> Tensor:
+            z = packer.unpack(flat)
+            if first_call[0]:  # a failing first call is most often a mix-up of f(z, x) and deq(x, z0)
+                try:
+                    out = call_f(z)
+                except Exception as err:
+                    explained = _explain_first_call_error(err, z, x)
+                    if explained is None:
+                        raise
+                    raise explained from err
+                first_call[0] = False
+            else:
+                out = call_f(z)
             packer.check(out, "f(z, x)")
             return packer.pack(out).to(state_dtype)
 
-        wants_grad = torch.is_grad_enabled() and self.training
+        wants_grad = torch.is_grad_enabled()  # eval mode too: only no_grad/inference_mode skip backward work
         mode = self.backward_mode
         with contextlib.nullcontext() if wants_grad and mode.differentiates_solver else torch.no_grad(), \
                 torch.autocast(device_type, enabled=False):
-            z_star, sinfo = self.solver.solve(fn, z0_flat)
-            if self.fallback is not None and bool(sinfo.nonfinite.any()):
+            z_star, sinfo = self.solver.solve(fn, z0_flat, keep=steps)
+            if self.fallback is not None and bool(sinfo.nonfinite.any()):  # host sync, only with a fallback
                 z_star, sinfo = self._fall_back(fn, z0_flat, z_star, sinfo)
         info = DEQInfo(**vars(sinfo))
-        self._report(info)
+        if not torch.compiler.is_compiling():  # host-side health checks stay out of compiled graphs
+            self._report(info, sync_free)
+        points = [*info.states, z_star] if steps else [z_star]
         if wants_grad:
+            attach = mode.attach if self.training else mode.attach_at_fixed_point
             with torch.autocast(device_type, enabled=False):
-                z_out = mode.attach(fn, z_star, info)
+                outs = [attach(fn, point, info) for point in points]
         else:
-            z_out = z_star.detach()
-        return packer.unpack(z_out), info
+            outs = [point.detach() for point in points]
+        if not steps:
+            return packer.unpack(outs[0]), info
+        return [packer.unpack(out) for out in outs], info
+
+    def _check_states(self, states: Sequence[int], name: str) -> tuple[int, ...]:
+        if isinstance(states, (int, Tensor)) or not isinstance(states, Sequence):
+            raise TypeError(f"{name} must be a sequence of solver steps such as (4, 8), got {states!r}")
+        steps = tuple(positive_int(f"{name} (a solver step)", t) for t in states)
+        if steps and max(steps) > self.solver.max_iter:
+            raise ValueError(f"{name} asks for the state after step {max(steps)}, but the solver runs at most "
+                             f"max_iter={self.solver.max_iter} steps; ask for steps <= max_iter")
+        return steps
 
     def _fall_back(self, fn, z0: Tensor, z_star: Tensor, first: SolverInfo) -> tuple[Tensor, SolverInfo]:
         """Re-solve with the fallback solver and take its result where the first went non-finite."""
@@ -197,17 +323,45 @@ class DEQ(nn.Module):
         merged["fallback"] = first.fallback | use
         merged["nonfinite"] = first.nonfinite & ~use
         merged["trace"] = first.trace
+        if first.states is not None:  # a recovered sample's kept states are the fallback's final state
+            merged["states"] = [torch.where(use[:, None], retry, s) for s in first.states]
         return torch.where(use[:, None], retry, z_star), SolverInfo(**merged)
 
-    def _report(self, info: DEQInfo) -> None:
-        if bool(info.nonfinite.any()):
+    def _sync_free(self, device: torch.device) -> bool:
+        """Whether the solver never reads the device from the host (``check_every=None``, or
+        ``"auto"`` off the CPU): then the layer skips its own per-call host syncs too."""
+        check_every = getattr(self.solver, "check_every", 1)
+        if check_every == "auto":
+            check_every = default_check_every(device)
+        return check_every is None
+
+    def _report(self, info: DEQInfo, sync_free: bool) -> None:
+        """Log non-finite solves and solves that missed their tolerance by 10x (eager only).
+
+        Host sync: reads two numbers from the device, on every call, or only every
+        ``warn_interval`` calls when the solver is sync-free (``check_every=None``).
+        """
+        call = self._calls
+        self._calls += 1
+        if sync_free and call % self.warn_interval:
+            return
+        solver = self.solver
+        stop_res = info.rel_residual if getattr(solver, "stop", "rel") == "rel" else info.abs_residual
+        n_nonfinite, mean_res = torch.stack((info.nonfinite.sum().double(), stop_res.double().mean())).tolist()  # sync
+        if n_nonfinite:
             log.warning(
                 "DEQ forward solve produced non-finite values for %d of %d samples; the returned state is the "
                 "last finite iterate (see info.nonfinite). Lower the damping, regularise the Jacobian or check f.",
-                int(info.nonfinite.sum()), info.nonfinite.numel(),
+                int(n_nonfinite), info.nonfinite.numel(),
             )
-        if self.warn_not_converged and not info.all_converged:
-            log.warning(
-                "DEQ forward solve did not converge for %d of %d samples (mean relative residual %.3g after %d steps)",
-                int((~info.converged).sum()), info.converged.numel(), float(info.rel_residual.mean()), int(info.nstep.max()),
-            )
+        tol = getattr(solver, "tol", None)
+        if not (self.warn_not_converged and tol and call >= self._quiet_until and mean_res >= 10 * tol):
+            return
+        self._quiet_until = call + self.warn_interval
+        log.warning(
+            "DEQ forward solve missed its tolerance: mean %s residual %.3g >= 10 x tol=%.3g (%d of %d samples "
+            "not converged, at most %d steps). Raise max_iter, try pg.Anderson/pg.Broyden or make f more "
+            "contractive; pg.DEQ(..., warn_not_converged=False) silences this (next warning in >= %d calls).",
+            getattr(solver, "stop", "rel"), mean_res, tol, int((~info.converged).sum()), info.converged.numel(),
+            int(info.nstep.max()), self.warn_interval,
+        )
