@@ -12,6 +12,7 @@ from .backward import JFB, NPG, UPG, Backprop, BackwardMode, Implicit, make_back
 from .deq import DEQ, DEQInfo
 from .monitor import GradientQuality, gradient_quality
 from .regularize import jacobian_penalty, spectral_radius
+from .reversible import Reversible
 from .solvers import Anderson, Broyden, FixedPoint, Solver, SolverInfo, make_solver
 
 __version__ = "0.1.0"
@@ -22,4 +23,5 @@ __all__ = [
     "BackwardMode", "Implicit", "UPG", "NPG", "JFB", "Backprop", "make_backward", "AdaptivePhantom",
     "gradient_quality", "GradientQuality",
     "jacobian_penalty", "spectral_radius",
+    "Reversible",
 ]
