@@ -13,6 +13,7 @@ from .deq import DEQ, DEQInfo
 from .monitor import GradientQuality, gradient_quality
 from .regularize import jacobian_penalty, spectral_radius
 from .reversible import Reversible
+from .shine import SHINE
 from .solvers import Anderson, Broyden, FixedPoint, Solver, SolverInfo, make_solver
 
 __version__ = "0.1.0"
@@ -23,5 +24,5 @@ __all__ = [
     "BackwardMode", "Implicit", "UPG", "NPG", "JFB", "Backprop", "make_backward", "AdaptivePhantom",
     "gradient_quality", "GradientQuality",
     "jacobian_penalty", "spectral_radius",
-    "Reversible",
+    "Reversible", "SHINE",
 ]
