@@ -95,9 +95,22 @@ def test_refuses_beta_outside_supported_range(beta):
         Reversible(beta=beta)
 
 
-def test_refuses_max_iter_below_one_step():
+def test_refuses_max_iter_below_one_step_and_kept_states():
     with pytest.raises(ValueError, match="max_iter"):
         Reversible(max_iter=1)
+    with pytest.raises(ValueError, match="keep"):
+        Reversible().solve(lambda z: z * 0.5, torch.zeros(2, 3, dtype=D), keep=(2,))
+
+
+def test_check_every_none_runs_every_step():
+    layer = TanhLayer()
+    x = torch.randn(3, 4, dtype=D)
+    fn = lambda z: layer(z, x)  # noqa: E731
+    with torch.no_grad():
+        _, early = Reversible(max_iter=100, tol=1e-6).solve(fn, torch.zeros(3, 6, dtype=D))
+        z, full = Reversible(max_iter=100, tol=1e-6, check_every=None).solve(fn, torch.zeros(3, 6, dtype=D))
+    assert int(early.nstep[0]) < 100 == int(full.nstep[0])
+    assert full.all_converged
 
 
 def test_plain_solver_without_backprop_and_under_no_grad():

@@ -23,7 +23,8 @@ docs/methods.md gives the measured error for other beta and step counts. In floa
 count small and beta well away from 1, or expect the gradient to drift.
 
 Per-sample stopping. Every sample runs the same number of steps: the loop stops once every sample
-meets the tolerance (one host sync per step), so the reversal needs no per-sample bookkeeping.
+meets the tolerance (the host looks every ``check_every`` steps, as for every solver; ``None``
+runs all max_iter // 2 steps), so the reversal needs no per-sample bookkeeping.
 The returned state is the last y (its residual F(y) - y comes free with the step), not the best
 iterate seen, since the gradient is that of the last step.
 
@@ -34,19 +35,21 @@ backward pass evaluates it again at the rebuilt states.
 from __future__ import annotations
 
 import math
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .solvers import FlatFn, Solver, SolverInfo
+from ._checks import boolean, in_range
+from .solvers import FlatFn, Solver, SolverInfo, default_check_every
+from .solvers.base import CheckEvery
 
 MIN_GAP = 0.05  # smallest |1 - beta| accepted: the reversal divides by it once per step
 
 
 def _check_beta(beta: float) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < 2:
-        raise ValueError(f"beta must be a number in (0, 2), got {beta!r}")
+    beta = in_range("beta", beta, 0.0, 2.0, high_open=True)
     if abs(1 - beta) < MIN_GAP:
         raise ValueError(f"beta={beta!r} is too close to 1: the reversal divides by 1 - beta; use |1 - beta| >= {MIN_GAP}")
     return float(beta)
@@ -173,21 +176,28 @@ class Reversible(Solver):
     Args:
         beta: relaxation in (0, 2), |1 - beta| >= ``MIN_GAP`` (see the numerical limits above).
         max_iter: largest number of evaluations of F; each step takes two, so at most max_iter // 2 steps.
-        tol, stop, trace: as for every solver; the residual is that of y_n, ||F(y_n) - y_n||.
+        tol, stop, trace, check_every: as for every solver; the residual is that of y_n, ||F(y_n) - y_n||.
 
     With ``pg.Backprop()`` the gradient is that of every step, by reversal (memory independent of
     max_iter); with any other backward mode it is a plain solver.
     """
 
-    def __init__(self, beta: float = 0.5, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, beta: float = 0.5, *, max_iter: int = 50, tol: float = 1e-4,
+                 stop: Literal["rel", "abs"] = "rel", trace: bool = False, check_every: CheckEvery = "auto"):
+        super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every)
         if self.max_iter < 2:
             raise ValueError(f"max_iter must be >= 2 for pg.Reversible (each step evaluates F twice), got {self.max_iter}")
         self.beta = _check_beta(beta)
 
-    def solve(self, fn: FlatFn, z0: Tensor) -> tuple[Tensor, SolverInfo]:
+    def solve(self, fn: FlatFn, z0: Tensor, *, keep: Sequence[int] = (),
+              keep_inverse: bool = False) -> tuple[Tensor, SolverInfo]:
+        """Run the coupled iteration from y_0 = z_0; returns the last y and its info (no
+        inverse-Jacobian estimate: ``keep_inverse`` is ignored; ``keep`` is not supported)."""
         if z0.dim() != 2:
             raise ValueError(f"solvers work on flat states of shape (batch, dim), got shape {tuple(z0.shape)}")
+        if tuple(keep):
+            raise ValueError("pg.Reversible does not return intermediate states (keep=...); use another solver for them")
+        boolean("keep_inverse", keep_inverse)
         z0 = z0.detach()
         if not torch.is_grad_enabled():
             y, _, info = self._run(fn, z0, fn(z0))
@@ -206,9 +216,13 @@ class Reversible(Solver):
         y = _ReverseSolve.apply(self, fn, store, z0, f0.detach(), *inputs)
         return y, store[0]
 
+    def _iterate(self, fn, z, tracker, fallback):  # pragma: no cover - solve is overridden
+        raise AssertionError("Reversible.solve does not use the tracker")
+
     def _run(self, fn: FlatFn, z0: Tensor, f0: Tensor) -> tuple[Tensor, Tensor, SolverInfo]:
         """The coupled iteration from y_0 = z_0 (F(z_0) = f0 given), without a graph."""
         b, a = self.beta, 1.0 - self.beta
+        check_every = default_check_every(z0.device) if self.check_every == "auto" else self.check_every
         y = z = z0
         fz = f0
         trace: list[Tensor] | None = [] if self.trace else None
@@ -225,8 +239,9 @@ class Reversible(Solver):
             nonfinite |= ~(abs_res + rel_res < math.inf)
             if trace is not None:
                 trace.append(crit)
-            if not bool(((crit > self.tol) & ~nonfinite).any()):  # host sync: stop once every sample is done
-                break
+            if check_every is not None and (n + 1) % check_every == 0:
+                if not bool(((crit > self.tol) & ~nonfinite).any()):  # host sync: stop once every sample is done
+                    break
         steps = torch.full_like(nonfinite, 2 * (n + 1), dtype=torch.long)
         info = SolverInfo(abs_residual=abs_res, rel_residual=rel_res, nstep=steps, converged=crit <= self.tol,
                           nonfinite=nonfinite, fallback=torch.zeros_like(nonfinite), trace=trace)

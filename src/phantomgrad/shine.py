@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from ._checks import nonneg_int, positive_float
 from .backward import JFB, BackwardMode, Implicit, _one_step_graph, _RouteGradient
 from .solvers import Broyden, Solver
 
@@ -53,10 +54,8 @@ class SHINE(BackwardMode):
     needs_inverse_jacobian: ClassVar[bool] = True  # the layer solves with keep_inverse=True
 
     def __init__(self, refine: int = 0, refine_tol: float = 1e-6, fallback: str | BackwardMode | None = "jfb"):
-        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-            raise ValueError(f"refine (Broyden steps after the SHINE estimate) must be an integer >= 0, got {refine!r}")
-        if isinstance(refine_tol, bool) or not isinstance(refine_tol, (int, float)) or not refine_tol > 0:
-            raise ValueError(f"refine_tol must be a number > 0, got {refine_tol!r}")
+        refine = nonneg_int("refine (Broyden steps after the SHINE estimate)", refine)
+        refine_tol = positive_float("refine_tol", refine_tol)
         if isinstance(fallback, str):
             if fallback not in FALLBACKS:
                 raise ValueError(f"unknown SHINE fallback {fallback!r}; choose one of {sorted(FALLBACKS)} or pass a mode")
