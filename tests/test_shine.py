@@ -176,6 +176,44 @@ def test_fallback_when_the_forward_did_not_converge():
     assert _rel(conv, ref) < 1e-14
 
 
+def test_fallback_when_the_layer_re_solved_some_sample():
+    layer = TanhLayer()
+    x = torch.randn(3, 4, dtype=D, requires_grad=True)
+    fn, z_star, info = _solve(layer, x, pg.Broyden(max_iter=40, tol=1e-10))
+    assert info.all_converged
+    info.fallback = torch.tensor([False, True, False])  # as the layer's fallback solver marks it
+    out = SHINE(fallback="jfb").attach(fn, z_star, info)
+    w = torch.randn(3, 6, dtype=D)
+    jfb = torch.autograd.grad((pg.JFB().attach(fn, z_star, info) * w).sum(), [*layer.parameters(), x])
+    assert _rel(torch.autograd.grad((out * w).sum(), [*layer.parameters(), x]), jfb) < 1e-12
+
+
+class _Blown:
+    """The exact inverse for sample 0, a broken (huge or NaN) one for samples 1 and 2."""
+
+    def __init__(self, w):
+        self.h = torch.linalg.inv(w.detach() - torch.eye(w.shape[0], dtype=D))
+
+    def rmatvec(self, v):
+        return (v @ self.h) * torch.tensor([1.0, 1e5, float("nan")], dtype=D)[:, None]
+
+
+def test_max_gain_gives_a_broken_sample_jfbs_direction():
+    layer = Linear()
+    x = torch.randn(3, 3, dtype=D, requires_grad=True)
+    w = torch.randn(3, 5, dtype=D)
+    fn, z_star, info = _solve(layer, x, pg.Broyden(max_iter=30, tol=1e-12))
+    info.inverse_jacobian = _Blown(layer.W)
+    out = SHINE(fallback="none").attach(fn, z_star, info)
+    got = torch.autograd.grad((out * w).sum(), [*layer.parameters(), x])
+    exact0 = _implicit_exact(layer, x, w * torch.tensor([1.0, 0, 0], dtype=D)[:, None])
+    mask12 = torch.tensor([0, 1.0, 1], dtype=D)[:, None]
+    jfb12 = torch.autograd.grad((pg.JFB().attach(fn, z_star, info) * w * mask12).sum(), [*layer.parameters(), x])
+    assert _rel(got, [a + b for a, b in zip(exact0, jfb12)]) < 1e-12
+    out = SHINE(fallback="none", max_gain=None).attach(fn, z_star, info)
+    assert not torch.isfinite(torch.autograd.grad((out * w).sum(), layer.W)[0]).all()  # unguarded: the NaN passes
+
+
 def test_missing_estimate_and_wrong_solver_are_one_line_errors():
     layer = TanhLayer()
     x = torch.randn(2, 4, dtype=D)
@@ -189,7 +227,8 @@ def test_missing_estimate_and_wrong_solver_are_one_line_errors():
 
 
 @pytest.mark.parametrize("kwargs", [dict(refine=-1), dict(refine=True), dict(refine=1.5), dict(refine_tol=0),
-                                    dict(fallback="upg"), dict(fallback=pg.Backprop()), dict(fallback=3)])
+                                    dict(fallback="upg"), dict(fallback=pg.Backprop()), dict(fallback=3),
+                                    dict(max_gain=0), dict(max_gain=float("nan"))])
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         SHINE(**kwargs)

@@ -51,7 +51,8 @@ MIN_GAP = 0.05  # smallest |1 - beta| accepted: the reversal divides by it once 
 def _check_beta(beta: float) -> float:
     beta = in_range("beta", beta, 0.0, 2.0, high_open=True)
     if abs(1 - beta) < MIN_GAP:
-        raise ValueError(f"beta={beta!r} is too close to 1: the reversal divides by 1 - beta; use |1 - beta| >= {MIN_GAP}")
+        raise ValueError(f"beta={beta!r} is too close to 1: the reversal divides by 1 - beta; "
+                         f"use |1 - beta| >= {MIN_GAP}")
     return float(beta)
 
 
@@ -186,7 +187,8 @@ class Reversible(Solver):
                  stop: Literal["rel", "abs"] = "rel", trace: bool = False, check_every: CheckEvery = "auto"):
         super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every)
         if self.max_iter < 2:
-            raise ValueError(f"max_iter must be >= 2 for pg.Reversible (each step evaluates F twice), got {self.max_iter}")
+            raise ValueError(f"max_iter must be >= 2 for pg.Reversible (each step evaluates F twice), "
+                             f"got {self.max_iter}")
         self.beta = _check_beta(beta)
 
     def solve(self, fn: FlatFn, z0: Tensor, *, keep: Sequence[int] = (),
@@ -196,7 +198,8 @@ class Reversible(Solver):
         if z0.dim() != 2:
             raise ValueError(f"solvers work on flat states of shape (batch, dim), got shape {tuple(z0.shape)}")
         if tuple(keep):
-            raise ValueError("pg.Reversible does not return intermediate states (keep=...); use another solver for them")
+            raise ValueError("pg.Reversible does not return intermediate states (keep=...); "
+                             "use another solver for them")
         boolean("keep_inverse", keep_inverse)
         z0 = z0.detach()
         if not torch.is_grad_enabled():
