@@ -75,11 +75,12 @@ def _rel(got, want):
     return max(float((g - r).norm() / r.norm()) for g, r in zip(got, want))
 
 
-def test_gradient_equals_dense_formula_from_the_estimate():
-    layer = TanhLayer()
-    x = torch.randn(3, 4, dtype=D, requires_grad=True)
+@pytest.mark.parametrize("make", [lambda: (TanhLayer(), 4), lambda: (Linear(dim=6, in_dim=4), 4)], ids=["tanh", "linear"])
+def test_gradient_equals_dense_formula_from_the_estimate(make):
+    layer, in_dim = make()
+    x = torch.randn(3, in_dim, dtype=D, requires_grad=True)
     w = torch.randn(3, 6, dtype=D)
-    solver = pg.Broyden(memory=4, max_iter=12, tol=1e-8)  # the ring wraps: old factors are forgotten
+    solver = pg.Broyden(memory=4, max_iter=12, tol=1e-10)  # the ring wraps: old factors are forgotten
     got, info = _mode_grads(SHINE(fallback="none"), layer, x, solver, w)
     est = info.inverse_jacobian
     assert int(est.count.max()) > est.memory
