@@ -140,3 +140,25 @@ def test_tensor_read_past_torch_functions_is_an_error():
     deq = pg.DEQ(f, solver=Reversible(beta=0.5, max_iter=10), backward=pg.Backprop())
     with pytest.raises(RuntimeError, match="could not see"):
         deq(torch.randn(2, 6, dtype=D), torch.zeros(2, 6, dtype=D))
+
+
+class _NormAtZero(torch.nn.Module):
+    """F(z, x) = tanh(W n(z) + x) with n(z) = z / sqrt(mean(z^2) + 1e-24), like a group norm: its
+    Jacobian at z = 0 is 1e12, so a rounding error in a rebuilt z_0 = 0 would be amplified."""
+
+    def __init__(self):
+        super().__init__()
+        w = torch.randn(6, 6, dtype=D)
+        self.W = torch.nn.Parameter(0.5 * w / torch.linalg.matrix_norm(w, ord=2))
+
+    def forward(self, z, x):
+        return torch.tanh(z / (z.pow(2).mean(1, keepdim=True) + 1e-24).sqrt() @ self.W.T + x)
+
+
+def test_the_start_is_not_rebuilt():
+    layer = _NormAtZero()
+    x = torch.randn(3, 6, dtype=D, requires_grad=True)
+    z0, w = torch.zeros(3, 6, dtype=D), torch.randn(3, 6, dtype=D)
+    out, _ = pg.DEQ(layer, solver=Reversible(beta=0.5, max_iter=8, tol=1e-30), backward=pg.Backprop())(x, z0)
+    ref = _coupled(layer, x, z0, 0.5, 4)
+    _assert_close(_grads(out, w, [layer.W, x]), _grads(ref, w, [layer.W, x]), 1e-8)

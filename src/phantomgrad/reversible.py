@@ -22,6 +22,10 @@ in float64 for beta in [0.2, 0.7] over 20 steps and in [1.2, 1.5] over 10 steps 
 docs/methods.md gives the measured error for other beta and step counts. In float32 keep the step
 count small and beta well away from 1, or expect the gradient to drift.
 
+The start y_0 = z_0 is kept, so the last reversed step is evaluated at the exact start: a map
+whose Jacobian is huge there (MDEQ's group norms at z_0 = 0 amplify a 1e-15 error in the rebuilt
+z_0 to 1e-5 in F(z_0)) would otherwise spoil the gradient.
+
 Per-sample stopping. Every sample runs the same number of steps: the loop stops once every sample
 meets the tolerance (the host looks every ``check_every`` steps, as for every solver; ``None``
 runs all max_iter // 2 steps), so the reversal needs no per-sample bookkeeping.
@@ -130,12 +134,12 @@ class _ReverseSolve(torch.autograd.Function):
         y, z, info = solver._run(fn, z0, f0)
         store.append(info)
         ctx.solver, ctx.fn, ctx.steps = solver, fn, int(info.nstep[0]) // 2
-        ctx.save_for_backward(y, z, *inputs)
+        ctx.save_for_backward(z0, y, z, *inputs)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        y, z, *inputs = ctx.saved_tensors
+        z0, y, z, *inputs = ctx.saved_tensors
         fn, b, steps = ctx.fn, ctx.solver.beta, ctx.steps
         a = 1.0 - b
         # adjoints of (y_{n+1}, z_{n+1}); the output is y_N, so z_N's adjoint starts at zero
@@ -160,12 +164,12 @@ class _ReverseSolve(torch.autograd.Function):
             fy, jy = vjp(y, None if n == 0 else az)  # the last step's z does not reach the output
             if jy is not None:
                 ay = ay + jy
-            z = (z - b * fy) / a
+            z = (z - b * fy) / a if n < steps - 1 else z0  # the start is known: no rounding in it
             az = a * az
             # y_{n+1} = a y_n + b F(z_n)
             fz, jz = vjp(z, ay)
             az = az + jz
-            y = (y - b * fz) / a
+            y = (y - b * fz) / a if n < steps - 1 else z0
             ay = a * ay
         # y_0 = z_0: the start's adjoint is the sum (the DEQ layer detaches z0, so it is usually unused)
         return None, None, None, ay + az, None, *total
