@@ -162,3 +162,34 @@ def test_the_start_is_not_rebuilt():
     out, _ = pg.DEQ(layer, solver=Reversible(beta=0.5, max_iter=8, tol=1e-30), backward=pg.Backprop())(x, z0)
     ref = _coupled(layer, x, z0, 0.5, 4)
     _assert_close(_grads(out, w, [layer.W, x]), _grads(ref, w, [layer.W, x]), 1e-8)
+
+
+class _Stored(Reversible):
+    """The same coupled iteration with autograd storing every step (the reference for a model)."""
+
+    def solve(self, fn, z0, *, keep=(), keep_inverse=False):
+        b = self.beta
+        y = z = z0
+        for _ in range(self.max_iter // 2):
+            y = (1 - b) * y + b * fn(z)
+            z = (1 - b) * z + b * fn(y)
+        with torch.no_grad():
+            return y, super().solve(fn, z0)[1]
+
+
+def test_mdeq_with_weight_norm_group_norm_dropout_and_a_tuple_state():
+    from phantomgrad.models.mdeq import MDEQ, MDEQConfig
+
+    cfg = MDEQConfig.named("mdeq-tiny", in_channels=1, image_size=8, dropout=0.2)
+
+    def grads(solver):
+        torch.manual_seed(1)
+        model = MDEQ(cfg, solver=solver, backward=pg.Backprop()).double().train()
+        torch.manual_seed(2)  # the same dropout masks
+        out, _ = model(torch.randn(2, 1, 8, 8, dtype=D))
+        out.sum().backward()
+        return [p.grad for p in model.parameters()]
+
+    got, want = grads(Reversible(beta=0.7, max_iter=12, tol=1e-30)), grads(_Stored(beta=0.7, max_iter=12, tol=1e-30))
+    assert all(g is not None for g in got)
+    _assert_close([torch.cat([g.flatten() for g in got])], [torch.cat([g.flatten() for g in want])], 1e-8)
