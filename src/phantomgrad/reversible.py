@@ -34,6 +34,13 @@ iterate seen, since the gradient is that of the last step.
 
 F must be deterministic (no fresh dropout mask per call; a mask fixed per batch is fine): the
 backward pass evaluates it again at the rebuilt states.
+
+How the gradient reaches F's parameters and x: the solver is handed only the closure F, so it
+evaluates F(z_0) once under a TorchFunctionMode that records the tensors requiring grad that F
+reads without making them (its parameters, x, a cached weight), and passes them to the
+autograd Function as inputs; their gradients are the sums of the vector-Jacobian products at the
+rebuilt states. A walk of that evaluation's graph checks that no other path leads to a leaf, so a
+tensor F reads past torch's function dispatch is a one-line error, not a lost gradient.
 """
 
 from __future__ import annotations
