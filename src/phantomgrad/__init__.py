@@ -13,6 +13,8 @@ from .deq import DEQ, DEQInfo
 from .modes import BACKWARD_MODES, make_backward
 from .monitor import GradientQuality, gradient_quality
 from .regularize import jacobian_penalty, spectral_radius
+from .reversible import Reversible
+from .shine import SHINE
 from .solvers import Anderson, Broyden, FixedPoint, Solver, SolverInfo, Unrolled, make_solver
 
 __version__ = "0.1.0"
@@ -24,4 +26,5 @@ __all__ = [
     "BACKWARD_MODES", "make_backward",
     "gradient_quality", "GradientQuality",
     "jacobian_penalty", "spectral_radius",
+    "Reversible", "SHINE",
 ]

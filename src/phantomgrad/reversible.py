@@ -1,0 +1,265 @@
+"""The reversible fixed-point solver of RevDEQ (McCallum, Arora, Foster, 2025).
+
+Two coupled states start at y_0 = z_0 and step, with a relaxation beta in (0, 2),
+
+    y_{n+1} = (1 - beta) y_n + beta F(z_n),
+    z_{n+1} = (1 - beta) z_n + beta F(y_{n+1}).
+
+Each step is algebraically invertible,
+
+    z_n = (z_{n+1} - beta F(y_{n+1})) / (1 - beta),
+    y_n = (y_{n+1} - beta F(z_n)) / (1 - beta),
+
+so backpropagation through every step (``pg.Backprop()``) can rebuild the states on its way back
+instead of storing them: the exact gradient of the iteration, for a memory that does not depend on
+the number of steps (two states and one evaluation of F at a time).
+
+Numerical limits. The reversal divides by 1 - beta, and it runs a contracting iteration backwards,
+which expands: a rounding error in the rebuilt states grows by up to about 1 / |1 - beta| per step
+(the determinant of one step's Jacobian is (1 - beta)^2 per dimension). beta = 1 is singular and is
+refused, as is any beta with |1 - beta| < ``MIN_GAP``. The tests check the gradient to 1e-8 relative
+in float64 for beta in [0.2, 0.7] over 20 steps and in [1.2, 1.5] over 10 steps on a contraction;
+docs/methods.md gives the measured error for other beta and step counts. In float32 keep the step
+count small and beta well away from 1, or expect the gradient to drift.
+
+The start y_0 = z_0 is kept, so the last reversed step is evaluated at the exact start: a map
+whose Jacobian is huge there (MDEQ's group norms at z_0 = 0 amplify a 1e-15 error in the rebuilt
+z_0 to 1e-5 in F(z_0)) would otherwise spoil the gradient.
+
+Per-sample stopping. Every sample runs the same number of steps: the loop stops once every sample
+meets the tolerance (the host looks every ``check_every`` steps, as for every solver; ``None``
+runs all max_iter // 2 steps), so the reversal needs no per-sample bookkeeping.
+The returned state is the last y (its residual F(y) - y comes free with the step), not the best
+iterate seen, since the gradient is that of the last step.
+
+F must be deterministic (no fresh dropout mask per call; a mask fixed per batch is fine): the
+backward pass evaluates it again at the rebuilt states.
+
+How the gradient reaches F's parameters and x: the solver is handed only the closure F, so it
+evaluates F(z_0) once under a TorchFunctionMode that records the tensors requiring grad that F
+reads without making them (its parameters, x, a cached weight), and passes them to the
+autograd Function as inputs; their gradients are the sums of the vector-Jacobian products at the
+rebuilt states. A walk of that evaluation's graph checks that no other path leads to a leaf, so a
+tensor F reads past torch's function dispatch is a one-line error, not a lost gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from ._checks import boolean, in_range
+from .solvers import FlatFn, Solver, SolverInfo, default_check_every
+from .solvers.base import CheckEvery
+
+MIN_GAP = 0.05  # smallest |1 - beta| accepted: the reversal divides by it once per step
+
+
+def _check_beta(beta: float) -> float:
+    beta = in_range("beta", beta, 0.0, 2.0, high_open=True)
+    if abs(1 - beta) < MIN_GAP:
+        raise ValueError(f"beta={beta!r} is too close to 1: the reversal divides by 1 - beta; "
+                         f"use |1 - beta| >= {MIN_GAP}")
+    return float(beta)
+
+
+class _Inputs(TorchFunctionMode):
+    """Collects the tensors requiring grad that a call of F reads but did not make (parameters, x)."""
+
+    def __init__(self, start: Tensor):
+        super().__init__()
+        self.made = {id(start)}
+        self.keep = [start]  # references, so no id is reused while the mode is alive
+        self.found: dict[int, Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for a in (*args, *kwargs.values()):
+            for t in a if isinstance(a, (tuple, list)) else (a,):
+                if isinstance(t, Tensor) and t.requires_grad and id(t) not in self.made:
+                    self.found.setdefault(id(t), t)
+        out = func(*args, **kwargs)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor):
+                self.made.add(id(t))
+                self.keep.append(t)
+        return out
+
+
+def _graph_counter() -> int:
+    """The sequence number the next autograd node will get, less one (numbers grow per thread)."""
+    with torch.enable_grad():
+        return (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr()
+
+
+def _check_complete(out: Tensor, start: Tensor, inputs: list[Tensor], before: int) -> None:
+    """Fail unless every path from ``out`` = F(start) back to a tensor made before F was called
+    (graph counter ``before``) ends at one of ``inputs``: otherwise F read a tensor in a way the
+    probe could not see, and its gradient would be lost."""
+
+    def unseen(shape) -> RuntimeError:
+        return RuntimeError(
+            f"pg.Reversible could not see how F reads a tensor of shape {tuple(shape)}; "
+            "let F read its parameters and inputs through torch operations"
+        )
+
+    for t in inputs:
+        if t.grad_fn is not None and t.grad_fn._sequence_nr() > before:  # made inside F: not an input
+            raise unseen(t.shape)
+    leaves = {id(start)} | {id(t) for t in inputs if t.grad_fn is None}
+    stops = {(id(t.grad_fn), t.output_nr) for t in inputs if t.grad_fn is not None}
+    seen: set[int] = set()
+    todo = [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf
+            if id(node.variable) not in leaves:
+                raise unseen(node.variable.shape)
+            continue
+        for nxt, nr in node.next_functions:
+            if nxt is not None and (id(nxt), nr) not in stops:
+                todo.append(nxt)
+
+
+class _ReverseSolve(torch.autograd.Function):
+    """Runs the coupled iteration without a graph; its backward rebuilds the states step by step.
+
+    Inputs: the solver, F, a list that receives the solve's info, the start z_0 (= y_0), F(z_0), and
+    the tensors F reads (``inputs``), whose gradients are the sums over the steps of the
+    vector-Jacobian products at the rebuilt states.
+    """
+
+    @staticmethod
+    def forward(ctx, solver, fn, store, z0, f0, *inputs):
+        y, z, info = solver._run(fn, z0, f0)
+        store.append(info)
+        ctx.solver, ctx.fn, ctx.steps = solver, fn, int(info.nstep[0]) // 2
+        ctx.save_for_backward(z0, y, z, *inputs)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        z0, y, z, *inputs = ctx.saved_tensors
+        fn, b, steps = ctx.fn, ctx.solver.beta, ctx.steps
+        a = 1.0 - b
+        # adjoints of (y_{n+1}, z_{n+1}); the output is y_N, so z_N's adjoint starts at zero
+        ay, az = grad_y, torch.zeros_like(grad_y)
+        total = [None] * len(inputs)
+
+        def vjp(state: Tensor, v: Tensor | None) -> tuple[Tensor, Tensor | None]:
+            """F(state), and (J_state^T v) with J_inputs^T v added to ``total`` (v scaled by beta)."""
+            leaf = state.detach().requires_grad_()
+            with torch.enable_grad():
+                out = fn(leaf)
+            if v is None:
+                return out.detach(), None
+            grads = torch.autograd.grad(out, [leaf, *inputs], b * v, allow_unused=True)
+            for i, g in enumerate(grads[1:]):
+                if g is not None:
+                    total[i] = g if total[i] is None else total[i] + g
+            return out.detach(), grads[0]
+
+        for n in range(steps):
+            # z_{n+1} = a z_n + b F(y_{n+1})
+            fy, jy = vjp(y, None if n == 0 else az)  # the last step's z does not reach the output
+            if jy is not None:
+                ay = ay + jy
+            z = (z - b * fy) / a if n < steps - 1 else z0  # the start is known: no rounding in it
+            az = a * az
+            # y_{n+1} = a y_n + b F(z_n)
+            fz, jz = vjp(z, ay)
+            az = az + jz
+            y = (y - b * fz) / a if n < steps - 1 else z0
+            ay = a * ay
+        # y_0 = z_0: the start's adjoint is the sum (the DEQ layer detaches z0, so it is usually unused)
+        return None, None, None, ay + az, None, *total
+
+
+class Reversible(Solver):
+    """RevDEQ's algebraically reversible coupled iteration (see the module docstring).
+
+    Args:
+        beta: relaxation in (0, 2), |1 - beta| >= ``MIN_GAP`` (see the numerical limits above).
+        max_iter: largest number of evaluations of F; each step takes two, so at most max_iter // 2 steps.
+        tol, stop, trace, check_every: as for every solver; the residual is that of y_n, ||F(y_n) - y_n||.
+
+    With ``pg.Backprop()`` the gradient is that of every step, by reversal (memory independent of
+    max_iter); with any other backward mode it is a plain solver.
+    """
+
+    def __init__(self, beta: float = 0.5, *, max_iter: int = 50, tol: float = 1e-4,
+                 stop: Literal["rel", "abs"] = "rel", trace: bool = False, check_every: CheckEvery = "auto"):
+        super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every)
+        if self.max_iter < 2:
+            raise ValueError(f"max_iter must be >= 2 for pg.Reversible (each step evaluates F twice), "
+                             f"got {self.max_iter}")
+        self.beta = _check_beta(beta)
+
+    def solve(self, fn: FlatFn, z0: Tensor, *, keep: Sequence[int] = (),
+              keep_inverse: bool = False) -> tuple[Tensor, SolverInfo]:
+        """Run the coupled iteration from y_0 = z_0; returns the last y and its info (no
+        inverse-Jacobian estimate: ``keep_inverse`` is ignored; ``keep`` is not supported)."""
+        if z0.dim() != 2:
+            raise ValueError(f"solvers work on flat states of shape (batch, dim), got shape {tuple(z0.shape)}")
+        if tuple(keep):
+            raise ValueError("pg.Reversible does not return intermediate states (keep=...); "
+                             "use another solver for them")
+        boolean("keep_inverse", keep_inverse)
+        z0 = z0.detach()
+        if not torch.is_grad_enabled():
+            y, _, info = self._run(fn, z0, fn(z0))
+            return y, info
+        start = z0.requires_grad_()  # a fresh leaf: what F makes from it is told apart from its inputs
+        before = _graph_counter()
+        with _Inputs(start) as probe:  # F(z_0), recording which tensors F reads
+            f0 = fn(start)
+        z0 = z0.detach()
+        inputs = list(probe.found.values())
+        if not inputs:  # nothing F reads needs a gradient
+            y, _, info = self._run(fn, z0, f0.detach())
+            return y, info
+        _check_complete(f0, start, inputs, before)
+        store: list[SolverInfo] = []
+        y = _ReverseSolve.apply(self, fn, store, z0, f0.detach(), *inputs)
+        return y, store[0]
+
+    def _iterate(self, fn, z, tracker, fallback):  # pragma: no cover - solve is overridden
+        raise AssertionError("Reversible.solve does not use the tracker")
+
+    def _run(self, fn: FlatFn, z0: Tensor, f0: Tensor) -> tuple[Tensor, Tensor, SolverInfo]:
+        """The coupled iteration from y_0 = z_0 (F(z_0) = f0 given), without a graph."""
+        b, a = self.beta, 1.0 - self.beta
+        check_every = default_check_every(z0.device) if self.check_every == "auto" else self.check_every
+        y = z = z0
+        fz = f0
+        trace: list[Tensor] | None = [] if self.trace else None
+        nonfinite = torch.zeros(z0.shape[0], dtype=torch.bool, device=z0.device)
+        for n in range(self.max_iter // 2):
+            if n > 0:
+                fz = fn(z)
+            y = a * y + b * fz
+            fy = fn(y)
+            z = a * z + b * fy
+            abs_res = torch.linalg.vector_norm(fy - y, dim=1).double()
+            rel_res = abs_res / torch.linalg.vector_norm(fy, dim=1).double().clamp_min(torch.finfo(torch.float64).tiny)
+            crit = rel_res if self.stop == "rel" else abs_res
+            nonfinite |= ~(abs_res + rel_res < math.inf)
+            if trace is not None:
+                trace.append(crit)
+            if check_every is not None and (n + 1) % check_every == 0:
+                if not bool(((crit > self.tol) & ~nonfinite).any()):  # host sync: stop once every sample is done
+                    break
+        steps = torch.full_like(nonfinite, 2 * (n + 1), dtype=torch.long)
+        info = SolverInfo(abs_residual=abs_res, rel_residual=rel_res, nstep=steps, converged=crit <= self.tol,
+                          nonfinite=nonfinite, fallback=torch.zeros_like(nonfinite), trace=trace)
+        return y, z, info
+
+
+__all__ = ["Reversible", "MIN_GAP"]
