@@ -38,6 +38,16 @@ class TupleLayer(nn.Module):
         return torch.tanh(a @ self.A.T + b @ self.C.T + x), torch.tanh(b @ self.B.T + a @ self.D.T)
 
 
+def forward_solver(mode, max_iter: int, tol: float):
+    """The forward solver of the shared contract tests: Anderson, or Broyden for a mode that needs
+    Broyden's inverse-Jacobian estimate (SHINE)."""
+    import phantomgrad as pg
+
+    if mode.needs_inverse_jacobian:
+        return pg.Broyden(max_iter=max_iter, tol=tol)
+    return pg.Anderson(max_iter=max_iter, tol=tol)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import torch
 from torch.autograd.functional import jacobian
 
 import phantomgrad as pg
-from conftest import TanhLayer, TupleLayer
+from conftest import TanhLayer, TupleLayer, forward_solver
 
 F64 = torch.float64
 
@@ -192,7 +192,7 @@ def test_no_graph_and_no_extra_work_under_no_grad(mode, context):
     calls = []
     layer.register_forward_hook(lambda *a: calls.append(1))
     for train in (True, False):
-        deq = pg.DEQ(layer, solver=pg.Anderson(max_iter=50, tol=1e-10), backward=mode).train(train)
+        deq = pg.DEQ(layer, solver=forward_solver(mode, 50, 1e-10), backward=mode).train(train)
         calls.clear()
         with context():
             z, info = deq(x, z0)
@@ -204,7 +204,7 @@ def test_no_graph_and_no_extra_work_under_no_grad(mode, context):
 def test_eval_mode_returns_h_star_with_the_training_gradient(mode):
     """eval() changes dropout and normalisation, not autograd: the value is h*, the gradient the mode's."""
     layer, x, z0, w = _setup()
-    deq = pg.DEQ(layer, solver=pg.Anderson(max_iter=50, tol=1e-12), backward=mode)
+    deq = pg.DEQ(layer, solver=forward_solver(mode, 50, 1e-12), backward=mode)
     with torch.no_grad():
         h_star, _ = deq(x, z0)
     trained, _ = _grads(layer, deq.train(), x, z0, w)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import phantomgrad as pg
-from phantomgrad.reversible import MIN_GAP, Reversible
+from phantomgrad.solvers.reversible import MIN_GAP, Reversible
 
 from conftest import TanhLayer, TupleLayer
 

@@ -235,7 +235,6 @@ def test_bad_arguments(kwargs):
         SHINE(**kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="the layer calls mode.check_solver and passes keep_inverse once wired")
 def test_layer_refuses_a_non_broyden_solver_and_trains_with_broyden():
     layer = TanhLayer()
     with pytest.raises(ValueError, match="needs solver=pg.Broyden"):

@@ -13,9 +13,8 @@ from .deq import DEQ, DEQInfo
 from .modes import BACKWARD_MODES, make_backward
 from .monitor import GradientQuality, gradient_quality
 from .regularize import jacobian_penalty, spectral_radius
-from .reversible import Reversible
 from .shine import SHINE
-from .solvers import Anderson, Broyden, FixedPoint, Solver, SolverInfo, Unrolled, make_solver
+from .solvers import Anderson, Broyden, FixedPoint, Solver, Reversible, Solver, SolverInfo, Unrolled, make_solver
 
 __version__ = "0.1.0"
 

@@ -78,6 +78,10 @@ class BackwardMode(abc.ABC):
     config_keys: ClassVar[tuple[str, ...]] = ()
     differentiates_solver: ClassVar[bool] = False
     outputs_fixed_point: ClassVar[bool] = False
+    needs_inverse_jacobian: ClassVar[bool] = False  # SHINE: the forward solve keeps its inverse-Jacobian estimate
+
+    def check_solver(self, solver: Any) -> None:
+        """Refuse a forward solver this mode cannot work with (a one-line error); most modes take any."""
 
     @abc.abstractmethod
     def attach(self, fn: FlatFn, z_star: Tensor, info: Any) -> Tensor:

@@ -194,6 +194,7 @@ class DEQ(nn.Module):
             raise TypeError(f"solver must be a phantomgrad solver such as pg.Anderson(), got {self.solver!r}")
         if not isinstance(self.backward_mode, BackwardMode):
             raise TypeError(f"backward must be a phantomgrad backward mode such as pg.UPG(), got {self.backward_mode!r}")
+        self.backward_mode.check_solver(self.solver)
         self.warn_not_converged = boolean("warn_not_converged", warn_not_converged)
         self.warn_interval = positive_int("warn_interval", warn_interval)
         self.return_states = self._check_states(return_states, "return_states")
@@ -284,7 +285,7 @@ class DEQ(nn.Module):
         mode = self.backward_mode
         with contextlib.nullcontext() if wants_grad and mode.differentiates_solver else torch.no_grad(), \
                 torch.autocast(device_type, enabled=False):
-            z_star, sinfo = self.solver.solve(fn, z0_flat, keep=steps)
+            z_star, sinfo = self.solver.solve(fn, z0_flat, keep=steps, keep_inverse=mode.needs_inverse_jacobian)
             if self.fallback is not None and bool(sinfo.nonfinite.any()):  # host sync, only with a fallback
                 z_star, sinfo = self._fall_back(fn, z0_flat, z_star, sinfo)
         info = DEQInfo(**vars(sinfo))
@@ -305,6 +306,9 @@ class DEQ(nn.Module):
         if isinstance(states, (int, Tensor)) or not isinstance(states, Sequence):
             raise TypeError(f"{name} must be a sequence of solver steps such as (4, 8), got {states!r}")
         steps = tuple(positive_int(f"{name} (a solver step)", t) for t in states)
+        if steps and self.backward_mode.needs_inverse_jacobian:
+            raise ValueError(f"{name}: {type(self.backward_mode).__name__}'s inverse-Jacobian estimate belongs to h*, not to "
+                             "earlier states; use another backward mode (e.g. pg.UPG()) for trajectory supervision")
         if steps and max(steps) > self.solver.max_iter:
             raise ValueError(f"{name} asks for the state after step {max(steps)}, but the solver runs at most "
                              f"max_iter={self.solver.max_iter} steps; ask for steps <= max_iter")

@@ -14,6 +14,7 @@ from typing import Any
 
 from .adaptive import AdaptivePhantom
 from .backward import JFB, NPG, UPG, Backprop, BackwardMode, Implicit
+from .shine import SHINE
 
 BACKWARD_MODES: dict[str, type[BackwardMode]] = {
     "implicit": Implicit,
@@ -22,6 +23,7 @@ BACKWARD_MODES: dict[str, type[BackwardMode]] = {
     "jfb": JFB,
     "backprop": Backprop,
     "adaptive": AdaptivePhantom,
+    "shine": SHINE,
 }
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ._checks import nonneg_int, positive_float
-from .backward import JFB, BackwardMode, Implicit, _one_step_graph, _RouteGradient
+from .backward import JFB, BackwardMode, Implicit, _route
 from .solvers import Broyden, Solver
 
 FALLBACKS: dict[str, type[BackwardMode] | None] = {"jfb": JFB, "implicit": Implicit, "none": None}
@@ -96,7 +96,6 @@ class SHINE(BackwardMode):
         if self.fallback is not None and bool((~info.converged | info.fallback).any()):  # host sync, per batch
             out = self.fallback.attach(fn, z_star, info)
             return z_star.detach() + (out - out.detach())  # the value h*, the fallback's gradient
-        fz, z_req = _one_step_graph(fn, z_star)
         refiner, max_gain = self._refiner, self.max_gain
 
         def transform(grad: Tensor, vjp) -> Tensor:
@@ -108,7 +107,7 @@ class SHINE(BackwardMode):
                 u, info.backward = refiner.solve(lambda v: vjp(v) + grad, u)
             return u
 
-        return _RouteGradient.apply(fz, z_req, z_star, transform)
+        return _route(fn, z_star, transform)
 
 
 __all__ = ["SHINE", "FALLBACKS"]

@@ -25,7 +25,8 @@ Conventions shared by all solvers
   history buffers are written out of place.
 
 Modules: ``base`` (SolverInfo, the bookkeeping, the Solver base class), ``fixed_point``
-(FixedPoint, Unrolled), ``anderson``, ``broyden`` (Broyden and its BroydenInverse).
+(FixedPoint, Unrolled), ``anderson``, ``broyden`` (Broyden and its BroydenInverse),
+``reversible`` (the reversible coupled iteration, exact gradient in O(1) memory).
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ from .anderson import Anderson
 from .base import FlatFn, Solver, SolverInfo, _check_damping, default_check_every
 from .broyden import Broyden, BroydenInverse
 from .fixed_point import FixedPoint, Unrolled
+from .reversible import Reversible
 
 SOLVERS: dict[str, type[Solver]] = {
     "fixed_point": FixedPoint,
     "anderson": Anderson,
     "broyden": Broyden,
     "unrolled": Unrolled,
+    "reversible": Reversible,
 }
 
 
@@ -53,6 +56,6 @@ def make_solver(name: str, **kwargs) -> Solver:
 
 
 __all__ = [
-    "SOLVERS", "make_solver", "Solver", "SolverInfo", "FixedPoint", "Unrolled", "Anderson", "Broyden",
+    "SOLVERS", "make_solver", "Solver", "SolverInfo", "FixedPoint", "Unrolled", "Anderson", "Broyden", "Reversible",
     "BroydenInverse", "FlatFn", "default_check_every", "_check_damping",
 ]

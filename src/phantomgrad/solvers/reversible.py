@@ -52,9 +52,8 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ._checks import boolean, in_range
-from .solvers import FlatFn, Solver, SolverInfo, default_check_every
-from .solvers.base import CheckEvery
+from .._checks import boolean, in_range
+from .base import CheckEvery, FlatFn, Solver, SolverInfo, default_check_every
 
 MIN_GAP = 0.05  # smallest |1 - beta| accepted: the reversal divides by it once per step
 
