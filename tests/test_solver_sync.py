@@ -215,3 +215,26 @@ def test_implicit_backward_solve_honours_check_every(make):
         assert torch.equal(a, b)
     assert torch.equal(b1.nstep, b2.nstep) and torch.equal(b1.rel_residual, b2.rel_residual)
     assert b1.converged.all() and (b1.nstep < 40).all()
+
+
+@pytest.mark.parametrize("name", MAKERS)
+@pytest.mark.parametrize("check_every", [1, None])
+@pytest.mark.parametrize("keep_inverse", [False, True])
+def test_stopped_samples_are_never_moved(name, check_every, keep_inverse):
+    """Once a sample stops, F only ever sees it at the state where it stopped (also when it is the
+    first to stop, so that the host still believed every sample iterates)."""
+    fn, z0 = _problem(5)
+    z0 = torch.zeros_like(z0)
+    calls = []
+
+    def recorded(z):
+        calls.append(z.clone())
+        return fn(z)
+
+    with torch.no_grad():
+        z, info = MAKERS[name](max_iter=30, tol=1e-9, check_every=check_every).solve(recorded, z0,
+                                                                                    keep_inverse=keep_inverse)
+    for i in range(5):
+        n = int(info.nstep[i])
+        for later in calls[n:]:
+            assert _equal(later[i], calls[n - 1][i]), (i, n)

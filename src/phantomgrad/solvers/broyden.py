@@ -251,12 +251,10 @@ class Broyden(Solver):
             P[:, slot, slot] = ss.squeeze(-1)
             c[:, slot] = torch.where(took.squeeze(-1), c_new, c[:, slot]) if hold_masked else c_new
             written += 1
-            if not masked:
-                s = s_next
-            elif hold:  # a sample that just stopped keeps s_next (its estimate's newest factor needs it)
-                s = torch.where(took, s_next, s)
-            else:
-                s = torch.where(tracker.active[:, None], s_next, 0.0)
+            if hold:  # a sample that just stopped keeps s_next (its estimate's newest factor needs it)
+                s = torch.where(took, s_next, s) if masked else s_next
+            else:  # a sample that just stopped gets a zero step (the host may know all still iterate)
+                s = s_next if tracker.all_active else torch.where(tracker.active[:, None], s_next, 0.0)
             if tracker.keeping_now:
                 tracker.keep_state(z + s)
         if tracker.keep_inverse:
