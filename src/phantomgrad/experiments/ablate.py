@@ -171,7 +171,8 @@ def run_one(overrides: list[str], radius_batch: int = 64, threads: int | None = 
     summary = trainer.fit()
     model = trainer.model.eval()
     images = torch.stack([trainer.task.eval_sets["test"][i][0] for i in range(min(radius_batch, len(trainer.task.eval_sets["test"])))])
-    z, u, info = model.equilibrium(images.to(trainer.device))
+    with torch.no_grad():  # h* only: no backward work
+        z, u, info = model.equilibrium(images.to(trainer.device))
     summary["spectral_radius"] = float(pg.spectral_radius(model.block, z, u, iters=30).mean())
     summary["eval_rel_residual"] = float(info.rel_residual.mean())
     summary["train_images"] = len(trainer.task.train_set)
