@@ -215,6 +215,7 @@ class _Diverged(RuntimeError):
      143, "stopped by SIGTERM"),
     (KeyboardInterrupt(), 130, "interrupted"),
     (PermissionError(13, "Permission denied", "run/metrics.csv"), 2, "run/metrics.csv"),
+    (ImportError("image folders need Pillow: `pip install pillow`"), 2, "pip install pillow"),
 ])
 def test_errors_with_an_exit_code_are_one_line(error, code, line, monkeypatch, capsys):
     def run(args):
@@ -246,6 +247,15 @@ def test_a_bug_shows_its_traceback_and_says_so(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError" in err
     assert "this is a bug in phantomgrad" in err.splitlines()[-1] and "report it" in err.splitlines()[-1]
+
+
+def test_a_broken_import_of_our_own_is_a_bug(monkeypatch, capsys):
+    def run(args):
+        raise ImportError("cannot import name 'Nothing' from 'phantomgrad.solvers'", name="phantomgrad.solvers")
+
+    monkeypatch.setattr(command, "run", run)
+    assert main(["train"]) == 1
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_preflight_creates_nothing_it_checks(tmp_path):

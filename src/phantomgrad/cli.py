@@ -104,7 +104,9 @@ def exit_code(err: BaseException) -> int | None:
         return EXIT_DIVERGED
     if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    if isinstance(err, (ValueError, OSError, ImportError)):
+    if isinstance(err, ImportError) and (err.name or "").startswith("phantomgrad"):
+        return None  # our own module failed to import: a bug
+    if isinstance(err, (ValueError, OSError, ImportError)):  # ImportError: a missing optional package
         return EXIT_BAD_INPUT
     return None
 

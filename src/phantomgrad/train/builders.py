@@ -22,8 +22,9 @@ def build_backward(cfg: TrainConfig) -> pg.BackwardMode:
     ``solver``) and ``backward_options`` as further keywords."""
     cls = registry.backward_modes()[cfg.backward]
     keys = registry.backward_config_keys(cls)
-    kwargs = {key: getattr(cfg, key) for key in keys if key not in registry.BACKWARD_SOLVER_KEYS}
-    if any(key in registry.BACKWARD_SOLVER_KEYS for key in keys):
+    solver_keys = (*registry.BACKWARD_SOLVER_KEYS, "solver")  # a mode's solver is always the backward one
+    kwargs = {key: getattr(cfg, key) for key in keys if key not in solver_keys}
+    if any(key in solver_keys for key in keys):
         kwargs["solver"] = pg.make_solver(cfg.backward_solver, max_iter=cfg.backward_max_iter, tol=cfg.backward_tol,
                                           stop="rel")
     if cfg.backward_options:
