@@ -42,7 +42,8 @@ def test_train_help_lists_every_config_key_with_type_default_and_meaning(capsys)
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    lines = {line.split(" (", 1)[0].strip(): line for line in out.splitlines() if line.startswith("  ") and " (" in line}
+    keyed = [line for line in out.splitlines() if line.startswith("  ") and " (" in line]
+    lines = {line.split(" (", 1)[0].strip(): line for line in keyed}
     for f in dataclasses.fields(TrainConfig):
         assert f.name in lines, f.name
         assert "default" in lines[f.name] and len(f.metadata["help"]) > 5

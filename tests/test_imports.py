@@ -61,7 +61,7 @@ def import_graph() -> dict[str, set[str]]:
                     base = base.rsplit(".", 1)[0]
                 base = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
                 # "from pkg import mod" imports the submodule pkg.mod when there is one
-                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             for target in targets:
                 while target and target not in modules:  # "import a.b.c" of a name inside a module
                     target = target.rpartition(".")[0]

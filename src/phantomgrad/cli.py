@@ -49,8 +49,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported for its arguments, so one command's
     heavy or broken imports never slow down or break another (``phantomgrad --help`` imports none)."""
-    parser = argparse.ArgumentParser(prog="phantomgrad", description="Train implicit models fast with phantom gradients.",
-                                     epilog=EXIT_CODES_HELP)
+    parser = argparse.ArgumentParser(prog="phantomgrad", epilog=EXIT_CODES_HELP,
+                                     description="Train implicit models fast with phantom gradients.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -232,7 +232,8 @@ def _read_utf8(path: Path, fix: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); it may be corrupted: {fix}") from None
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                         f"it may be corrupted: {fix}") from None
 
 
 def bible_text(data_dir: str | Path | None = None) -> str:

@@ -31,7 +31,8 @@ def build_backward(cfg: TrainConfig) -> pg.BackwardMode:
         params = inspect.signature(cls).parameters
         takes_more = any(p.kind is p.VAR_KEYWORD for p in params.values()) or set(params) - set(kwargs)
         if not takes_more:
-            raise ConfigError(f"backward_options {sorted(cfg.backward_options)} are not used by backward={cfg.backward}")
+            raise ConfigError(f"backward_options {sorted(cfg.backward_options)} are not used by "
+                              f"backward={cfg.backward}")
         clash = sorted(set(cfg.backward_options) & set(kwargs))
         if clash:
             raise ConfigError(f"backward_options {clash} are config keys of their own; set them as {clash[0]}=...")

@@ -92,7 +92,8 @@ def headline_rows(summary: dict, task: str, dataset: str) -> list[tuple[str, str
         if metric == "bpc" and dataset == "wikitext103":
             label = "test bits per word (final epoch)"
         value = final.get(f"test_{metric}", summary.get(f"test_{metric}"))
-        shown = fmt.format(value) if isinstance(value, (int, float)) and math.isfinite(value) else f"{value} (not finite)"
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+        shown = fmt.format(value) if finite else f"{value} (not finite)"
         rows.append((label, shown if value is not None else "missing: no test evaluation ran"))
     return rows
 

@@ -94,7 +94,8 @@ class TrainConfig:
     task: str = _key("image", "kind of problem", choices=lambda task: tuple(registry.TASKS))
     dataset: str = _key("digits", "dataset of the task", choices=registry.datasets, per_task=True)
     data_dir: str | None = _key(None, "folder holding the dataset's files (null: the dataset's default place)")
-    data_options: dict = _key({}, "dataset keywords, e.g. {train_subset: 500}, imagefolder {size: 64}, lm {seq_len: 64}")
+    data_options: dict = _key({}, "dataset keywords, e.g. {train_subset: 500}, imagefolder {size: 64}, "
+                                  "lm {seq_len: 64}")
     model: str | None = _key(None, "model preset (null: the task's default)", choices=registry.models, per_task=True)
     arch: dict = _key({}, "architecture overrides passed to the model's config, e.g. arch.channels=[16,32]")
     dropout: float = _key(0.0, "dropout rate of the model's (variational) dropout", within=Interval(0, 1))
@@ -106,8 +107,8 @@ class TrainConfig:
     # gradient
     backward: str = _key("upg", "backward mode: how the gradient of the DEQ is made", choices=_backward_modes)
     k: int = _key(5, "phantom-gradient steps (upg, npg, adaptive)", within=AT_LEAST_ONE)
-    damping: float = _key(0.5, "phantom-gradient damping lambda (upg, npg, adaptive)", within=Interval(0, 1, True, False),
-                          hint=" (the paper uses 0.5-0.8)")
+    damping: float = _key(0.5, "phantom-gradient damping lambda (upg, npg, adaptive)",
+                          within=Interval(0, 1, low_open=True, high_open=False), hint=" (the paper uses 0.5-0.8)")
     backward_options: dict = _key({}, "extra keywords of the backward mode (adaptive: k_min, k_max, ...)")
     backward_solver: str = _key("broyden", "solver of implicit's backward linear system", choices=_solvers)
     backward_max_iter: int = _key(20, "backward solver steps at most (implicit)", within=AT_LEAST_ONE)
@@ -124,14 +125,15 @@ class TrainConfig:
     lr: float = _key(3e-3, "learning rate (peak of the schedule)", within=POSITIVE)
     momentum: float = _key(0.9, "SGD momentum (Nesterov when > 0)", within=Interval(0, 1))
     weight_decay: float = _key(0.0, "L2 weight decay", within=NON_NEGATIVE)
-    schedule: str = _key("cosine", "learning-rate schedule over all steps", choices=lambda task: tuple(registry.SCHEDULES))
+    schedule: str = _key("cosine", "learning-rate schedule over all steps",
+                         choices=lambda task: tuple(registry.SCHEDULES))
     grad_clip: float | None = _key(None, "clip the gradient's global norm to this (null: no clipping)", within=POSITIVE)
     precision: str = _key("fp32", "bf16: F under autocast, solver state and residuals in fp32",
                           choices=lambda task: registry.PRECISIONS)
     # robustness
     max_bad_steps: int = _key(5, "stop after this many skipped (non-finite) steps in a row", within=AT_LEAST_ONE)
-    fallback_solver: str | None = _key("fixed_point", "re-solve with this (damped) when a solve goes non-finite (null: off)",
-                                       choices=_solvers)
+    fallback_solver: str | None = _key("fixed_point", "re-solve with this (damped) when a solve goes non-finite "
+                                       "(null: off)", choices=_solvers)
     # gradient-quality monitor
     monitor_every: int = _key(0, "every N steps compare the phantom gradient with the exact one (0: off)",
                               within=NON_NEGATIVE)
