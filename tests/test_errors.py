@@ -116,7 +116,7 @@ CASES = [
     ("misspelled choice", ["backward=upgg"], 2, "did you mean 'upg'", None),
     ("unknown task", ["task=vision"], 2, "task must be one of image, lm, graph", None),
     ("dataset of another task", ["dataset=bible"], 2, "dataset must be one of digits", None),
-    ("model of another task", ["model=ignn"], 2, "model must be one of mdeq-tiny", None),
+    ("model of another task", ["model=ignn"], 2, "model 'ignn' is not an MDEQ: task=image trains one of mdeq-tiny", None),
     ("not key=value", ["epochs"], 2, "must look like key=value", None),
     ("missing config file", ["--config", "missing.yaml"], 2, "does not exist", None),
     ("unparsable config file", ["--config", "bad.yaml"], 2, "could not be parsed", make_bad_yaml),

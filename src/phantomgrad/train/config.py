@@ -162,6 +162,9 @@ class TrainConfig:
                 continue
             if meta.get("choices") is not None:
                 options = meta["choices"](self.task)
+                if f.name == "model" and value not in options:
+                    raise ConfigError(f"model {value!r} is not {registry.TASKS[self.task].family}: task={self.task} "
+                                      f"trains one of {', '.join(options)}")
                 where = f" for task={self.task}" if meta.get("per_task") else ""
                 _choice(f.name, value, options, where)
             within = meta.get("within")

@@ -39,12 +39,14 @@ class TaskEntry:
     models: the model names it trains: a tuple, or ``"module:ATTRIBUTE"`` naming a presets mapping.
     default_model: the model when the config names none.
     headline: the metrics the end-of-run summary leads with (from the test split).
+    family: what its models are, for messages ("a DEQ transformer").
     """
 
     builder: str
     models: tuple[str, ...] | str
     default_model: str
     headline: tuple[str, ...]
+    family: str
 
     def build(self, cfg: "TrainConfig") -> Any:
         module, function = self.builder.split(":")
@@ -53,10 +55,10 @@ class TaskEntry:
 
 TASKS: dict[str, TaskEntry] = {
     "image": TaskEntry("phantomgrad.train.image_task:build_image_task", "phantomgrad.models.mdeq:PRESETS",
-                       "mdeq-tiny", ("accuracy",)),
+                       "mdeq-tiny", ("accuracy",), "an MDEQ"),
     "lm": TaskEntry("phantomgrad.train.lm_task:build_lm_task", "phantomgrad.models.transformer:PRESETS",
-                    "deq-transformer", ("ppl", "bpc")),
-    "graph": TaskEntry("phantomgrad.train.graph_task:build_graph_task", ("ignn",), "ignn", ("accuracy",)),
+                    "deq-transformer", ("ppl", "bpc"), "a DEQ transformer"),
+    "graph": TaskEntry("phantomgrad.train.graph_task:build_graph_task", ("ignn",), "ignn", ("accuracy",), "an IGNN"),
 }
 
 
