@@ -87,3 +87,60 @@ def test_metrics_csv_takes_columns_that_appear_later(tmp_path):
     assert [r["test_accuracy"] for r in rows] == ["", "0.5", ""]
     writer.truncate_after(2)
     assert [r["epoch"] for r in csv.DictReader((tmp_path / "metrics.csv").open())] == ["1", "2"]
+
+
+def test_a_new_backward_mode_is_one_class_and_one_registry_entry(monkeypatch, capsys):
+    """Config validation, the builder and train --help pick a registered mode up, with the config
+    keys it declares (``config_keys``)."""
+    import phantomgrad as pg
+    from phantomgrad.backward import BACKWARD_MODES
+    from phantomgrad.cli import main
+    from phantomgrad.train import builders
+
+    class HalfStep(pg.JFB):
+        config_keys = ("damping",)
+
+        def __init__(self, damping: float = 1.0):
+            super().__init__()
+            self.damping = damping
+
+    monkeypatch.setitem(BACKWARD_MODES, "halfstep", HalfStep)
+    mode = builders.build_backward(TrainConfig.from_sources(None, ["backward=halfstep", "damping=0.25"]))
+    assert isinstance(mode, HalfStep) and mode.damping == 0.25
+    with pytest.raises(ConfigError, match="not used by backward=halfstep"):
+        builders.build_backward(TrainConfig.from_sources(None, ["backward=halfstep", "backward_options={k: 3}"]))
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "halfstep" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr=inf", "lr must be > 0 and finite, got inf"),
+    ("weight_decay=.nan", "weight_decay must be >= 0 and finite, got nan"),
+    ("solver_tol=-1e-3", "solver_tol must be > 0"),
+    ("backward_tol=.inf", "backward_tol must be > 0 and finite"),
+    ("grad_clip=-1", "grad_clip must be > 0"),
+    ("damping=.nan", "damping must be in (0, 1], got nan"),
+    ("dropout=-0.1", "dropout must be in [0, 1)"),
+    ("momentum=.inf", "momentum must be in [0, 1), got inf"),
+    ("jac_reg_weight=inf", "jac_reg_weight must be >= 0 and finite"),
+    ("max_bad_steps=0", "max_bad_steps must be >= 1"),
+])
+def test_non_finite_or_absurd_hyperparameters_are_refused_with_their_range(override, message):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_sources(None, [override])
+    assert str(err.value) == message or str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_every_registered_name_is_accepted():
+    from phantomgrad.train import registry
+
+    for task in registry.TASKS:
+        for dataset in registry.datasets(task):
+            for model in registry.models(task):
+                TrainConfig(task=task, dataset=dataset, model=model)
+    for mode in registry.backward_modes():
+        TrainConfig(backward=mode)
+    for solver in registry.solver_names():
+        TrainConfig(solver=solver, backward_solver=solver, fallback_solver=solver)

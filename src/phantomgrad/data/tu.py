@@ -56,14 +56,26 @@ class TUDataset:
         return torch.tensor([g.y for g in self.graphs], dtype=torch.int64)
 
 
+TRUNCATED_HINT = "; is a file truncated, or from another dataset? unpack the dataset again"
+
+
 def _read(path: Path, dtype: type) -> np.ndarray:
-    """A comma-separated numeric file as a 2-D array (lines, columns); empty file -> (0, 0)."""
-    if path.stat().st_size == 0:
+    """A comma-separated numeric file as a 2-D array (lines, columns); empty file -> (0, 0).
+
+    Every TU file ends with a newline; a file that does not was probably cut short (its last
+    line may be a partial number), so it is refused."""
+    size = path.stat().st_size
+    if size == 0:
         return np.zeros((0, 0), dtype=dtype)
+    with path.open("rb") as fh:
+        fh.seek(size - 1)
+        if fh.read(1) not in (b"\n", b"\r"):
+            raise ValueError(f"{path} does not end with a newline, so its last line may be cut short{TRUNCATED_HINT}")
     try:
         return np.loadtxt(path, delimiter=",", dtype=dtype, ndmin=2)
     except ValueError as e:
-        raise ValueError(f"{path} is not a comma-separated {dtype.__name__} table: {e}") from None
+        reason = str(e).split(";")[0]  # numpy's advice about usecols does not apply here
+        raise ValueError(f"{path} is not a comma-separated {dtype.__name__} table: {reason}{TRUNCATED_HINT}") from None
 
 
 def _one_hot_columns(labels: np.ndarray) -> np.ndarray:
@@ -88,13 +100,16 @@ def read_tu(directory: str | Path, name: str) -> TUDataset:
     edges = _read(f["A"], np.int64)
     edges = edges.reshape(0, 2) if edges.size == 0 else edges - 1
     n, num_graphs = len(indicator), len(raw_labels)
+    if num_graphs == 0:
+        raise ValueError(f"{f['graph_labels']} holds no graph labels{TRUNCATED_HINT}")
     if edges.shape[1] != 2:
         raise ValueError(f"{f['A']} must have two columns 'i, j', found {edges.shape[1]}")
     if n == 0 or indicator.min() < 0 or indicator.max() >= num_graphs:
         raise ValueError(f"{f['graph_indicator']} must hold graph ids 1..{num_graphs} "
-                         f"(one per line of {f['graph_labels'].name})")
+                         f"(one per line of {f['graph_labels'].name}){TRUNCATED_HINT}")
     if edges.size and (edges.min() < 0 or edges.max() >= n):
-        raise ValueError(f"{f['A']} refers to nodes outside 1..{n}")
+        raise ValueError(f"{f['A']} refers to nodes outside 1..{n}, the nodes {f['graph_indicator'].name} "
+                         f"lists{TRUNCATED_HINT}")
 
     features = []
     if f["node_labels"].is_file():
@@ -103,7 +118,7 @@ def read_tu(directory: str | Path, name: str) -> TUDataset:
         features.append(_read(f["node_attributes"], np.float64).astype(np.float32))
     for arr in features:
         if len(arr) != n:
-            raise ValueError(f"{name}: {len(arr)} lines of node features for {n} nodes")
+            raise ValueError(f"{name}: {len(arr)} lines of node features for {n} nodes{TRUNCATED_HINT}")
     x_all = np.concatenate(features, axis=1) if features else np.ones((n, 1), dtype=np.float32)
 
     label_values, classes = np.unique(raw_labels, return_inverse=True)

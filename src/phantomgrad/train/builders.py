@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
+import inspect
 
 import torch
 
 import phantomgrad as pg
 
+from . import registry
 from .config import ConfigError, TrainConfig
 
 
@@ -16,21 +17,30 @@ def build_solver(cfg: TrainConfig) -> pg.Solver:
 
 
 def build_backward(cfg: TrainConfig) -> pg.BackwardMode:
-    if cfg.backward == "implicit":
-        solver = pg.make_solver(cfg.backward_solver, max_iter=cfg.backward_max_iter, tol=cfg.backward_tol, stop="rel")
-        return pg.Implicit(solver)
-    if cfg.backward == "adaptive":
-        from phantomgrad.adaptive import AdaptivePhantom
-
-        try:
-            return AdaptivePhantom(k=cfg.k, damping=cfg.damping, **cfg.backward_options)
-        except TypeError as err:
-            raise ConfigError(f"bad backward_options for the adaptive mode: {err}") from None
+    """The mode ``cfg.backward`` of the backward-mode registry, given the config keys it declares
+    (``k``, ``damping``; ``backward_solver``, ``backward_max_iter`` and ``backward_tol`` make its
+    ``solver``) and ``backward_options`` as further keywords."""
+    cls = registry.backward_modes()[cfg.backward]
+    keys = registry.backward_config_keys(cls)
+    solver_keys = (*registry.BACKWARD_SOLVER_KEYS, "solver")  # a mode's solver is always the backward one
+    kwargs = {key: getattr(cfg, key) for key in keys if key not in solver_keys}
+    if any(key in solver_keys for key in keys):
+        kwargs["solver"] = pg.make_solver(cfg.backward_solver, max_iter=cfg.backward_max_iter, tol=cfg.backward_tol,
+                                          stop="rel")
     if cfg.backward_options:
-        raise ConfigError(f"backward_options {sorted(cfg.backward_options)} are only used by backward=adaptive")
-    if cfg.backward in ("upg", "npg"):
-        return pg.make_backward(cfg.backward, k=cfg.k, damping=cfg.damping)
-    return pg.make_backward(cfg.backward)
+        params = inspect.signature(cls).parameters
+        takes_more = any(p.kind is p.VAR_KEYWORD for p in params.values()) or set(params) - set(kwargs)
+        if not takes_more:
+            raise ConfigError(f"backward_options {sorted(cfg.backward_options)} are not used by "
+                              f"backward={cfg.backward}")
+        clash = sorted(set(cfg.backward_options) & set(kwargs))
+        if clash:
+            raise ConfigError(f"backward_options {clash} are config keys of their own; set them as {clash[0]}=...")
+        kwargs.update(cfg.backward_options)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"bad backward_options for backward={cfg.backward}: {err}") from None
 
 
 def build_fallback_solver(cfg: TrainConfig) -> pg.Solver | None:
@@ -44,16 +54,12 @@ def build_fallback_solver(cfg: TrainConfig) -> pg.Solver | None:
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    return registry.OPTIMIZERS[cfg.optimizer](params, cfg)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    """Cosine decay from lr to 0 over all training steps (stepped once per batch), or constant."""
-    if cfg.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    """The LR schedule ``cfg.schedule`` (cosine: from lr to 0 over all steps), stepped once per batch."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, registry.SCHEDULES[cfg.schedule](total_steps))
 
 
 def resolve_device(name: str) -> torch.device:

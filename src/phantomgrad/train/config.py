@@ -8,118 +8,169 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-
-DEFAULT_MODELS = {"image": "mdeq-tiny", "lm": "deq-transformer", "graph": "ignn"}
+from . import registry
 
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names it and the fix."""
 
 
+@dataclass(frozen=True)
+class Interval:
+    """The values a numeric key allows: from ``low`` to ``high``, each end open or closed.
+
+    A float must also be finite (inf and nan are never inside)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = True
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE = Interval(0, low_open=True)
+NON_NEGATIVE = Interval(0)
+AT_LEAST_ONE = Interval(1)
+FRACTION = Interval(0, 1, high_open=False)  # [0, 1]
+
+
+def _key(default: Any, help: str, *, within: Interval | None = None,
+         choices: Callable[[str], tuple[str, ...]] | None = None, per_task: bool = False, hint: str = "") -> Any:
+    """A config field with its one line of help and, where it has them, the interval or the
+    choices it allows (``choices(task) -> names``, read from the registries; ``per_task``: they
+    depend on the task). Validation and ``phantomgrad train --help`` read this metadata."""
+    meta = {"help": help, "within": within, "choices": choices, "per_task": per_task, "hint": hint}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _solvers(task: str) -> tuple[str, ...]:
+    return registry.solver_names()
+
+
+def _stops(task: str) -> tuple[str, ...]:
+    return registry.solver_stops()
+
+
+def _backward_modes(task: str) -> tuple[str, ...]:
+    return tuple(registry.backward_modes())
+
+
+def _fixed(*names: str) -> Callable[[str], tuple[str, ...]]:
+    return lambda task: names
+
+
 @dataclass
 class TrainConfig:
-    """All the knobs of ``phantomgrad train``. Defaults train an MDEQ on digits with UPG A_{5,0.5}."""
+    """All the knobs of ``phantomgrad train``. Defaults train an MDEQ on digits with UPG A_{5,0.5}.
+
+    Each field carries its help line, and its allowed interval or choices, as metadata: validation
+    and ``phantomgrad train --help`` are generated from it, so they cannot drift from the fields.
+    """
 
     # what to train
-    task: str = "image"  # image | (see phantomgrad.train.tasks.TASKS)
-    dataset: str = "digits"  # image: digits | fashion-mnist | cifar10 | imagefolder
-    data_dir: str | None = None
-    data_options: dict = field(default_factory=dict)  # dataset keywords, e.g. {size: 64} for imagefolder
-    model: str | None = None  # None: the task's default (image: mdeq-tiny, lm: deq-transformer, graph: ignn)
-    arch: dict = field(default_factory=dict)  # architecture overrides passed to the model's config
-    dropout: float = 0.0
+    task: str = _key("image", "kind of problem", choices=lambda task: tuple(registry.TASKS))
+    dataset: str = _key("digits", "dataset of the task", choices=registry.datasets, per_task=True)
+    data_dir: str | None = _key(None, "folder holding the dataset's files (null: the dataset's default place)")
+    data_options: dict = _key({}, "dataset keywords, e.g. {train_subset: 500}, imagefolder {size: 64}, "
+                                  "lm {seq_len: 64}")
+    model: str | None = _key(None, "model preset (null: the task's default)", choices=registry.models, per_task=True)
+    arch: dict = _key({}, "architecture overrides passed to the model's config, e.g. arch.channels=[16,32]")
+    dropout: float = _key(0.0, "dropout rate of the model's (variational) dropout", within=Interval(0, 1))
     # equilibrium solve
-    solver: str = "anderson"  # anderson | broyden | fixed_point
-    solver_max_iter: int = 20
-    solver_tol: float = 1e-3
-    solver_stop: str = "rel"
+    solver: str = _key("anderson", "forward solver of the fixed point", choices=_solvers)
+    solver_max_iter: int = _key(20, "forward solver steps at most", within=AT_LEAST_ONE)
+    solver_tol: float = _key(1e-3, "forward solver tolerance on the residual", within=POSITIVE)
+    solver_stop: str = _key("rel", "rel: ||F(z)-z|| / ||F(z)|| <= tol; abs: ||F(z)-z|| <= tol", choices=_stops)
     # gradient
-    backward: str = "upg"  # implicit | upg | npg | jfb | backprop | adaptive
-    k: int = 5
-    damping: float = 0.5
-    backward_options: dict = field(default_factory=dict)  # extra keywords of the backward mode (adaptive)
-    backward_solver: str = "broyden"  # implicit only: broyden | fixed_point | anderson
-    backward_max_iter: int = 20
-    backward_tol: float = 1e-4
-    pretrain_steps: int = 0  # first N steps train F as a weight-tied stack (unrolled)
-    pretrain_depth: int = 6
-    jac_reg_weight: float = 0.0  # weight of pg.jacobian_penalty at the fixed point (models that support it)
-    jac_reg_freq: float = 0.0  # probability of adding the penalty on a step
+    backward: str = _key("upg", "backward mode: how the gradient of the DEQ is made", choices=_backward_modes)
+    k: int = _key(5, "phantom-gradient steps (upg, npg, adaptive)", within=AT_LEAST_ONE)
+    damping: float = _key(0.5, "phantom-gradient damping lambda (upg, npg, adaptive)",
+                          within=Interval(0, 1, low_open=True, high_open=False), hint=" (the paper uses 0.5-0.8)")
+    backward_options: dict = _key({}, "extra keywords of the backward mode (adaptive: k_min, k_max, ...)")
+    backward_solver: str = _key("broyden", "solver of implicit's backward linear system", choices=_solvers)
+    backward_max_iter: int = _key(20, "backward solver steps at most (implicit)", within=AT_LEAST_ONE)
+    backward_tol: float = _key(1e-4, "backward solver relative tolerance (implicit)", within=POSITIVE)
+    pretrain_steps: int = _key(0, "first N steps train F as a weight-tied stack (unrolled)", within=NON_NEGATIVE)
+    pretrain_depth: int = _key(6, "depth of the unrolled stack while pretraining", within=AT_LEAST_ONE)
+    jac_reg_weight: float = _key(0.0, "weight of the Jacobian penalty at the fixed point (models that support it)",
+                                 within=NON_NEGATIVE)
+    jac_reg_freq: float = _key(0.0, "probability of adding the Jacobian penalty on a step", within=FRACTION)
     # optimisation
-    epochs: int = 12
-    batch_size: int = 64
-    optimizer: str = "adam"  # adam | sgd
-    lr: float = 3e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "cosine"  # cosine | constant
-    grad_clip: float | None = None
-    precision: str = "fp32"  # fp32 | bf16 (F under autocast; solver state and residuals stay fp32)
+    epochs: int = _key(12, "passes over the training set", within=AT_LEAST_ONE)
+    batch_size: int = _key(64, "samples per step (the global batch under torchrun)", within=AT_LEAST_ONE)
+    optimizer: str = _key("adam", "optimiser", choices=lambda task: tuple(registry.OPTIMIZERS))
+    lr: float = _key(3e-3, "learning rate (peak of the schedule)", within=POSITIVE)
+    momentum: float = _key(0.9, "SGD momentum (Nesterov when > 0)", within=Interval(0, 1))
+    weight_decay: float = _key(0.0, "L2 weight decay", within=NON_NEGATIVE)
+    schedule: str = _key("cosine", "learning-rate schedule over all steps",
+                         choices=lambda task: tuple(registry.SCHEDULES))
+    grad_clip: float | None = _key(None, "clip the gradient's global norm to this (null: no clipping)", within=POSITIVE)
+    precision: str = _key("fp32", "bf16: F under autocast, solver state and residuals in fp32",
+                          choices=lambda task: registry.PRECISIONS)
     # robustness
-    max_bad_steps: int = 5  # stop after this many skipped (non-finite) steps in a row
-    fallback_solver: str | None = "fixed_point"  # re-solve with a damped fixed point when the solve goes non-finite
-    # gradient-quality monitor (issue: beyond the paper)
-    monitor_every: int = 0  # every N steps compare the phantom gradient with the exact one (0: off)
-    monitor_rescale: bool = False  # rescale the phantom gradient by the monitored norm ratio
+    max_bad_steps: int = _key(5, "stop after this many skipped (non-finite) steps in a row", within=AT_LEAST_ONE)
+    fallback_solver: str | None = _key("fixed_point", "re-solve with this (damped) when a solve goes non-finite "
+                                       "(null: off)", choices=_solvers)
+    # gradient-quality monitor
+    monitor_every: int = _key(0, "every N steps compare the phantom gradient with the exact one (0: off)",
+                              within=NON_NEGATIVE)
+    monitor_rescale: bool = _key(False, "rescale the phantom gradient by the monitored norm ratio")
     # run
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int | None = None
-    out_dir: str | None = None  # default: runs/<dataset>-<backward>-<date-time>
-    progress: bool = True
-    tensorboard: bool = False
-    eval_every: int = 1  # evaluate on the test split every N epochs (and always at the end)
+    seed: int = _key(0, "seed of the weights, the data order and dropout")
+    device: str = _key("auto", "auto: cuda when a GPU is visible, else cpu", choices=lambda task: registry.DEVICES)
+    threads: int | None = _key(None, "CPU threads of torch (null: torch's default)", within=AT_LEAST_ONE)
+    out_dir: str | None = _key(None, "run directory (null: runs/<dataset>-<backward>-<date-time>)")
+    progress: bool = _key(True, "show a progress bar")
+    tensorboard: bool = _key(False, "also log to TensorBoard (needs the tensorboard package)")
+    eval_every: int = _key(1, "evaluate every N epochs (and always at the end)", within=AT_LEAST_ONE)
 
     def __post_init__(self) -> None:
-        if self.model is None and self.task in DEFAULT_MODELS:
-            self.model = DEFAULT_MODELS[self.task]
+        if self.model is None and self.task in registry.TASKS:
+            self.model = registry.TASKS[self.task].default_model
         self.validate()
 
     # ---- validation -------------------------------------------------------------------
     def validate(self) -> None:
-        from .tasks import TASKS  # the registry imports this module
-
-        _choice("task", self.task, tuple(TASKS))
-        _choice("dataset", self.dataset, TASKS[self.task][2])
-        _choice("solver", self.solver, ("anderson", "broyden", "fixed_point"))
-        _choice("solver_stop", self.solver_stop, ("rel", "abs"))
-        _choice("backward", self.backward, ("implicit", "upg", "npg", "jfb", "backprop", "adaptive"))
-        _choice("precision", self.precision, ("fp32", "bf16"))
-        if self.fallback_solver is not None:
-            _choice("fallback_solver", self.fallback_solver, ("fixed_point", "anderson", "broyden"))
-        _choice("backward_solver", self.backward_solver, ("broyden", "fixed_point", "anderson"))
-        _choice("optimizer", self.optimizer, ("adam", "sgd"))
-        _choice("schedule", self.schedule, ("cosine", "constant"))
-        _choice("device", self.device, ("auto", "cpu", "cuda"))
-        for key in ("solver_max_iter", "backward_max_iter", "epochs", "batch_size", "k", "pretrain_depth", "eval_every"):
-            _at_least(key, getattr(self, key), 1)
-        _at_least("pretrain_steps", self.pretrain_steps, 0)
-        _at_least("monitor_every", self.monitor_every, 0)
-        _at_least("max_bad_steps", self.max_bad_steps, 1)
-        if self.threads is not None:
-            _at_least("threads", self.threads, 1)
-        for key in ("solver_tol", "backward_tol", "lr"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
-        if not 0 < self.damping <= 1:
-            raise ConfigError(f"damping must be in (0, 1], got {self.damping!r} (the paper uses 0.5-0.8)")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ConfigError("weight_decay must be >= 0 and momentum in [0, 1)")
-        if self.jac_reg_weight < 0 or not 0 <= self.jac_reg_freq <= 1:
-            raise ConfigError("jac_reg_weight must be >= 0 and jac_reg_freq in [0, 1]")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError(f"grad_clip must be > 0 or null, got {self.grad_clip!r}")
+        """Every choice against its registry, every number against its interval (finite for floats)."""
+        _choice("task", self.task, tuple(registry.TASKS))
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None:
+                continue
+            if meta.get("choices") is not None:
+                options = meta["choices"](self.task)
+                if f.name == "model" and value not in options:
+                    raise ConfigError(f"model {value!r} is not {registry.TASKS[self.task].family}: task={self.task} "
+                                      f"trains one of {', '.join(options)}")
+                where = f" for task={self.task}" if meta.get("per_task") else ""
+                _choice(f.name, value, options, where)
+            within = meta.get("within")
+            if within is not None and value not in within:
+                finite = " and finite" if isinstance(value, float) and within.high == math.inf else ""
+                raise ConfigError(f"{f.name} must be {within}{finite}, got {value!r}{meta.get('hint', '')}")
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
@@ -153,6 +204,36 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _type_name(key: str) -> str:
+    hint = typing.get_type_hints(TrainConfig)[key]
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    names = {type(None): "null", dict: "mapping"}
+    return " or ".join(names.get(t, getattr(t, "__name__", str(t))) for t in allowed)
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def describe_keys() -> str:
+    """One line per key of :class:`TrainConfig`: name, type, default, meaning, and the interval or
+    choices it allows, generated from the fields (the text of ``phantomgrad train --help``)."""
+    lines = []
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        meta = f.metadata
+        text = f"  {f.name} ({_type_name(f.name)}, default {_yaml_value(default)}): {meta['help']}"
+        if meta.get("within") is not None:
+            text += f"; {meta['within']}"
+        if meta.get("choices") is not None:
+            if meta.get("per_task"):
+                text += "; " + "; ".join(f"{task}: {', '.join(meta['choices'](task))}" for task in registry.TASKS)
+            else:
+                text += f"; one of {', '.join(meta['choices'](TrainConfig.task))}"
+        lines.append(text)
+    return "\n".join(lines)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -215,13 +296,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"{key} must be {names}, got {value!r} ({type(value).__name__})")
 
 
-def _choice(key: str, value: Any, options: tuple[str, ...]) -> None:
+def _choice(key: str, value: Any, options: tuple[str, ...], where: str = "") -> None:
     if value not in options:
         close = difflib.get_close_matches(str(value), options, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{key} must be one of {', '.join(options)}; got {value!r}{hint}")
-
-
-def _at_least(key: str, value: int, low: int) -> None:
-    if value < low:
-        raise ConfigError(f"{key} must be >= {low}, got {value!r}")
+        raise ConfigError(f"{key} must be one of {', '.join(options)}{where}; got {value!r}{hint}")

@@ -26,13 +26,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import builders
+from . import builders, registry
 from .config import ConfigError, TrainConfig
 from .tasks import StepResult, Task, mean_loss_accuracy
 
 log = logging.getLogger(__name__)
 
-MODEL_NAMES = ("ignn",)
+MODEL_NAMES = registry.models("graph")
 
 
 @dataclass

@@ -25,6 +25,7 @@ def build_image_task(cfg: TrainConfig) -> Task:
         test_set, _ = load_image_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, **options)
     except TypeError as err:
         raise ConfigError(f"bad data_options for {cfg.dataset}: {err}") from None
+    folders = [d for d in (train_set, test_set) if hasattr(d, "unreadable")]  # image folders skip unreadable files
     train_set = _subset(train_set, subsets["train"], "train_subset")
     test_set = _subset(test_set, subsets["test"], "test_subset")
     try:
@@ -44,7 +45,15 @@ def build_image_task(cfg: TrainConfig) -> Task:
         loss = F.cross_entropy(logits, y)
         correct = float((logits.argmax(1) == y).sum())
         return StepResult(loss, {"loss": float(loss.detach()) * len(y), "correct": correct}, len(y), info)
-    return Task("image", model, train_set, {"test": test_set}, step, mean_loss_accuracy, progress_keys=("loss", "accuracy"))
+    def finalize(sums: dict[str, float], count: int) -> dict[str, float]:
+        """Loss and accuracy; plus ``unreadable_files`` (both splits' image files that could not be
+        read and were skipped, named in the log) when there are any."""
+        metrics = mean_loss_accuracy(sums, count)
+        unreadable = sum(len(d.unreadable) for d in folders)
+        if unreadable:
+            metrics["unreadable_files"] = float(unreadable)
+        return metrics
+    return Task("image", model, train_set, {"test": test_set}, step, finalize, progress_keys=("loss", "accuracy"))
 
 
 def _subset(dataset, size, key: str):

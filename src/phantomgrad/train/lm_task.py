@@ -171,7 +171,9 @@ def build_lm_task(cfg: TrainConfig) -> Task:
         train_set = LMChunks(train_tokens, options.seq_len)
         eval_sets = {"valid": LMChunks(valid_tokens, options.seq_len), "test": LMChunks(test_tokens, options.seq_len)}
     except ValueError as err:
-        raise ConfigError(f"data_options: {err}; lower seq_len or raise the token counts") from None
+        sizes = "/".join(str(len(t)) for t in (train_tokens, valid_tokens, test_tokens))
+        raise ConfigError(f"data_options: {err} ({cfg.dataset} gives {sizes} train/valid/test tokens); lower seq_len, "
+                          "raise the token counts, or check that the corpus files are complete") from None
 
     arch = {"dropout": cfg.dropout, **cfg.arch}
     try:

@@ -2,12 +2,11 @@
 
 A :class:`Task` owns its data and model and knows how to turn one batch into a loss and
 metric sums; the trainer owns everything else (optimisation, logging, checkpoints). New
-tasks register a builder in ``TASKS``: ``build(cfg) -> Task``.
+tasks register a builder in :data:`phantomgrad.train.registry.TASKS`: ``build(cfg) -> Task``.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,14 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .config import ConfigError, TrainConfig
-
-# task name -> (module, builder function, datasets it accepts)
-TASKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "image": ("phantomgrad.train.image_task", "build_image_task", ("digits", "fashion-mnist", "cifar10", "imagefolder")),
-    "lm": ("phantomgrad.train.lm_task", "build_lm_task", ("bible", "shakespeare", "wikitext103")),
-    "graph": ("phantomgrad.train.graph_task", "build_graph_task", ("mutag", "tu", "chains")),
-}
+from . import registry
+from .config import TrainConfig
 
 
 @dataclass
@@ -59,12 +52,8 @@ class Task:
 
 
 def build_task(cfg: TrainConfig) -> Task:
-    if cfg.task not in TASKS:
-        raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {cfg.task!r}")
-    module, builder, datasets = TASKS[cfg.task]
-    if cfg.dataset not in datasets:
-        raise ConfigError(f"dataset {cfg.dataset!r} is not a {cfg.task} dataset; choose one of {', '.join(datasets)}")
-    return getattr(importlib.import_module(module), builder)(cfg)
+    """The task ``cfg.task`` built for ``cfg`` (a validated config names a registered task and dataset)."""
+    return registry.TASKS[cfg.task].build(cfg)
 
 
 def mean_loss_accuracy(sums: dict[str, float], count: int) -> dict[str, float]:
