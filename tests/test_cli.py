@@ -53,7 +53,7 @@ def test_train_help_lists_every_config_key_with_type_default_and_meaning(capsys)
 
 
 def test_help_choices_come_from_the_registries(capsys):
-    from phantomgrad.backward import BACKWARD_MODES
+    from phantomgrad.modes import BACKWARD_MODES
     from phantomgrad.solvers import SOLVERS
     from phantomgrad.train import registry
 
@@ -63,7 +63,8 @@ def test_help_choices_come_from_the_registries(capsys):
     backward_line = next(line for line in out.splitlines() if line.startswith("  backward ("))
     assert all(name in backward_line for name in BACKWARD_MODES)
     solver_line = next(line for line in out.splitlines() if line.startswith("  solver ("))
-    assert all(name in solver_line for name in SOLVERS)
+    assert all(name in solver_line for name in registry.solver_names())
+    assert set(SOLVERS) - set(registry.solver_names()) == {"unrolled"}  # built from pretrain_depth, not solver=
     dataset_line = next(line for line in out.splitlines() if line.startswith("  dataset ("))
     assert all(name in dataset_line for task in registry.TASKS for name in registry.datasets(task))
 

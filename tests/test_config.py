@@ -93,7 +93,7 @@ def test_a_new_backward_mode_is_one_class_and_one_registry_entry(monkeypatch, ca
     """Config validation, the builder and train --help pick a registered mode up, with the config
     keys it declares (``config_keys``)."""
     import phantomgrad as pg
-    from phantomgrad.backward import BACKWARD_MODES
+    from phantomgrad.modes import BACKWARD_MODES
     from phantomgrad.cli import main
     from phantomgrad.train import builders
 

@@ -19,11 +19,12 @@ def build_solver(cfg: TrainConfig) -> pg.Solver:
 def build_backward(cfg: TrainConfig) -> pg.BackwardMode:
     """The mode ``cfg.backward`` of the backward-mode registry, given the config keys it declares
     (``k``, ``damping``; ``backward_solver``, ``backward_max_iter`` and ``backward_tol`` make its
-    ``solver``) and ``backward_options`` as further keywords."""
+    ``solver``) and ``backward_options`` as further keywords (e.g. SHINE's ``refine``, ``fallback``)."""
     cls = registry.backward_modes()[cfg.backward]
     keys = registry.backward_config_keys(cls)
     solver_keys = (*registry.BACKWARD_SOLVER_KEYS, "solver")  # a mode's solver is always the backward one
-    kwargs = {key: getattr(cfg, key) for key in keys if key not in solver_keys}
+    # a declared key that is a config key of its own (k, damping) comes from there; the others from backward_options
+    kwargs = {key: getattr(cfg, key) for key in keys if key not in solver_keys and hasattr(cfg, key)}
     if any(key in solver_keys for key in keys):
         kwargs["solver"] = pg.make_solver(cfg.backward_solver, max_iter=cfg.backward_max_iter, tol=cfg.backward_tol,
                                           stop="rel")

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from phantomgrad.backward import BACKWARD_MODES, BackwardMode
+from phantomgrad.backward import BackwardMode
+from phantomgrad.modes import BACKWARD_MODES
 from phantomgrad.data import DATASETS
 from phantomgrad.solvers import SOLVERS, Solver
 
@@ -77,7 +78,9 @@ def models(task: str) -> tuple[str, ...]:
 
 
 def solver_names() -> tuple[str, ...]:
-    return tuple(SOLVERS)
+    """The solvers a config builds from ``solver_max_iter``/``solver_tol``: those of ``SOLVERS`` that take
+    ``max_iter`` (``unrolled`` takes a depth: pretraining builds it from ``pretrain_depth``)."""
+    return tuple(name for name, cls in SOLVERS.items() if "max_iter" in inspect.signature(cls).parameters)
 
 
 def solver_stops() -> tuple[str, ...]:
