@@ -36,7 +36,7 @@ def test_output_shapes_and_branch_resolutions(in_channels, size, sizes):
     logits, info = model(x)
     assert logits.shape == (3, 10)
     assert info.rel_residual.shape == info.nstep.shape == info.converged.shape == (3,)
-    u, z0 = model._start(x)
+    u, z0 = model.prepare(x)
     z = model.block(z0, u)
     assert [tuple(p.shape) for p in z] == [(3, 24, h, w) for h, w in sizes]
     assert u[0].shape == (3, 24, *sizes[0]) and u[1] is None  # only the highest resolution is injected

@@ -56,6 +56,7 @@ batch sets the number of iterations for all.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -254,27 +255,44 @@ class IGNN(nn.Module):
         """Project W onto {||W||_inf <= kappa / rho} in place (IGNN's projected gradient step)."""
         self.W.copy_(project_rows_l1(self.W, self.radius))
 
-    def embed(self, x: Tensor, adj: Tensor) -> tuple[Tensor, pg.DEQInfo]:
-        """The equilibrium node states Z* (n, hidden) of node features ``x`` (n, p)."""
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """The context one forward (:meth:`prepare`, ``self.deq``, :meth:`readout`) runs in: none for IGNN."""
+        return contextlib.nullcontext()
+
+    def prepare(self, x: Tensor, adj: Tensor) -> tuple[tuple[Tensor, Adjacency], Tensor]:
+        """Everything before the DEQ: check the inputs, compute the injection B = A U Omega^T
+        (once per forward) and z0 = 0. Returns ``(inputs, z0)`` with ``inputs = (B, Adjacency(A))``
+        and z0 of shape (1, n, hidden): the whole batch of graphs is one DEQ sample."""
         if x.dim() != 2 or adj.shape != (x.shape[0], x.shape[0]):
             raise ValueError(f"need x (n, features) and adj (n, n); got {tuple(x.shape)} and {tuple(adj.shape)}")
-        b = _spmm(adj, self.omega(x))  # the injection A U Omega^T, once per forward
+        b = _spmm(adj, self.omega(x))
         z0 = torch.zeros(1, x.shape[0], self.hidden, dtype=b.dtype, device=b.device)
-        z, info = self.deq((b, Adjacency(adj)), z0)
+        return (b, Adjacency(adj)), z0
+
+    def embed(self, x: Tensor, adj: Tensor) -> tuple[Tensor, pg.DEQInfo]:
+        """The equilibrium node states Z* (n, hidden) of node features ``x`` (n, p)."""
+        inputs, z0 = self.prepare(x, adj)
+        z, info = self.deq(inputs, z0)
         return z[0], info
+
+    def readout(self, z: Tensor, batch: Tensor | None = None, num_graphs: int | None = None) -> Tensor:
+        """Logits from the node states z (n, hidden): per node (level "node"), or per graph after
+        sum pooling (level "graph"; ``batch`` gives each node's graph, all in one graph when None)."""
+        if self.level == "node":
+            return self.head(self.dropout(z))
+        if batch is None:
+            batch = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+        if num_graphs is None:
+            num_graphs = int(batch.max()) + 1 if batch.numel() else 1  # host sync: only when not given
+        pooled = z.new_zeros(num_graphs, z.shape[1]).index_add_(0, batch, z)
+        return self.head(pooled)
 
     def forward(self, x: Tensor, adj: Tensor, batch: Tensor | None = None,
                 num_graphs: int | None = None) -> tuple[Tensor, pg.DEQInfo]:
         """Logits per graph (level "graph": ``batch`` gives each node's graph) or per node."""
-        z, info = self.embed(x, adj)
-        if self.level == "node":
-            return self.head(self.dropout(z)), info
-        if batch is None:
-            batch = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        if num_graphs is None:
-            num_graphs = int(batch.max()) + 1 if batch.numel() else 1
-        pooled = z.new_zeros(num_graphs, z.shape[1]).index_add_(0, batch, z)
-        return self.head(pooled), info
+        with self.forward_context():
+            z, info = self.embed(x, adj)
+            return self.readout(z, batch, num_graphs), info
 
     def extra_repr(self) -> str:
         return f"level={self.level!r}, kappa={self.kappa}, rho={self.rho:.6g}"

@@ -57,6 +57,7 @@ Choices, each as in the authors' code:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -480,36 +481,23 @@ class MDEQ(nn.Module):
         through wrappers such as DistributedDataParallel)."""
         if unrolled is not None:
             return self.forward_unrolled(x, unrolled)
-        u, z0 = self._start(x)
-        z, info = self.deq(u, z0)
-        return self.head(z), info
-
-    def equilibrium(self, x: Tensor) -> tuple[tuple[Tensor, ...], Injection, DEQInfo]:
-        """The fixed point z* = F(z*, u) for images x, without gradients: ``(z*, u, info)``.
-        For diagnostics such as ``pg.spectral_radius(model.block, z, u)``."""
-        with torch.no_grad():
-            u, z0 = self._start(x)
+        with self.forward_context():
+            u, z0 = self.prepare(x)
             z, info = self.deq(u, z0)
-        return z, u, info
+            return self.head(z), info
 
-    def forward_unrolled(self, x: Tensor, depth: int | None = None) -> tuple[Tensor, DEQInfo]:
-        """MDEQ's pretraining phase: F applied as a weight-tied stack of ``depth`` layers
-        from z0 = 0 (default ``config.pretrain_depth``), differentiated by plain backprop.
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """The context one forward (:meth:`prepare`, ``self.deq``, ``self.head``) runs in: none for MDEQ.
+        Code that drives the pieces itself (``phantomgrad bench``) enters it as :meth:`forward` does."""
+        return contextlib.nullcontext()
 
-        Returns ``(logits, info)`` like :meth:`forward`; info describes the last layer:
-        the residual ||F(z) - z|| of the input z of the last layer, with nstep = depth.
+    def prepare(self, x: Tensor) -> tuple[Injection, tuple[Tensor, ...]]:
+        """Everything before the DEQ: check the images, compute the injection u = stem(x), make
+        z0 = 0 (one zero state per branch) and redraw the dropout masks of F for this forward.
+
+        Returns ``(u, z0)``; the forward is then ``z, info = self.deq(u, z0)`` (solving
+        z* = F(z*, u) with F = :attr:`block`) and ``logits = self.head(z)``.
         """
-        depth = self.config.pretrain_depth if depth is None else depth
-        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-            raise ValueError(f"depth (number of unrolled layers) must be an integer >= 1, got {depth!r}")
-        u, z = self._start(x)
-        prev = z
-        for _ in range(depth):
-            prev, z = z, self.block(z, u)
-        return self.head(z), self._unrolled_info(prev, z, depth)
-
-    def _start(self, x: Tensor) -> tuple[Injection, tuple[Tensor, ...]]:
-        """Check the input, compute the injection, make z0 = 0 and redraw the dropout masks."""
         cfg = self.config
         if x.dim() != 4 or x.shape[1] != cfg.in_channels or tuple(x.shape[-2:]) != cfg.image_size:
             raise ValueError(
@@ -523,9 +511,33 @@ class MDEQ(nn.Module):
         for c in cfg.channels:
             z0.append(u0.new_zeros(batch, c, h, w))
             h, w = _half(h), _half(w)
-        z0 = tuple(z0)
-        self.block.reset_dropout(z0)
-        return u, z0
+        state = tuple(z0)
+        self.block.reset_dropout(state)
+        return u, state
+
+    def equilibrium(self, x: Tensor) -> tuple[tuple[Tensor, ...], Injection, DEQInfo]:
+        """The fixed point z* = F(z*, u) for images x, without gradients: ``(z*, u, info)``.
+        For diagnostics such as ``pg.spectral_radius(model.block, z, u)``."""
+        with torch.no_grad():
+            u, z0 = self.prepare(x)
+            z, info = self.deq(u, z0)
+        return z, u, info
+
+    def forward_unrolled(self, x: Tensor, depth: int | None = None) -> tuple[Tensor, DEQInfo]:
+        """MDEQ's pretraining phase: F applied as a weight-tied stack of ``depth`` layers
+        from z0 = 0 (default ``config.pretrain_depth``), differentiated by plain backprop.
+
+        Returns ``(logits, info)`` like :meth:`forward`; info describes the last layer:
+        the residual ||F(z) - z|| of the input z of the last layer, with nstep = depth.
+        """
+        depth = self.config.pretrain_depth if depth is None else depth
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+            raise ValueError(f"depth (number of unrolled layers) must be an integer >= 1, got {depth!r}")
+        u, z = self.prepare(x)
+        prev = z
+        for _ in range(depth):
+            prev, z = z, self.block(z, u)
+        return self.head(z), self._unrolled_info(prev, z, depth)
 
     def _unrolled_info(self, prev: Sequence[Tensor], z: Sequence[Tensor], depth: int) -> DEQInfo:
         with torch.no_grad():

@@ -58,6 +58,7 @@ Other choices:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -343,14 +344,24 @@ class DEQTransformer(nn.Module):
             return self.decoder(h)
         return F.linear(h, self.embed.weight, self.out_bias)
 
-    def _start(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """The injection, z0 = 0, and fresh dropout masks for this forward.
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """The context one forward (:meth:`prepare`, ``self.deq``, :meth:`head`) runs in:
+        ``parametrize.cached()``, so the weight-normalised weights of F are computed once per
+        forward and reused by every evaluation of F. Code that drives the pieces itself
+        (``phantomgrad bench``) enters it as :meth:`solve` does."""
+        return parametrize.cached()
 
-        Called inside ``parametrize.cached()``: it first computes the weight-normalised
-        weights of F, with autograd as the caller has it, so that the cache holds weights
-        with a graph to g and v even though the solver then runs under ``no_grad`` (a
-        weight first computed there would be cached without one, and the backward
-        mode's gradient would never reach the weight-norm parameters).
+    def prepare(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Everything before the DEQ: the injection u (B, L, 3d), z0 = 0 (B, L, d) and fresh
+        dropout masks for this forward. Returns ``(u, z0)``; the forward is then
+        ``z, info = self.deq(u, z0)`` and ``logits = self.head(z)``, all inside
+        :meth:`forward_context`.
+
+        Inside ``parametrize.cached()`` it first computes the weight-normalised weights of F,
+        with autograd as the caller has it, so that the cache holds weights with a graph to g
+        and v even though the solver then runs under ``no_grad`` (a weight first computed
+        there would be cached without one, and the backward mode's gradient would never
+        reach the weight-norm parameters).
         """
         for module in self.block.modules():
             if parametrize.is_parametrized(module, "weight"):
@@ -364,8 +375,8 @@ class DEQTransformer(nn.Module):
     # ---- forward -----------------------------------------------------------------------
     def solve(self, tokens: Tensor) -> LMOutput:
         """The full forward: logits, the solve's info, the state z and the injection u."""
-        with parametrize.cached():  # weight norm computed once per forward, reused by every F evaluation
-            u, z0 = self._start(tokens)
+        with self.forward_context():  # weight norm computed once per forward, reused by every F evaluation
+            u, z0 = self.prepare(tokens)
             z, info = self.deq(u, z0)
             logits = self.head(z)
         return LMOutput(logits, info, z, u)
@@ -389,7 +400,7 @@ class DEQTransformer(nn.Module):
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
             raise ValueError(f"depth (number of unrolled layers) must be an integer >= 1, got {depth!r}")
         with parametrize.cached():
-            u, z = self._start(tokens)
+            u, z = self.prepare(tokens)
             prev = z
             for _ in range(depth):
                 prev, z = z, self.block(z, u)
