@@ -18,19 +18,12 @@ import torch
 from torch import nn
 
 import phantomgrad as pg
-from phantomgrad.models import MDEQ, MDEQConfig
+from phantomgrad.models import MDEQ, MDEQConfig, TanhMap
 
 
-class Layer(nn.Module):
-    def __init__(self, dim=64, in_dim=32):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        w = torch.randn(dim, dim, generator=g, dtype=torch.float64)
-        self.W = nn.Parameter(0.7 * w / torch.linalg.matrix_norm(w, ord=2))
-        self.U = nn.Parameter(torch.randn(dim, in_dim, generator=g, dtype=torch.float64) / in_dim**0.5)
-
-    def forward(self, z, x):
-        return torch.tanh(z @ self.W.T + x @ self.U.T)
+def Layer() -> TanhMap:  # noqa: N802
+    """F(z, x) = tanh(W z + U x) with ||W||_2 = 0.7, the same weights on every call (seed 0)."""
+    return TanhMap(64, 32, 0.7, bias=False, generator=torch.Generator().manual_seed(0))
 
 
 MODES = {

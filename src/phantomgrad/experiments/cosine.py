@@ -1,6 +1,6 @@
 """The paper's synthetic study (Fig. 1): how close are phantom gradients to the exact one?
 
-Setting: one implicit layer h = tanh(W h + U x + b) with W scaled to spectral norm
+Setting: one implicit layer h = tanh(W h + U x + b) (:class:`~phantomgrad.models.toy.TanhMap`) with W scaled to spectral norm
 ``lipschitz`` (0.9), so F is a contraction with that Lipschitz constant; the loss is
 ||h* - y||^2 / 2 for random targets y. The fixed point is found by fixed-point
 iteration (100 steps, relative tolerance 1e-5). The exact gradient is backprop
@@ -25,21 +25,9 @@ from torch import nn
 
 import phantomgrad as pg
 
+from ..models.toy import TanhMap
+
 log = logging.getLogger(__name__)
-
-
-class SyntheticLayer(nn.Module):
-    """F(h, x) = tanh(W h + U x + b) with ||W||_2 = lipschitz (exact, via the SVD's top value)."""
-
-    def __init__(self, dim: int, in_dim: int, lipschitz: float, generator: torch.Generator, dtype=torch.float64):
-        super().__init__()
-        w = torch.randn(dim, dim, generator=generator, dtype=dtype)
-        self.W = nn.Parameter(lipschitz * w / torch.linalg.matrix_norm(w, ord=2))
-        self.U = nn.Parameter(torch.randn(dim, in_dim, generator=generator, dtype=dtype) / in_dim**0.5)
-        self.b = nn.Parameter(0.1 * torch.randn(dim, generator=generator, dtype=dtype))
-
-    def forward(self, h, x):
-        return torch.tanh(h @ self.W.T + x @ self.U.T + self.b)
 
 
 @dataclass
@@ -79,7 +67,7 @@ def run_study(cfg: CosineConfig) -> CosineResult:
     result = CosineResult(cfg)
     samples: dict[tuple[str, float, int], list[float]] = {}
     for _ in range(cfg.trials):
-        layer = SyntheticLayer(cfg.dim, cfg.in_dim, cfg.lipschitz, gen)
+        layer = TanhMap(cfg.dim, cfg.in_dim, cfg.lipschitz, generator=gen)
         x = torch.randn(cfg.batch, cfg.in_dim, generator=gen, dtype=torch.float64)
         y = torch.randn(cfg.batch, cfg.dim, generator=gen, dtype=torch.float64)
         exact = _gradient(layer, pg.DEQ(layer, solver=solver, backward=pg.Backprop()), x, y)
