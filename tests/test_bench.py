@@ -13,9 +13,9 @@ from phantomgrad.experiments.bench import (
     TORCHDEQ_INSTALL,
     BenchConfig,
     Runner,
-    _variant,
     build_problem,
     measure_memory,
+    variant,
 )
 
 TINY_SYNTHETIC = ["bench", "--model", "synthetic", "--dim", "8", "--batch", "4", "--repeats", "1", "--warmup", "0"]
@@ -61,7 +61,7 @@ def test_f_evaluation_counts_per_mode():
     K, k = 6, 3
     cfg, runner = _runner(model="synthetic", dim=8, batch=4, solver="fixed_point", solver_iter=K, solver_tol=1e-30,
                           k=k, backward_iter=5, backward_tol=1e-30)
-    counts = {m: runner.count(_variant(cfg, m)) for m in MODES}
+    counts = {m: runner.count(variant(cfg, m)) for m in MODES}
     none = {"f_backward_calls": 0, "backward_nstep": None}
     assert counts["upg"] == {"f_forward": K + k, "vjp_backward": k, **none}
     assert counts["npg"] == {"f_forward": K + 1, "vjp_backward": k, **none}
@@ -75,7 +75,7 @@ def test_f_evaluation_counts_per_mode():
 
 def test_implicit_count_follows_an_early_stop():
     cfg, runner = _runner(model="synthetic", dim=8, batch=4, solver_iter=40, backward_iter=40, backward_tol=1e-4)
-    counts = runner.count(_variant(cfg, "implicit-fixed_point"))
+    counts = runner.count(variant(cfg, "implicit-fixed_point"))
     assert 1 < counts["backward_nstep"] < 40  # a contraction: the backward solve stops early
     assert counts["vjp_backward"] == counts["backward_nstep"] + 1
 
@@ -94,7 +94,7 @@ def test_mdeq_tiny_at_tiny_size(tmp_path):
 
 def test_memory_is_measured_in_a_fresh_process():
     cfg = BenchConfig(model="synthetic", dim=8, batch=4, solver_iter=4)
-    mem = measure_memory(cfg, _variant(cfg, "upg"))
+    mem = measure_memory(cfg, variant(cfg, "upg"))
     assert math.isfinite(mem["step_mib"]) and mem["step_mib"] >= 0
     assert mem["peak_rss_mib"] > 10  # at least the interpreter and torch
 
@@ -104,12 +104,12 @@ def test_torchdeq_counts_match_its_source():
     K, k = 5, 3
     cfg, runner = _runner(model="synthetic", dim=8, batch=4, solver="fixed_point", solver_iter=K, solver_tol=1e-30,
                           k=k, backward_iter=4, backward_tol=1e-30)
-    assert runner.count(_variant(cfg, "upg", lib="torchdeq")) == {
+    assert runner.count(variant(cfg, "upg", lib="torchdeq")) == {
         "f_forward": K + k, "f_backward_calls": 0, "vjp_backward": k, "backward_nstep": None,
     }
     # TorchDEQ's IFT evaluates F once in the forward with a graph and once more in the backward;
     # its backward solve starts from zero, so all b_max_iter VJPs run.
-    assert runner.count(_variant(cfg, "implicit-fixed_point", lib="torchdeq")) == {
+    assert runner.count(variant(cfg, "implicit-fixed_point", lib="torchdeq")) == {
         "f_forward": K + 1, "f_backward_calls": 1, "vjp_backward": 4 + 1, "backward_nstep": None,
     }
 
