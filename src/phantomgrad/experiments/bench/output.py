@@ -25,7 +25,7 @@ _MAIN_HEADER = ("| mode | lib | forward ms | DEQ fwd ms | backward ms | DEQ bwd 
 
 def _main_row(r: dict[str, Any], star: str) -> str:
     if r.get("na"):
-        return f"| {r['label']} | {r['lib']} | n/a: {r['na']} |" + " |" * 13
+        return f"| {r['label']} | {r['lib']} | n/a: {r['na']} |" + " |" * 12
     ratio = r.get("torchdeq_over_phantomgrad_step")
     cos = r.get("cosine")
     cells = [
