@@ -12,13 +12,13 @@ from .backward import JFB, NPG, UPG, Backprop, BackwardMode, Implicit, make_back
 from .deq import DEQ, DEQInfo
 from .monitor import GradientQuality, gradient_quality
 from .regularize import jacobian_penalty, spectral_radius
-from .solvers import Anderson, Broyden, FixedPoint, Solver, SolverInfo, make_solver
+from .solvers import Anderson, Broyden, FixedPoint, Solver, SolverInfo, Unrolled, make_solver
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEQ", "DEQInfo",
-    "Solver", "SolverInfo", "FixedPoint", "Anderson", "Broyden", "make_solver",
+    "Solver", "SolverInfo", "FixedPoint", "Anderson", "Broyden", "Unrolled", "make_solver",
     "BackwardMode", "Implicit", "UPG", "NPG", "JFB", "Backprop", "make_backward", "AdaptivePhantom",
     "gradient_quality", "GradientQuality",
     "jacobian_penalty", "spectral_radius",

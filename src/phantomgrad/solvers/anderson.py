@@ -1,0 +1,103 @@
+"""Anderson acceleration (type II) with a scale-aware ridge."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .._checks import nonneg_float, positive_int
+from .base import CheckEvery, Solver, _check_damping
+
+
+def _write(buf: Tensor, slot: int, value: Tensor) -> Tensor:
+    """buf[:, slot] = value, in place unless autograd needs the old buffer."""
+    if buf.requires_grad or value.requires_grad:
+        index = torch.tensor([slot], device=buf.device)
+        return buf.index_copy(1, index, value.unsqueeze(1).to(buf.dtype))
+    buf[:, slot] = value
+    return buf
+
+
+def _write_diff(buf: Tensor, slot: int, a: Tensor, b: Tensor) -> Tensor:
+    """buf[:, slot] = a - b, computed straight into the buffer unless autograd needs the old buffer."""
+    if buf.requires_grad or a.requires_grad or b.requires_grad:
+        return _write(buf, slot, a - b)
+    torch.sub(a, b, out=buf[:, slot])
+    return buf
+
+
+class Anderson(Solver):
+    """Anderson acceleration (type II) with a scale-aware ridge.
+
+    With residuals g_i = F(z_i) - z_i, the next iterate mixes the last ``m`` iterates:
+    in difference form (Walker & Ni 2011), with dG, dZ the differences of the
+    stored residuals and iterates,
+
+        gamma   = argmin ||g_n - dG gamma||^2 + ridge * s * ||gamma||^2
+        z_{n+1} = z_n + mixing * g_n - (dZ + mixing * dG) gamma,
+
+    where s = trace(dG^T dG) / m makes the ridge relative to the current scale of
+    the residuals, so the regularisation shrinks as the solve converges and it still
+    reaches 1e-10 relative residual in float64 (a fixed absolute ridge stalls).
+    Where the small m x m system is singular or not finite anyway, that sample takes
+    a plain damped step instead, and ``info.fallback`` reports it.
+
+    Implementation (one pass over the history per product): the history stores dG and
+    dY = dZ + mixing * dG, the differences of the plain steps y_i = z_i + mixing * g_i
+    (y_i = F(z_i) when mixing = 1), so z_{n+1} = y_n - dY gamma needs no temporary; the
+    current residual sits in an extra row of the dG buffer, so one batched product gives
+    both the Gram matrix dG^T dG and the right-hand side dG^T g_n.
+
+    Args:
+        m: history size (number of stored differences), >= 1.
+        ridge: relative Tikhonov regularisation of the small system, >= 0.
+        mixing: the damping of the plain step, in (0, 1].
+        max_iter, tol, stop, trace, check_every: as in :class:`Solver`.
+    """
+
+    def __init__(self, m: int = 5, ridge: float = 1e-4, mixing: float = 1.0, *, max_iter: int = 50,
+                 tol: float = 1e-4, stop: Literal["rel", "abs"] = "rel", trace: bool = False,
+                 check_every: CheckEvery = "auto"):
+        super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every)
+        self.m = positive_int("m (Anderson history size)", m)
+        self.ridge = nonneg_float("ridge", ridge)
+        self.mixing = _check_damping("mixing", mixing)
+
+    def _iterate(self, fn, z, tracker, fallback):
+        batch, dim = z.shape
+        m = self.m
+        G = z.new_zeros(batch, m + 1, dim)  # rows 0..m-1: dG ring buffer; row m: the current residual
+        dY = z.new_zeros(batch, m, dim)
+        y_prev = None
+        tiny = torch.finfo(z.dtype).tiny
+        for n in range(self.max_iter):
+            fz = fn(z)
+            g = tracker.observe(z, fz)
+            if not tracker.any_active or n == self.max_iter - 1:
+                return
+            y = fz if self.mixing == 1.0 else torch.add(z, g, alpha=self.mixing)
+            if y_prev is not None:
+                slot = (n - 1) % m
+                G = _write_diff(G, slot, g, G[:, m])
+                dY = _write_diff(dY, slot, y, y_prev)
+            G = _write(G, m, g)
+            y_prev = y
+            used = min(n, m)
+            z_next = y
+            if used > 0:
+                prod = G @ G.transpose(1, 2)  # (B, m+1, m+1): Gram matrix and right-hand side at once
+                gram, rhs = prod[:, :used, :used], prod[:, :used, m:]  # the ring fills slots 0, 1, ... in order
+                diag = gram.diagonal(dim1=1, dim2=2)
+                scale = diag.sum(-1) / used
+                diag.add_((self.ridge * scale + tiny)[:, None])  # the ridge, in place: prod is this step's own
+                gamma, status = torch.linalg.solve_ex(gram, rhs)
+                # finite iff its largest |entry| is (NaN propagates through amax)
+                ok = (status == 0) & (torch.linalg.vector_norm(gamma, ord=math.inf, dim=(1, 2)) < math.inf)
+                gamma = torch.where(ok[:, None, None], gamma, 0.0)
+                fallback |= ~ok & tracker.active
+                # z_next = y - dY^T gamma, in one fused kernel
+                z_next = torch.baddbmm(y.unsqueeze(1), gamma.transpose(1, 2), dY[:, :used], alpha=-1).squeeze(1)
+            z = tracker.advance(z_next, z)

@@ -1,0 +1,251 @@
+"""Limited-memory 'good' Broyden method, and its inverse-Jacobian estimate (:class:`BroydenInverse`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .._checks import positive_int
+from .base import CheckEvery, Solver
+
+
+class BroydenInverse:
+    """Broyden's low-rank estimate H of (J_F - I)^{-1} at the end of a solve, per sample.
+
+    With g(z) = F(z) - z, the solver keeps H ~ (dg/dz)^{-1} = (J_F - I)^{-1} in product form
+
+        H = -(I + c_{q-1} a_{q-1} b_{q-1}^T) ... (I + c_0 a_0 b_0^T),
+
+    one factor per step the sample took, the last ``memory`` of them (oldest first): b_t is the
+    step s_j = z_{j+1} - z_j of factor t, a_t the step that followed it, s_{j+1} = -H_{j+1} g_{j+1}
+    (for the newest factor, the step the solve would have taken next), and
+    c_t = 1 / ||s_j||^2, or 0 where the update was skipped. This is the good-Broyden update
+    H_{j+1} = H_j + (s_j - H_j dg_j) s_j^T H_j / (s_j^T H_j dg_j) from H_0 = -I, so
+    H_{j+1} dg_j = s_j (the secant condition, dg_j = g_{j+1} - g_j) holds for the newest step.
+
+    For a sample that stopped early, H is its estimate when it stopped. For the implicit
+    gradient, v^T (I - J_F)^{-1} ~ -v^T H = -``rmatvec(v)`` (SHINE, Ramzi et al., ICLR 2022).
+
+    Attributes (the raw factors; :meth:`factors` orders them):
+        steps: (B, memory, D) ring buffer of the steps, by slot.
+        coef: (B, memory) the c of the factor whose b is in that slot.
+        tail: (B, D) the step after the newest stored one.
+        count: (B,) the number of factors each sample wrote (the newest ``memory`` are kept).
+    """
+
+    def __init__(self, steps: Tensor, coef: Tensor, tail: Tensor, count: Tensor):
+        self.steps, self.coef, self.tail, self.count = steps, coef, tail, count
+        self.memory = steps.shape[1]
+
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(a, b, c) oldest first, shapes (B, memory, D), (B, memory, D), (B, memory), with
+        H = -prod_t (I + c_t a_t b_t^T) (newest on the left); unused factors have c_t = 0."""
+        batch, mem, dim = self.steps.shape
+        t = torch.arange(mem, device=self.steps.device)
+        q = self.count.clamp(max=mem)[:, None]  # factors kept
+        slots = (self.count[:, None] - q + t) % mem  # oldest first
+        b = self.steps.gather(1, slots[..., None].expand(batch, mem, dim))
+        c = torch.where(t < q, self.coef.gather(1, slots), 0.0)
+        a = torch.cat((b[:, 1:], self.tail[:, None]), 1)
+        a = torch.where((t == q - 1)[..., None], self.tail[:, None], a)
+        return a, b, c
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """H v per sample, for v of shape (B, D)."""
+        a, b, c = self.factors()
+        x = v
+        for t in range(self.memory):  # the oldest factor acts first
+            x = x + (c[:, t, None] * (b[:, t] * x).sum(-1, keepdim=True)) * a[:, t]
+        return -x
+
+    def rmatvec(self, v: Tensor) -> Tensor:
+        """H^T v (i.e. v^T H) per sample, for v of shape (B, D)."""
+        a, b, c = self.factors()
+        x = v
+        for t in reversed(range(self.memory)):  # transposed: the newest factor acts first
+            x = x + (c[:, t, None] * (a[:, t] * x).sum(-1, keepdim=True)) * b[:, t]
+        return -x
+
+    def to_dense(self) -> Tensor:
+        """H as a (B, D, D) tensor (for tests and small problems)."""
+        batch, _, dim = self.steps.shape
+        eye = torch.eye(dim, dtype=self.steps.dtype, device=self.steps.device)
+        return torch.stack([self.matvec(eye[i].expand(batch, dim)) for i in range(dim)], -1)
+
+
+class Broyden(Solver):
+    """Limited-memory 'good' Broyden method on g(z) = F(z) - z.
+
+    Keeps an approximation H of the inverse Jacobian of g, H = -I + sum_i u_i v_i^T,
+    and steps z_{n+1} = z_n - H g_n. After a step dz with change dg in g, the
+    Sherman-Morrison update is
+
+        u = (dz - H dg) / (dz^T H dg),   v^T = dz^T H.
+
+    The rank-one pairs live in a ring buffer of ``memory`` slots: memory does not
+    grow with ``max_iter``; once full, the oldest update is forgotten.
+
+    Implementation (compact form, only the steps are stored). Every step is a full step
+    s_n = -H_n g_n, so with w = H_n g_{n+1}: H_n dg = w + s_n, u_n = -w / (s_n^T (w + s_n))
+    and the next step is s_{n+1} = -w ||s_n||^2 / (s_n^T (w + s_n)) = u_n ||s_n||^2. Hence
+
+        H_{n+1} = H_n + u_n s_n^T H_n = (I + c_n s_{n+1} s_n^T) H_n,   c_n = 1 / ||s_n||^2
+
+    (c_n = 0 where the update is skipped), and H y = -y + sum_j c_j beta_j s_{j+1} where
+    beta solves a small unit lower-triangular system built from the steps' Gram matrix
+    and beta's right-hand side is -S^T y. One step of the solver therefore reads the
+    stored steps twice (one product S^T [g, s] that also yields the new Gram row, one
+    expansion) where the (u, v) form reads 2 x ``memory`` vectors four times, and it stores
+    one vector per update instead of two. Up to rounding, the iterates are those of the
+    (u, v) form as long as no update has been forgotten; once the ring is full the oldest
+    factor is dropped. Under autograd (``pg.Backprop``) the steps are kept as separate
+    tensors and the products are taken vector by vector, so the graph holds each step
+    once instead of a copy of the buffer per iteration.
+
+    A sample that stops keeps its stored steps (later writes to the ring are masked for it),
+    so ``solve(..., keep_inverse=True)`` returns in ``info.inverse_jacobian`` each sample's
+    estimate H at the point where it stopped (:class:`BroydenInverse`).
+
+    Args:
+        memory: the number of rank-one updates kept, >= 1.
+        max_iter, tol, stop, trace, check_every: as in :class:`Solver`.
+    """
+
+    def __init__(self, memory: int = 20, *, max_iter: int = 50, tol: float = 1e-4,
+                 stop: Literal["rel", "abs"] = "rel", trace: bool = False, check_every: CheckEvery = "auto"):
+        super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every)
+        self.memory = positive_int("memory (Broyden's number of stored updates)", memory)
+
+    def _iterate(self, fn, z, tracker, fallback):
+        batch, dim = z.shape
+        mem = self.memory
+        eps = torch.finfo(z.dtype).eps
+        fz = fn(z)
+        g = tracker.observe(z, fz)
+        # The autograd path only where a graph is being built (pg.Backprop): grad mode alone is
+        # not enough, e.g. Implicit's backward solve runs under enable_grad on VJPs without graphs.
+        differentiable = torch.is_grad_enabled() and g.requires_grad
+        steps: list[Tensor | None] = [None] * mem  # autograd path: the stored steps by slot
+        S = None if differentiable else z.new_zeros(batch, mem, dim)  # no-grad path: the stored steps by slot
+        P = z.new_zeros(batch, mem, mem)  # Gram matrix of the stored steps, by slot
+        c = z.new_zeros(batch, mem)  # c_j of the factor (I + c_j s_{j+1} s_j^T), at the slot of s_j
+        written = 0  # steps written to the ring so far
+        # rotations[r] = (r, r+1, ..., mem-1, 0, ..., r-1): the slots oldest first once the ring is full
+        ar = torch.arange(mem, device=z.device)
+        rotations = (ar[:, None] + ar[None, :]) % mem
+        s = g  # s_0 = -H_0 g_0 with H_0 = -I (a sample that stopped at z0 never takes it)
+        if tracker.keeping_now:
+            tracker.keep_state(z + s)
+        for n in range(1, self.max_iter):
+            if not tracker.any_active:
+                break
+            # Samples that stopped are frozen by masks unless the host knows every sample iterates.
+            masked = not tracker.all_active
+            took = tracker.active[:, None]  # the samples that take step s
+            z = torch.where(took, z + s, z) if masked else z + s
+            fz = fn(z)
+            g = tracker.observe(z, fz)
+
+            # w = H g with the q stored factors, oldest first: slots first, first + 1, ... (mod mem).
+            # Until the ring is full these are slots 0..q-1 (plain slices); afterwards a rotation,
+            # indexed with a row of `rotations` that already lives on z's device (a Python list as
+            # index would be copied to the GPU, and wait for it, several times per step).
+            q = min(written, mem)
+            first = (written - q) % mem  # the oldest stored step's slot
+            full = q == mem and first != 0
+            order_t = rotations[first] if full else None
+
+            def by_order(t: Tensor, dim: int) -> Tensor:
+                return t.index_select(dim, order_t) if full else t.narrow(dim, 0, q)
+
+            if q == 0:
+                w = -g
+                dots_s = None
+            else:
+                if differentiable:
+                    stored = [steps[(first + t) % mem] for t in range(q)]
+                    dots_g = torch.stack([(sk * g).sum(-1) for sk in stored], 1)  # s_k^T g, (B, q)
+                    dots_s = torch.stack([(sk * s).sum(-1) for sk in stored], 1)  # s_k^T s, the new Gram row
+                else:
+                    rows = S if q == mem else S[:, :q]
+                    # The layout of this skinny product matters: cuBLAS is much slower on it than on
+                    # two matrix-vector products, while on CPU one product with a column-major (D x 2)
+                    # operand is fastest (see BENCHMARKS.md and scripts/gpu_bmm_layouts.py).
+                    if rows.is_cuda:
+                        prod = torch.cat((rows @ g.unsqueeze(-1), rows @ s.unsqueeze(-1)), -1)
+                    else:
+                        prod = rows @ torch.stack((g, s), 1).mT
+                    prod = by_order(prod, 1)  # (B, q, 2)
+                    dots_g, dots_s = prod[..., 0], prod[..., 1]
+                if masked:  # a stopped sample solves with a zero right-hand side: w = -g, finite
+                    dots_g = torch.where(took, dots_g, 0.0)
+                cq = by_order(c, 1)
+                gram = by_order(by_order(P, 1), 2)
+                # (I - L) beta = -S^T g,  L[j, i] = c_i s_j^T s_{i+1} for i < j. The solver reads only
+                # the strictly lower triangle (unit diagonal), so it gets -L in columns 0..q-2 and
+                # whatever is above the diagonal, with no eye, tril or zero fill.
+                if q == 1:
+                    minus_low = gram  # 1 x 1: only the (implied) unit diagonal is used
+                else:  # the last column is above the diagonal: any values do
+                    minus_low = torch.cat((gram[:, :, 1:] * cq[:, None, : q - 1].neg(), gram[:, :, :1]), -1)
+                beta = torch.linalg.solve_triangular(minus_low, dots_g.neg().unsqueeze(-1), upper=False,
+                                                     unitriangular=True)
+                e = cq * beta.squeeze(-1)  # coefficient of s_{j+1} for factor j; the newest multiplies s
+                if differentiable:
+                    w = -g + e[:, q - 1 : q] * s
+                    for j in range(q - 1):
+                        w = w + e[:, j : j + 1] * stored[j + 1]
+                else:
+                    if full:  # the coefficients scattered to the slots of s_{j+1}
+                        coef = z.new_zeros(batch, mem).index_copy_(1, order_t[1:], e[:, : q - 1])
+                        w = torch.baddbmm(g.unsqueeze(1), coef.unsqueeze(1), rows, beta=-1).squeeze(1)
+                    elif q > 1:  # s_{j+1} sits in slot j + 1: a slice, no scatter
+                        w = torch.baddbmm(g.unsqueeze(1), e[:, None, : q - 1], rows[:, 1:q], beta=-1).squeeze(1)
+                    else:
+                        w = -g
+                    w = torch.addcmul(w, s, e[:, q - 1 : q])
+
+            # the update with step s: skipped where the denominator is tiny or not finite
+            h_dg = w + s
+            denom = (s * h_dg).sum(-1, keepdim=True)
+            ss = (s * s).sum(-1, keepdim=True)
+            abs_denom = denom.abs()
+            good = (took & (abs_denom > eps * ss.sqrt() * torch.linalg.vector_norm(h_dg, dim=-1, keepdim=True))
+                    & (abs_denom < math.inf))
+            safe_ss = torch.where(good, ss, 1.0)
+            c_new = torch.where(good, safe_ss.reciprocal(), 0.0).squeeze(-1)
+            s_next = w * torch.where(good, ss.neg() / torch.where(good, denom, 1.0), -1.0)  # -H_{n+1} g
+
+            # store s (it becomes s_j of the newest factor), its Gram row and c; a stopped sample
+            # keeps its stored steps and c (its estimate stays that of the point where it stopped)
+            slot = written % mem
+            if differentiable:
+                P, c = P.clone(), c.clone()
+                old = steps[slot] if steps[slot] is not None else torch.zeros_like(s)
+                steps[slot] = torch.where(took, s, old) if masked else s
+            else:
+                S[:, slot] = torch.where(took, s, S[:, slot]) if masked else s
+            if dots_s is not None:
+                if full:
+                    P[:, slot].index_copy_(1, order_t, dots_s)
+                    P[:, :, slot].index_copy_(1, order_t, dots_s)
+                else:
+                    P[:, slot, :q] = dots_s
+                    P[:, :q, slot] = dots_s
+            P[:, slot, slot] = ss.squeeze(-1)
+            c[:, slot] = torch.where(took.squeeze(-1), c_new, c[:, slot]) if masked else c_new
+            written += 1
+            # a sample that just stopped keeps s_next (its estimate's newest factor needs it); it is
+            # frozen from now on, so it never takes it
+            s = torch.where(took, s_next, s) if masked else s_next
+            if tracker.keeping_now:
+                tracker.keep_state(z + s)
+        if tracker.keep_inverse:
+            ring = torch.stack([t if t is not None else torch.zeros_like(s) for t in steps], 1) if differentiable else S
+            tracker.inverse_jacobian = BroydenInverse(ring, c, s, tracker.nstep - 1)
+
+
+__all__ = ["Broyden", "BroydenInverse"]
