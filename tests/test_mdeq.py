@@ -190,12 +190,15 @@ def test_forward_solve_of_untrained_mdeq_tiny_makes_progress():
     assert info.rel_residual.max() < 0.3 and info.rel_residual.mean() < 0.2, info.summary()
 
 
-def test_unrolled_pretraining_is_the_weight_tied_stack():
+def test_pretraining_is_the_weight_tied_stack():
     model = small_model(tiny(dropout=0.3))
     seen = _record_masks(model)
     x, y = images(model.config), torch.tensor([3, 4])
+    solver, mode = model.deq.solver, model.deq.backward_mode
 
-    logits, info = model.forward_unrolled(x, depth=3)
+    with pg.pretraining(model, 3):  # pg.Unrolled(3) with pg.Backprop(), then the layer's own back
+        logits, info = model(x)
+    assert model.deq.solver is solver and model.deq.backward_mode is mode
     assert info.nstep.tolist() == [3, 3] and info.abs_residual.shape == (2,)
     assert all(len(m) == 3 and all(torch.equal(a, m[0]) for a in m) for m in seen)  # one mask for all layers
 
@@ -203,13 +206,15 @@ def test_unrolled_pretraining_is_the_weight_tied_stack():
     u = model.stem(x)
     z = tuple(torch.zeros(2, 24, h, w) for h, w in model.config.branch_sizes())
     for _ in range(3):
-        z = model.block(z, u)
+        prev, z = z, model.block(z, u)
     torch.testing.assert_close(logits, model.head(z))
+    flat = torch.cat([p.flatten(1) for p in z], 1) - torch.cat([p.flatten(1) for p in prev], 1)
+    torch.testing.assert_close(info.abs_residual, flat.norm(dim=1).double(), rtol=1e-5, atol=1e-6)  # last layer's input
 
     F.cross_entropy(logits, y).backward()  # plain backprop through the stack reaches everything
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     with pytest.raises(ValueError, match="depth"):
-        model.forward_unrolled(x, depth=0)
+        pg.pretraining(model, 0)
 
 
 # ----------------------------------------------------------------------------- every preset trains

@@ -236,15 +236,30 @@ def test_jacobian_penalty_enters_the_loss_and_the_metrics(text_dir, tmp_path):
 
 def test_pretraining_steps_run_the_unrolled_stack(text_dir, tmp_path, monkeypatch):
     calls = []
-    original = DEQTransformer.forward_unrolled
+    original = pg.Unrolled.solve
 
-    def spy(self, x, depth=6):
-        calls.append(depth)
-        return original(self, x, depth)
+    def spy(self, fn, z0, **kwargs):
+        calls.append(self.depth)
+        return original(self, fn, z0, **kwargs)
 
-    monkeypatch.setattr(DEQTransformer, "forward_unrolled", spy)
+    monkeypatch.setattr(pg.Unrolled, "solve", spy)
     summary = train(lm_cfg(text_dir, tmp_path, "pretrain_steps=3", "pretrain_depth=2"))
     assert calls == [2, 2, 2] and math.isfinite(summary["final_metrics"]["valid_loss"])
+
+
+def test_pretraining_is_the_weight_tied_stack_under_cached_weight_norm():
+    model = DEQTransformer(TransformerConfig.named("deq-transformer-tiny", vocab_size=11))
+    tokens = torch.randint(0, 11, (2, 5))
+    with pg.pretraining(model, 3):
+        logits, info = model(tokens)
+    assert info.nstep.tolist() == [3, 3] and isinstance(model.deq.solver, pg.Anderson)
+    u = model.injection(tokens)
+    z = torch.zeros(2, 5, model.config.d_model)
+    for _ in range(3):
+        z = model.block(z, u)
+    torch.testing.assert_close(logits, model.head(z))
+    logits.sum().backward()  # the weight-norm parameters (g and v) of F get their gradient through the stack
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.block.parameters())
 
 
 def test_without_jacobian_regularisation_the_loss_is_the_cross_entropy(text_dir, tmp_path):

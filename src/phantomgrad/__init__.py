@@ -13,6 +13,7 @@ from .deq import DEQ, DEQInfo
 from .monitor import GradientQuality, gradient_quality
 from .regularize import jacobian_penalty, spectral_radius
 from .solvers import Anderson, Broyden, FixedPoint, Solver, SolverInfo, Unrolled, make_solver
+from .swap import deq_layers, pretraining, swap
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,5 @@ __all__ = [
     "BackwardMode", "Implicit", "UPG", "NPG", "JFB", "Backprop", "make_backward", "AdaptivePhantom",
     "gradient_quality", "GradientQuality",
     "jacobian_penalty", "spectral_radius",
+    "swap", "pretraining", "deq_layers",
 ]

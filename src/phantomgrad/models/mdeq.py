@@ -121,7 +121,7 @@ class MDEQConfig:
         dropout: variational dropout probability in the residual blocks.
         downsample_times: stride-2 convs in the stem (0, 1 or 2).
         weight_norm: weight-normalise the residual-block and post-fuse convs.
-        pretrain_depth: layers of the weight-tied stack in :meth:`MDEQ.forward_unrolled`.
+        pretrain_depth: layers of the weight-tied stack for pretraining (``pg.pretraining(model, depth)``).
         outer_norm: normalisation in the stem and head (outside F): ``"batch"`` (MDEQ's) or
             ``"group"`` (GroupNorm: per sample, so results do not depend on how a batch is split
             over processes; used for exact one-process/many-process comparisons).
@@ -476,11 +476,10 @@ class MDEQ(nn.Module):
         """The equilibrium map F."""
         return self.deq.f
 
-    def forward(self, x: Tensor, unrolled: int | None = None) -> tuple[Tensor, DEQInfo]:
-        """``unrolled=depth`` runs :meth:`forward_unrolled` instead (so pretraining also goes
-        through wrappers such as DistributedDataParallel)."""
-        if unrolled is not None:
-            return self.forward_unrolled(x, unrolled)
+    def forward(self, x: Tensor) -> tuple[Tensor, DEQInfo]:
+        """``(logits, info)`` for images x (see the class docstring). Pretraining, F as a
+        weight-tied stack trained by backprop, is this forward with the DEQ's solve and gradient
+        swapped: ``with pg.pretraining(model, depth): logits, info = model(x)``."""
         with self.forward_context():
             u, z0 = self.prepare(x)
             z, info = self.deq(u, z0)
@@ -522,41 +521,6 @@ class MDEQ(nn.Module):
             u, z0 = self.prepare(x)
             z, info = self.deq(u, z0)
         return z, u, info
-
-    def forward_unrolled(self, x: Tensor, depth: int | None = None) -> tuple[Tensor, DEQInfo]:
-        """MDEQ's pretraining phase: F applied as a weight-tied stack of ``depth`` layers
-        from z0 = 0 (default ``config.pretrain_depth``), differentiated by plain backprop.
-
-        Returns ``(logits, info)`` like :meth:`forward`; info describes the last layer:
-        the residual ||F(z) - z|| of the input z of the last layer, with nstep = depth.
-        """
-        depth = self.config.pretrain_depth if depth is None else depth
-        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-            raise ValueError(f"depth (number of unrolled layers) must be an integer >= 1, got {depth!r}")
-        u, z = self.prepare(x)
-        prev = z
-        for _ in range(depth):
-            prev, z = z, self.block(z, u)
-        return self.head(z), self._unrolled_info(prev, z, depth)
-
-    def _unrolled_info(self, prev: Sequence[Tensor], z: Sequence[Tensor], depth: int) -> DEQInfo:
-        with torch.no_grad():
-            batch = z[0].shape[0]
-            flat_z = torch.cat([p.reshape(batch, -1) for p in z], dim=1)
-            flat_prev = torch.cat([p.reshape(batch, -1) for p in prev], dim=1)
-            abs_res = (flat_z - flat_prev).norm(dim=1).double()
-            rel_res = abs_res / flat_z.norm(dim=1).double().clamp_min(torch.finfo(torch.float64).tiny)
-            solver = self.deq.solver
-            crit = rel_res if solver.stop == "rel" else abs_res
-            finite = torch.isfinite(abs_res) & torch.isfinite(rel_res)
-            return DEQInfo(
-                abs_residual=abs_res,
-                rel_residual=rel_res,
-                nstep=torch.full((batch,), depth, dtype=torch.long, device=abs_res.device),
-                converged=finite & (crit <= solver.tol),
-                nonfinite=~finite,
-                fallback=torch.zeros(batch, dtype=torch.bool, device=abs_res.device),
-            )
 
 
 __all__ = [

@@ -381,48 +381,14 @@ class DEQTransformer(nn.Module):
             logits = self.head(z)
         return LMOutput(logits, info, z, u)
 
-    def forward(self, tokens: Tensor, unrolled: int | None = None,
-                return_state: bool = False) -> tuple[Tensor, DEQInfo] | LMOutput:
-        """``(logits, info)``; with ``return_state=True`` the :class:`LMOutput` of
-        :meth:`solve`; with ``unrolled=depth`` :meth:`forward_unrolled`. (Keywords rather
-        than methods, so that both also go through wrappers such as DistributedDataParallel.)"""
-        if unrolled is not None:
-            return self.forward_unrolled(tokens, unrolled)
+    def forward(self, tokens: Tensor, return_state: bool = False) -> tuple[Tensor, DEQInfo] | LMOutput:
+        """``(logits, info)``; with ``return_state=True`` the :class:`LMOutput` of :meth:`solve`
+        (a keyword rather than a method, so that it also goes through wrappers such as
+        DistributedDataParallel). Pretraining, F as a weight-tied stack trained by backprop, is
+        this forward with the DEQ's solve and gradient swapped:
+        ``with pg.pretraining(model, depth): logits, info = model(tokens)``."""
         out = self.solve(tokens)
         return out if return_state else (out.logits, out.info)
-
-    def forward_unrolled(self, tokens: Tensor, depth: int = 6) -> tuple[Tensor, DEQInfo]:
-        """Pretraining: F as a weight-tied stack of ``depth`` layers from z0 = 0, plain backprop.
-
-        Returns ``(logits, info)``; info describes the last layer (the residual of its
-        input, nstep = depth).
-        """
-        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-            raise ValueError(f"depth (number of unrolled layers) must be an integer >= 1, got {depth!r}")
-        with parametrize.cached():
-            u, z = self.prepare(tokens)
-            prev = z
-            for _ in range(depth):
-                prev, z = z, self.block(z, u)
-            logits = self.head(z)
-        return logits, self._unrolled_info(prev, z, depth)
-
-    def _unrolled_info(self, prev: Tensor, z: Tensor, depth: int) -> DEQInfo:
-        with torch.no_grad():
-            batch = z.shape[0]
-            abs_res = (z - prev).reshape(batch, -1).norm(dim=1).double()
-            rel_res = abs_res / z.reshape(batch, -1).norm(dim=1).double().clamp_min(torch.finfo(torch.float64).tiny)
-            solver = self.deq.solver
-            crit = rel_res if solver.stop == "rel" else abs_res
-            finite = torch.isfinite(abs_res) & torch.isfinite(rel_res)
-            return DEQInfo(
-                abs_residual=abs_res,
-                rel_residual=rel_res,
-                nstep=torch.full((batch,), depth, dtype=torch.long, device=abs_res.device),
-                converged=finite & (crit <= solver.tol),
-                nonfinite=~finite,
-                fallback=torch.zeros(batch, dtype=torch.bool, device=abs_res.device),
-            )
 
     # ---- Jacobian regularisation and diagnostics ---------------------------------------
     def jacobian_penalty(self, out: LMOutput, n_samples: int = 1) -> Tensor:
