@@ -145,3 +145,65 @@ def test_bench_runs_the_deq_transformer_on_token_ids(capsys):
     out = capsys.readouterr().out
     assert "model deq-transformer-small, batch 2" in out
     assert "| UPG A_{5,0.5} | phantomgrad |" in out and "| JFB | phantomgrad |" in out
+
+
+def test_modes_and_solvers_come_from_the_registries(monkeypatch):
+    from phantomgrad.backward import BACKWARD_MODES, UPG
+    from phantomgrad.experiments.bench import mode_names, solver_names
+    from phantomgrad.experiments.bench.measure import variants_of
+    from phantomgrad.solvers import SOLVERS
+
+    assert {m.partition("-")[0] for m in MODES} == set(BACKWARD_MODES)
+    assert set(solver_names()) <= set(SOLVERS) and {"fixed_point", "anderson", "broyden"} <= set(solver_names())
+
+    class Halfway(UPG):  # a new mode: one class and one registry entry
+        def __init__(self, k: int = 5, damping: float = 0.5):
+            super().__init__(k=k, damping=damping)
+
+    monkeypatch.setitem(BACKWARD_MODES, "halfway", Halfway)
+    assert "halfway" in mode_names()
+    cfg = BenchConfig(model="synthetic", modes=("upg", "halfway"), compare="torchdeq")
+    assert variant(cfg, "halfway").label == "Halfway A_{5,0.5}"
+    variants, na = variants_of(cfg)  # TorchDEQ is not imported for this
+    assert [(v.lib, v.mode) for v in variants] == [("phantomgrad", "upg"), ("torchdeq", "upg"), ("phantomgrad", "halfway")]
+    assert [(r["lib"], r["mode"], r["na"]) for r in na] == [("torchdeq", "halfway", "TorchDEQ has no equivalent of Halfway")]
+
+
+def test_sync_free_and_compiled_rows(tmp_path):
+    # check_every=None runs every solve to max_iter; the compiled step's gradient is the eager one
+    K, k = 7, 3
+    code = main(TINY_SYNTHETIC + ["--modes", "upg", "--solver-iter", str(K), "--k", str(k), "--sync-free", "--compiled",
+                                  "--compile-backend", "eager", "--no-memory", "--no-solvers", "--out", str(tmp_path),
+                                  "--json", str(tmp_path / "s.json")])
+    assert code == 0
+    rows = {r["label"]: r for r in json.loads((tmp_path / "s.json").read_text())["rows"]}
+    assert list(rows) == ["UPG A_{3,0.5}", "UPG A_{3,0.5}, check_every=None", "UPG A_{3,0.5}, compiled, check_every=None"]
+    sync_free, compiled = rows["UPG A_{3,0.5}, check_every=None"], rows["UPG A_{3,0.5}, compiled, check_every=None"]
+    assert sync_free["f_forward"] == K + k and sync_free["check_every"] is None
+    assert compiled["f_forward"] is None and math.isnan(compiled["deq_forward_ms"]) and compiled["step_ms"] > 0
+    assert compiled["cosine"] == pytest.approx(sync_free["cosine"], abs=1e-6)
+
+
+def test_sync_free_implicit_runs_every_backward_step():
+    cfg, runner = _runner(model="synthetic", dim=8, batch=4, solver_iter=40, backward_iter=40, backward_tol=1e-4)
+    early = runner.count(variant(cfg, "implicit-fixed_point"))
+    never = runner.count(variant(cfg, "implicit-fixed_point", check_every=None))
+    assert early["backward_nstep"] < 40 and early["f_forward"] < 41  # a contraction: both solves stop early
+    assert never["vjp_backward"] == 40 + 1 and never["f_forward"] == 40 + 1  # the host never looked
+
+
+def test_check_every_is_passed_to_every_solve():
+    cfg, runner = _runner(model="synthetic", dim=8, batch=4, check_every=None, modes=("implicit-broyden",))
+    solver, mode = runner.solver_and_mode(variant(cfg, "implicit-broyden"))
+    assert solver.check_every is None and mode.solver.check_every is None
+    with pytest.raises(ValueError, match="check_every"):
+        BenchConfig(model="synthetic", check_every=0)
+
+
+def test_the_transformer_gradient_reaches_its_weight_norm_parameters():
+    # bench drives the model through its own prepare() inside its forward_context() (cached weight norm)
+    cfg, runner = _runner(model="deq-transformer-small", batch=2, seq_len=4, solver_iter=3, modes=("upg",))
+    runner.step(variant(cfg, "upg"), optimizer_step=False)
+    names = [n for n, _ in runner.p.block.named_parameters()]
+    assert any("original0" in n for n in names) and any("original1" in n for n in names)  # g and v
+    assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in runner.p.block.parameters())
