@@ -2,7 +2,9 @@
 
 import json
 import math
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +56,13 @@ def test_bench_command_writes_tables_plot_and_json(tmp_path, capsys):
     assert main(["bench", "--render", str(tmp_path / "b.json"), "--out", str(tmp_path / "again")]) == 0
     assert "| mode | lib |" in capsys.readouterr().out
     assert (tmp_path / "again" / "bench.png").exists()
+    # the GPU script's summary page reads the same JSON (a missing run is noted, not fatal)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_summary.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "s.md"), str(tmp_path / "b.json"),
+                           str(tmp_path / "absent.json")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "s.md").read_text()
+    assert "| b | synthetic b4 | UPG A_{5,0.5} |" in page and "| absent | missing" in page and "## b" in page
 
 
 def test_f_evaluation_counts_per_mode():

@@ -86,8 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         expansion=5, num_groups=8, dropout=0.0, downsample_times=0, pretrain_depth=10,
     ),
     # MDEQ-Tiny adapted to 28x28 grey images (Fashion-MNIST): one stride-2 conv in the stem, so the
-    # branches run at 14x14 and 7x7, with 16 and 32 channels; 167K parameters, 0.2 s per training
-    # step of batch 64 on 2 CPU cores with UPG A_{5,0.5}.
+    # branches run at 14x14 and 7x7, with 16 and 32 channels; 167K parameters (its step time: BENCHMARKS.md).
     "mdeq-tiny-28": dict(
         channels=(16, 32), head_channels=(8, 16), final_channels=200,
         expansion=5, num_groups=8, dropout=0.0, downsample_times=1, pretrain_depth=10,
