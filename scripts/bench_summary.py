@@ -38,8 +38,10 @@ def summary_rows(name: str, data: dict) -> list[str]:
         else:
             td_cell = _ms(td["step_ms"])
         ratio = r.get("torchdeq_over_phantomgrad_step")
-        out.append(f"| {name} | {setting} | {r['label']} | {_ms(r['step_ms'])} | {td_cell} | "
-                   f"{f'{ratio:.2f}x' if ratio else '-'} |")
+        out.append(
+            f"| {name} | {setting} | {r['label']} | {_ms(r['step_ms'])} | {td_cell} | "
+            f"{f'{ratio:.2f}x' if ratio else '-'} |"
+        )
     return out
 
 
@@ -48,9 +50,12 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     out, files = Path(argv[0]), [Path(a) for a in argv[1:]]
-    lines = ["# phantomgrad bench: summary", "",
-             "| run | setting | mode | phantomgrad step ms | TorchDEQ step ms | TorchDEQ / phantomgrad |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# phantomgrad bench: summary",
+        "",
+        "| run | setting | mode | phantomgrad step ms | TorchDEQ step ms | TorchDEQ / phantomgrad |",
+        "|---|---|---|---|---|---|",
+    ]
     details = []
     for path in files:
         if not path.exists():
@@ -58,7 +63,14 @@ def main(argv: list[str]) -> int:
             continue
         data = json.loads(path.read_text())
         lines += summary_rows(path.stem, data)
-        details += ["", f"## {path.stem}", "", f"machine: {data.get('machine', {})}", "", format_tables(from_json(data))]
+        details += [
+            "",
+            f"## {path.stem}",
+            "",
+            f"machine: {data.get('machine', {})}",
+            "",
+            format_tables(from_json(data)),
+        ]
     out.write_text("\n".join(lines + details) + "\n")
     print(f"wrote {out}")
     return 0

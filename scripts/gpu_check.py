@@ -40,7 +40,9 @@ def grads(device, dtype, mode):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(16, 32, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     w = torch.randn(16, 64, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    deq = pg.DEQ(layer, solver=pg.Anderson(max_iter=100, tol=1e-10 if dtype == torch.float64 else 1e-6), backward=MODES[mode]())
+    deq = pg.DEQ(
+        layer, solver=pg.Anderson(max_iter=100, tol=1e-10 if dtype == torch.float64 else 1e-6), backward=MODES[mode]()
+    )
     z, info = deq(x, torch.zeros(16, 64, device=device, dtype=dtype))
     (z * w).sum().backward()
     return torch.cat([p.grad.flatten() for p in layer.parameters()]).double().cpu(), info
@@ -67,7 +69,9 @@ def time_modes(batch=32, repeats=10):
     y = torch.randint(0, 10, (batch,), device="cuda")
     modes = {
         "implicit-broyden30": pg.Implicit(pg.Broyden(max_iter=30, tol=1e-30)),
-        "upg-5-0.5": pg.UPG(5, 0.5), "npg-5-0.5": pg.NPG(5, 0.5), "jfb": pg.JFB(),
+        "upg-5-0.5": pg.UPG(5, 0.5),
+        "npg-5-0.5": pg.NPG(5, 0.5),
+        "jfb": pg.JFB(),
     }
     results = {}
     for name, mode in modes.items():
@@ -88,7 +92,10 @@ def time_modes(batch=32, repeats=10):
                 if i >= 3:
                     times.append(t2 - t0)
                     fwd.append(t1 - t0)
-            results[f"{name}/{precision}"] = {"step_ms": 1e3 * statistics.median(times), "forward_ms": 1e3 * statistics.median(fwd)}
+            results[f"{name}/{precision}"] = {
+                "step_ms": 1e3 * statistics.median(times),
+                "forward_ms": 1e3 * statistics.median(fwd),
+            }
     base = results["implicit-broyden30/fp32"]["step_ms"]
     for r in results.values():
         r["speedup_vs_implicit_fp32"] = base / r["step_ms"]
@@ -102,11 +109,28 @@ def main(out_dir: str) -> int:
     report["correctness"] = correctness()
     report["mdeq_tiny_batch32"] = time_modes()
     t0 = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "phantomgrad", "train", "device=cuda", "epochs=3", "progress=false",
-                          f"out_dir={out / 'digits-cuda'}", "--json", str(out / "train_summary.json")],
-                         capture_output=True, text=True)
-    report["train_digits_cuda"] = {"returncode": run.returncode, "wall_s": time.perf_counter() - t0,
-                                   "stdout": run.stdout[-1500:], "stderr": run.stderr[-1500:]}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "phantomgrad",
+            "train",
+            "device=cuda",
+            "epochs=3",
+            "progress=false",
+            f"out_dir={out / 'digits-cuda'}",
+            "--json",
+            str(out / "train_summary.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    report["train_digits_cuda"] = {
+        "returncode": run.returncode,
+        "wall_s": time.perf_counter() - t0,
+        "stdout": run.stdout[-1500:],
+        "stderr": run.stderr[-1500:],
+    }
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     return 0

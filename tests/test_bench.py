@@ -30,15 +30,50 @@ def _runner(**kw) -> tuple[BenchConfig, Runner]:
 
 def test_bench_command_writes_tables_plot_and_json(tmp_path, capsys):
     out = tmp_path / "bench"
-    code = main(TINY_SYNTHETIC + ["--solver-iter", "6", "--sweep-k", "1..2", "--sweep-K", "2,3", "--no-memory",
-                                  "--out", str(out), "--json", str(tmp_path / "b.json")])
+    code = main(
+        TINY_SYNTHETIC
+        + [
+            "--solver-iter",
+            "6",
+            "--sweep-k",
+            "1..2",
+            "--sweep-K",
+            "2,3",
+            "--no-memory",
+            "--out",
+            str(out),
+            "--json",
+            str(tmp_path / "b.json"),
+        ]
+    )
     assert code == 0
     res = json.loads((tmp_path / "b.json").read_text())
-    assert set(res) >= {"config", "machine", "floors", "rows", "solvers", "sweep_k", "sweep_K", "reference", "targets", "seconds"}
+    assert set(res) >= {
+        "config",
+        "machine",
+        "floors",
+        "rows",
+        "solvers",
+        "sweep_k",
+        "sweep_K",
+        "reference",
+        "targets",
+        "seconds",
+    }
     assert [r["mode"] for r in res["rows"]] == list(MODES)
     for r in res["rows"]:
-        for key in ("forward_ms", "deq_forward_ms", "backward_ms", "deq_backward_ms", "step_ms", "f_forward",
-                    "vjp_backward", "f_backward_calls", "cosine", "floor_ms"):
+        for key in (
+            "forward_ms",
+            "deq_forward_ms",
+            "backward_ms",
+            "deq_backward_ms",
+            "step_ms",
+            "f_forward",
+            "vjp_backward",
+            "f_backward_calls",
+            "cosine",
+            "floor_ms",
+        ):
             assert key in r, key
         assert r["step_ms"] > 0 and r["step_ms"] >= r["forward_ms"]
         assert -1.0 <= r["cosine"] <= 1.0 + 1e-9
@@ -58,8 +93,11 @@ def test_bench_command_writes_tables_plot_and_json(tmp_path, capsys):
     assert (tmp_path / "again" / "bench.png").exists()
     # the GPU script's summary page reads the same JSON (a missing run is noted, not fatal)
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_summary.py"
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "s.md"), str(tmp_path / "b.json"),
-                           str(tmp_path / "absent.json")], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "s.md"), str(tmp_path / "b.json"), str(tmp_path / "absent.json")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     page = (tmp_path / "s.md").read_text()
     assert "| b | synthetic b4 | UPG A_{5,0.5} |" in page and "| absent | missing" in page and "## b" in page
@@ -68,8 +106,17 @@ def test_bench_command_writes_tables_plot_and_json(tmp_path, capsys):
 def test_f_evaluation_counts_per_mode():
     # FixedPoint with an unreachable tolerance runs exactly K steps forward and backward.
     K, k = 6, 3
-    cfg, runner = _runner(model="synthetic", dim=8, batch=4, solver="fixed_point", solver_iter=K, solver_tol=1e-30,
-                          k=k, backward_iter=5, backward_tol=1e-30)
+    cfg, runner = _runner(
+        model="synthetic",
+        dim=8,
+        batch=4,
+        solver="fixed_point",
+        solver_iter=K,
+        solver_tol=1e-30,
+        k=k,
+        backward_iter=5,
+        backward_tol=1e-30,
+    )
     counts = {m: runner.count(variant(cfg, m)) for m in MODES}
     none = {"f_backward_calls": 0, "backward_nstep": None}
     assert counts["upg"] == {"f_forward": K + k, "vjp_backward": k, **none}
@@ -90,9 +137,33 @@ def test_implicit_count_follows_an_early_stop():
 
 
 def test_mdeq_tiny_at_tiny_size(tmp_path):
-    code = main(["bench", "--model", "mdeq-tiny", "--image-size", "8", "--batch", "2", "--solver-iter", "3",
-                 "--backward-iter", "3", "--repeats", "1", "--warmup", "0", "--modes", "implicit-broyden,upg,npg",
-                 "--no-memory", "--no-solvers", "--out", str(tmp_path), "--json", str(tmp_path / "m.json")])
+    code = main(
+        [
+            "bench",
+            "--model",
+            "mdeq-tiny",
+            "--image-size",
+            "8",
+            "--batch",
+            "2",
+            "--solver-iter",
+            "3",
+            "--backward-iter",
+            "3",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--modes",
+            "implicit-broyden,upg,npg",
+            "--no-memory",
+            "--no-solvers",
+            "--out",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "m.json"),
+        ]
+    )
     assert code == 0
     rows = {r["mode"]: r for r in json.loads((tmp_path / "m.json").read_text())["rows"]}
     assert rows["upg"]["f_forward"] == 3 + 5 and rows["upg"]["vjp_backward"] == 5
@@ -111,15 +182,30 @@ def test_memory_is_measured_in_a_fresh_process():
 def test_torchdeq_counts_match_its_source():
     pytest.importorskip("torchdeq")
     K, k = 5, 3
-    cfg, runner = _runner(model="synthetic", dim=8, batch=4, solver="fixed_point", solver_iter=K, solver_tol=1e-30,
-                          k=k, backward_iter=4, backward_tol=1e-30)
+    cfg, runner = _runner(
+        model="synthetic",
+        dim=8,
+        batch=4,
+        solver="fixed_point",
+        solver_iter=K,
+        solver_tol=1e-30,
+        k=k,
+        backward_iter=4,
+        backward_tol=1e-30,
+    )
     assert runner.count(variant(cfg, "upg", lib="torchdeq")) == {
-        "f_forward": K + k, "f_backward_calls": 0, "vjp_backward": k, "backward_nstep": None,
+        "f_forward": K + k,
+        "f_backward_calls": 0,
+        "vjp_backward": k,
+        "backward_nstep": None,
     }
     # TorchDEQ's IFT evaluates F once in the forward with a graph and once more in the backward;
     # its backward solve starts from zero, so all b_max_iter VJPs run.
     assert runner.count(variant(cfg, "implicit-fixed_point", lib="torchdeq")) == {
-        "f_forward": K + 1, "f_backward_calls": 1, "vjp_backward": 4 + 1, "backward_nstep": None,
+        "f_forward": K + 1,
+        "f_backward_calls": 1,
+        "vjp_backward": 4 + 1,
+        "backward_nstep": None,
     }
 
 
@@ -129,11 +215,14 @@ def test_compare_without_torchdeq_names_the_install_command(monkeypatch, capsys)
     assert TORCHDEQ_INSTALL in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--modes", "upg,bogus"], "bogus"),
-    (["--solver-iter", "0"], "solver_iter"),
-    (["--damping", "1.5"], "damping"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--modes", "upg,bogus"], "bogus"),
+        (["--solver-iter", "0"], "solver_iter"),
+        (["--damping", "1.5"], "damping"),
+    ],
+)
 def test_bad_values_are_refused(argv, match, capsys):
     assert main(TINY_SYNTHETIC + argv) == 2
     assert match in capsys.readouterr().err
@@ -148,8 +237,25 @@ def test_cuda_request_without_a_gpu_is_refused():
 
 def test_bench_runs_the_deq_transformer_on_token_ids(capsys):
     # the language model: integer token ids in, (B L, V) logits against the next tokens
-    args = ["bench", "--model", "deq-transformer-small", "--batch", "2", "--seq-len", "8", "--modes", "upg,jfb",
-            "--repeats", "1", "--warmup", "0", "--no-memory", "--no-solvers", "--solver-iter", "8"]
+    args = [
+        "bench",
+        "--model",
+        "deq-transformer-small",
+        "--batch",
+        "2",
+        "--seq-len",
+        "8",
+        "--modes",
+        "upg,jfb",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--no-memory",
+        "--no-solvers",
+        "--solver-iter",
+        "8",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "model deq-transformer-small, batch 2" in out
@@ -174,19 +280,47 @@ def test_modes_and_solvers_come_from_the_registries(monkeypatch):
     cfg = BenchConfig(model="synthetic", modes=("upg", "halfway"), compare="torchdeq")
     assert variant(cfg, "halfway").label == "Halfway A_{5,0.5}"
     variants, na = variants_of(cfg)  # TorchDEQ is not imported for this
-    assert [(v.lib, v.mode) for v in variants] == [("phantomgrad", "upg"), ("torchdeq", "upg"), ("phantomgrad", "halfway")]
-    assert [(r["lib"], r["mode"], r["na"]) for r in na] == [("torchdeq", "halfway", "TorchDEQ has no equivalent of Halfway")]
+    assert [(v.lib, v.mode) for v in variants] == [
+        ("phantomgrad", "upg"),
+        ("torchdeq", "upg"),
+        ("phantomgrad", "halfway"),
+    ]
+    assert [(r["lib"], r["mode"], r["na"]) for r in na] == [
+        ("torchdeq", "halfway", "TorchDEQ has no equivalent of Halfway")
+    ]
 
 
 def test_sync_free_and_compiled_rows(tmp_path):
     # check_every=None runs every solve to max_iter; the compiled step's gradient is the eager one
     K, k = 7, 3
-    code = main(TINY_SYNTHETIC + ["--modes", "upg", "--solver-iter", str(K), "--k", str(k), "--sync-free", "--compiled",
-                                  "--compile-backend", "eager", "--no-memory", "--no-solvers", "--out", str(tmp_path),
-                                  "--json", str(tmp_path / "s.json")])
+    code = main(
+        TINY_SYNTHETIC
+        + [
+            "--modes",
+            "upg",
+            "--solver-iter",
+            str(K),
+            "--k",
+            str(k),
+            "--sync-free",
+            "--compiled",
+            "--compile-backend",
+            "eager",
+            "--no-memory",
+            "--no-solvers",
+            "--out",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "s.json"),
+        ]
+    )
     assert code == 0
     rows = {r["label"]: r for r in json.loads((tmp_path / "s.json").read_text())["rows"]}
-    assert list(rows) == ["UPG A_{3,0.5}", "UPG A_{3,0.5}, check_every=None", "UPG A_{3,0.5}, compiled, check_every=None"]
+    assert list(rows) == [
+        "UPG A_{3,0.5}",
+        "UPG A_{3,0.5}, check_every=None",
+        "UPG A_{3,0.5}, compiled, check_every=None",
+    ]
     sync_free, compiled = rows["UPG A_{3,0.5}, check_every=None"], rows["UPG A_{3,0.5}, compiled, check_every=None"]
     assert sync_free["f_forward"] == K + k and sync_free["check_every"] is None
     assert compiled["f_forward"] is None and math.isnan(compiled["deq_forward_ms"]) and compiled["step_ms"] > 0

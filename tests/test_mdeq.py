@@ -27,7 +27,10 @@ def small_model(cfg: MDEQConfig, backward=None, max_iter: int = 6) -> MDEQ:
 
 # ----------------------------------------------------------------------------- shapes and configs
 
-@pytest.mark.parametrize("in_channels, size, sizes", [(1, 8, [(8, 8), (4, 4)]), (1, 28, [(28, 28), (14, 14)]), (3, 7, [(7, 7), (4, 4)])])
+
+@pytest.mark.parametrize(
+    "in_channels, size, sizes", [(1, 8, [(8, 8), (4, 4)]), (1, 28, [(28, 28), (14, 14)]), (3, 7, [(7, 7), (4, 4)])]
+)
 def test_output_shapes_and_branch_resolutions(in_channels, size, sizes):
     cfg = tiny(size, in_channels)
     assert cfg.branch_sizes() == sizes
@@ -80,6 +83,7 @@ def test_bad_configs_and_inputs_are_refused():
 
 # ----------------------------------------------------------------------------- variational dropout
 
+
 def test_variational_dropout_unit():
     drop = VariationalDropout2d(0.5)
     x = torch.ones(4, 16, 3, 3)
@@ -104,6 +108,7 @@ def _record_masks(model: MDEQ) -> list[list[torch.Tensor | None]]:
     """Per branch, the mask each evaluation of F used (None where dropout was a no-op)."""
     seen: list[list[torch.Tensor | None]] = [[] for _ in model.block.branches]
     for i, branch in enumerate(model.block.branches):
+
         def hook(module, inputs, output, i=i):
             if module.active:
                 assert torch.equal(output, inputs[0] * module.mask)
@@ -111,6 +116,7 @@ def _record_masks(model: MDEQ) -> list[list[torch.Tensor | None]]:
             else:
                 assert output is inputs[0]
                 seen[i].append(None)
+
         branch.drop.register_forward_hook(hook)
     return seen
 
@@ -157,6 +163,7 @@ def test_mdeq_block_with_dropout_needs_a_reset():
 
 
 # ----------------------------------------------------------------------------- gradients and the solve
+
 
 @pytest.mark.parametrize("backward", [pg.UPG(k=5, damping=0.5), pg.NPG(k=5, damping=0.5), pg.Implicit()], ids=repr)
 def test_gradients_reach_every_parameter(backward):
@@ -218,6 +225,7 @@ def test_pretraining_is_the_weight_tied_stack():
 
 
 # ----------------------------------------------------------------------------- every preset trains
+
 
 @pytest.mark.parametrize(
     "name, in_channels, size, classes",

@@ -20,7 +20,7 @@ own forward runs unchanged, so wrappers such as DistributedDataParallel keep wor
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal
+from typing import Iterator, Literal, cast
 
 from torch import nn
 
@@ -35,8 +35,7 @@ def deq_layers(model: nn.Module) -> list[DEQ]:
 
 
 @contextlib.contextmanager
-def swap(model: nn.Module, solver: Solver | None = None,
-         backward: BackwardMode | None = None) -> Iterator[list[DEQ]]:
+def swap(model: nn.Module, solver: Solver | None = None, backward: BackwardMode | None = None) -> Iterator[list[DEQ]]:
     """Within the block every DEQ layer of ``model`` solves with ``solver`` and makes its gradient
     with ``backward`` (None keeps that layer's own); yields the layers. On exit each layer gets
     its own solver and backward mode back.
@@ -64,14 +63,16 @@ def swap(model: nn.Module, solver: Solver | None = None,
             layer.solver, layer.backward_mode = own_solver, own_backward
 
 
-def pretraining(model: nn.Module, depth: int, tol: float = 1e-4,
-                stop: Literal["rel", "abs"] = "rel") -> contextlib.AbstractContextManager:
+def pretraining(
+    model: nn.Module, depth: int, tol: float = 1e-4, stop: str = "rel"
+) -> contextlib.AbstractContextManager:
     """``swap(model, solver=pg.Unrolled(depth, tol=tol, stop=stop), backward=pg.Backprop())``: within
     the block the model's forward is its pretraining phase, F applied as a weight-tied stack of
     ``depth`` layers from z0 and differentiated by backpropagation through them (as MDEQ and the
     DEQ transformer are pretrained). ``info`` then describes the last layer (the residual of its
     input, ``nstep = depth``; ``tol`` and ``stop`` only decide ``info.converged``)."""
-    return swap(model, solver=Unrolled(depth, tol=tol, stop=stop), backward=Backprop())
+    unrolled = Unrolled(depth, tol=tol, stop=cast(Literal["rel", "abs"], stop))  # Unrolled checks the value
+    return swap(model, solver=unrolled, backward=Backprop())
 
 
 __all__ = ["swap", "pretraining", "deq_layers"]

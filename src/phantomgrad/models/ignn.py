@@ -59,15 +59,15 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
 
 import phantomgrad as pg
 
-
 # ----------------------------------------------------------------------------- projection
+
 
 def project_rows_l1(w: Tensor, radius: float) -> Tensor:
     """Euclidean projection of every row of ``w`` onto the l1 ball {v : ||v||_1 <= radius}.
@@ -130,6 +130,7 @@ def _spmm(adj: Tensor, dense: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- the map F
 
+
 class Adjacency:
     """A (sparse) adjacency handed to the map F alongside the injection.
 
@@ -160,6 +161,7 @@ class ImplicitGraphMap(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
+
 
 @dataclass
 class IGNNConfig:
@@ -224,7 +226,9 @@ class IGNN(nn.Module):
         super().__init__()
         IGNNConfig(hidden=hidden, kappa=kappa, mlp_hidden=mlp_hidden, rho=rho)  # validates
         if level not in ("graph", "node"):
-            raise ValueError(f"level must be 'graph' (graph classification) or 'node' (node classification), got {level!r}")
+            raise ValueError(
+                f"level must be 'graph' (graph classification) or 'node' (node classification), got {level!r}"
+            )
         if in_features < 1 or num_classes < 1:
             raise ValueError(f"in_features and num_classes must be >= 1, got {in_features}, {num_classes}")
         self.level = level
@@ -232,18 +236,21 @@ class IGNN(nn.Module):
         self.rho = float(rho)
         self.hidden = hidden
         self.omega = nn.Linear(in_features, hidden, bias=False)
-        self.deq = pg.DEQ(ImplicitGraphMap(hidden), solver=solver or pg.FixedPoint(max_iter=50, tol=1e-4), backward=backward)
+        self.deq = pg.DEQ(
+            ImplicitGraphMap(hidden), solver=solver or pg.FixedPoint(max_iter=50, tol=1e-4), backward=backward
+        )
         self.dropout = nn.Dropout(dropout)
         if level == "graph":
-            self.head: nn.Module = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.ReLU(), nn.Dropout(dropout),
-                                                 nn.Linear(mlp_hidden, num_classes))
+            self.head: nn.Module = nn.Sequential(
+                nn.Linear(hidden, mlp_hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(mlp_hidden, num_classes)
+            )
         else:
             self.head = nn.Linear(hidden, num_classes, bias=False)
         self.after_optimizer_step()
 
     @property
     def W(self) -> Tensor:
-        return self.deq.f.W
+        return cast(ImplicitGraphMap, self.deq.f).W
 
     @property
     def radius(self) -> float:
@@ -287,8 +294,9 @@ class IGNN(nn.Module):
         pooled = z.new_zeros(num_graphs, z.shape[1]).index_add_(0, batch, z)
         return self.head(pooled)
 
-    def forward(self, x: Tensor, adj: Tensor, batch: Tensor | None = None,
-                num_graphs: int | None = None) -> tuple[Tensor, pg.DEQInfo]:
+    def forward(
+        self, x: Tensor, adj: Tensor, batch: Tensor | None = None, num_graphs: int | None = None
+    ) -> tuple[Tensor, pg.DEQInfo]:
         """Logits per graph (level "graph": ``batch`` gives each node's graph) or per node."""
         with self.forward_context():
             z, info = self.embed(x, adj)

@@ -61,7 +61,7 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -82,24 +82,48 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The phantom-gradient paper's MDEQ-Tiny ablation model (its code's "mdeq_SMALL" CIFAR config);
     # 159K parameters at 3x32x32 and 10 classes (the paper says about 170K).
     "mdeq-tiny": dict(
-        channels=(24, 24), head_channels=(8, 16), final_channels=200,
-        expansion=5, num_groups=8, dropout=0.0, downsample_times=0, pretrain_depth=10,
+        channels=(24, 24),
+        head_channels=(8, 16),
+        final_channels=200,
+        expansion=5,
+        num_groups=8,
+        dropout=0.0,
+        downsample_times=0,
+        pretrain_depth=10,
     ),
     # MDEQ-Tiny adapted to 28x28 grey images (Fashion-MNIST): one stride-2 conv in the stem, so the
     # branches run at 14x14 and 7x7, with 16 and 32 channels; 167K parameters (its step time: BENCHMARKS.md).
     "mdeq-tiny-28": dict(
-        channels=(16, 32), head_channels=(8, 16), final_channels=200,
-        expansion=5, num_groups=8, dropout=0.0, downsample_times=1, pretrain_depth=10,
+        channels=(16, 32),
+        head_channels=(8, 16),
+        final_channels=200,
+        expansion=5,
+        num_groups=8,
+        dropout=0.0,
+        downsample_times=1,
+        pretrain_depth=10,
     ),
     # The larger CIFAR-10 model (MDEQ's "LARGE" CIFAR config; 11.1M parameters, the paper says about 10M).
     "mdeq-cifar": dict(
-        channels=(32, 64, 128, 256), head_channels=(14, 28, 56, 112), final_channels=1680,
-        expansion=5, num_groups=8, dropout=0.0, downsample_times=0, pretrain_depth=10,
+        channels=(32, 64, 128, 256),
+        head_channels=(14, 28, 56, 112),
+        final_channels=1680,
+        expansion=5,
+        num_groups=8,
+        dropout=0.0,
+        downsample_times=0,
+        pretrain_depth=10,
     ),
     # MDEQ-Small for ImageNet (17.0M parameters at 224x224 and 1000 classes; the MDEQ paper says 18M).
     "mdeq-imagenet": dict(
-        channels=(32, 64, 128, 256), head_channels=(28, 56, 112, 224), final_channels=2048,
-        expansion=4, num_groups=8, dropout=0.0, downsample_times=2, pretrain_depth=5,
+        channels=(32, 64, 128, 256),
+        head_channels=(28, 56, 112, 224),
+        final_channels=2048,
+        expansion=4,
+        num_groups=8,
+        dropout=0.0,
+        downsample_times=2,
+        pretrain_depth=5,
     ),
 }
 
@@ -141,8 +165,8 @@ class MDEQConfig:
     outer_norm: str = "batch"
 
     def __post_init__(self) -> None:
-        size = self.image_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
+        given: Any = self.image_size  # an int is accepted for a square image
+        size = (given, given) if isinstance(given, int) else tuple(given)
         object.__setattr__(self, "image_size", size)
         object.__setattr__(self, "channels", tuple(self.channels))
         object.__setattr__(self, "head_channels", tuple(self.head_channels))
@@ -151,9 +175,13 @@ class MDEQConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MDEQConfig.{name} must be an integer >= 1, got {value!r}")
         if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
-            raise ValueError(f"MDEQConfig.image_size must be an int or (H, W) of positive ints, got {self.image_size!r}")
+            raise ValueError(
+                f"MDEQConfig.image_size must be an int or (H, W) of positive ints, got {self.image_size!r}"
+            )
         if not self.channels or not all(isinstance(c, int) and c >= 1 for c in self.channels):
-            raise ValueError(f"MDEQConfig.channels must be a non-empty sequence of positive ints, got {self.channels!r}")
+            raise ValueError(
+                f"MDEQConfig.channels must be a non-empty sequence of positive ints, got {self.channels!r}"
+            )
         if len(self.head_channels) != len(self.channels):
             raise ValueError(
                 f"MDEQConfig.head_channels needs one entry per branch: {len(self.channels)} branches "
@@ -188,8 +216,14 @@ class MDEQConfig:
         return sizes
 
     @classmethod
-    def named(cls, name: str, in_channels: int = 3, image_size: int | tuple[int, int] = 32,
-              num_classes: int = 10, **overrides: Any) -> "MDEQConfig":
+    def named(
+        cls,
+        name: str,
+        in_channels: int = 3,
+        image_size: int | tuple[int, int] = 32,
+        num_classes: int = 10,
+        **overrides: Any,
+    ) -> "MDEQConfig":
         """A preset (``mdeq-tiny``, ``mdeq-cifar``, ``mdeq-imagenet``) adapted to the data.
 
         Any preset field can be overridden by keyword, e.g. ``dropout=0.25``; an unknown
@@ -203,7 +237,8 @@ class MDEQConfig:
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise TypeError(f"unknown MDEQConfig field(s) {unknown}; valid fields are {sorted(fields)}")
-        return cls(in_channels=in_channels, image_size=image_size, num_classes=num_classes, **{**preset, **overrides})
+        size = (image_size, image_size) if isinstance(image_size, int) else image_size
+        return cls(in_channels=in_channels, image_size=size, num_classes=num_classes, **{**preset, **overrides})
 
 
 def _half(size: int) -> int:
@@ -212,6 +247,7 @@ def _half(size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- layers of F
+
 
 def _conv3x3(c_in: int, c_out: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=bias)
@@ -308,8 +344,14 @@ class MDEQBlock(nn.Module):
     model before the first evaluation (:class:`MDEQ` does).
     """
 
-    def __init__(self, channels: Sequence[int], expansion: int = 5, num_groups: int = 8,
-                 dropout: float = 0.0, weight_norm: bool = True):
+    def __init__(
+        self,
+        channels: Sequence[int],
+        expansion: int = 5,
+        num_groups: int = 8,
+        dropout: float = 0.0,
+        weight_norm: bool = True,
+    ):
         super().__init__()
         self.channels = tuple(channels)
         n = len(self.channels)
@@ -328,12 +370,14 @@ class MDEQBlock(nn.Module):
     def reset_dropout(self, like: Sequence[Tensor]) -> None:
         """Draw every branch's dropout mask for states shaped like ``like`` (or clear it when inactive)."""
         for branch, z in zip(self.branches, like):
-            branch.drop.reset(z)
+            cast(ResidualBlock, branch).drop.reset(z)
 
     def forward(self, z: Sequence[Tensor], u: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
         n = len(self.channels)
         if len(z) != n or len(u) != n:
-            raise ValueError(f"MDEQBlock has {n} branches but got a state of {len(z)} and an injection of {len(u)} parts")
+            raise ValueError(
+                f"MDEQBlock has {n} branches but got a state of {len(z)} and an injection of {len(u)} parts"
+            )
         ys = [branch(z_i, u_i) for branch, z_i, u_i in zip(self.branches, z, u)]
         out = []
         for i in range(n):
@@ -347,6 +391,7 @@ class MDEQBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------- stem and head
+
 
 def _outer_norm(kind: str, channels: int, affine: bool = True) -> nn.Module:
     """BatchNorm2d, or GroupNorm with up to 8 groups, for the layers outside F."""
@@ -423,16 +468,26 @@ class MDEQHead(nn.Module):
     conv (with bias) -> BN -> ReLU from branch i's head width to branch i+1's.
     """
 
-    def __init__(self, channels: Sequence[int], head_channels: Sequence[int], final_channels: int, num_classes: int,
-                 norm: str = "batch"):
+    def __init__(
+        self,
+        channels: Sequence[int],
+        head_channels: Sequence[int],
+        final_channels: int,
+        num_classes: int,
+        norm: str = "batch",
+    ):
         super().__init__()
         widths = [h * Bottleneck.expansion for h in head_channels]
         self.increase = nn.ModuleList(Bottleneck(c, h, norm) for c, h in zip(channels, head_channels))
         self.downsample = nn.ModuleList(
-            nn.Sequential(_conv3x3(widths[i], widths[i + 1], stride=2, bias=True), _outer_norm(norm, widths[i + 1]), nn.ReLU())
+            nn.Sequential(
+                _conv3x3(widths[i], widths[i + 1], stride=2, bias=True), _outer_norm(norm, widths[i + 1]), nn.ReLU()
+            )
             for i in range(len(widths) - 1)
         )
-        self.final = nn.Sequential(nn.Conv2d(widths[-1], final_channels, kernel_size=1), _outer_norm(norm, final_channels), nn.ReLU())
+        self.final = nn.Sequential(
+            nn.Conv2d(widths[-1], final_channels, kernel_size=1), _outer_norm(norm, final_channels), nn.ReLU()
+        )
         self.classifier = nn.Linear(final_channels, num_classes)
 
     def forward(self, z: Sequence[Tensor]) -> Tensor:
@@ -444,6 +499,7 @@ class MDEQHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
+
 
 class MDEQ(nn.Module):
     """Multiscale deep equilibrium classifier.
@@ -463,17 +519,21 @@ class MDEQ(nn.Module):
     def __init__(self, config: MDEQConfig, solver: Solver | None = None, backward: BackwardMode | None = None):
         super().__init__()
         if not isinstance(config, MDEQConfig):
-            raise TypeError(f"config must be an MDEQConfig (e.g. MDEQConfig.named('mdeq-tiny')), got {type(config).__name__}")
+            raise TypeError(
+                f"config must be an MDEQConfig (e.g. MDEQConfig.named('mdeq-tiny')), got {type(config).__name__}"
+            )
         self.config = config
         self.stem = MDEQStem(config.in_channels, config.channels, config.downsample_times, config.outer_norm)
         block = MDEQBlock(config.channels, config.expansion, config.num_groups, config.dropout, config.weight_norm)
         self.deq = DEQ(block, solver=solver, backward=backward)  # F lives at self.deq.f (one copy in state_dict)
-        self.head = MDEQHead(config.channels, config.head_channels, config.final_channels, config.num_classes, config.outer_norm)
+        self.head = MDEQHead(
+            config.channels, config.head_channels, config.final_channels, config.num_classes, config.outer_norm
+        )
 
     @property
     def block(self) -> MDEQBlock:
         """The equilibrium map F."""
-        return self.deq.f
+        return cast(MDEQBlock, self.deq.f)
 
     def forward(self, x: Tensor) -> tuple[Tensor, DEQInfo]:
         """``(logits, info)`` for images x (see the class docstring). Pretraining, F as a
@@ -523,6 +583,15 @@ class MDEQ(nn.Module):
 
 
 __all__ = [
-    "PRESETS", "MDEQConfig", "MDEQ", "MDEQBlock", "MDEQStem", "MDEQHead",
-    "ResidualBlock", "FuseUp", "FuseDown", "PostFuse", "Bottleneck",
+    "PRESETS",
+    "MDEQConfig",
+    "MDEQ",
+    "MDEQBlock",
+    "MDEQStem",
+    "MDEQHead",
+    "ResidualBlock",
+    "FuseUp",
+    "FuseDown",
+    "PostFuse",
+    "Bottleneck",
 ]

@@ -30,8 +30,16 @@ class TanhMap(nn.Module):
         dtype: dtype of the parameters.
     """
 
-    def __init__(self, dim: int, in_dim: int, lipschitz: float = 0.9, *, bias: bool = True,
-                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64):
+    def __init__(
+        self,
+        dim: int,
+        in_dim: int,
+        lipschitz: float = 0.9,
+        *,
+        bias: bool = True,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float64,
+    ):
         super().__init__()
         for name, value in (("dim", dim), ("in_dim", in_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

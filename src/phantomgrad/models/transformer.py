@@ -62,7 +62,7 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -189,8 +189,9 @@ class TransformerBlock(nn.Module):
     before the first evaluation (:class:`DEQTransformer` does).
     """
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, norm: str = "post", dropout: float = 0.0,
-                 weight_norm: bool = True):
+    def __init__(
+        self, d_model: int, n_heads: int, d_ff: int, norm: str = "post", dropout: float = 0.0, weight_norm: bool = True
+    ):
         super().__init__()
         if norm not in ("post", "pre"):
             raise ValueError(f"norm must be 'post' or 'pre', got {norm!r}")
@@ -230,8 +231,8 @@ class TransformerBlock(nn.Module):
     def forward(self, z: Tensor, u: Tensor) -> Tensor:
         if z.dim() != 3 or z.shape[-1] != self.d_model or u.shape[:2] != z.shape[:2] or u.shape[-1] != 3 * self.d_model:
             raise ValueError(
-                f"TransformerBlock expects z of shape (B, L, {self.d_model}) and u of shape (B, L, {3 * self.d_model}), "
-                f"got {tuple(z.shape)} and {tuple(u.shape)}"
+                f"TransformerBlock expects z of shape (B, L, {self.d_model}) and u of shape "
+                f"(B, L, {3 * self.d_model}), got {tuple(z.shape)} and {tuple(u.shape)}"
             )
         if self.norm == "post":
             a = self.ln1(z + self.drop_attn(self.attention(z, u)))
@@ -289,11 +290,14 @@ class DEQTransformer(nn.Module):
     def __init__(self, config: TransformerConfig, solver: Solver | None = None, backward: BackwardMode | None = None):
         super().__init__()
         if not isinstance(config, TransformerConfig):
-            raise TypeError(f"config must be a TransformerConfig (e.g. TransformerConfig.named(...)), got {type(config).__name__}")
+            raise TypeError(
+                f"config must be a TransformerConfig (e.g. TransformerConfig.named(...)), got {type(config).__name__}"
+            )
         self.config = config
         d = config.d_model
         self.embed = nn.Embedding(config.vocab_size, d)
         nn.init.normal_(self.embed.weight, std=d**-0.5)  # x = E[t] sqrt(d) has unit-variance entries
+        self.pos: nn.Parameter | None
         if config.positions == "learned":
             self.pos = nn.Parameter(torch.zeros(config.max_len, d))
             nn.init.normal_(self.pos, std=0.02)
@@ -305,6 +309,8 @@ class DEQTransformer(nn.Module):
         self.deq = DEQ(block, solver=solver, backward=backward)  # F lives at self.deq.f
         self.drop_out = VariationalSeqDropout(config.dropout)
         self.norm_out: nn.Module = nn.LayerNorm(d) if config.use_final_norm else nn.Identity()
+        self.decoder: nn.Linear | None
+        self.out_bias: nn.Parameter | None
         if config.tie_weights:
             self.decoder = None
             self.out_bias = nn.Parameter(torch.zeros(config.vocab_size))
@@ -315,14 +321,16 @@ class DEQTransformer(nn.Module):
     @property
     def block(self) -> TransformerBlock:
         """The equilibrium map F."""
-        return self.deq.f
+        return cast(TransformerBlock, self.deq.f)
 
     # ---- pieces ------------------------------------------------------------------------
     def injection(self, tokens: Tensor) -> Tensor:
         """u = W_u drop(E[tokens] sqrt(d) + P) + b_u, shape (B, L, 3d); redraws the embedding dropout mask."""
         cfg = self.config
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"DEQTransformer expects integer token ids of shape (B, L), got {tuple(tokens.shape)} {tokens.dtype}")
+            raise ValueError(
+                f"DEQTransformer expects integer token ids of shape (B, L), got {tuple(tokens.shape)} {tokens.dtype}"
+            )
         length = tokens.shape[1]
         x = self.embed(tokens) * math.sqrt(cfg.d_model)
         if self.pos is not None:

@@ -6,10 +6,11 @@ CIFAR size, or a DEQ transformer language model on random tokens) and one forwar
 solver shared by every mode:
 
 * per backward mode (every mode of ``phantomgrad.backward.BACKWARD_MODES``; a mode with a
-  backward solve, as Implicit, once per backward solver, Broyden and fixed point): the forward, the backward and the whole training step
-  (stem -> DEQ -> head -> cross-entropy -> backward -> SGD step), and inside them the
-  DEQ layer's own forward and backward (timed with autograd hooks on the layer's
-  output and on the injection, so the head's and stem's share is left out);
+  backward solve, as Implicit, once per backward solver, Broyden and fixed point): the
+  forward, the backward and the whole training step (stem -> DEQ -> head -> cross-entropy
+  -> backward -> SGD step), and inside them the DEQ layer's own forward and backward (timed
+  with autograd hooks on the layer's output and on the injection, so the head's and stem's
+  share is left out);
 * the floor every backward is compared with: one evaluation of F, one
   vector-Jacobian product (VJP) of F with respect to the state only, and one with
   respect to state, parameters and injection ("full");
@@ -62,7 +63,25 @@ from .runner import Runner
 from .torchdeq import TORCHDEQ_INSTALL
 
 __all__ = [
-    "add_arguments", "config_from_args", "run", "MODELS", "MODES", "BenchConfig", "BenchResult", "run_bench",
-    "measure_memory", "Variant", "mode_names", "solver_names", "variant", "format_tables", "from_json", "plot",
-    "to_json", "Problem", "build_problem", "Runner", "TORCHDEQ_INSTALL",
+    "add_arguments",
+    "config_from_args",
+    "run",
+    "MODELS",
+    "MODES",
+    "BenchConfig",
+    "BenchResult",
+    "run_bench",
+    "measure_memory",
+    "Variant",
+    "mode_names",
+    "solver_names",
+    "variant",
+    "format_tables",
+    "from_json",
+    "plot",
+    "to_json",
+    "Problem",
+    "build_problem",
+    "Runner",
+    "TORCHDEQ_INSTALL",
 ]

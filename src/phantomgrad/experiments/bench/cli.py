@@ -49,19 +49,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--solver", choices=solver_names(), default=d.solver, help="forward solver of every mode (default %(default)s)")
     arg("--solver-iter", type=int, default=d.solver_iter, help="forward solver steps K (default %(default)s)")
     arg("--solver-tol", type=float, default=d.solver_tol, help="forward tolerance (default %(default)s)")
-    arg("--check-every", type=_check_every, default=d.check_every,
+    arg(
+        "--check-every",
+        type=_check_every,
+        default=d.check_every,
         help="host-check interval of phantomgrad's solvers: an integer, 'none' (never: every solve runs its "
-             "max_iter steps without a host sync) or 'default' (the solver's own; default %(default)s)")
+        "max_iter steps without a host sync) or 'default' (the solver's own; default %(default)s)",
+    )
     arg("--modes", default=",".join(d.modes), help="comma-separated backward modes (default all: %(default)s)")
     arg("--k", type=int, default=d.k, help="UPG/NPG steps (default %(default)s)")
     arg("--damping", type=float, default=d.damping, help="UPG/NPG lambda (default %(default)s)")
-    arg("--backward-iter", type=int, default=d.backward_iter, help="Implicit's backward solver steps (default %(default)s)")
-    arg("--backward-tol", type=float, default=d.backward_tol,
-        help="Implicit's relative backward tolerance (default %(default)s)")
+    arg(
+        "--backward-iter",
+        type=int,
+        default=d.backward_iter,
+        help="Implicit's backward solver steps (default %(default)s)",
+    )
+    arg(
+        "--backward-tol",
+        type=float,
+        default=d.backward_tol,
+        help="Implicit's relative backward tolerance (default %(default)s)",
+    )
     arg("--sync-free", action="store_true", help="add a check_every=none row for every mode")
-    arg("--compiled", action="store_true",
+    arg(
+        "--compiled",
+        action="store_true",
         help="add a row for every mode whose training step runs its forward and loss under torch.compile "
-             "(check_every=none with --sync-free)")
+        "(check_every=none with --sync-free)",
+    )
     arg("--compile-backend", default=d.compile_backend, help="torch.compile backend (default %(default)s)")
     arg("--compile-mode", default=d.compile_mode, help="torch.compile mode, e.g. reduce-overhead (default none)")
     arg("--repeats", type=int, default=d.repeats, help="timed rounds (default %(default)s)")
@@ -72,11 +88,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--seed", type=int, default=d.seed)
     arg("--compare", choices=("torchdeq",), default=None, help=f"also time TorchDEQ (install: {TORCHDEQ_INSTALL})")
     arg("--sweep-k", type=_ints, default=(), help="UPG/NPG k values, e.g. 1..10 (default none)")
-    arg("--sweep-K", type=_ints, default=(), help="solver steps for Implicit/Backprop, e.g. 5,10,20,30,40 (default none)")
+    arg(
+        "--sweep-K",
+        type=_ints,
+        default=(),
+        help="solver steps for Implicit/Backprop, e.g. 5,10,20,30,40 (default none)",
+    )
     arg("--sweep-repeats", type=int, default=d.sweep_repeats, help="timed rounds in sweeps (default %(default)s)")
-    arg("--quiet-factor", type=float, default=d.quiet_factor,
+    arg(
+        "--quiet-factor",
+        type=float,
+        default=d.quiet_factor,
         help="medians over steps whose adjacent F probe is <= this x the fastest F of the run "
-             "(default %(default)s; 0: all)")
+        "(default %(default)s; 0: all)",
+    )
     arg("--no-memory", action="store_true", help="skip peak-memory subprocesses")
     arg("--no-cosine", action="store_true", help="skip the gradient cosine")
     arg("--no-solvers", action="store_true", help="skip the forward-solver table")
@@ -88,15 +113,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
-        model=args.model, batch=args.batch, image_size=args.image_size, dim=args.dim, seq_len=args.seq_len,
-        solver=args.solver, solver_iter=args.solver_iter, solver_tol=args.solver_tol, check_every=args.check_every,
-        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()), k=args.k, damping=args.damping,
-        backward_iter=args.backward_iter, backward_tol=args.backward_tol, sync_free=args.sync_free,
-        compiled=args.compiled, compile_backend=args.compile_backend, compile_mode=args.compile_mode,
-        repeats=args.repeats, warmup=args.warmup, threads=args.threads, device=args.device, dtype=args.dtype,
-        seed=args.seed, compare=args.compare, memory=not args.no_memory, cosine=not args.no_cosine,
-        solvers=not args.no_solvers, sweep_k=args.sweep_k, sweep_K=args.sweep_K, sweep_repeats=args.sweep_repeats,
-        quiet_factor=args.quiet_factor, profile=str(args.profile) if args.profile else None,
+        model=args.model,
+        batch=args.batch,
+        image_size=args.image_size,
+        dim=args.dim,
+        seq_len=args.seq_len,
+        solver=args.solver,
+        solver_iter=args.solver_iter,
+        solver_tol=args.solver_tol,
+        check_every=args.check_every,
+        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        k=args.k,
+        damping=args.damping,
+        backward_iter=args.backward_iter,
+        backward_tol=args.backward_tol,
+        sync_free=args.sync_free,
+        compiled=args.compiled,
+        compile_backend=args.compile_backend,
+        compile_mode=args.compile_mode,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        threads=args.threads,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        compare=args.compare,
+        memory=not args.no_memory,
+        cosine=not args.no_cosine,
+        solvers=not args.no_solvers,
+        sweep_k=args.sweep_k,
+        sweep_K=args.sweep_K,
+        sweep_repeats=args.sweep_repeats,
+        quiet_factor=args.quiet_factor,
+        profile=str(args.profile) if args.profile else None,
     )
 
 
@@ -114,8 +163,10 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     md = args.out / "bench.md"
-    md.write_text(f"`phantomgrad bench {' '.join(sys.argv[2:]) if len(sys.argv) > 2 else ''}`\n\n"
-                  f"machine: {result.machine}\n\n{table}\n")
+    md.write_text(
+        f"`phantomgrad bench {' '.join(sys.argv[2:]) if len(sys.argv) > 2 else ''}`\n\n"
+        f"machine: {result.machine}\n\n{table}\n"
+    )
     written = [md]
     png = plot(result, args.out / "bench.png")
     if png:

@@ -11,8 +11,21 @@ from .modes import UNSET, check_mode, forward_solver, make_solver, mode_names, s
 MODELS: tuple[str, ...] = ("mdeq-tiny", "synthetic", "deq-transformer-small", "deq-transformer")
 MODES: tuple[str, ...] = mode_names()  # every registered backward mode (see .modes)
 
-_POSITIVE = ("batch", "image_size", "dim", "in_dim", "seq_len", "vocab", "solver_iter", "k", "backward_iter",
-             "repeats", "threads", "ref_iter", "sweep_repeats")
+_POSITIVE = (
+    "batch",
+    "image_size",
+    "dim",
+    "in_dim",
+    "seq_len",
+    "vocab",
+    "solver_iter",
+    "k",
+    "backward_iter",
+    "repeats",
+    "threads",
+    "ref_iter",
+    "sweep_repeats",
+)
 
 
 @dataclass

@@ -17,8 +17,8 @@ import torch
 from .config import BenchConfig
 from .instruments import FCounter, FTimer
 from .memory import measure_memory
-from .problem import build_problem
 from .modes import UNSET, Variant, backward_mode, floor_vjps, make_solver, solver_names, variant
+from .problem import build_problem
 from .runner import Runner
 from .stats import median, paired_ratio, pick, quiet_mask, spread
 from .targets import evaluate_targets
@@ -57,8 +57,13 @@ def machine_info(cfg: BenchConfig) -> dict[str, Any]:
         pass
     info = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": cfg.device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": cfg.device,
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     if cfg.device.startswith("cuda"):
@@ -83,8 +88,11 @@ def _time_rounds(runner: Runner, variants: list[Variant], repeats: int, warmup: 
             t = runner.step(v)
             runner.restore()
             if floors:
-                t.update(floor_f=runner.time_f(), floor_vjp_state=runner.time_vjp(full=False),
-                         floor_vjp_full=runner.time_vjp(full=True))
+                t.update(
+                    floor_f=runner.time_f(),
+                    floor_vjp_state=runner.time_vjp(full=False),
+                    floor_vjp_full=runner.time_vjp(full=True),
+                )
             if r >= warmup:
                 for key, val in t.items():
                     samples[v].setdefault(key, []).append(val)
@@ -108,8 +116,9 @@ def _row(v: Variant, s: dict[str, list[float]], mask: list[bool] | None = None) 
     row["quiet_rounds"] = sum(mask)
     row["rounds"] = len(mask)
     row["quiet_mask"] = mask
-    row["samples_ms"] = {key: [1e3 * x for x in xs] for key, xs in s.items()
-                         if key != "loss" and not key.startswith("floor")}
+    row["samples_ms"] = {
+        key: [1e3 * x for x in xs] for key, xs in s.items() if key != "loss" and not key.startswith("floor")
+    }
     row["floor_samples_ms"] = {key: [1e3 * x for x in xs] for key, xs in s.items() if key.startswith("floor")}
     return row
 
@@ -193,8 +202,10 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         fl = {k: pick(sv[f"floor_{k}"], quiet[v]) for k in ("vjp_state", "vjp_full")}
         n = row.get("vjp_backward")
         row["floor_ms"] = _floor_ms(cfg, v, n, 1e3 * median(fl["vjp_state"]), 1e3 * median(fl["vjp_full"]))
-        per_round = [1e3 * b / _floor_ms(cfg, v, n, 1e3 * vz, 1e3 * vf)
-                     for b, vz, vf in zip(pick(sv["deq_backward"], quiet[v]), fl["vjp_state"], fl["vjp_full"])]
+        per_round = [
+            1e3 * b / _floor_ms(cfg, v, n, 1e3 * vz, 1e3 * vf)
+            for b, vz, vf in zip(pick(sv["deq_backward"], quiet[v]), fl["vjp_state"], fl["vjp_full"])
+        ]
         row["deq_backward_over_floor"] = median(per_round)  # paired per round, then the median
         rows[v] = row
     for v in variants:  # ratios per round against the partner variant
@@ -239,8 +250,11 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     if cfg.sweep_K:
         sv = []
         for K in cfg.sweep_K:  # noqa: N806
-            sv += [variant(cfg, "implicit-broyden", backward_iter=K), variant(cfg, "implicit-fixed_point", backward_iter=K),
-                   variant(cfg, "backprop", solver_iter=K)]
+            sv += [
+                variant(cfg, "implicit-broyden", backward_iter=K),
+                variant(cfg, "implicit-fixed_point", backward_iter=K),
+                variant(cfg, "backprop", solver_iter=K),
+            ]
         result.sweep_K = sweep(cfg, runner, sv)
     result.targets = evaluate_targets(result)
     result.seconds = time.perf_counter() - start
@@ -252,7 +266,7 @@ def _solve_alone(cfg: BenchConfig, runner: Runner, lib: str, solver: str, u: Any
     p = runner.p
     with torch.no_grad():
         if lib == "phantomgrad":
-            deq = p.model.deq
+            deq = p.deq
             deq.eval()
             deq.solver = make_solver(cfg, solver, cfg.solver_iter, cfg.solver_tol, cfg.stop, cfg.check_every)
             deq(u, z0)
@@ -287,7 +301,9 @@ def profile_variants(cfg: BenchConfig, runner: Runner, variants: list[Variant], 
         runner.restore()
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
         tag = "_compiled" if v.compiled else "_sync_free" if v.check_every is None else ""
-        (out_dir / f"profile_{v.lib}_{v.mode}{tag}.txt").write_text(f"{v.lib} {v.label}: one training step\n\n{table}\n")
+        (out_dir / f"profile_{v.lib}_{v.mode}{tag}.txt").write_text(
+            f"{v.lib} {v.label}: one training step\n\n{table}\n"
+        )
     p = runner.p
     with torch.no_grad(), p.context():
         u, z0 = p.prepare(p.x)
@@ -352,11 +368,20 @@ def solver_table(cfg: BenchConfig, runner: Runner) -> list[dict[str, Any]]:
         ins = inside[(lib, solver)]
         over = [a - b for a, b in zip(xs, ins)]
         rel = [o / b for o, b in zip(over, ins)]
-        rows.append({
-            "solver": solver, "lib": lib, "ms": 1e3 * median(xs), "spread": spread(xs),
-            "f_evals": counts[(lib, solver)], "f_evals_ms": 1e3 * median(ins), "overhead_ms": 1e3 * median(over),
-            "overhead_pct": 100 * median(rel), "samples_ms": [1e3 * x for x in xs], "inside_f_ms": [1e3 * x for x in ins],
-        })
+        rows.append(
+            {
+                "solver": solver,
+                "lib": lib,
+                "ms": 1e3 * median(xs),
+                "spread": spread(xs),
+                "f_evals": counts[(lib, solver)],
+                "f_evals_ms": 1e3 * median(ins),
+                "overhead_ms": 1e3 * median(over),
+                "overhead_pct": 100 * median(rel),
+                "samples_ms": [1e3 * x for x in xs],
+                "inside_f_ms": [1e3 * x for x in ins],
+            }
+        )
     return rows
 
 

@@ -42,7 +42,12 @@ def measure_memory(cfg: BenchConfig, v: Variant, runner: Runner | None = None) -
         runner.restore()
         return {"step_mib": (peak - before) / 2**20, "peak_mib": peak / 2**20}
     spec = json.dumps({"config": asdict(cfg), "variant": asdict(v)})
-    proc = subprocess.run([sys.executable, "-m", "phantomgrad.experiments.bench", "--memory-worker", spec], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "phantomgrad.experiments.bench", "--memory-worker", spec],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         log.warning("memory worker for %s failed: %s", v.label, proc.stderr.strip()[-2000:])
         return {"step_mib": math.nan, "peak_rss_mib": math.nan}
@@ -89,7 +94,6 @@ def worker(spec_json: str) -> int:
         hwm, before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, base_max
     print(json.dumps({"step_mib": max(0, hwm - before) / 1024, "peak_rss_mib": hwm / 1024}))
     return 0
-
 
 
 __all__ = ["measure_memory", "worker"]

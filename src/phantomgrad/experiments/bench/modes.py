@@ -102,13 +102,19 @@ def variant(cfg: BenchConfig, mode: str, lib: str = "phantomgrad", **over: Any) 
     return replace(v, **over)
 
 
-def make_solver(cfg: BenchConfig, name: str, max_iter: int, tol: float, stop: str,
-                check_every: int | str | None = UNSET) -> pg.Solver:
+def make_solver(
+    cfg: BenchConfig, name: str, max_iter: int, tol: float, stop: str, check_every: int | str | None = UNSET
+) -> pg.Solver:
     """A registered solver with the bench's options: Broyden keeps ``cfg.broyden_memory`` slots
     (as many as steps when None, TorchDEQ's default), Anderson ``cfg.anderson_m``."""
     cls = SOLVERS[name]
-    options: dict[str, Any] = {"max_iter": max_iter, "tol": tol, "stop": stop,
-                               "memory": cfg.broyden_memory or max_iter, "m": cfg.anderson_m}
+    options: dict[str, Any] = {
+        "max_iter": max_iter,
+        "tol": tol,
+        "stop": stop,
+        "memory": cfg.broyden_memory or max_iter,
+        "m": cfg.anderson_m,
+    }
     kwargs = {key: val for key, val in options.items() if _takes(cls, key)}
     if check_every != UNSET:
         if not _takes(cls, "check_every"):
@@ -117,8 +123,13 @@ def make_solver(cfg: BenchConfig, name: str, max_iter: int, tol: float, stop: st
     return cls(**kwargs)
 
 
-def forward_solver(cfg: BenchConfig, v: Variant | None = None, name: str | None = None,
-                   max_iter: int | None = None, tol: float | None = None) -> pg.Solver:
+def forward_solver(
+    cfg: BenchConfig,
+    v: Variant | None = None,
+    name: str | None = None,
+    max_iter: int | None = None,
+    tol: float | None = None,
+) -> pg.Solver:
     """The forward solver of variant ``v`` (the run's solver, ``v.solver_iter`` steps)."""
     check_every = v.check_every if v is not None else cfg.check_every
     steps = max_iter or (v.solver_iter if v is not None else cfg.solver_iter)
@@ -188,5 +199,17 @@ def floor_vjps(mode: pg.BackwardMode, k: int, vjps: int | None) -> tuple[float, 
     return None
 
 
-__all__ = ["UNSET", "Variant", "variant", "solver_names", "mode_names", "check_mode", "split_mode",
-           "make_solver", "forward_solver", "backward_mode", "label", "floor_vjps"]
+__all__ = [
+    "UNSET",
+    "Variant",
+    "variant",
+    "solver_names",
+    "mode_names",
+    "check_mode",
+    "split_mode",
+    "make_solver",
+    "forward_solver",
+    "backward_mode",
+    "label",
+    "floor_vjps",
+]

@@ -19,8 +19,10 @@ def _f(x: Any, digits: int = 1) -> str:
     return str(x)
 
 
-_MAIN_HEADER = ("| mode | lib | forward ms | DEQ fwd ms | backward ms | DEQ bwd ms | bwd / floor | step ms (spread) | q "
-                "| F fwd | VJPs bwd | F in bwd | step MiB | cos to exact | TorchDEQ / pg step |")
+_MAIN_HEADER = (
+    "| mode | lib | forward ms | DEQ fwd ms | backward ms | DEQ bwd ms | bwd / floor | step ms (spread) | q "
+    "| F fwd | VJPs bwd | F in bwd | step MiB | cos to exact | TorchDEQ / pg step |"
+)
 
 
 def _main_row(r: dict[str, Any], star: str) -> str:
@@ -29,11 +31,21 @@ def _main_row(r: dict[str, Any], star: str) -> str:
     ratio = r.get("torchdeq_over_phantomgrad_step")
     cos = r.get("cosine")
     cells = [
-        r["label"], r["lib"], _f(r["forward_ms"]), _f(r["deq_forward_ms"]), _f(r["backward_ms"]),
-        _f(r["deq_backward_ms"]), _f(r.get("deq_backward_over_floor"), 2),
-        f"{_f(r['step_ms'])} ({100 * r['step_spread']:.0f}%)", f"{r['quiet_rounds']}/{r['rounds']}",
-        _f(r.get("f_forward")), _f(r.get("vjp_backward")), _f(r.get("f_backward_calls")), _f(r.get("step_mib")),
-        _f(cos, 4) + (star if cos is not None else ""), _f(ratio, 2) + "x" if ratio else "-",
+        r["label"],
+        r["lib"],
+        _f(r["forward_ms"]),
+        _f(r["deq_forward_ms"]),
+        _f(r["backward_ms"]),
+        _f(r["deq_backward_ms"]),
+        _f(r.get("deq_backward_over_floor"), 2),
+        f"{_f(r['step_ms'])} ({100 * r['step_spread']:.0f}%)",
+        f"{r['quiet_rounds']}/{r['rounds']}",
+        _f(r.get("f_forward")),
+        _f(r.get("vjp_backward")),
+        _f(r.get("f_backward_calls")),
+        _f(r.get("step_mib")),
+        _f(cos, 4) + (star if cos is not None else ""),
+        _f(ratio, 2) + "x" if ratio else "-",
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -58,33 +70,51 @@ def format_tables(res: BenchResult) -> str:
     lines += [_main_row(r, star) for r in res.rows]
     if res.reference:
         ref = res.reference
-        lines += ["", f"exact reference: Implicit, {ref['forward_nstep']} forward / {ref['backward_nstep']} backward "
-                      f"Broyden steps, relative residuals {ref['forward_rel_residual']:.2g} / "
-                      f"{ref['backward_rel_residual']:.2g}"]
+        lines += [
+            "",
+            f"exact reference: Implicit, {ref['forward_nstep']} forward / {ref['backward_nstep']} backward "
+            f"Broyden steps, relative residuals {ref['forward_rel_residual']:.2g} / "
+            f"{ref['backward_rel_residual']:.2g}",
+        ]
         if not ref.get("converged", True):
-            lines.append("(*) the reference did not converge (no reachable fixed point, e.g. an untrained "
-                         "non-contractive map): the cosines compare two inexact gradients and mean little")
+            lines.append(
+                "(*) the reference did not converge (no reachable fixed point, e.g. an untrained "
+                "non-contractive map): the cosines compare two inexact gradients and mean little"
+            )
     if res.solvers:
-        lines += ["", "| forward solver (no grad) | lib | ms (spread) | F evals | inside F ms | overhead ms | overhead |",
-                  "|---" * 7 + "|"]
+        lines += [
+            "",
+            "| forward solver (no grad) | lib | ms (spread) | F evals | inside F ms | overhead ms | overhead |",
+            "|---" * 7 + "|",
+        ]
         for s in res.solvers:
-            lines.append(f"| {s['solver']} | {s['lib']} | {_f(s['ms'])} ({100 * s['spread']:.0f}%) | {s['f_evals']} | "
-                         f"{_f(s['f_evals_ms'])} | {_f(s['overhead_ms'])} | {s['overhead_pct']:+.0f}% |")
+            lines.append(
+                f"| {s['solver']} | {s['lib']} | {_f(s['ms'])} ({100 * s['spread']:.0f}%) | {s['f_evals']} | "
+                f"{_f(s['f_evals_ms'])} | {_f(s['overhead_ms'])} | {s['overhead_pct']:+.0f}% |"
+            )
     for title, rows in (("sweep over k", res.sweep_k), ("sweep over solver steps K", res.sweep_K)):
         if rows:
-            lines += ["", f"{title}:", "", "| mode | k | K fwd | K bwd | DEQ bwd ms | backward ms | step ms (spread) "
-                      "| q | VJPs bwd | step MiB |", "|---" * 10 + "|"]
+            lines += [
+                "",
+                f"{title}:",
+                "",
+                "| mode | k | K fwd | K bwd | DEQ bwd ms | backward ms | step ms (spread) | q | VJPs bwd | step MiB |",
+                "|---" * 10 + "|",
+            ]
             for r in rows:
-                lines.append(f"| {r['label']} | {r['k']} | {r['solver_iter']} | {r['backward_iter']} | "
-                             f"{_f(r['deq_backward_ms'])} | {_f(r['backward_ms'])} | {_f(r['step_ms'])} "
-                             f"({100 * r['step_spread']:.0f}%) | {r['quiet_rounds']}/{r['rounds']} | "
-                             f"{_f(r.get('vjp_backward'))} | {_f(r.get('step_mib'))} |")
+                lines.append(
+                    f"| {r['label']} | {r['k']} | {r['solver_iter']} | {r['backward_iter']} | "
+                    f"{_f(r['deq_backward_ms'])} | {_f(r['backward_ms'])} | {_f(r['step_ms'])} "
+                    f"({100 * r['step_spread']:.0f}%) | {r['quiet_rounds']}/{r['rounds']} | "
+                    f"{_f(r.get('vjp_backward'))} | {_f(r.get('step_mib'))} |"
+                )
     if res.targets:
         lines += ["", "| target | measured | limit | met |", "|---|---|---|---|"]
         for t in res.targets:
             note = f" ({t['note']})" if t["note"] else ""
-            lines.append(f"| {t['target']}{note} | {t['value']:.3f} | {t['kind']} {t['limit']} | "
-                         f"{'yes' if t['met'] else 'NO'} |")
+            lines.append(
+                f"| {t['target']}{note} | {t['value']:.3f} | {t['kind']} {t['limit']} | {'yes' if t['met'] else 'NO'} |"
+            )
     return "\n".join(lines)
 
 
@@ -98,11 +128,17 @@ def plot(res: BenchResult, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for col, (rows, xkey, xlabel, modes) in enumerate((
-        (res.sweep_k, "k", "k (phantom steps)", ("upg", "npg")),
-        (res.sweep_K, None, "K (solver steps: backward for Implicit, forward for Backprop)",
-         ("implicit-broyden", "implicit-fixed_point", "backprop")),
-    )):
+    for col, (rows, xkey, xlabel, modes) in enumerate(
+        (
+            (res.sweep_k, "k", "k (phantom steps)", ("upg", "npg")),
+            (
+                res.sweep_K,
+                None,
+                "K (solver steps: backward for Implicit, forward for Backprop)",
+                ("implicit-broyden", "implicit-fixed_point", "backprop"),
+            ),
+        )
+    ):
         for mode in modes:
             sel = [r for r in rows if r["mode"] == mode]
             if not sel:
@@ -120,8 +156,9 @@ def plot(res: BenchResult, path: Path) -> Path | None:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()
     cfg = res.config
-    fig.suptitle(f"{cfg.model}, batch {cfg.batch}, {cfg.solver} forward ({cfg.solver_iter}), "
-                 f"{cfg.threads} threads, {cfg.device}")
+    fig.suptitle(
+        f"{cfg.model}, batch {cfg.batch}, {cfg.solver} forward ({cfg.solver_iter}), {cfg.threads} threads, {cfg.device}"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ class SyntheticModel(nn.Module):
 
     @property
     def block(self) -> nn.Module:
-        return self.deq.f
+        return cast(nn.Module, self.deq.f)
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -49,13 +49,17 @@ class Problem:
     """A model (see the module docstring), a batch and its labels."""
 
     name: str
-    model: nn.Module
+    model: Any  # an nn.Module with deq, block, head, prepare and forward_context (see the module docstring)
     x: Tensor
     y: Tensor
 
     @property
     def block(self) -> nn.Module:
         return self.model.block
+
+    @property
+    def deq(self) -> pg.DEQ:
+        return self.model.deq
 
     def context(self) -> contextlib.AbstractContextManager:
         return self.model.forward_context()

@@ -55,7 +55,7 @@ class Runner:
 
     def _deq(self, v: Variant, u: Any, z0: State) -> tuple[State, Any]:
         if v.lib == "phantomgrad":
-            deq = self.p.model.deq
+            deq = self.p.deq
             deq.solver, deq.backward_mode = self.solver_and_mode(v)
             return deq(u, z0)
         tdeq, skw = self.torchdeq(v)
@@ -103,8 +103,13 @@ class Runner:
         cpu = time.process_time() - cpu0
         self._phase("forward")
         return {
-            "forward": t3 - t0, "deq_forward": t2 - t1, "backward": t4 - t3,
-            "deq_backward": self.window.elapsed, "step": t5 - t0, "cpu": cpu, "loss": float(loss.detach()),
+            "forward": t3 - t0,
+            "deq_forward": t2 - t1,
+            "backward": t4 - t3,
+            "deq_backward": self.window.elapsed,
+            "step": t5 - t0,
+            "cpu": cpu,
+            "loss": float(loss.detach()),
         }
 
     def compiled_forward(self, v: Variant) -> Callable[[Tensor, Tensor], Tensor]:
@@ -122,7 +127,9 @@ class Runner:
                     z, _ = deq(u, z0)
                     return F.cross_entropy(p.logits(z), y)
 
-            self._compiled[v] = torch.compile(forward_loss, backend=self.cfg.compile_backend, mode=self.cfg.compile_mode)
+            self._compiled[v] = torch.compile(
+                forward_loss, backend=self.cfg.compile_backend, mode=self.cfg.compile_mode
+            )
         return self._compiled[v]
 
     def _compiled_step(self, v: Variant, optimizer_step: bool) -> dict[str, float]:
@@ -139,17 +146,25 @@ class Runner:
             self.opt.step()
         t5 = clock()
         self.last_info = None
-        return {"forward": t3 - t0, "deq_forward": math.nan, "backward": t4 - t3, "deq_backward": math.nan,
-                "step": t5 - t0, "cpu": time.process_time() - cpu0, "loss": float(loss.detach())}
+        return {
+            "forward": t3 - t0,
+            "deq_forward": math.nan,
+            "backward": t4 - t3,
+            "deq_backward": math.nan,
+            "step": t5 - t0,
+            "cpu": time.process_time() - cpu0,
+            "loss": float(loss.detach()),
+        }
 
     # -- the floor: F and its VJPs at a solved state
     def prepare_floor(self) -> None:
         p = self.p
-        deq = p.model.deq
+        deq = p.deq
         with torch.no_grad(), p.context():
             u, z0 = p.prepare(p.x)
-            self.u_fixed = tuple(t.detach() if isinstance(t, Tensor) else t for t in u) if isinstance(u, tuple) \
-                else u.detach()
+            self.u_fixed = (
+                tuple(t.detach() if isinstance(t, Tensor) else t for t in u) if isinstance(u, tuple) else u.detach()
+            )
             deq.eval()
             deq.solver = forward_solver(self.cfg)
             self.z_fixed, _ = deq(self.u_fixed, z0)
@@ -163,9 +178,10 @@ class Runner:
 
     def time_vjp(self, full: bool) -> float:
         z = tuple(t.clone().requires_grad_() for t in parts(self.z_fixed))
-        z_in = z if isinstance(self.z_fixed, tuple) else z[0]
+        z_in: Any = z if isinstance(self.z_fixed, tuple) else z[0]
         u = self.u_fixed
         u_req = [t.clone().requires_grad_() for t in parts(u)]
+        u_in: Any
         if isinstance(u, tuple):
             it = iter(u_req)
             u_in = tuple(next(it) if isinstance(t, Tensor) else t for t in u)
@@ -206,8 +222,10 @@ class Runner:
             return {"f_forward": None, "f_backward_calls": None, "vjp_backward": None, "backward_nstep": None}, grad
         back = getattr(self.last_info, "backward", None) if v.lib == "phantomgrad" else None
         counts = {
-            "f_forward": counter.calls.get("forward", 0), "f_backward_calls": counter.calls.get("backward", 0),
-            "vjp_backward": counter.vjp, "backward_nstep": int(back.nstep.max()) if back is not None else None,
+            "f_forward": counter.calls.get("forward", 0),
+            "f_backward_calls": counter.calls.get("backward", 0),
+            "vjp_backward": counter.vjp,
+            "backward_nstep": int(back.nstep.max()) if back is not None else None,
         }
         return counts, grad
 
@@ -222,10 +240,11 @@ class Runner:
     def reference_grad(self) -> tuple[Tensor, dict]:
         """Implicit gradient with tight solves in both directions (``ref_iter`` steps, ``ref_tol``)."""
         cfg, p = self.cfg, self.p
-        deq = p.model.deq
+        deq = p.deq
         deq.solver = make_solver(cfg, cfg.solver, cfg.ref_iter, cfg.ref_tol, cfg.stop)
-        deq.backward_mode = pg.Implicit(pg.Broyden(max_iter=cfg.ref_iter, tol=cfg.ref_tol, stop="rel",
-                                                   memory=cfg.ref_iter))
+        deq.backward_mode = pg.Implicit(
+            pg.Broyden(max_iter=cfg.ref_iter, tol=cfg.ref_tol, stop="rel", memory=cfg.ref_iter)
+        )
         self.opt.zero_grad(set_to_none=True)
         with p.context():
             u, z0 = p.prepare(p.x)
@@ -238,8 +257,10 @@ class Runner:
         fwd_res = float(info.rel_residual.max())
         back_res = float(b.rel_residual.max()) if b is not None else math.nan
         return g, {
-            "forward_rel_residual": fwd_res, "backward_rel_residual": back_res,
-            "forward_nstep": int(info.nstep.max()), "backward_nstep": int(b.nstep.max()) if b is not None else 0,
+            "forward_rel_residual": fwd_res,
+            "backward_rel_residual": back_res,
+            "forward_nstep": int(info.nstep.max()),
+            "backward_nstep": int(b.nstep.max()) if b is not None else 0,
             # an "exact" gradient needs both solves converged; 1e-3 is loose enough for float32
             "converged": bool(fwd_res <= 1e-3 and b is not None and back_res <= 1e-3),
         }

@@ -22,8 +22,9 @@ def spread(xs: Sequence[float]) -> float:
     return (q3 - q1) / med if med else math.nan
 
 
-def paired_ratio(num: Sequence[float], den: Sequence[float],
-                 mask: Sequence[bool] | None = None) -> tuple[float, float, float]:
+def paired_ratio(
+    num: Sequence[float], den: Sequence[float], mask: Sequence[bool] | None = None
+) -> tuple[float, float, float]:
     """Median, min and max of the per-round ratios num[r] / den[r] (over the rounds in
     ``mask`` when some are, else over all; rounds with a NaN or a zero denominator are left out)."""
     valid = [bool(b) and not (math.isnan(a) or math.isnan(b)) for a, b in zip(num, den)]

@@ -12,8 +12,18 @@ if TYPE_CHECKING:
 
 
 def _find(rows: list[dict], mode: str, lib: str = "phantomgrad") -> dict | None:
-    return next((r for r in rows if r["mode"] == mode and r["lib"] == lib and not r.get("na")
-                 and not r.get("compiled") and r.get("check_every", "default") == "default"), None)
+    return next(
+        (
+            r
+            for r in rows
+            if r["mode"] == mode
+            and r["lib"] == lib
+            and not r.get("na")
+            and not r.get("compiled")
+            and r.get("check_every", "default") == "default"
+        ),
+        None,
+    )
 
 
 def evaluate_targets(res: BenchResult) -> list[dict[str, Any]]:
@@ -30,7 +40,13 @@ def evaluate_targets(res: BenchResult) -> list[dict[str, Any]]:
     for mode, limit in (("upg", 1.2), ("npg", 1.2), ("implicit-fixed_point", 1.1), ("implicit-broyden", 1.5)):
         r = _find(rows, mode)
         if r:
-            add(f"{mode} DEQ backward / its VJPs of F", r["deq_backward_over_floor"], limit, "<=", f"floor {r['floor_ms']:.1f} ms")
+            add(
+                f"{mode} DEQ backward / its VJPs of F",
+                r["deq_backward_over_floor"],
+                limit,
+                "<=",
+                f"floor {r['floor_ms']:.1f} ms",
+            )
     solvers = {(s["lib"], s["solver"]): s for s in res.solvers}
     if ("phantomgrad", "fixed_point") in solvers:
         s = solvers[("phantomgrad", "fixed_point")]

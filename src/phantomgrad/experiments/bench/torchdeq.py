@@ -64,12 +64,22 @@ def make_torchdeq(cfg: BenchConfig, v: Variant, solver: str | None = None) -> tu
     reason = unsupported(cfg, v, solver)
     if reason:
         raise ValueError(reason)
-    kw: dict[str, Any] = dict(core="sliced", f_solver=SOLVER_NAMES[solver], f_max_iter=v.solver_iter,
-                              f_tol=cfg.solver_tol, f_stop_mode=cfg.stop)
+    kw: dict[str, Any] = dict(
+        core="sliced",
+        f_solver=SOLVER_NAMES[solver],
+        f_max_iter=v.solver_iter,
+        f_tol=cfg.solver_tol,
+        f_stop_mode=cfg.stop,
+    )
     mode = backward_mode(cfg, v)
     if type(mode) is pg.Implicit:
-        kw.update(ift=True, b_solver=SOLVER_NAMES[split_mode(v.mode)[1] or ""], b_max_iter=v.backward_iter,
-                  b_tol=cfg.backward_tol, b_stop_mode="rel")
+        kw.update(
+            ift=True,
+            b_solver=SOLVER_NAMES[split_mode(v.mode)[1] or ""],
+            b_max_iter=v.backward_iter,
+            b_tol=cfg.backward_tol,
+            b_stop_mode="rel",
+        )
     else:  # UPG, and JFB (UPG with k = 1, lambda = 1)
         assert isinstance(mode, pg.UPG)
         kw.update(grad=mode.k, tau=mode.damping)
@@ -81,7 +91,9 @@ def make_torchdeq(cfg: BenchConfig, v: Variant, solver: str | None = None) -> tu
     return get_deq(**kw), solver_kwargs
 
 
-def call(tdeq: nn.Module, solver_kwargs: dict[str, Any], f: Callable[[Any, Any], Any], u: Any, z0: Any) -> tuple[Any, Any]:
+def call(
+    tdeq: nn.Module, solver_kwargs: dict[str, Any], f: Callable[[Any, Any], Any], u: Any, z0: Any
+) -> tuple[Any, Any]:
     """Solve z = f(z, u) from z0 with TorchDEQ's layer; returns (z, its info) with z shaped like z0."""
     if isinstance(z0, Tensor):
         out, info = tdeq(lambda z: f(z, u), z0, solver_kwargs=dict(solver_kwargs))
