@@ -350,3 +350,33 @@ def test_the_transformer_gradient_reaches_its_weight_norm_parameters():
     names = [n for n, _ in runner.p.block.named_parameters()]
     assert any("original0" in n for n in names) and any("original1" in n for n in names)  # g and v
     assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in runner.p.block.parameters())
+
+
+def test_a_mode_the_bench_cannot_build_gets_an_na_row(monkeypatch, tmp_path):
+    from phantomgrad.backward import BACKWARD_MODES, BackwardMode
+
+    class NeedsData(BackwardMode):  # a constructor argument the bench has no option for
+        def __init__(self, table):
+            self.table = table
+
+    monkeypatch.setitem(BACKWARD_MODES, "needs_data", NeedsData)
+    code = main(
+        TINY_SYNTHETIC
+        + [
+            "--modes",
+            "jfb,needs_data",
+            "--solver-iter",
+            "4",
+            "--no-memory",
+            "--no-solvers",
+            "--no-cosine",
+            "--out",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "n.json"),
+        ]
+    )
+    assert code == 0
+    rows = json.loads((tmp_path / "n.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["JFB", "needs_data"]
+    assert "table" in rows[1]["na"] and "na" not in rows[0]

@@ -153,9 +153,13 @@ def label(v: Variant) -> str:
     """How a row is named: the mode's own ``label()`` when its class offers one, else a name
     from its fields (``UPG A_{5,0.5}``, ``Implicit (broyden, 30)``, ``Backprop (30)``, ``JFB``),
     then the row's check_every or compilation."""
-    mode = backward_mode(_default_config(), replace(v, check_every=UNSET))
-    own = getattr(mode, "label", None)
-    text = own() if callable(own) else _default_label(v, mode)
+    try:
+        mode = backward_mode(_default_config(), replace(v, check_every=UNSET))
+    except (TypeError, ValueError):  # a mode the bench cannot build: its row says why, under its name
+        text = v.mode
+    else:
+        own = getattr(mode, "label", None)
+        text = own() if callable(own) else _default_label(v, mode)
     if v.compiled:
         text += ", compiled"
     if v.check_every != UNSET:

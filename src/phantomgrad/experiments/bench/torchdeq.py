@@ -48,7 +48,10 @@ def unsupported(cfg: BenchConfig, v: Variant, solver: str | None = None) -> str 
         return "not compiled for TorchDEQ"
     if v.check_every != UNSET:
         return "TorchDEQ has no check_every"
-    mode = backward_mode(cfg, v)
+    try:
+        mode = backward_mode(cfg, v)
+    except (TypeError, ValueError) as err:
+        return f"cannot build the mode: {err}"
     if type(mode) is pg.Implicit:
         back = split_mode(v.mode)[1]
         return None if back in SOLVER_NAMES else f"TorchDEQ has no {back} backward solver"
