@@ -18,19 +18,12 @@ import torch
 from torch import nn
 
 import phantomgrad as pg
-from phantomgrad.models import MDEQ, MDEQConfig
+from phantomgrad.models import MDEQ, MDEQConfig, TanhMap
 
 
-class Layer(nn.Module):
-    def __init__(self, dim=64, in_dim=32):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        w = torch.randn(dim, dim, generator=g, dtype=torch.float64)
-        self.W = nn.Parameter(0.7 * w / torch.linalg.matrix_norm(w, ord=2))
-        self.U = nn.Parameter(torch.randn(dim, in_dim, generator=g, dtype=torch.float64) / in_dim**0.5)
-
-    def forward(self, z, x):
-        return torch.tanh(z @ self.W.T + x @ self.U.T)
+def Layer() -> TanhMap:  # noqa: N802
+    """F(z, x) = tanh(W z + U x) with ||W||_2 = 0.7, the same weights on every call (seed 0)."""
+    return TanhMap(64, 32, 0.7, bias=False, generator=torch.Generator().manual_seed(0))
 
 
 MODES = {
@@ -47,7 +40,9 @@ def grads(device, dtype, mode):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(16, 32, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     w = torch.randn(16, 64, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    deq = pg.DEQ(layer, solver=pg.Anderson(max_iter=100, tol=1e-10 if dtype == torch.float64 else 1e-6), backward=MODES[mode]())
+    deq = pg.DEQ(
+        layer, solver=pg.Anderson(max_iter=100, tol=1e-10 if dtype == torch.float64 else 1e-6), backward=MODES[mode]()
+    )
     z, info = deq(x, torch.zeros(16, 64, device=device, dtype=dtype))
     (z * w).sum().backward()
     return torch.cat([p.grad.flatten() for p in layer.parameters()]).double().cpu(), info
@@ -74,7 +69,9 @@ def time_modes(batch=32, repeats=10):
     y = torch.randint(0, 10, (batch,), device="cuda")
     modes = {
         "implicit-broyden30": pg.Implicit(pg.Broyden(max_iter=30, tol=1e-30)),
-        "upg-5-0.5": pg.UPG(5, 0.5), "npg-5-0.5": pg.NPG(5, 0.5), "jfb": pg.JFB(),
+        "upg-5-0.5": pg.UPG(5, 0.5),
+        "npg-5-0.5": pg.NPG(5, 0.5),
+        "jfb": pg.JFB(),
     }
     results = {}
     for name, mode in modes.items():
@@ -95,7 +92,10 @@ def time_modes(batch=32, repeats=10):
                 if i >= 3:
                     times.append(t2 - t0)
                     fwd.append(t1 - t0)
-            results[f"{name}/{precision}"] = {"step_ms": 1e3 * statistics.median(times), "forward_ms": 1e3 * statistics.median(fwd)}
+            results[f"{name}/{precision}"] = {
+                "step_ms": 1e3 * statistics.median(times),
+                "forward_ms": 1e3 * statistics.median(fwd),
+            }
     base = results["implicit-broyden30/fp32"]["step_ms"]
     for r in results.values():
         r["speedup_vs_implicit_fp32"] = base / r["step_ms"]
@@ -109,11 +109,28 @@ def main(out_dir: str) -> int:
     report["correctness"] = correctness()
     report["mdeq_tiny_batch32"] = time_modes()
     t0 = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "phantomgrad", "train", "device=cuda", "epochs=3", "progress=false",
-                          f"out_dir={out / 'digits-cuda'}", "--json", str(out / "train_summary.json")],
-                         capture_output=True, text=True)
-    report["train_digits_cuda"] = {"returncode": run.returncode, "wall_s": time.perf_counter() - t0,
-                                   "stdout": run.stdout[-1500:], "stderr": run.stderr[-1500:]}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "phantomgrad",
+            "train",
+            "device=cuda",
+            "epochs=3",
+            "progress=false",
+            f"out_dir={out / 'digits-cuda'}",
+            "--json",
+            str(out / "train_summary.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    report["train_digits_cuda"] = {
+        "returncode": run.returncode,
+        "wall_s": time.perf_counter() - t0,
+        "stdout": run.stdout[-1500:],
+        "stderr": run.stderr[-1500:],
+    }
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     return 0

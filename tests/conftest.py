@@ -6,19 +6,13 @@ import pytest
 import torch
 from torch import nn
 
+from phantomgrad.models.toy import TanhMap
 
-class TanhLayer(nn.Module):
-    """F(z, x) = tanh(W z + U x + b) with ||W||_2 = lipschitz, a contraction for lipschitz < 1."""
 
-    def __init__(self, dim: int = 6, in_dim: int = 4, lipschitz: float = 0.6, dtype=torch.float64):
-        super().__init__()
-        w = torch.randn(dim, dim, dtype=dtype)
-        self.W = nn.Parameter(lipschitz * w / torch.linalg.matrix_norm(w, ord=2))
-        self.U = nn.Parameter(torch.randn(dim, in_dim, dtype=dtype) / in_dim**0.5)
-        self.b = nn.Parameter(0.1 * torch.randn(dim, dtype=dtype))
-
-    def forward(self, z, x):
-        return torch.tanh(z @ self.W.T + x @ self.U.T + self.b)
+def TanhLayer(dim: int = 6, in_dim: int = 4, lipschitz: float = 0.6, dtype=torch.float64) -> TanhMap:  # noqa: N802
+    """F(z, x) = tanh(W z + U x + b) with ||W||_2 = lipschitz (a contraction for lipschitz < 1), drawn
+    from the global generator (seeded per test): the library's TanhMap with the tests' small defaults."""
+    return TanhMap(dim, in_dim, lipschitz, dtype=dtype)
 
 
 class TupleLayer(nn.Module):

@@ -2,7 +2,9 @@
 
 import json
 import math
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +15,9 @@ from phantomgrad.experiments.bench import (
     TORCHDEQ_INSTALL,
     BenchConfig,
     Runner,
-    _variant,
     build_problem,
     measure_memory,
+    variant,
 )
 
 TINY_SYNTHETIC = ["bench", "--model", "synthetic", "--dim", "8", "--batch", "4", "--repeats", "1", "--warmup", "0"]
@@ -28,15 +30,50 @@ def _runner(**kw) -> tuple[BenchConfig, Runner]:
 
 def test_bench_command_writes_tables_plot_and_json(tmp_path, capsys):
     out = tmp_path / "bench"
-    code = main(TINY_SYNTHETIC + ["--solver-iter", "6", "--sweep-k", "1..2", "--sweep-K", "2,3", "--no-memory",
-                                  "--out", str(out), "--json", str(tmp_path / "b.json")])
+    code = main(
+        TINY_SYNTHETIC
+        + [
+            "--solver-iter",
+            "6",
+            "--sweep-k",
+            "1..2",
+            "--sweep-K",
+            "2,3",
+            "--no-memory",
+            "--out",
+            str(out),
+            "--json",
+            str(tmp_path / "b.json"),
+        ]
+    )
     assert code == 0
     res = json.loads((tmp_path / "b.json").read_text())
-    assert set(res) >= {"config", "machine", "floors", "rows", "solvers", "sweep_k", "sweep_K", "reference", "targets", "seconds"}
+    assert set(res) >= {
+        "config",
+        "machine",
+        "floors",
+        "rows",
+        "solvers",
+        "sweep_k",
+        "sweep_K",
+        "reference",
+        "targets",
+        "seconds",
+    }
     assert [r["mode"] for r in res["rows"]] == list(MODES)
     for r in res["rows"]:
-        for key in ("forward_ms", "deq_forward_ms", "backward_ms", "deq_backward_ms", "step_ms", "f_forward",
-                    "vjp_backward", "f_backward_calls", "cosine", "floor_ms"):
+        for key in (
+            "forward_ms",
+            "deq_forward_ms",
+            "backward_ms",
+            "deq_backward_ms",
+            "step_ms",
+            "f_forward",
+            "vjp_backward",
+            "f_backward_calls",
+            "cosine",
+            "floor_ms",
+        ):
             assert key in r, key
         assert r["step_ms"] > 0 and r["step_ms"] >= r["forward_ms"]
         assert -1.0 <= r["cosine"] <= 1.0 + 1e-9
@@ -54,14 +91,33 @@ def test_bench_command_writes_tables_plot_and_json(tmp_path, capsys):
     assert main(["bench", "--render", str(tmp_path / "b.json"), "--out", str(tmp_path / "again")]) == 0
     assert "| mode | lib |" in capsys.readouterr().out
     assert (tmp_path / "again" / "bench.png").exists()
+    # the GPU script's summary page reads the same JSON (a missing run is noted, not fatal)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_summary.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "s.md"), str(tmp_path / "b.json"), str(tmp_path / "absent.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "s.md").read_text()
+    assert "| b | synthetic b4 | UPG A_{5,0.5} |" in page and "| absent | missing" in page and "## b" in page
 
 
 def test_f_evaluation_counts_per_mode():
     # FixedPoint with an unreachable tolerance runs exactly K steps forward and backward.
     K, k = 6, 3
-    cfg, runner = _runner(model="synthetic", dim=8, batch=4, solver="fixed_point", solver_iter=K, solver_tol=1e-30,
-                          k=k, backward_iter=5, backward_tol=1e-30)
-    counts = {m: runner.count(_variant(cfg, m)) for m in MODES}
+    cfg, runner = _runner(
+        model="synthetic",
+        dim=8,
+        batch=4,
+        solver="fixed_point",
+        solver_iter=K,
+        solver_tol=1e-30,
+        k=k,
+        backward_iter=5,
+        backward_tol=1e-30,
+    )
+    counts = {m: runner.count(variant(cfg, m)) for m in MODES}
     none = {"f_backward_calls": 0, "backward_nstep": None}
     assert counts["upg"] == {"f_forward": K + k, "vjp_backward": k, **none}
     assert counts["npg"] == {"f_forward": K + 1, "vjp_backward": k, **none}
@@ -75,15 +131,39 @@ def test_f_evaluation_counts_per_mode():
 
 def test_implicit_count_follows_an_early_stop():
     cfg, runner = _runner(model="synthetic", dim=8, batch=4, solver_iter=40, backward_iter=40, backward_tol=1e-4)
-    counts = runner.count(_variant(cfg, "implicit-fixed_point"))
+    counts = runner.count(variant(cfg, "implicit-fixed_point"))
     assert 1 < counts["backward_nstep"] < 40  # a contraction: the backward solve stops early
     assert counts["vjp_backward"] == counts["backward_nstep"] + 1
 
 
 def test_mdeq_tiny_at_tiny_size(tmp_path):
-    code = main(["bench", "--model", "mdeq-tiny", "--image-size", "8", "--batch", "2", "--solver-iter", "3",
-                 "--backward-iter", "3", "--repeats", "1", "--warmup", "0", "--modes", "implicit-broyden,upg,npg",
-                 "--no-memory", "--no-solvers", "--out", str(tmp_path), "--json", str(tmp_path / "m.json")])
+    code = main(
+        [
+            "bench",
+            "--model",
+            "mdeq-tiny",
+            "--image-size",
+            "8",
+            "--batch",
+            "2",
+            "--solver-iter",
+            "3",
+            "--backward-iter",
+            "3",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--modes",
+            "implicit-broyden,upg,npg",
+            "--no-memory",
+            "--no-solvers",
+            "--out",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "m.json"),
+        ]
+    )
     assert code == 0
     rows = {r["mode"]: r for r in json.loads((tmp_path / "m.json").read_text())["rows"]}
     assert rows["upg"]["f_forward"] == 3 + 5 and rows["upg"]["vjp_backward"] == 5
@@ -94,7 +174,7 @@ def test_mdeq_tiny_at_tiny_size(tmp_path):
 
 def test_memory_is_measured_in_a_fresh_process():
     cfg = BenchConfig(model="synthetic", dim=8, batch=4, solver_iter=4)
-    mem = measure_memory(cfg, _variant(cfg, "upg"))
+    mem = measure_memory(cfg, variant(cfg, "upg"))
     assert math.isfinite(mem["step_mib"]) and mem["step_mib"] >= 0
     assert mem["peak_rss_mib"] > 10  # at least the interpreter and torch
 
@@ -102,15 +182,30 @@ def test_memory_is_measured_in_a_fresh_process():
 def test_torchdeq_counts_match_its_source():
     pytest.importorskip("torchdeq")
     K, k = 5, 3
-    cfg, runner = _runner(model="synthetic", dim=8, batch=4, solver="fixed_point", solver_iter=K, solver_tol=1e-30,
-                          k=k, backward_iter=4, backward_tol=1e-30)
-    assert runner.count(_variant(cfg, "upg", lib="torchdeq")) == {
-        "f_forward": K + k, "f_backward_calls": 0, "vjp_backward": k, "backward_nstep": None,
+    cfg, runner = _runner(
+        model="synthetic",
+        dim=8,
+        batch=4,
+        solver="fixed_point",
+        solver_iter=K,
+        solver_tol=1e-30,
+        k=k,
+        backward_iter=4,
+        backward_tol=1e-30,
+    )
+    assert runner.count(variant(cfg, "upg", lib="torchdeq")) == {
+        "f_forward": K + k,
+        "f_backward_calls": 0,
+        "vjp_backward": k,
+        "backward_nstep": None,
     }
     # TorchDEQ's IFT evaluates F once in the forward with a graph and once more in the backward;
     # its backward solve starts from zero, so all b_max_iter VJPs run.
-    assert runner.count(_variant(cfg, "implicit-fixed_point", lib="torchdeq")) == {
-        "f_forward": K + 1, "f_backward_calls": 1, "vjp_backward": 4 + 1, "backward_nstep": None,
+    assert runner.count(variant(cfg, "implicit-fixed_point", lib="torchdeq")) == {
+        "f_forward": K + 1,
+        "f_backward_calls": 1,
+        "vjp_backward": 4 + 1,
+        "backward_nstep": None,
     }
 
 
@@ -120,11 +215,14 @@ def test_compare_without_torchdeq_names_the_install_command(monkeypatch, capsys)
     assert TORCHDEQ_INSTALL in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--modes", "upg,bogus"], "bogus"),
-    (["--solver-iter", "0"], "solver_iter"),
-    (["--damping", "1.5"], "damping"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--modes", "upg,bogus"], "bogus"),
+        (["--solver-iter", "0"], "solver_iter"),
+        (["--damping", "1.5"], "damping"),
+    ],
+)
 def test_bad_values_are_refused(argv, match, capsys):
     assert main(TINY_SYNTHETIC + argv) == 2
     assert match in capsys.readouterr().err
@@ -139,9 +237,146 @@ def test_cuda_request_without_a_gpu_is_refused():
 
 def test_bench_runs_the_deq_transformer_on_token_ids(capsys):
     # the language model: integer token ids in, (B L, V) logits against the next tokens
-    args = ["bench", "--model", "deq-transformer-small", "--batch", "2", "--seq-len", "8", "--modes", "upg,jfb",
-            "--repeats", "1", "--warmup", "0", "--no-memory", "--no-solvers", "--solver-iter", "8"]
+    args = [
+        "bench",
+        "--model",
+        "deq-transformer-small",
+        "--batch",
+        "2",
+        "--seq-len",
+        "8",
+        "--modes",
+        "upg,jfb",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--no-memory",
+        "--no-solvers",
+        "--solver-iter",
+        "8",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "model deq-transformer-small, batch 2" in out
     assert "| UPG A_{5,0.5} | phantomgrad |" in out and "| JFB | phantomgrad |" in out
+
+
+def test_modes_and_solvers_come_from_the_registries(monkeypatch):
+    from phantomgrad.backward import BACKWARD_MODES, UPG
+    from phantomgrad.experiments.bench import mode_names, solver_names
+    from phantomgrad.experiments.bench.measure import variants_of
+    from phantomgrad.solvers import SOLVERS
+
+    assert {m.partition("-")[0] for m in MODES} == set(BACKWARD_MODES)
+    assert set(solver_names()) <= set(SOLVERS) and {"fixed_point", "anderson", "broyden"} <= set(solver_names())
+
+    class Halfway(UPG):  # a new mode: one class and one registry entry
+        def __init__(self, k: int = 5, damping: float = 0.5):
+            super().__init__(k=k, damping=damping)
+
+    monkeypatch.setitem(BACKWARD_MODES, "halfway", Halfway)
+    assert "halfway" in mode_names()
+    cfg = BenchConfig(model="synthetic", modes=("upg", "halfway"), compare="torchdeq")
+    assert variant(cfg, "halfway").label == "Halfway A_{5,0.5}"
+    variants, na = variants_of(cfg)  # TorchDEQ is not imported for this
+    assert [(v.lib, v.mode) for v in variants] == [
+        ("phantomgrad", "upg"),
+        ("torchdeq", "upg"),
+        ("phantomgrad", "halfway"),
+    ]
+    assert [(r["lib"], r["mode"], r["na"]) for r in na] == [
+        ("torchdeq", "halfway", "TorchDEQ has no equivalent of Halfway")
+    ]
+
+
+def test_sync_free_and_compiled_rows(tmp_path):
+    # check_every=None runs every solve to max_iter; the compiled step's gradient is the eager one
+    K, k = 7, 3
+    code = main(
+        TINY_SYNTHETIC
+        + [
+            "--modes",
+            "upg",
+            "--solver-iter",
+            str(K),
+            "--k",
+            str(k),
+            "--sync-free",
+            "--compiled",
+            "--compile-backend",
+            "eager",
+            "--no-memory",
+            "--no-solvers",
+            "--out",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "s.json"),
+        ]
+    )
+    assert code == 0
+    rows = {r["label"]: r for r in json.loads((tmp_path / "s.json").read_text())["rows"]}
+    assert list(rows) == [
+        "UPG A_{3,0.5}",
+        "UPG A_{3,0.5}, check_every=None",
+        "UPG A_{3,0.5}, compiled, check_every=None",
+    ]
+    sync_free, compiled = rows["UPG A_{3,0.5}, check_every=None"], rows["UPG A_{3,0.5}, compiled, check_every=None"]
+    assert sync_free["f_forward"] == K + k and sync_free["check_every"] is None
+    assert compiled["f_forward"] is None and math.isnan(compiled["deq_forward_ms"]) and compiled["step_ms"] > 0
+    assert compiled["cosine"] == pytest.approx(sync_free["cosine"], abs=1e-6)
+
+
+def test_sync_free_implicit_runs_every_backward_step():
+    cfg, runner = _runner(model="synthetic", dim=8, batch=4, solver_iter=40, backward_iter=40, backward_tol=1e-4)
+    early = runner.count(variant(cfg, "implicit-fixed_point"))
+    never = runner.count(variant(cfg, "implicit-fixed_point", check_every=None))
+    assert early["backward_nstep"] < 40 and early["f_forward"] < 41  # a contraction: both solves stop early
+    assert never["vjp_backward"] == 40 + 1 and never["f_forward"] == 40 + 1  # the host never looked
+
+
+def test_check_every_is_passed_to_every_solve():
+    cfg, runner = _runner(model="synthetic", dim=8, batch=4, check_every=None, modes=("implicit-broyden",))
+    solver, mode = runner.solver_and_mode(variant(cfg, "implicit-broyden"))
+    assert solver.check_every is None and mode.solver.check_every is None
+    with pytest.raises(ValueError, match="check_every"):
+        BenchConfig(model="synthetic", check_every=0)
+
+
+def test_the_transformer_gradient_reaches_its_weight_norm_parameters():
+    # bench drives the model through its own prepare() inside its forward_context() (cached weight norm)
+    cfg, runner = _runner(model="deq-transformer-small", batch=2, seq_len=4, solver_iter=3, modes=("upg",))
+    runner.step(variant(cfg, "upg"), optimizer_step=False)
+    names = [n for n, _ in runner.p.block.named_parameters()]
+    assert any("original0" in n for n in names) and any("original1" in n for n in names)  # g and v
+    assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in runner.p.block.parameters())
+
+
+def test_a_mode_the_bench_cannot_build_gets_an_na_row(monkeypatch, tmp_path):
+    from phantomgrad.backward import BACKWARD_MODES, BackwardMode
+
+    class NeedsData(BackwardMode):  # a constructor argument the bench has no option for
+        def __init__(self, table):
+            self.table = table
+
+    monkeypatch.setitem(BACKWARD_MODES, "needs_data", NeedsData)
+    code = main(
+        TINY_SYNTHETIC
+        + [
+            "--modes",
+            "jfb,needs_data",
+            "--solver-iter",
+            "4",
+            "--no-memory",
+            "--no-solvers",
+            "--no-cosine",
+            "--out",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "n.json"),
+        ]
+    )
+    assert code == 0
+    rows = json.loads((tmp_path / "n.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["JFB", "needs_data"]
+    assert "table" in rows[1]["na"] and "na" not in rows[0]

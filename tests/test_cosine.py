@@ -17,7 +17,9 @@ def test_cosine_rises_with_k_and_small_damping_slows_it():
 
 def test_cosine_command_writes_csv_png_json(tmp_path, capsys):
     out = tmp_path / "cos"
-    code = main(["cosine", "--max-k", "3", "--trials", "1", "--dim", "8", "--out", str(out), "--json", str(tmp_path / "s.json")])
+    code = main(
+        ["cosine", "--max-k", "3", "--trials", "1", "--dim", "8", "--out", str(out), "--json", str(tmp_path / "s.json")]
+    )
     assert code == 0
     assert (out / "cosine.csv").read_text().count("\n") == 1 + 2 * 3 * 3
     assert (out / "cosine.png").stat().st_size > 1000

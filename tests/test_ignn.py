@@ -50,6 +50,7 @@ def _bisection_projection(v: torch.Tensor, radius: float) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- projection and rho
 
+
 def test_projection_lands_in_the_inf_norm_ball_and_is_the_nearest_point():
     w = 3 * torch.randn(40, 16, dtype=torch.float64)
     w[:5] *= 1e-3  # a few rows already inside
@@ -79,6 +80,7 @@ def test_perron_bound_bounds_the_spectral_radius():
 
 
 # ----------------------------------------------------------------------------- the layer
+
 
 def test_fixed_point_is_the_ignn_equation():
     torch.manual_seed(1)
@@ -157,6 +159,7 @@ def test_bad_arguments_are_named():
 
 # ----------------------------------------------------------------------------- the graph task
 
+
 def _mutag_available() -> bool:
     from phantomgrad.data.tu import find_tu
 
@@ -167,15 +170,36 @@ def _mutag_available() -> bool:
         return False
 
 
-needs_mutag = pytest.mark.skipif(not _mutag_available(), reason="MUTAG not found: pip install grakel (phantomgrad[graphs])")
-FAST = ["task=graph", "model=ignn", "progress=false", "threads=1", "solver=fixed_point", "solver_max_iter=30",
-        "backward_max_iter=30", "arch.hidden=8"]
+needs_mutag = pytest.mark.skipif(
+    not _mutag_available(), reason="MUTAG not found: pip install grakel (phantomgrad[graphs])"
+)
+FAST = [
+    "task=graph",
+    "model=ignn",
+    "progress=false",
+    "threads=1",
+    "solver=fixed_point",
+    "solver_max_iter=30",
+    "backward_max_iter=30",
+    "arch.hidden=8",
+]
 
 
 @needs_mutag
 def test_graph_task_trains_one_mutag_fold(tmp_path):
-    cfg = TrainConfig.from_sources(None, FAST + ["dataset=mutag", "data_options.fold=3", "epochs=1", "batch_size=64",
-                                                 "backward=upg", "lr=0.5", f"out_dir={tmp_path}"])
+    cfg = TrainConfig.from_sources(
+        None,
+        FAST
+        + [
+            "dataset=mutag",
+            "data_options.fold=3",
+            "epochs=1",
+            "batch_size=64",
+            "backward=upg",
+            "lr=0.5",
+            f"out_dir={tmp_path}",
+        ],
+    )
     trainer = Trainer(cfg)
     summary = trainer.fit()
     assert len(trainer.task.eval_sets["test"]) in (18, 19) and len(trainer.task.train_set) in (169, 170)
@@ -186,21 +210,37 @@ def test_graph_task_trains_one_mutag_fold(tmp_path):
 
 @pytest.mark.parametrize("backward", ["implicit", "upg"])
 def test_graph_task_learns_tiny_chains(tmp_path, backward):
-    cfg = TrainConfig.from_sources(None, FAST + [
-        "dataset=chains", f"backward={backward}", "epochs=40", "lr=0.05", "solver_max_iter=60", "backward_max_iter=60",
-        "data_options.chain_len=3", "data_options.chains_per_class=4", "data_options.split=[6,6,12]",
-        "data_options.feature_dim=4", f"out_dir={tmp_path}"])
+    cfg = TrainConfig.from_sources(
+        None,
+        FAST
+        + [
+            "dataset=chains",
+            f"backward={backward}",
+            "epochs=40",
+            "lr=0.05",
+            "solver_max_iter=60",
+            "backward_max_iter=60",
+            "data_options.chain_len=3",
+            "data_options.chains_per_class=4",
+            "data_options.split=[6,6,12]",
+            "data_options.feature_dim=4",
+            f"out_dir={tmp_path}",
+        ],
+    )
     summary = train(cfg)
     assert summary["final_metrics"]["train_accuracy"] == 1.0
     assert summary["final_metrics"]["valid_accuracy"] is not None and summary["test_accuracy"] >= 0.75  # chance: 0.5
 
 
-@pytest.mark.parametrize("override, key", [
-    ("data_options.chainlen=5", "chainlen"),
-    ("arch.hiden=8", "hiden"),
-    ("arch.kappa=1.5", "kappa"),
-    ("data_options.split=[1000,0,0]", "split"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data_options.chainlen=5", "chainlen"),
+        ("arch.hiden=8", "hiden"),
+        ("arch.kappa=1.5", "kappa"),
+        ("data_options.split=[1000,0,0]", "split"),
+    ],
+)
 def test_bad_graph_options_raise_config_errors_naming_the_key(tmp_path, override, key):
     cfg = TrainConfig.from_sources(None, FAST + ["dataset=chains", override, f"out_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=key):
@@ -217,10 +257,13 @@ def test_bad_fold_and_model_are_config_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- the command
 
+
 @needs_mutag
 def test_graph_table_runs_end_to_end(tmp_path, capsys):
     js, md = tmp_path / "t.json", tmp_path / "t.md"
-    assert main(["graph-table", "--tiny", "--out", str(tmp_path / "runs"), "--json", str(js), "--markdown", str(md)]) == 0
+    assert (
+        main(["graph-table", "--tiny", "--out", str(tmp_path / "runs"), "--json", str(js), "--markdown", str(md)]) == 0
+    )
     result = json.loads(js.read_text())
     methods = ["Implicit", "UPG A_{5,0.5}", "UPG A_{5,0.8}", "UPG A_{5,1.0}"]
     assert len(result["runs"]) == 4 * 2 + 4 * 1

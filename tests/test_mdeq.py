@@ -27,7 +27,10 @@ def small_model(cfg: MDEQConfig, backward=None, max_iter: int = 6) -> MDEQ:
 
 # ----------------------------------------------------------------------------- shapes and configs
 
-@pytest.mark.parametrize("in_channels, size, sizes", [(1, 8, [(8, 8), (4, 4)]), (1, 28, [(28, 28), (14, 14)]), (3, 7, [(7, 7), (4, 4)])])
+
+@pytest.mark.parametrize(
+    "in_channels, size, sizes", [(1, 8, [(8, 8), (4, 4)]), (1, 28, [(28, 28), (14, 14)]), (3, 7, [(7, 7), (4, 4)])]
+)
 def test_output_shapes_and_branch_resolutions(in_channels, size, sizes):
     cfg = tiny(size, in_channels)
     assert cfg.branch_sizes() == sizes
@@ -36,7 +39,7 @@ def test_output_shapes_and_branch_resolutions(in_channels, size, sizes):
     logits, info = model(x)
     assert logits.shape == (3, 10)
     assert info.rel_residual.shape == info.nstep.shape == info.converged.shape == (3,)
-    u, z0 = model._start(x)
+    u, z0 = model.prepare(x)
     z = model.block(z0, u)
     assert [tuple(p.shape) for p in z] == [(3, 24, h, w) for h, w in sizes]
     assert u[0].shape == (3, 24, *sizes[0]) and u[1] is None  # only the highest resolution is injected
@@ -80,6 +83,7 @@ def test_bad_configs_and_inputs_are_refused():
 
 # ----------------------------------------------------------------------------- variational dropout
 
+
 def test_variational_dropout_unit():
     drop = VariationalDropout2d(0.5)
     x = torch.ones(4, 16, 3, 3)
@@ -104,6 +108,7 @@ def _record_masks(model: MDEQ) -> list[list[torch.Tensor | None]]:
     """Per branch, the mask each evaluation of F used (None where dropout was a no-op)."""
     seen: list[list[torch.Tensor | None]] = [[] for _ in model.block.branches]
     for i, branch in enumerate(model.block.branches):
+
         def hook(module, inputs, output, i=i):
             if module.active:
                 assert torch.equal(output, inputs[0] * module.mask)
@@ -111,6 +116,7 @@ def _record_masks(model: MDEQ) -> list[list[torch.Tensor | None]]:
             else:
                 assert output is inputs[0]
                 seen[i].append(None)
+
         branch.drop.register_forward_hook(hook)
     return seen
 
@@ -158,6 +164,7 @@ def test_mdeq_block_with_dropout_needs_a_reset():
 
 # ----------------------------------------------------------------------------- gradients and the solve
 
+
 @pytest.mark.parametrize("backward", [pg.UPG(k=5, damping=0.5), pg.NPG(k=5, damping=0.5), pg.Implicit()], ids=repr)
 def test_gradients_reach_every_parameter(backward):
     model = small_model(tiny(dropout=0.2), backward=backward, max_iter=8)
@@ -190,12 +197,15 @@ def test_forward_solve_of_untrained_mdeq_tiny_makes_progress():
     assert info.rel_residual.max() < 0.3 and info.rel_residual.mean() < 0.2, info.summary()
 
 
-def test_unrolled_pretraining_is_the_weight_tied_stack():
+def test_pretraining_is_the_weight_tied_stack():
     model = small_model(tiny(dropout=0.3))
     seen = _record_masks(model)
     x, y = images(model.config), torch.tensor([3, 4])
+    solver, mode = model.deq.solver, model.deq.backward_mode
 
-    logits, info = model.forward_unrolled(x, depth=3)
+    with pg.pretraining(model, 3):  # pg.Unrolled(3) with pg.Backprop(), then the layer's own back
+        logits, info = model(x)
+    assert model.deq.solver is solver and model.deq.backward_mode is mode
     assert info.nstep.tolist() == [3, 3] and info.abs_residual.shape == (2,)
     assert all(len(m) == 3 and all(torch.equal(a, m[0]) for a in m) for m in seen)  # one mask for all layers
 
@@ -203,16 +213,19 @@ def test_unrolled_pretraining_is_the_weight_tied_stack():
     u = model.stem(x)
     z = tuple(torch.zeros(2, 24, h, w) for h, w in model.config.branch_sizes())
     for _ in range(3):
-        z = model.block(z, u)
+        prev, z = z, model.block(z, u)
     torch.testing.assert_close(logits, model.head(z))
+    flat = torch.cat([p.flatten(1) for p in z], 1) - torch.cat([p.flatten(1) for p in prev], 1)
+    torch.testing.assert_close(info.abs_residual, flat.norm(dim=1).double(), rtol=1e-5, atol=1e-6)  # last layer's input
 
     F.cross_entropy(logits, y).backward()  # plain backprop through the stack reaches everything
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     with pytest.raises(ValueError, match="depth"):
-        model.forward_unrolled(x, depth=0)
+        pg.pretraining(model, 0)
 
 
 # ----------------------------------------------------------------------------- every preset trains
+
 
 @pytest.mark.parametrize(
     "name, in_channels, size, classes",

@@ -19,14 +19,16 @@ from phantomgrad.models.transformer import DEQTransformer, TransformerConfig
 from phantomgrad.nn.seq_dropout import VariationalSeqDropout
 from phantomgrad.train.config import ConfigError, TrainConfig
 from phantomgrad.train.lm_task import LMChunks, build_lm_task
-from phantomgrad.train.trainer import Trainer, train
+from phantomgrad.train.trainer import train
 
 VOCAB = 11
 
 
 def model(norm: str = "post", backward=None, solver=None, **overrides) -> DEQTransformer:
     cfg = TransformerConfig.named("deq-transformer-tiny", vocab_size=VOCAB, norm=norm, **overrides)
-    return DEQTransformer(cfg, solver=solver or pg.Anderson(max_iter=30, tol=1e-5), backward=backward or pg.UPG(k=3, damping=0.8))
+    return DEQTransformer(
+        cfg, solver=solver or pg.Anderson(max_iter=30, tol=1e-5), backward=backward or pg.UPG(k=3, damping=0.8)
+    )
 
 
 def tokens(batch: int = 2, length: int = 12) -> torch.Tensor:
@@ -36,8 +38,10 @@ def tokens(batch: int = 2, length: int = 12) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory):
     """A small English-like text (~24k characters) saved as the bible corpus of a data_dir."""
-    words = ("and the lord said unto moses , let my people go that they may serve me in the wilderness . "
-             "in the beginning god created the heaven and the earth .").split()
+    words = (
+        "and the lord said unto moses , let my people go that they may serve me in the wilderness . "
+        "in the beginning god created the heaven and the earth ."
+    ).split()
     gen = torch.Generator().manual_seed(0)
     lines = []
     for _ in range(400):
@@ -50,15 +54,29 @@ def text_dir(tmp_path_factory):
 
 def lm_cfg(text_dir, out_dir, *extra: str) -> TrainConfig:
     base = [
-        "task=lm", "dataset=bible", f"data_dir={text_dir}", "model=deq-transformer-tiny",
-        "data_options.seq_len=16", "data_options.train_tokens=3841", "data_options.eval_tokens=513",
-        "batch_size=8", "epochs=1", "lr=0.01", "solver_max_iter=8", "backward_max_iter=6",
-        "k=3", "damping=0.8", "progress=false", "threads=1", f"out_dir={out_dir}",
+        "task=lm",
+        "dataset=bible",
+        f"data_dir={text_dir}",
+        "model=deq-transformer-tiny",
+        "data_options.seq_len=16",
+        "data_options.train_tokens=3841",
+        "data_options.eval_tokens=513",
+        "batch_size=8",
+        "epochs=1",
+        "lr=0.01",
+        "solver_max_iter=8",
+        "backward_max_iter=6",
+        "k=3",
+        "damping=0.8",
+        "progress=false",
+        "threads=1",
+        f"out_dir={out_dir}",
     ]
     return TrainConfig.from_sources(None, base + list(extra))
 
 
 # ----------------------------------------------------------------------------- the model
+
 
 def test_the_map_is_exactly_causal():
     torch.manual_seed(0)
@@ -99,13 +117,23 @@ def test_postln_and_preln_solve_to_a_small_residual(norm):
     assert float(info.rel_residual.max()) < 1e-4, info.summary()
 
 
-@pytest.mark.parametrize("backward", [
-    pg.UPG(k=3, damping=0.8), pg.NPG(k=3, damping=0.8), pg.Implicit(pg.Broyden(max_iter=10, tol=1e-5)), pg.JFB(), pg.Backprop(),
-], ids=["upg", "npg", "implicit", "jfb", "backprop"])
+@pytest.mark.parametrize(
+    "backward",
+    [
+        pg.UPG(k=3, damping=0.8),
+        pg.NPG(k=3, damping=0.8),
+        pg.Implicit(pg.Broyden(max_iter=10, tol=1e-5)),
+        pg.JFB(),
+        pg.Backprop(),
+    ],
+    ids=["upg", "npg", "implicit", "jfb", "backprop"],
+)
 @pytest.mark.parametrize("norm", ["post", "pre"])
 def test_gradients_reach_every_parameter(backward, norm):
     torch.manual_seed(0)
-    m = model(norm, backward=backward, solver=pg.Anderson(max_iter=10, tol=1e-4), dropout=0.1, positions="learned", max_len=16)
+    m = model(
+        norm, backward=backward, solver=pg.Anderson(max_iter=10, tol=1e-4), dropout=0.1, positions="learned", max_len=16
+    )
     m.train()
     x = tokens(2, 8)
     logits, _ = m(x)
@@ -184,6 +212,7 @@ def test_bad_configs_name_the_problem():
 
 # ----------------------------------------------------------------------------- the lm task
 
+
 def test_chunks_pair_each_input_with_the_next_token():
     data = LMChunks(torch.arange(21), seq_len=5)
     assert len(data) == 4
@@ -207,7 +236,15 @@ def test_lm_task_trains_a_tiny_model_for_one_epoch(text_dir, tmp_path):
     m = summary["final_metrics"]
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert len(rows) == 1
-    assert {"train_loss", "train_ppl", "valid_ppl", "valid_bpc", "test_ppl", "test_bpc", "train_spectral_radius"} <= set(rows[0])
+    assert {
+        "train_loss",
+        "train_ppl",
+        "valid_ppl",
+        "valid_bpc",
+        "test_ppl",
+        "test_bpc",
+        "train_spectral_radius",
+    } <= set(rows[0])
     assert m["valid_ppl"] == pytest.approx(math.exp(m["valid_loss"]))
     assert m["test_bpc"] == pytest.approx(m["test_loss"] / math.log(2))
     assert m["valid_tokens"] == 512  # 32 chunks of 16 tokens from the first 513
@@ -236,15 +273,30 @@ def test_jacobian_penalty_enters_the_loss_and_the_metrics(text_dir, tmp_path):
 
 def test_pretraining_steps_run_the_unrolled_stack(text_dir, tmp_path, monkeypatch):
     calls = []
-    original = DEQTransformer.forward_unrolled
+    original = pg.Unrolled.solve
 
-    def spy(self, x, depth=6):
-        calls.append(depth)
-        return original(self, x, depth)
+    def spy(self, fn, z0, **kwargs):
+        calls.append(self.depth)
+        return original(self, fn, z0, **kwargs)
 
-    monkeypatch.setattr(DEQTransformer, "forward_unrolled", spy)
+    monkeypatch.setattr(pg.Unrolled, "solve", spy)
     summary = train(lm_cfg(text_dir, tmp_path, "pretrain_steps=3", "pretrain_depth=2"))
     assert calls == [2, 2, 2] and math.isfinite(summary["final_metrics"]["valid_loss"])
+
+
+def test_pretraining_is_the_weight_tied_stack_under_cached_weight_norm():
+    model = DEQTransformer(TransformerConfig.named("deq-transformer-tiny", vocab_size=11))
+    tokens = torch.randint(0, 11, (2, 5))
+    with pg.pretraining(model, 3):
+        logits, info = model(tokens)
+    assert info.nstep.tolist() == [3, 3] and isinstance(model.deq.solver, pg.Anderson)
+    u = model.injection(tokens)
+    z = torch.zeros(2, 5, model.config.d_model)
+    for _ in range(3):
+        z = model.block(z, u)
+    torch.testing.assert_close(logits, model.head(z))
+    logits.sum().backward()  # the weight-norm parameters (g and v) of F get their gradient through the stack
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.block.parameters())
 
 
 def test_without_jacobian_regularisation_the_loss_is_the_cross_entropy(text_dir, tmp_path):
@@ -258,13 +310,30 @@ def test_without_jacobian_regularisation_the_loss_is_the_cross_entropy(text_dir,
 
 def test_lm_table_runs_end_to_end_at_a_tiny_budget(text_dir, tmp_path, capsys):
     out = tmp_path / "table"
-    code = main(["lm-table", "--budget", "tiny", "--data-dir", str(text_dir), "--out", str(out), "--json", str(tmp_path / "t.json")])
+    code = main(
+        [
+            "lm-table",
+            "--budget",
+            "tiny",
+            "--data-dir",
+            str(text_dir),
+            "--out",
+            str(out),
+            "--json",
+            str(tmp_path / "t.json"),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "PreLN + JR + UPG A_{5,0.8}" in printed
     result = json.loads((tmp_path / "t.json").read_text())
     rows = result["rows"]
-    assert [r["row"] for r in rows] == ["PostLN + Implicit", "PostLN + UPG A_{5,0.8}", "PreLN + JR + Implicit", "PreLN + JR + UPG A_{5,0.8}"]
+    assert [r["row"] for r in rows] == [
+        "PostLN + Implicit",
+        "PostLN + UPG A_{5,0.8}",
+        "PreLN + JR + Implicit",
+        "PreLN + JR + UPG A_{5,0.8}",
+    ]
     for r in rows:
         assert math.isfinite(r["valid_ppl"]) and math.isfinite(r["test_bpc"]) and r["steps"] == 4
         assert r["seconds_per_step"] > 0
@@ -272,10 +341,14 @@ def test_lm_table_runs_end_to_end_at_a_tiny_budget(text_dir, tmp_path, capsys):
     assert rows[2]["jac_penalty"] > 0 and rows[0]["jac_penalty"] is None
     table = (out / "table.md").read_text()
     assert table.count("\n| ") == 5  # header + 4 rows
-    assert main(["lm-table", "--budget", "tiny", "--data-dir", str(text_dir), "--out", str(out)]) == 2  # never overwrites
+    assert (
+        main(["lm-table", "--budget", "tiny", "--data-dir", str(text_dir), "--out", str(out)]) == 2
+    )  # never overwrites
     assert "already hold runs" in capsys.readouterr().err
     # the causal re-evaluation reloads the four checkpoints and evaluates them with fixed-point iteration
-    assert main(["lm-table", "--budget", "tiny", "--out", str(out), "--recheck", "--json", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(["lm-table", "--budget", "tiny", "--out", str(out), "--recheck", "--json", str(tmp_path / "r.json")]) == 0
+    )
     recheck = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert len(recheck) == 4 and all(math.isfinite(r["test_ppl"]) and r["test_nstep"] > 6 for r in recheck)
     assert (out / "recheck.md").exists()

@@ -14,7 +14,8 @@ from .modes import BACKWARD_MODES, make_backward
 from .monitor import GradientQuality, gradient_quality
 from .regularize import jacobian_penalty, spectral_radius
 from .shine import SHINE
-from .solvers import Anderson, Broyden, FixedPoint, Solver, Reversible, Solver, SolverInfo, Unrolled, make_solver
+from .solvers import Anderson, Broyden, FixedPoint, Reversible, Solver, SolverInfo, Unrolled, make_solver
+from .swap import deq_layers, pretraining, swap
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,5 @@ __all__ = [
     "gradient_quality", "GradientQuality",
     "jacobian_penalty", "spectral_radius",
     "Reversible", "SHINE",
+    "swap", "pretraining", "deq_layers",
 ]

@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import phantomgrad as pg
+from phantomgrad.models.toy import TanhMap
 from phantomgrad.train.distributed import init_distributed, shutdown_distributed
 
 
@@ -15,14 +16,9 @@ class Model(nn.Module):
     def __init__(self, backward):
         super().__init__()
         torch.manual_seed(0)
-        w = torch.randn(6, 6, dtype=torch.float64)
-        self.W = nn.Parameter(0.6 * w / torch.linalg.matrix_norm(w, ord=2))
-        self.U = nn.Linear(4, 6, dtype=torch.float64)
+        f = TanhMap(6, 4, lipschitz=0.6)  # F(z, x) = tanh(W z + U x + b), float64
         self.head = nn.Linear(6, 3, dtype=torch.float64)
-        self.deq = pg.DEQ(self.f, solver=pg.FixedPoint(max_iter=200, tol=1e-12), backward=backward)
-
-    def f(self, z, x):
-        return torch.tanh(z @ self.W.T + self.U(x))
+        self.deq = pg.DEQ(f, solver=pg.FixedPoint(max_iter=200, tol=1e-12), backward=backward)
 
     def forward(self, x):
         z, _ = self.deq(x, torch.zeros(x.shape[0], 6, dtype=x.dtype))

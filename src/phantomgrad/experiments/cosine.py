@@ -1,7 +1,7 @@
 """The paper's synthetic study (Fig. 1): how close are phantom gradients to the exact one?
 
-Setting: one implicit layer h = tanh(W h + U x + b) with W scaled to spectral norm
-``lipschitz`` (0.9), so F is a contraction with that Lipschitz constant; the loss is
+Setting: one implicit layer h = tanh(W h + U x + b) (:class:`~phantomgrad.models.toy.TanhMap`)
+with W scaled to spectral norm ``lipschitz`` (0.9), so F is a contraction with that Lipschitz constant; the loss is
 ||h* - y||^2 / 2 for random targets y. The fixed point is found by fixed-point
 iteration (100 steps, relative tolerance 1e-5). The exact gradient is backprop
 through those iterations, cross-checked by implicit differentiation with Broyden.
@@ -25,21 +25,9 @@ from torch import nn
 
 import phantomgrad as pg
 
+from ..models.toy import TanhMap
+
 log = logging.getLogger(__name__)
-
-
-class SyntheticLayer(nn.Module):
-    """F(h, x) = tanh(W h + U x + b) with ||W||_2 = lipschitz (exact, via the SVD's top value)."""
-
-    def __init__(self, dim: int, in_dim: int, lipschitz: float, generator: torch.Generator, dtype=torch.float64):
-        super().__init__()
-        w = torch.randn(dim, dim, generator=generator, dtype=dtype)
-        self.W = nn.Parameter(lipschitz * w / torch.linalg.matrix_norm(w, ord=2))
-        self.U = nn.Parameter(torch.randn(dim, in_dim, generator=generator, dtype=dtype) / in_dim**0.5)
-        self.b = nn.Parameter(0.1 * torch.randn(dim, generator=generator, dtype=dtype))
-
-    def forward(self, h, x):
-        return torch.tanh(h @ self.W.T + x @ self.U.T + self.b)
 
 
 @dataclass
@@ -68,7 +56,7 @@ def _gradient(layer: nn.Module, deq: pg.DEQ, x, y) -> torch.Tensor:
     layer.zero_grad()
     h, _ = deq(x, torch.zeros(x.shape[0], y.shape[1], dtype=x.dtype))
     (0.5 * (h - y).pow(2).sum()).backward()
-    return torch.cat([p.grad.flatten() for p in layer.parameters()])
+    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in layer.parameters()])
 
 
 def run_study(cfg: CosineConfig) -> CosineResult:
@@ -79,11 +67,13 @@ def run_study(cfg: CosineConfig) -> CosineResult:
     result = CosineResult(cfg)
     samples: dict[tuple[str, float, int], list[float]] = {}
     for _ in range(cfg.trials):
-        layer = SyntheticLayer(cfg.dim, cfg.in_dim, cfg.lipschitz, gen)
+        layer = TanhMap(cfg.dim, cfg.in_dim, cfg.lipschitz, generator=gen)
         x = torch.randn(cfg.batch, cfg.in_dim, generator=gen, dtype=torch.float64)
         y = torch.randn(cfg.batch, cfg.dim, generator=gen, dtype=torch.float64)
         exact = _gradient(layer, pg.DEQ(layer, solver=solver, backward=pg.Backprop()), x, y)
-        implicit = _gradient(layer, pg.DEQ(layer, solver=solver, backward=pg.Implicit(pg.Broyden(max_iter=100, tol=1e-10))), x, y)
+        implicit = _gradient(
+            layer, pg.DEQ(layer, solver=solver, backward=pg.Implicit(pg.Broyden(max_iter=100, tol=1e-10))), x, y
+        )
         result.implicit_vs_backprop.append(float(cos(exact, implicit, dim=0)))
         for mode_cls in (pg.UPG, pg.NPG):
             for lam in cfg.dampings:
@@ -117,7 +107,14 @@ def write_outputs(result: CosineResult, out_dir: Path) -> list[Path]:
         for lam in result.config.dampings:
             rows = [r for r in result.rows if r["mode"] == mode and r["damping"] == lam]
             ks = [r["k"] for r in rows]
-            ax.errorbar(ks, [r["cosine_mean"] for r in rows], yerr=[r["cosine_std"] for r in rows], marker="o", capsize=2, label=f"lambda = {lam}")
+            ax.errorbar(
+                ks,
+                [r["cosine_mean"] for r in rows],
+                yerr=[r["cosine_std"] for r in rows],
+                marker="o",
+                capsize=2,
+                label=f"lambda = {lam}",
+            )
         ax.set_title(f"{mode}: cosine to the exact gradient")
         ax.set_xlabel("k (phantom steps)")
         ax.grid(alpha=0.3)
@@ -144,7 +141,9 @@ def format_table(result: CosineResult) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = CosineConfig()
     parser.add_argument("--max-k", type=int, default=d.max_k, help="largest k (default %(default)s)")
-    parser.add_argument("--trials", type=int, default=d.trials, help="random layers to average over (default %(default)s)")
+    parser.add_argument(
+        "--trials", type=int, default=d.trials, help="random layers to average over (default %(default)s)"
+    )
     parser.add_argument("--dim", type=int, default=d.dim, help="state size (default %(default)s)")
     parser.add_argument("--lipschitz", type=float, default=d.lipschitz, help="spectral norm of W (default %(default)s)")
     parser.add_argument("--seed", type=int, default=d.seed)
@@ -165,7 +164,12 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     print(f"wrote {', '.join(map(str, paths))} in {result.seconds:.1f} s")
     if args.json:
-        summary = {"config": asdict(cfg), "implicit_vs_backprop": result.implicit_vs_backprop, "rows": result.rows, "seconds": result.seconds}
+        summary = {
+            "config": asdict(cfg),
+            "implicit_vs_backprop": result.implicit_vs_backprop,
+            "rows": result.rows,
+            "seconds": result.seconds,
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))
         print(f"wrote {args.json}")

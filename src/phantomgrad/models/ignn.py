@@ -56,17 +56,18 @@ batch sets the number of iterations for all.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
 
 import phantomgrad as pg
 
-
 # ----------------------------------------------------------------------------- projection
+
 
 def project_rows_l1(w: Tensor, radius: float) -> Tensor:
     """Euclidean projection of every row of ``w`` onto the l1 ball {v : ||v||_1 <= radius}.
@@ -129,6 +130,7 @@ def _spmm(adj: Tensor, dense: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- the map F
 
+
 class Adjacency:
     """A (sparse) adjacency handed to the map F alongside the injection.
 
@@ -159,6 +161,7 @@ class ImplicitGraphMap(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
+
 
 @dataclass
 class IGNNConfig:
@@ -223,7 +226,9 @@ class IGNN(nn.Module):
         super().__init__()
         IGNNConfig(hidden=hidden, kappa=kappa, mlp_hidden=mlp_hidden, rho=rho)  # validates
         if level not in ("graph", "node"):
-            raise ValueError(f"level must be 'graph' (graph classification) or 'node' (node classification), got {level!r}")
+            raise ValueError(
+                f"level must be 'graph' (graph classification) or 'node' (node classification), got {level!r}"
+            )
         if in_features < 1 or num_classes < 1:
             raise ValueError(f"in_features and num_classes must be >= 1, got {in_features}, {num_classes}")
         self.level = level
@@ -231,18 +236,21 @@ class IGNN(nn.Module):
         self.rho = float(rho)
         self.hidden = hidden
         self.omega = nn.Linear(in_features, hidden, bias=False)
-        self.deq = pg.DEQ(ImplicitGraphMap(hidden), solver=solver or pg.FixedPoint(max_iter=50, tol=1e-4), backward=backward)
+        self.deq = pg.DEQ(
+            ImplicitGraphMap(hidden), solver=solver or pg.FixedPoint(max_iter=50, tol=1e-4), backward=backward
+        )
         self.dropout = nn.Dropout(dropout)
         if level == "graph":
-            self.head: nn.Module = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.ReLU(), nn.Dropout(dropout),
-                                                 nn.Linear(mlp_hidden, num_classes))
+            self.head: nn.Module = nn.Sequential(
+                nn.Linear(hidden, mlp_hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(mlp_hidden, num_classes)
+            )
         else:
             self.head = nn.Linear(hidden, num_classes, bias=False)
         self.after_optimizer_step()
 
     @property
     def W(self) -> Tensor:
-        return self.deq.f.W
+        return cast(ImplicitGraphMap, self.deq.f).W
 
     @property
     def radius(self) -> float:
@@ -254,27 +262,45 @@ class IGNN(nn.Module):
         """Project W onto {||W||_inf <= kappa / rho} in place (IGNN's projected gradient step)."""
         self.W.copy_(project_rows_l1(self.W, self.radius))
 
-    def embed(self, x: Tensor, adj: Tensor) -> tuple[Tensor, pg.DEQInfo]:
-        """The equilibrium node states Z* (n, hidden) of node features ``x`` (n, p)."""
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """The context one forward (:meth:`prepare`, ``self.deq``, :meth:`readout`) runs in: none for IGNN."""
+        return contextlib.nullcontext()
+
+    def prepare(self, x: Tensor, adj: Tensor) -> tuple[tuple[Tensor, Adjacency], Tensor]:
+        """Everything before the DEQ: check the inputs, compute the injection B = A U Omega^T
+        (once per forward) and z0 = 0. Returns ``(inputs, z0)`` with ``inputs = (B, Adjacency(A))``
+        and z0 of shape (1, n, hidden): the whole batch of graphs is one DEQ sample."""
         if x.dim() != 2 or adj.shape != (x.shape[0], x.shape[0]):
             raise ValueError(f"need x (n, features) and adj (n, n); got {tuple(x.shape)} and {tuple(adj.shape)}")
-        b = _spmm(adj, self.omega(x))  # the injection A U Omega^T, once per forward
+        b = _spmm(adj, self.omega(x))
         z0 = torch.zeros(1, x.shape[0], self.hidden, dtype=b.dtype, device=b.device)
-        z, info = self.deq((b, Adjacency(adj)), z0)
+        return (b, Adjacency(adj)), z0
+
+    def embed(self, x: Tensor, adj: Tensor) -> tuple[Tensor, pg.DEQInfo]:
+        """The equilibrium node states Z* (n, hidden) of node features ``x`` (n, p)."""
+        inputs, z0 = self.prepare(x, adj)
+        z, info = self.deq(inputs, z0)
         return z[0], info
 
-    def forward(self, x: Tensor, adj: Tensor, batch: Tensor | None = None,
-                num_graphs: int | None = None) -> tuple[Tensor, pg.DEQInfo]:
-        """Logits per graph (level "graph": ``batch`` gives each node's graph) or per node."""
-        z, info = self.embed(x, adj)
+    def readout(self, z: Tensor, batch: Tensor | None = None, num_graphs: int | None = None) -> Tensor:
+        """Logits from the node states z (n, hidden): per node (level "node"), or per graph after
+        sum pooling (level "graph"; ``batch`` gives each node's graph, all in one graph when None)."""
         if self.level == "node":
-            return self.head(self.dropout(z)), info
+            return self.head(self.dropout(z))
         if batch is None:
-            batch = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            batch = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
         if num_graphs is None:
-            num_graphs = int(batch.max()) + 1 if batch.numel() else 1
+            num_graphs = int(batch.max()) + 1 if batch.numel() else 1  # host sync: only when not given
         pooled = z.new_zeros(num_graphs, z.shape[1]).index_add_(0, batch, z)
-        return self.head(pooled), info
+        return self.head(pooled)
+
+    def forward(
+        self, x: Tensor, adj: Tensor, batch: Tensor | None = None, num_graphs: int | None = None
+    ) -> tuple[Tensor, pg.DEQInfo]:
+        """Logits per graph (level "graph": ``batch`` gives each node's graph) or per node."""
+        with self.forward_context():
+            z, info = self.embed(x, adj)
+            return self.readout(z, batch, num_graphs), info
 
     def extra_repr(self) -> str:
         return f"level={self.level!r}, kappa={self.kappa}, rho={self.rho:.6g}"

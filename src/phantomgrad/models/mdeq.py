@@ -57,10 +57,9 @@ Choices, each as in the authors' code:
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import math
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -71,147 +70,13 @@ from ..backward import BackwardMode
 from ..deq import DEQ, DEQInfo
 from ..nn.dropout import VariationalDropout2d
 from ..solvers import Solver
+from .mdeq_config import PRESETS, MDEQConfig, half_size
 
 Injection = tuple[Tensor | None, ...]
 
 
-# ----------------------------------------------------------------------------- config
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The phantom-gradient paper's MDEQ-Tiny ablation model (its code's "mdeq_SMALL" CIFAR config);
-    # 159K parameters at 3x32x32 and 10 classes (the paper says about 170K).
-    "mdeq-tiny": dict(
-        channels=(24, 24), head_channels=(8, 16), final_channels=200,
-        expansion=5, num_groups=8, dropout=0.0, downsample_times=0, pretrain_depth=10,
-    ),
-    # MDEQ-Tiny adapted to 28x28 grey images (Fashion-MNIST): one stride-2 conv in the stem, so the
-    # branches run at 14x14 and 7x7, with 16 and 32 channels; 167K parameters, 0.2 s per training
-    # step of batch 64 on 2 CPU cores with UPG A_{5,0.5}.
-    "mdeq-tiny-28": dict(
-        channels=(16, 32), head_channels=(8, 16), final_channels=200,
-        expansion=5, num_groups=8, dropout=0.0, downsample_times=1, pretrain_depth=10,
-    ),
-    # The larger CIFAR-10 model (MDEQ's "LARGE" CIFAR config; 11.1M parameters, the paper says about 10M).
-    "mdeq-cifar": dict(
-        channels=(32, 64, 128, 256), head_channels=(14, 28, 56, 112), final_channels=1680,
-        expansion=5, num_groups=8, dropout=0.0, downsample_times=0, pretrain_depth=10,
-    ),
-    # MDEQ-Small for ImageNet (17.0M parameters at 224x224 and 1000 classes; the MDEQ paper says 18M).
-    "mdeq-imagenet": dict(
-        channels=(32, 64, 128, 256), head_channels=(28, 56, 112, 224), final_channels=2048,
-        expansion=4, num_groups=8, dropout=0.0, downsample_times=2, pretrain_depth=5,
-    ),
-}
-
-
-@dataclass(frozen=True)
-class MDEQConfig:
-    """Architecture of an :class:`MDEQ` (plain data; build one with :meth:`named`).
-
-    Args:
-        in_channels: channels of the input images.
-        image_size: (H, W) of the input images (an int means square); checked in forward.
-        num_classes: outputs of the classifier.
-        channels: channels c_i of each resolution branch, highest resolution first.
-        head_channels: width of each branch's bottleneck in the head (it outputs 4x that).
-        final_channels: channels of the head's last 1x1 conv, before pooling.
-        expansion: the residual block's inner width is ``expansion * c_i``.
-        num_groups: GroupNorm groups in F (the post-fuse norm uses half as many).
-        dropout: variational dropout probability in the residual blocks.
-        downsample_times: stride-2 convs in the stem (0, 1 or 2).
-        weight_norm: weight-normalise the residual-block and post-fuse convs.
-        pretrain_depth: layers of the weight-tied stack in :meth:`MDEQ.forward_unrolled`.
-        outer_norm: normalisation in the stem and head (outside F): ``"batch"`` (MDEQ's) or
-            ``"group"`` (GroupNorm: per sample, so results do not depend on how a batch is split
-            over processes; used for exact one-process/many-process comparisons).
-    """
-
-    in_channels: int
-    image_size: tuple[int, int]
-    num_classes: int
-    channels: tuple[int, ...]
-    head_channels: tuple[int, ...]
-    final_channels: int
-    expansion: int = 5
-    num_groups: int = 8
-    dropout: float = 0.0
-    downsample_times: int = 0
-    weight_norm: bool = True
-    pretrain_depth: int = 10
-    outer_norm: str = "batch"
-
-    def __post_init__(self) -> None:
-        size = self.image_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        object.__setattr__(self, "image_size", size)
-        object.__setattr__(self, "channels", tuple(self.channels))
-        object.__setattr__(self, "head_channels", tuple(self.head_channels))
-        for name in ("in_channels", "num_classes", "final_channels", "expansion", "num_groups", "pretrain_depth"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MDEQConfig.{name} must be an integer >= 1, got {value!r}")
-        if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
-            raise ValueError(f"MDEQConfig.image_size must be an int or (H, W) of positive ints, got {self.image_size!r}")
-        if not self.channels or not all(isinstance(c, int) and c >= 1 for c in self.channels):
-            raise ValueError(f"MDEQConfig.channels must be a non-empty sequence of positive ints, got {self.channels!r}")
-        if len(self.head_channels) != len(self.channels):
-            raise ValueError(
-                f"MDEQConfig.head_channels needs one entry per branch: {len(self.channels)} branches "
-                f"(channels={self.channels}) but head_channels={self.head_channels}"
-            )
-        bad = [c for c in self.channels if c % self.num_groups]
-        if bad:
-            raise ValueError(
-                f"MDEQConfig.channels {self.channels} must all be divisible by num_groups={self.num_groups} "
-                f"(GroupNorm); {bad} are not"
-            )
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"MDEQConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.outer_norm not in ("batch", "group"):
-            raise ValueError(f"MDEQConfig.outer_norm must be 'batch' or 'group', got {self.outer_norm!r}")
-        if self.downsample_times not in (0, 1, 2):
-            raise ValueError(f"MDEQConfig.downsample_times must be 0, 1 or 2, got {self.downsample_times!r}")
-
-    @property
-    def num_branches(self) -> int:
-        return len(self.channels)
-
-    def branch_sizes(self) -> list[tuple[int, int]]:
-        """(H, W) of every branch for inputs of ``image_size``."""
-        h, w = self.image_size
-        for _ in range(self.downsample_times):
-            h, w = _half(h), _half(w)
-        sizes = [(h, w)]
-        for _ in range(1, self.num_branches):
-            h, w = _half(h), _half(w)
-            sizes.append((h, w))
-        return sizes
-
-    @classmethod
-    def named(cls, name: str, in_channels: int = 3, image_size: int | tuple[int, int] = 32,
-              num_classes: int = 10, **overrides: Any) -> "MDEQConfig":
-        """A preset (``mdeq-tiny``, ``mdeq-cifar``, ``mdeq-imagenet``) adapted to the data.
-
-        Any preset field can be overridden by keyword, e.g. ``dropout=0.25``; an unknown
-        keyword raises TypeError (as a dataclass would), a bad value ValueError.
-        """
-        try:
-            preset = PRESETS[name]
-        except KeyError:
-            raise ValueError(f"unknown MDEQ config {name!r}; choose one of {sorted(PRESETS)}") from None
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise TypeError(f"unknown MDEQConfig field(s) {unknown}; valid fields are {sorted(fields)}")
-        return cls(in_channels=in_channels, image_size=image_size, num_classes=num_classes, **{**preset, **overrides})
-
-
-def _half(size: int) -> int:
-    """Output size of a stride-2, padding-1 3x3 conv: ceil(size / 2)."""
-    return (size + 1) // 2
-
-
 # ----------------------------------------------------------------------------- layers of F
+
 
 def _conv3x3(c_in: int, c_out: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=bias)
@@ -308,8 +173,14 @@ class MDEQBlock(nn.Module):
     model before the first evaluation (:class:`MDEQ` does).
     """
 
-    def __init__(self, channels: Sequence[int], expansion: int = 5, num_groups: int = 8,
-                 dropout: float = 0.0, weight_norm: bool = True):
+    def __init__(
+        self,
+        channels: Sequence[int],
+        expansion: int = 5,
+        num_groups: int = 8,
+        dropout: float = 0.0,
+        weight_norm: bool = True,
+    ):
         super().__init__()
         self.channels = tuple(channels)
         n = len(self.channels)
@@ -328,12 +199,14 @@ class MDEQBlock(nn.Module):
     def reset_dropout(self, like: Sequence[Tensor]) -> None:
         """Draw every branch's dropout mask for states shaped like ``like`` (or clear it when inactive)."""
         for branch, z in zip(self.branches, like):
-            branch.drop.reset(z)
+            cast(ResidualBlock, branch).drop.reset(z)
 
     def forward(self, z: Sequence[Tensor], u: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
         n = len(self.channels)
         if len(z) != n or len(u) != n:
-            raise ValueError(f"MDEQBlock has {n} branches but got a state of {len(z)} and an injection of {len(u)} parts")
+            raise ValueError(
+                f"MDEQBlock has {n} branches but got a state of {len(z)} and an injection of {len(u)} parts"
+            )
         ys = [branch(z_i, u_i) for branch, z_i, u_i in zip(self.branches, z, u)]
         out = []
         for i in range(n):
@@ -347,6 +220,7 @@ class MDEQBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------- stem and head
+
 
 def _outer_norm(kind: str, channels: int, affine: bool = True) -> nn.Module:
     """BatchNorm2d, or GroupNorm with up to 8 groups, for the layers outside F."""
@@ -423,16 +297,26 @@ class MDEQHead(nn.Module):
     conv (with bias) -> BN -> ReLU from branch i's head width to branch i+1's.
     """
 
-    def __init__(self, channels: Sequence[int], head_channels: Sequence[int], final_channels: int, num_classes: int,
-                 norm: str = "batch"):
+    def __init__(
+        self,
+        channels: Sequence[int],
+        head_channels: Sequence[int],
+        final_channels: int,
+        num_classes: int,
+        norm: str = "batch",
+    ):
         super().__init__()
         widths = [h * Bottleneck.expansion for h in head_channels]
         self.increase = nn.ModuleList(Bottleneck(c, h, norm) for c, h in zip(channels, head_channels))
         self.downsample = nn.ModuleList(
-            nn.Sequential(_conv3x3(widths[i], widths[i + 1], stride=2, bias=True), _outer_norm(norm, widths[i + 1]), nn.ReLU())
+            nn.Sequential(
+                _conv3x3(widths[i], widths[i + 1], stride=2, bias=True), _outer_norm(norm, widths[i + 1]), nn.ReLU()
+            )
             for i in range(len(widths) - 1)
         )
-        self.final = nn.Sequential(nn.Conv2d(widths[-1], final_channels, kernel_size=1), _outer_norm(norm, final_channels), nn.ReLU())
+        self.final = nn.Sequential(
+            nn.Conv2d(widths[-1], final_channels, kernel_size=1), _outer_norm(norm, final_channels), nn.ReLU()
+        )
         self.classifier = nn.Linear(final_channels, num_classes)
 
     def forward(self, z: Sequence[Tensor]) -> Tensor:
@@ -444,6 +328,7 @@ class MDEQHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
+
 
 class MDEQ(nn.Module):
     """Multiscale deep equilibrium classifier.
@@ -463,53 +348,43 @@ class MDEQ(nn.Module):
     def __init__(self, config: MDEQConfig, solver: Solver | None = None, backward: BackwardMode | None = None):
         super().__init__()
         if not isinstance(config, MDEQConfig):
-            raise TypeError(f"config must be an MDEQConfig (e.g. MDEQConfig.named('mdeq-tiny')), got {type(config).__name__}")
+            raise TypeError(
+                f"config must be an MDEQConfig (e.g. MDEQConfig.named('mdeq-tiny')), got {type(config).__name__}"
+            )
         self.config = config
         self.stem = MDEQStem(config.in_channels, config.channels, config.downsample_times, config.outer_norm)
         block = MDEQBlock(config.channels, config.expansion, config.num_groups, config.dropout, config.weight_norm)
         self.deq = DEQ(block, solver=solver, backward=backward)  # F lives at self.deq.f (one copy in state_dict)
-        self.head = MDEQHead(config.channels, config.head_channels, config.final_channels, config.num_classes, config.outer_norm)
+        self.head = MDEQHead(
+            config.channels, config.head_channels, config.final_channels, config.num_classes, config.outer_norm
+        )
 
     @property
     def block(self) -> MDEQBlock:
         """The equilibrium map F."""
-        return self.deq.f
+        return cast(MDEQBlock, self.deq.f)
 
-    def forward(self, x: Tensor, unrolled: int | None = None) -> tuple[Tensor, DEQInfo]:
-        """``unrolled=depth`` runs :meth:`forward_unrolled` instead (so pretraining also goes
-        through wrappers such as DistributedDataParallel)."""
-        if unrolled is not None:
-            return self.forward_unrolled(x, unrolled)
-        u, z0 = self._start(x)
-        z, info = self.deq(u, z0)
-        return self.head(z), info
-
-    def equilibrium(self, x: Tensor) -> tuple[tuple[Tensor, ...], Injection, DEQInfo]:
-        """The fixed point z* = F(z*, u) for images x, without gradients: ``(z*, u, info)``.
-        For diagnostics such as ``pg.spectral_radius(model.block, z, u)``."""
-        with torch.no_grad():
-            u, z0 = self._start(x)
+    def forward(self, x: Tensor) -> tuple[Tensor, DEQInfo]:
+        """``(logits, info)`` for images x (see the class docstring). Pretraining, F as a
+        weight-tied stack trained by backprop, is this forward with the DEQ's solve and gradient
+        swapped: ``with pg.pretraining(model, depth): logits, info = model(x)``."""
+        with self.forward_context():
+            u, z0 = self.prepare(x)
             z, info = self.deq(u, z0)
-        return z, u, info
+            return self.head(z), info
 
-    def forward_unrolled(self, x: Tensor, depth: int | None = None) -> tuple[Tensor, DEQInfo]:
-        """MDEQ's pretraining phase: F applied as a weight-tied stack of ``depth`` layers
-        from z0 = 0 (default ``config.pretrain_depth``), differentiated by plain backprop.
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """The context one forward (:meth:`prepare`, ``self.deq``, ``self.head``) runs in: none for MDEQ.
+        Code that drives the pieces itself (``phantomgrad bench``) enters it as :meth:`forward` does."""
+        return contextlib.nullcontext()
 
-        Returns ``(logits, info)`` like :meth:`forward`; info describes the last layer:
-        the residual ||F(z) - z|| of the input z of the last layer, with nstep = depth.
+    def prepare(self, x: Tensor) -> tuple[Injection, tuple[Tensor, ...]]:
+        """Everything before the DEQ: check the images, compute the injection u = stem(x), make
+        z0 = 0 (one zero state per branch) and redraw the dropout masks of F for this forward.
+
+        Returns ``(u, z0)``; the forward is then ``z, info = self.deq(u, z0)`` (solving
+        z* = F(z*, u) with F = :attr:`block`) and ``logits = self.head(z)``.
         """
-        depth = self.config.pretrain_depth if depth is None else depth
-        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-            raise ValueError(f"depth (number of unrolled layers) must be an integer >= 1, got {depth!r}")
-        u, z = self._start(x)
-        prev = z
-        for _ in range(depth):
-            prev, z = z, self.block(z, u)
-        return self.head(z), self._unrolled_info(prev, z, depth)
-
-    def _start(self, x: Tensor) -> tuple[Injection, tuple[Tensor, ...]]:
-        """Check the input, compute the injection, make z0 = 0 and redraw the dropout masks."""
         cfg = self.config
         if x.dim() != 4 or x.shape[1] != cfg.in_channels or tuple(x.shape[-2:]) != cfg.image_size:
             raise ValueError(
@@ -522,32 +397,30 @@ class MDEQ(nn.Module):
         z0 = []
         for c in cfg.channels:
             z0.append(u0.new_zeros(batch, c, h, w))
-            h, w = _half(h), _half(w)
-        z0 = tuple(z0)
-        self.block.reset_dropout(z0)
-        return u, z0
+            h, w = half_size(h), half_size(w)
+        state = tuple(z0)
+        self.block.reset_dropout(state)
+        return u, state
 
-    def _unrolled_info(self, prev: Sequence[Tensor], z: Sequence[Tensor], depth: int) -> DEQInfo:
+    def equilibrium(self, x: Tensor) -> tuple[tuple[Tensor, ...], Injection, DEQInfo]:
+        """The fixed point z* = F(z*, u) for images x, without gradients: ``(z*, u, info)``.
+        For diagnostics such as ``pg.spectral_radius(model.block, z, u)``."""
         with torch.no_grad():
-            batch = z[0].shape[0]
-            flat_z = torch.cat([p.reshape(batch, -1) for p in z], dim=1)
-            flat_prev = torch.cat([p.reshape(batch, -1) for p in prev], dim=1)
-            abs_res = (flat_z - flat_prev).norm(dim=1).double()
-            rel_res = abs_res / flat_z.norm(dim=1).double().clamp_min(torch.finfo(torch.float64).tiny)
-            solver = self.deq.solver
-            crit = rel_res if solver.stop == "rel" else abs_res
-            finite = torch.isfinite(abs_res) & torch.isfinite(rel_res)
-            return DEQInfo(
-                abs_residual=abs_res,
-                rel_residual=rel_res,
-                nstep=torch.full((batch,), depth, dtype=torch.long, device=abs_res.device),
-                converged=finite & (crit <= solver.tol),
-                nonfinite=~finite,
-                fallback=torch.zeros(batch, dtype=torch.bool, device=abs_res.device),
-            )
+            u, z0 = self.prepare(x)
+            z, info = self.deq(u, z0)
+        return z, u, info
 
 
 __all__ = [
-    "PRESETS", "MDEQConfig", "MDEQ", "MDEQBlock", "MDEQStem", "MDEQHead",
-    "ResidualBlock", "FuseUp", "FuseDown", "PostFuse", "Bottleneck",
+    "PRESETS",
+    "MDEQConfig",
+    "MDEQ",
+    "MDEQBlock",
+    "MDEQStem",
+    "MDEQHead",
+    "ResidualBlock",
+    "FuseUp",
+    "FuseDown",
+    "PostFuse",
+    "Bottleneck",
 ]

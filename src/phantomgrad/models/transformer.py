@@ -58,10 +58,11 @@ Other choices:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -188,8 +189,9 @@ class TransformerBlock(nn.Module):
     before the first evaluation (:class:`DEQTransformer` does).
     """
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, norm: str = "post", dropout: float = 0.0,
-                 weight_norm: bool = True):
+    def __init__(
+        self, d_model: int, n_heads: int, d_ff: int, norm: str = "post", dropout: float = 0.0, weight_norm: bool = True
+    ):
         super().__init__()
         if norm not in ("post", "pre"):
             raise ValueError(f"norm must be 'post' or 'pre', got {norm!r}")
@@ -229,8 +231,8 @@ class TransformerBlock(nn.Module):
     def forward(self, z: Tensor, u: Tensor) -> Tensor:
         if z.dim() != 3 or z.shape[-1] != self.d_model or u.shape[:2] != z.shape[:2] or u.shape[-1] != 3 * self.d_model:
             raise ValueError(
-                f"TransformerBlock expects z of shape (B, L, {self.d_model}) and u of shape (B, L, {3 * self.d_model}), "
-                f"got {tuple(z.shape)} and {tuple(u.shape)}"
+                f"TransformerBlock expects z of shape (B, L, {self.d_model}) and u of shape "
+                f"(B, L, {3 * self.d_model}), got {tuple(z.shape)} and {tuple(u.shape)}"
             )
         if self.norm == "post":
             a = self.ln1(z + self.drop_attn(self.attention(z, u)))
@@ -288,11 +290,14 @@ class DEQTransformer(nn.Module):
     def __init__(self, config: TransformerConfig, solver: Solver | None = None, backward: BackwardMode | None = None):
         super().__init__()
         if not isinstance(config, TransformerConfig):
-            raise TypeError(f"config must be a TransformerConfig (e.g. TransformerConfig.named(...)), got {type(config).__name__}")
+            raise TypeError(
+                f"config must be a TransformerConfig (e.g. TransformerConfig.named(...)), got {type(config).__name__}"
+            )
         self.config = config
         d = config.d_model
         self.embed = nn.Embedding(config.vocab_size, d)
         nn.init.normal_(self.embed.weight, std=d**-0.5)  # x = E[t] sqrt(d) has unit-variance entries
+        self.pos: nn.Parameter | None
         if config.positions == "learned":
             self.pos = nn.Parameter(torch.zeros(config.max_len, d))
             nn.init.normal_(self.pos, std=0.02)
@@ -304,6 +309,8 @@ class DEQTransformer(nn.Module):
         self.deq = DEQ(block, solver=solver, backward=backward)  # F lives at self.deq.f
         self.drop_out = VariationalSeqDropout(config.dropout)
         self.norm_out: nn.Module = nn.LayerNorm(d) if config.use_final_norm else nn.Identity()
+        self.decoder: nn.Linear | None
+        self.out_bias: nn.Parameter | None
         if config.tie_weights:
             self.decoder = None
             self.out_bias = nn.Parameter(torch.zeros(config.vocab_size))
@@ -314,14 +321,16 @@ class DEQTransformer(nn.Module):
     @property
     def block(self) -> TransformerBlock:
         """The equilibrium map F."""
-        return self.deq.f
+        return cast(TransformerBlock, self.deq.f)
 
     # ---- pieces ------------------------------------------------------------------------
     def injection(self, tokens: Tensor) -> Tensor:
         """u = W_u drop(E[tokens] sqrt(d) + P) + b_u, shape (B, L, 3d); redraws the embedding dropout mask."""
         cfg = self.config
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"DEQTransformer expects integer token ids of shape (B, L), got {tuple(tokens.shape)} {tokens.dtype}")
+            raise ValueError(
+                f"DEQTransformer expects integer token ids of shape (B, L), got {tuple(tokens.shape)} {tokens.dtype}"
+            )
         length = tokens.shape[1]
         x = self.embed(tokens) * math.sqrt(cfg.d_model)
         if self.pos is not None:
@@ -343,14 +352,24 @@ class DEQTransformer(nn.Module):
             return self.decoder(h)
         return F.linear(h, self.embed.weight, self.out_bias)
 
-    def _start(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """The injection, z0 = 0, and fresh dropout masks for this forward.
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """The context one forward (:meth:`prepare`, ``self.deq``, :meth:`head`) runs in:
+        ``parametrize.cached()``, so the weight-normalised weights of F are computed once per
+        forward and reused by every evaluation of F. Code that drives the pieces itself
+        (``phantomgrad bench``) enters it as :meth:`solve` does."""
+        return parametrize.cached()
 
-        Called inside ``parametrize.cached()``: it first computes the weight-normalised
-        weights of F, with autograd as the caller has it, so that the cache holds weights
-        with a graph to g and v even though the solver then runs under ``no_grad`` (a
-        weight first computed there would be cached without one, and the backward
-        mode's gradient would never reach the weight-norm parameters).
+    def prepare(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Everything before the DEQ: the injection u (B, L, 3d), z0 = 0 (B, L, d) and fresh
+        dropout masks for this forward. Returns ``(u, z0)``; the forward is then
+        ``z, info = self.deq(u, z0)`` and ``logits = self.head(z)``, all inside
+        :meth:`forward_context`.
+
+        Inside ``parametrize.cached()`` it first computes the weight-normalised weights of F,
+        with autograd as the caller has it, so that the cache holds weights with a graph to g
+        and v even though the solver then runs under ``no_grad`` (a weight first computed
+        there would be cached without one, and the backward mode's gradient would never
+        reach the weight-norm parameters).
         """
         for module in self.block.modules():
             if parametrize.is_parametrized(module, "weight"):
@@ -364,54 +383,20 @@ class DEQTransformer(nn.Module):
     # ---- forward -----------------------------------------------------------------------
     def solve(self, tokens: Tensor) -> LMOutput:
         """The full forward: logits, the solve's info, the state z and the injection u."""
-        with parametrize.cached():  # weight norm computed once per forward, reused by every F evaluation
-            u, z0 = self._start(tokens)
+        with self.forward_context():  # weight norm computed once per forward, reused by every F evaluation
+            u, z0 = self.prepare(tokens)
             z, info = self.deq(u, z0)
             logits = self.head(z)
         return LMOutput(logits, info, z, u)
 
-    def forward(self, tokens: Tensor, unrolled: int | None = None,
-                return_state: bool = False) -> tuple[Tensor, DEQInfo] | LMOutput:
-        """``(logits, info)``; with ``return_state=True`` the :class:`LMOutput` of
-        :meth:`solve`; with ``unrolled=depth`` :meth:`forward_unrolled`. (Keywords rather
-        than methods, so that both also go through wrappers such as DistributedDataParallel.)"""
-        if unrolled is not None:
-            return self.forward_unrolled(tokens, unrolled)
+    def forward(self, tokens: Tensor, return_state: bool = False) -> tuple[Tensor, DEQInfo] | LMOutput:
+        """``(logits, info)``; with ``return_state=True`` the :class:`LMOutput` of :meth:`solve`
+        (a keyword rather than a method, so that it also goes through wrappers such as
+        DistributedDataParallel). Pretraining, F as a weight-tied stack trained by backprop, is
+        this forward with the DEQ's solve and gradient swapped:
+        ``with pg.pretraining(model, depth): logits, info = model(tokens)``."""
         out = self.solve(tokens)
         return out if return_state else (out.logits, out.info)
-
-    def forward_unrolled(self, tokens: Tensor, depth: int = 6) -> tuple[Tensor, DEQInfo]:
-        """Pretraining: F as a weight-tied stack of ``depth`` layers from z0 = 0, plain backprop.
-
-        Returns ``(logits, info)``; info describes the last layer (the residual of its
-        input, nstep = depth).
-        """
-        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-            raise ValueError(f"depth (number of unrolled layers) must be an integer >= 1, got {depth!r}")
-        with parametrize.cached():
-            u, z = self._start(tokens)
-            prev = z
-            for _ in range(depth):
-                prev, z = z, self.block(z, u)
-            logits = self.head(z)
-        return logits, self._unrolled_info(prev, z, depth)
-
-    def _unrolled_info(self, prev: Tensor, z: Tensor, depth: int) -> DEQInfo:
-        with torch.no_grad():
-            batch = z.shape[0]
-            abs_res = (z - prev).reshape(batch, -1).norm(dim=1).double()
-            rel_res = abs_res / z.reshape(batch, -1).norm(dim=1).double().clamp_min(torch.finfo(torch.float64).tiny)
-            solver = self.deq.solver
-            crit = rel_res if solver.stop == "rel" else abs_res
-            finite = torch.isfinite(abs_res) & torch.isfinite(rel_res)
-            return DEQInfo(
-                abs_residual=abs_res,
-                rel_residual=rel_res,
-                nstep=torch.full((batch,), depth, dtype=torch.long, device=abs_res.device),
-                converged=finite & (crit <= solver.tol),
-                nonfinite=~finite,
-                fallback=torch.zeros(batch, dtype=torch.bool, device=abs_res.device),
-            )
 
     # ---- Jacobian regularisation and diagnostics ---------------------------------------
     def jacobian_penalty(self, out: LMOutput, n_samples: int = 1) -> Tensor:

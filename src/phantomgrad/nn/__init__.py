@@ -1,5 +1,6 @@
 """Reusable layers for implicit models."""
 
-from .dropout import VariationalDropout2d
+from .dropout import VariationalDropout, VariationalDropout2d
+from .seq_dropout import VariationalSeqDropout
 
-__all__ = ["VariationalDropout2d"]
+__all__ = ["VariationalDropout", "VariationalDropout2d", "VariationalSeqDropout"]

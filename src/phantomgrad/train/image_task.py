@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
+from ..swap import pretraining
 from . import builders
 from .config import ConfigError, TrainConfig
 from .tasks import StepResult, Task, mean_loss_accuracy
@@ -39,7 +40,8 @@ def build_image_task(cfg: TrainConfig) -> Task:
         """global_step is the optimiser step about to be taken, or None in evaluation."""
         x, y = batch[0].to(device), batch[1].to(device)
         if global_step is not None and global_step < cfg.pretrain_steps:
-            logits, info = model(x, unrolled=cfg.pretrain_depth)
+            with pretraining(model, cfg.pretrain_depth, cfg.solver_tol, cfg.solver_stop):
+                logits, info = model(x)
         else:
             logits, info = model(x)
         loss = F.cross_entropy(logits, y)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..swap import pretraining
 from . import builders
 from .config import ConfigError, TrainConfig
 from .tasks import StepResult, Task
@@ -198,7 +199,8 @@ def build_lm_task(cfg: TrainConfig) -> Task:
         inner = getattr(model, "module", model)
         out = None
         if training and global_step < cfg.pretrain_steps:
-            logits, info = model(inp, unrolled=cfg.pretrain_depth)
+            with pretraining(model, cfg.pretrain_depth, cfg.solver_tol, cfg.solver_stop):
+                logits, info = model(inp)
         else:
             out = model(inp, return_state=True)
             logits, info = out.logits, out.info
