@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+
+import phantomgrad as pg
 from conftest import train_killed_in_epoch
 
 from phantomgrad.cli import main
@@ -48,19 +50,16 @@ def test_learning_happens(tmp_path):
 
 
 def test_pretraining_steps_use_the_unrolled_model(tmp_path, monkeypatch):
-    from phantomgrad.models.mdeq import MDEQ
+    calls = []
+    original = pg.Unrolled.solve
 
-    calls = {"unrolled": 0}
-    original = MDEQ.forward_unrolled
+    def spy(self, fn, z0, **kwargs):
+        calls.append(self.depth)
+        return original(self, fn, z0, **kwargs)
 
-    def spy(self, x, depth=None):
-        calls["unrolled"] += 1
-        assert depth == 3
-        return original(self, x, depth)
-
-    monkeypatch.setattr(MDEQ, "forward_unrolled", spy)
+    monkeypatch.setattr(pg.Unrolled, "solve", spy)
     train(_cfg(tmp_path, "epochs=1", "pretrain_steps=4", "pretrain_depth=3", "batch_size=256"))
-    assert calls["unrolled"] == 4
+    assert calls == [3, 3, 3, 3]
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .backward import BackwardMode, Implicit
 from .deq import DEQ
+from .swap import deq_layers, swap
 from .regularize import spectral_radius
 
 log = logging.getLogger(__name__)
@@ -73,26 +74,17 @@ class GradientQuality:
         return asdict(self)
 
 
-def deq_modules(model: nn.Module) -> list[DEQ]:
-    """Every :class:`phantomgrad.DEQ` inside ``model`` (the model itself included)."""
-    return [m for m in model.modules() if isinstance(m, DEQ)]
+deq_modules = deq_layers  # the one list of a model's DEQ layers (phantomgrad.swap)
 
 
 @contextlib.contextmanager
 def swapped_backward(model: nn.Module, mode: BackwardMode) -> Iterator[list[DEQ]]:
     """Within the block every DEQ layer of ``model`` uses ``mode``; on exit (also on error) each
-    gets its own backward mode back."""
+    gets its own backward mode back: :func:`phantomgrad.swap` (the mechanism pretraining uses too)."""
     if not isinstance(mode, BackwardMode):
         raise TypeError(f"mode must be a phantomgrad backward mode such as pg.Implicit(), got {mode!r}")
-    layers = deq_modules(model)
-    saved = [layer.backward_mode for layer in layers]
-    try:
-        for layer in layers:
-            layer.backward_mode = mode
+    with swap(model, backward=mode) as layers:
         yield layers
-    finally:
-        for layer, original in zip(layers, saved):
-            layer.backward_mode = original
 
 
 def capture_rng_state(device: torch.device | str | None = None) -> RNGState:
