@@ -173,7 +173,8 @@ class GradientMonitor:
         self._start(trainer)
         step = trainer.step
         due = step % self.every == 0 and step >= trainer.cfg.pretrain_steps and self._rng is not None
-        if due:
+        code = getattr(trainer, "step_code", None)
+        if due and (code is None or int(code) == 0):  # host sync on measured steps only: a skipped step is not measured
             self._measure(trainer, batch, result)
         if self.rescale and self._log_scale is not None and self.scale != 1.0:
             for p in self._scope_params(trainer.model):

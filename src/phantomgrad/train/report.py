@@ -69,6 +69,7 @@ class RunRecorder:
         self.rows: list[dict[str, Any]] = []  # this epoch's batches
         self.epochs: dict[str, dict[str, Any]] = {}
         self._current = self._empty()
+        self._pending: list[tuple] = []  # (step, epoch, guard code, device tensors or None for pretraining)
         self._started = False
 
     @staticmethod
@@ -93,41 +94,55 @@ class RunRecorder:
             (out / HIST_FILE).unlink(missing_ok=True)
 
     def after_backward(self, trainer: "Trainer", batch: Any, result: "StepResult") -> None:
+        """Keep this step's solver info on the device; :meth:`_settle` reads it (no host sync here)."""
         self._start(trainer)
         info = result.info
-        cur = self._current
         if info is None or not hasattr(info, "nstep"):
             return
-        if trainer.step < trainer.cfg.pretrain_steps:
-            cur["pretrain_batches"] += 1
-            return
-        with torch.no_grad():
-            nstep = info.nstep.detach().reshape(-1).cpu()
-            res = info.rel_residual.detach().double().reshape(-1).cpu()
-            not_conv = int((~info.converged).sum())
-            fallback = int(info.fallback.sum())
-            nonfinite = int(info.nonfinite.sum())
-            logs = torch.log10(res.clamp_min(1e-300))
-            edges = torch.tensor(RESIDUAL_LOG_EDGES, dtype=torch.float64)
-            bins = torch.bucketize(logs, edges, right=True)  # 0: below the first edge
-            bins = torch.where(torch.isfinite(res), bins, torch.full_like(bins, len(RESIDUAL_LOG_EDGES)))
+        pretrain = trainer.step < trainer.cfg.pretrain_steps
+        tensors = None if pretrain else tuple(t.detach() for t in (info.nstep, info.rel_residual, info.converged,
+                                                                   info.fallback, info.nonfinite))
+        self._pending.append((trainer.step, trainer.epoch + 1, getattr(trainer, "step_code", None), tensors))
+
+    def _settle(self) -> None:
+        """Add the pending steps the guard applied (code 0) to this epoch's statistics (host syncs)."""
+        cur = self._current
+        for step, epoch, code, tensors in self._pending:
+            if code is not None and int(code) != 0:
+                continue
+            if tensors is None:
+                cur["pretrain_batches"] += 1
+                continue
+            self._add(step, epoch, *(t.cpu() for t in tensors))
+        self._pending = []
+
+    def _add(self, step: int, epoch: int, nstep, residual, converged, fallback, nonfinite) -> None:
+        cur = self._current
+        nstep = nstep.reshape(-1)
+        res = residual.double().reshape(-1)
+        not_conv = int((~converged).sum())
+        logs = torch.log10(res.clamp_min(1e-300))
+        edges = torch.tensor(RESIDUAL_LOG_EDGES, dtype=torch.float64)
+        bins = torch.bucketize(logs, edges, right=True)  # 0: below the first edge
+        bins = torch.where(torch.isfinite(res), bins, torch.full_like(bins, len(RESIDUAL_LOG_EDGES)))
         cur["batches"] += 1
         cur["samples"] += nstep.numel()
         cur["not_converged"] += not_conv
-        cur["fallback"] += fallback
-        cur["nonfinite"] += nonfinite
+        cur["fallback"] += int(fallback.sum())
+        cur["nonfinite"] += int(nonfinite.sum())
         cur["nstep"].update(int(v) for v in nstep.tolist())
         for b, n in Counter(bins.tolist()).items():
             cur["residual"][b] += n
         finite = res[torch.isfinite(res)]
-        self.rows.append({"step": trainer.step, "epoch": trainer.epoch + 1, "samples": nstep.numel(),
+        self.rows.append({"step": step, "epoch": epoch, "samples": nstep.numel(),
                           "nstep_mean": float(nstep.float().mean()), "nstep_max": int(nstep.max()),
                           "rel_residual_mean": float(finite.mean()) if finite.numel() else math.nan,
                           "rel_residual_max": float(finite.max()) if finite.numel() else math.nan,
-                          "not_converged": not_conv, "fallback": fallback, "nonfinite": nonfinite})
+                          "not_converged": not_conv, "fallback": int(fallback.sum()), "nonfinite": int(nonfinite.sum())})
 
     def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any]) -> None:
         self._start(trainer)
+        self._settle()
         cur = self._current
         self.epochs[str(trainer.epoch + 1)] = {**cur, "nstep": {str(k): v for k, v in sorted(cur["nstep"].items())},
                                                "skipped_steps_total": trainer.skipped}

@@ -3,10 +3,21 @@
     for each epoch:
         for each batch:  loss = task.step(model, batch)     (forward solve; F under autocast for bf16)
                          loss.backward()                    (the DEQ's backward mode makes the gradient)
-                         guard: a non-finite loss, gradient or residual skips the step
-                         callbacks (e.g. the gradient-quality monitor), optimiser step, lr schedule step
+                         guard: a code on the device, non-zero for a non-finite loss, residual or gradient
+                         callbacks (e.g. the gradient-quality monitor)
+                         optimiser step, undone on the device when the code is non-zero or a weight
+                         became non-finite; lr schedule step
+                         every log_every steps: metrics, skipped steps and the progress bar reach the host
         evaluate every split (model.eval(): the layer returns h*, no backward work)
         append a row to metrics.csv, write the checkpoint atomically   (rank 0 only)
+
+The host waits for the device once per logging interval (``log_every`` steps), not once per step:
+the metric sums, the guard's codes and the meter stay on the device until then. The guard never
+lets a bad step reach the weights (see :mod:`phantomgrad.train.guard`); it *stops* the run when
+``max_bad_steps`` steps in a row were bad, which the host sees at the end of the interval, so at
+most ``log_every - 1`` further steps run before the stop. ``step`` counts the training steps taken;
+the summary's ``steps`` counts the updates applied (``step - skipped``). A skipped step still
+advances the lr schedule.
 
 Under torchrun the model is wrapped in DistributedDataParallel, each process reads its
 share of every global batch (``batch_size`` is the global batch), and metrics are summed
@@ -20,7 +31,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from statistics import median
@@ -38,7 +48,10 @@ import phantomgrad as pg
 from . import builders
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .distributed import DistInfo, all_reduce_sum, any_process, barrier, init_distributed, shutdown_distributed
+from .distributed import barrier, init_distributed, shutdown_distributed
+from .errors import DivergenceError
+from .guard import StepGuard, problem
+from .meter import Meter
 from .metrics import MetricsWriter
 from .monitor_callback import GradientMonitor
 from .report import RunRecorder, write_report
@@ -47,11 +60,10 @@ from .tasks import StepResult, build_task
 log = logging.getLogger(__name__)
 
 # keys that may differ between a run and its resumption
-RESUMABLE_CHANGES = {"epochs", "progress", "out_dir", "tensorboard", "eval_every", "device", "threads", "max_bad_steps"}
-
-
-class DivergenceError(RuntimeError):
-    """Training stopped because too many steps in a row were not finite."""
+RESUMABLE_CHANGES = {"epochs", "progress", "out_dir", "tensorboard", "eval_every", "device", "threads", "max_bad_steps",
+                     "log_every"}
+# steps between host reads of the metrics and the guard: a sync costs nothing on a CPU (it ran the step itself)
+DEFAULT_LOG_EVERY = {"cpu": 1, "cuda": 50}
 
 
 class Callback(Protocol):
@@ -61,40 +73,6 @@ class Callback(Protocol):
     def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any]) -> None: ...
 
 
-@dataclass
-class Meter:
-    """Running sums over one epoch (metric sums from the task, solver steps, timings)."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    count: int = 0
-    nstep: float = 0.0
-    batches: int = 0
-    forward_s: float = 0.0
-    backward_s: float = 0.0
-    step_s: float = 0.0
-
-    def add(self, result: StepResult) -> None:
-        for key, value in result.sums.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += result.count
-        self.batches += 1
-        if result.info is not None:
-            self.nstep += float(result.info.nstep.float().mean())
-
-    def reduce(self, dist: DistInfo, device: torch.device) -> "Meter":
-        """Sum the counters over processes (timings stay this process's)."""
-        if not dist.enabled:
-            return self
-        keys = sorted(self.sums)
-        values = all_reduce_sum([self.sums[k] for k in keys] + [self.count, self.nstep, self.batches], dist, device)
-        out = Meter(dict(zip(keys, values[: len(keys)])), int(values[-3]), values[-2], int(values[-1]),
-                    self.forward_s, self.backward_s, self.step_s)
-        return out
-
-    def means(self, finalize) -> dict[str, float]:
-        return {**finalize(self.sums, self.count), "nstep": self.nstep / max(self.batches, 1)}
-
-
 def deq_layers(model: torch.nn.Module) -> list[pg.DEQ]:
     return [m for m in model.modules() if isinstance(m, pg.DEQ)]
 
@@ -102,7 +80,8 @@ def deq_layers(model: torch.nn.Module) -> list[pg.DEQ]:
 class Trainer:
     """Trains one model as configured by a :class:`TrainConfig`; ``fit()`` returns the summary."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, callbacks: list[Callback] | None = None):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, callbacks: list[Callback] | None = None,
+                 log_every: int | None = None):
         self.cfg = cfg
         self.resume = resume
         if resume and cfg.out_dir is None:
@@ -132,6 +111,11 @@ class Trainer:
                             "that do not depend on the number of processes")
         self.net = DistributedDataParallel(self.model) if self.dist.enabled else self.model  # what the steps call
         self.optimizer = builders.build_optimizer(cfg, self.model)
+        self.guard = StepGuard(list(self.model.parameters()), self.optimizer, self.dist, self.device)
+        log_every = log_every or getattr(cfg, "log_every", None) or DEFAULT_LOG_EVERY.get(self.device.type, 50)
+        if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
+            raise ConfigError(f"log_every must be an integer >= 1 (steps between host reads of the metrics), got {log_every!r}")
+        self.log_every = log_every
         self.local_batch = cfg.batch_size // self.dist.world_size
         self.steps_per_epoch = len(self._train_loader(0))
         self.scheduler = builders.build_scheduler(cfg, self.optimizer, cfg.epochs * self.steps_per_epoch)
@@ -141,6 +125,8 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps taken
         self.skipped = 0  # steps skipped by the divergence guard
+        self.bad_in_a_row = 0  # the last steps, all skipped (as far as the host has seen)
+        self.step_code: torch.Tensor | None = None  # this step's guard code on the device (0: applied); see guard.py
         self.history: list[dict[str, Any]] = []
 
     # ---- data -------------------------------------------------------------------------
@@ -161,11 +147,19 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.net.train()
         meter = Meter()
-        bar = tqdm(self._train_loader(epoch), desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+        loader = self._train_loader(epoch)
+        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
                    disable=not (self.cfg.progress and self.dist.is_main), dynamic_ncols=True)
         after_step = getattr(self.model, "after_optimizer_step", None)
-        bad_in_a_row = 0
-        for batch in bar:
+
+        def apply() -> None:  # the update the guard undoes for a bad step
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            if after_step is not None:
+                after_step()
+
+        for batch in loader:
             t0 = time.perf_counter()
             with self._autocast():
                 result = self.task.step(self.net, batch, self.device, self.step)
@@ -173,37 +167,21 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             result.loss.backward()
             t2 = time.perf_counter()
-            local_problem = self._diverged(result)
-            problem = local_problem or ("another process's step" if any_process(bool(local_problem), self.dist, self.device) else "")
-            if problem:
-                self.skipped += 1
-                bad_in_a_row += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                log.warning("step %d skipped: non-finite %s (%d in a row)", self.step, problem, bad_in_a_row)
-                if bad_in_a_row >= self.cfg.max_bad_steps:
-                    raise DivergenceError(
-                        f"training diverged: {bad_in_a_row} steps in a row had a non-finite {problem} (last at step {self.step}); "
-                        "try a smaller damping, Jacobian regularisation (jac_reg_weight, jac_reg_freq), fewer solver steps, "
-                        "a lower lr or grad_clip")
-                continue
-            bad_in_a_row = 0
+            self.step_code = self.guard.check(result.loss, result.info)
             for cb in self.callbacks:
                 if hasattr(cb, "after_backward"):
                     cb.after_backward(self, batch, result)
-            if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            self.optimizer.step()
+            self.guard.update(self.step_code, apply)
             self.scheduler.step()
-            if after_step is not None:
-                after_step()
+            meter.add(result, self.step_code, self.step)
             self.step += 1
             t3 = time.perf_counter()
-            meter.add(result)
             meter.forward_s += t1 - t0
             meter.backward_s += t2 - t1
             meter.step_s += t3 - t0
-            shown = meter.means(self.task.finalize)
-            bar.set_postfix({k: f"{shown[k]:.3f}" for k in self.task.progress_keys if k in shown} | {"nstep": f"{shown['nstep']:.1f}"})
+            if self.step % self.log_every == 0:
+                self._flush(meter, bar)
+        self._flush(meter, bar)
         bar.close()
         reduced = meter.reduce(self.dist, self.device)
         out = {f"train_{k}": v for k, v in reduced.means(self.task.finalize).items()}
@@ -211,17 +189,30 @@ class Trainer:
                    skipped_steps=self.skipped)
         return out
 
-    def _diverged(self, result: StepResult) -> str:
-        """Name what is not finite this step ('' when all is well)."""
-        if not torch.isfinite(result.loss.detach()).all():
-            return "loss"
-        info = result.info
-        if info is not None and bool(info.nonfinite.any()):
-            return "solver residual"
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack([g.detach().abs().sum() for g in grads]).sum()):
-            return "gradient"
-        return ""
+    def _flush(self, meter: Meter, bar: tqdm) -> None:
+        """The host reads the interval's metrics and guard codes (one sync); stops a diverged run."""
+        steps = meter.flush()
+        diverged = None
+        for step, code in steps:
+            if not code:
+                self.bad_in_a_row = 0
+                continue
+            self.skipped += 1
+            self.bad_in_a_row += 1
+            log.warning("step %d skipped: non-finite %s (%d in a row)", step, problem(code), self.bad_in_a_row)
+            if self.bad_in_a_row >= self.cfg.max_bad_steps and diverged is None:
+                diverged = (self.bad_in_a_row, problem(code), step)
+        if diverged is not None:
+            n, what, step = diverged
+            raise DivergenceError(
+                f"training diverged: {n} steps in a row had a non-finite {what} (last at step {step}); "
+                "try a smaller damping, Jacobian regularisation (jac_reg_weight, jac_reg_freq), fewer solver steps, "
+                "a lower lr or grad_clip")
+        if steps and not bar.disable:
+            shown = meter.means(self.task.finalize)
+            bar.set_postfix({k: f"{shown[k]:.3f}" for k in self.task.progress_keys if k in shown}
+                            | {"nstep": f"{shown['nstep']:.1f}"})
+            bar.update(len(steps))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -236,6 +227,7 @@ class Trainer:
             for batch in DataLoader(dataset, batch_size=max(self.local_batch, 256), collate_fn=self.task.collate):
                 with self._autocast():
                     meter.add(self.task.step(self.model, batch, self.device, None))
+            meter.flush()  # one host sync per split
             meter = meter.reduce(self.dist, self.device)
             out.update({f"{split}_{k}": v for k, v in meter.means(self.task.finalize).items()})
         return out
@@ -290,7 +282,7 @@ class Trainer:
             "backward": self.cfg.backward,
             "parameters": n_params,
             "epochs": self.epoch,
-            "steps": self.step,
+            "steps": self.step - self.skipped,  # updates applied
             "skipped_steps": self.skipped,
             "processes": self.dist.world_size,
             "final_metrics": {k: v for k, v in last.items() if k.startswith(("test_", "valid_", "train_"))},
@@ -311,6 +303,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "skipped": self.skipped,
+            "bad_in_a_row": self.bad_in_a_row,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -339,6 +332,8 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.skipped = state.get("skipped", 0)
+        self.bad_in_a_row = state.get("bad_in_a_row", 0)
+        self.guard.after_load()
         log.info("resumed from %s after epoch %d (step %d)", self.out_dir / "checkpoint.pt", self.epoch, self.step)
 
 
