@@ -272,3 +272,94 @@ def test_a_huge_learning_rate_on_one_step_is_skipped_in_training(tmp_path):
     summary = trainer.fit()
     assert summary["skipped_steps"] == 1 and summary["test_accuracy"] is not None
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+# ---- signals, the run lock, a full disk ------------------------------------------------------------
+
+def _wait_for_checkpoint(run_dir, seconds=240):
+    deadline = time.time() + seconds
+    while time.time() < deadline and not (run_dir / "checkpoint.pt").exists():
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_mid_epoch_with_a_checkpoint_and_resume_is_bit_exact(tmp_path, sig):
+    args = [*TINY, "epochs=2", "data_options.train_subset=1280"]
+    straight = _run([*args, f"out_dir={tmp_path / 'straight'}"])
+    stopped_dir = tmp_path / "stopped"
+    victim = _run([*args, f"out_dir={stopped_dir}"])
+    _wait_for_checkpoint(stopped_dir)  # epoch 1 is done; the signal lands in epoch 2 (40 steps)
+    time.sleep(0.5)
+    victim.send_signal(sig)
+    assert victim.wait(240) == 128 + sig
+    err = victim.stderr.read().strip().splitlines()
+    assert err[-1].startswith("phantomgrad train: error: training interrupted by") and "--resume" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    state = load_checkpoint(stopped_dir / "checkpoint.pt")
+    assert state["epoch"] == 1 and 0 < state["partial_epoch"]["batch"] < 40  # in the middle of epoch 2
+    resumed = _run([*args, f"out_dir={stopped_dir}", "--resume"])
+    assert resumed.wait(240) == 0, resumed.stderr.read()
+    assert straight.wait(240) == 0, straight.stderr.read()
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(stopped_dir / "checkpoint.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert _without_timing(a["history"]) == _without_timing(b["history"])
+    assert [r["step"] for r in csv.DictReader((stopped_dir / "forward_stats.csv").open())] == \
+        [r["step"] for r in csv.DictReader((tmp_path / "straight" / "forward_stats.csv").open())]
+    assert not [p for p in stopped_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_second_signal_stops_at_once_and_the_last_checkpoint_stays_good(tmp_path):
+    run_dir = tmp_path / "run"
+    victim = _run([*TINY, "epochs=3", f"out_dir={run_dir}"])
+    _wait_for_checkpoint(run_dir)
+    victim.send_signal(signal.SIGINT)
+    victim.send_signal(signal.SIGINT)
+    assert victim.wait(240) == 130
+    assert "training interrupted by SIGINT" in victim.stderr.read().strip().splitlines()[-1]
+    assert load_checkpoint(run_dir / "checkpoint.pt")["epoch"] >= 1
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_one_run_per_directory_and_a_stale_lock_does_not_block(tmp_path, capsys):
+    from phantomgrad.train.rundir import LOCK_FILE, RunLock
+
+    out = tmp_path / "run"
+    with RunLock(out):  # another run holds the directory
+        assert main(["train", *TINY, "epochs=1", f"out_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another run (pid {os.getpid()})" in err and err.count("\n") == 1
+    assert not (out / "config.yaml").exists()  # nothing written
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / LOCK_FILE).write_text(f"{dead.pid}\n")  # a lock left by a killed run
+    assert main(["train", *TINY, "epochs=1", f"out_dir={out}"]) == 0
+    (out / LOCK_FILE).write_text(f"{dead.pid}\n")
+    assert main(["train", *TINY, "epochs=2", f"out_dir={out}", "--resume"]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import phantomgrad.train.checkpoint as ck
+
+    out = tmp_path / "run"
+    real, calls = ck._write, []
+
+    def write(fh, data):
+        calls.append(1)
+        if len(calls) == 2:  # the checkpoint after epoch 2: half written, then the disk is full
+            fh.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fh, data)
+
+    monkeypatch.setattr(ck, "_write", write)
+    assert main(["train", *TINY, "epochs=3", f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "free some space" in err and "--resume" in err and err.count("\n") == 1
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1  # the previous checkpoint, readable
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(ck, "_write", real)
+    assert main(["train", *TINY, "epochs=3", f"out_dir={out}", "--resume"]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 3

@@ -52,13 +52,13 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     return t.tolist()
 
 
-def any_process(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True when ``flag`` is true on any process (so all processes take the same branch)."""
+def all_reduce_max(value: int, info: DistInfo, device: torch.device) -> int:
+    """The largest of an integer over all processes (a host sync)."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def barrier(info: DistInfo) -> None:

@@ -113,6 +113,7 @@ class GradientMonitor:
         self._epoch_seconds = 0.0
         self._rng: RNGState | None = None
         self._hooked: torch.nn.Module | None = None
+        self._resumed: dict[str, Any] | None = None  # an unfinished epoch's measurements from a checkpoint
         self._started = False
 
     @classmethod
@@ -168,6 +169,23 @@ class GradientMonitor:
                 for mode, state in zip(modes, saved):
                     mode.load_state_dict(state)
                 log.info("restored the adaptive backward state of epoch %d (k=%s)", trainer.epoch, [m.k for m in modes])
+        if self._resumed is not None:  # a checkpoint in the middle of an epoch: its measurements and state
+            state, self._resumed = self._resumed, None
+            self._epoch_rows = list(state["epoch_rows"])
+            self.trace += self._epoch_rows
+            self._epoch_seconds = state["epoch_seconds"]
+            self.scale, self._log_scale = state["scale"], state["log_scale"]
+            for mode, saved in zip(_adaptive_modes(trainer.model), state["adaptive"]):
+                mode.load_state_dict(saved)
+
+    def state_dict(self) -> dict[str, Any]:
+        """This epoch's measurements, the scale and the adaptive modes' state (for a checkpoint)."""
+        modes = _adaptive_modes(self._hooked) if self._hooked is not None else []
+        return {"epoch_rows": list(self._epoch_rows), "epoch_seconds": self._epoch_seconds, "scale": self.scale,
+                "log_scale": self._log_scale, "adaptive": [m.state_dict() for m in modes]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resumed = state
 
     def after_backward(self, trainer: "Trainer", batch: Any, result: "StepResult") -> None:
         self._start(trainer)

@@ -70,6 +70,7 @@ class RunRecorder:
         self.epochs: dict[str, dict[str, Any]] = {}
         self._current = self._empty()
         self._pending: list[tuple] = []  # (step, epoch, guard code, device tensors or None for pretraining)
+        self._resumed: dict[str, Any] | None = None  # an unfinished epoch's statistics from a checkpoint
         self._started = False
 
     @staticmethod
@@ -92,6 +93,19 @@ class RunRecorder:
         else:
             (out / STATS_FILE).unlink(missing_ok=True)
             (out / HIST_FILE).unlink(missing_ok=True)
+        if self._resumed is not None:
+            self.rows = list(self._resumed["rows"])
+            self._current = {**self._resumed["current"], "nstep": Counter(self._resumed["current"]["nstep"])}
+            self._resumed = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """This epoch's statistics so far (a checkpoint in the middle of an epoch)."""
+        self._settle()
+        return {"rows": list(self.rows), "current": {**self._current, "nstep": dict(self._current["nstep"]),
+                                                     "residual": list(self._current["residual"])}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resumed = state
 
     def after_backward(self, trainer: "Trainer", batch: Any, result: "StepResult") -> None:
         """Keep this step's solver info on the device; :meth:`_settle` reads it (no host sync here)."""

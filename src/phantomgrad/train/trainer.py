@@ -48,11 +48,13 @@ import phantomgrad as pg
 from . import builders
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .distributed import barrier, init_distributed, shutdown_distributed
-from .errors import DivergenceError
+from .distributed import all_reduce_max, barrier, init_distributed, shutdown_distributed
+from .errors import DivergenceError, TrainingInterrupted
 from .guard import StepGuard, problem
 from .meter import Meter
 from .metrics import MetricsWriter
+from .rundir import RunLock, writing
+from .stop import GracefulStop
 from .monitor_callback import GradientMonitor
 from .report import RunRecorder, write_report
 from .tasks import StepResult, build_task
@@ -128,14 +130,20 @@ class Trainer:
         self.bad_in_a_row = 0  # the last steps, all skipped (as far as the host has seen)
         self.step_code: torch.Tensor | None = None  # this step's guard code on the device (0: applied); see guard.py
         self.history: list[dict[str, Any]] = []
+        self.stop: GracefulStop | None = None  # set while fit() runs
+        self._partial: dict[str, Any] | None = None  # a checkpoint's unfinished epoch, until it is continued
+        self._epoch_lr = 0.0  # the lr at the start of the current epoch (for its metrics row)
 
     # ---- data -------------------------------------------------------------------------
-    def _train_loader(self, epoch: int) -> DataLoader:
+    def _train_loader(self, epoch: int, start: int = 0) -> DataLoader:
         """The order is a function of (seed, epoch) alone, so a resumed run sees the same
-        batches, and the processes of a distributed run split each global batch."""
-        sampler = DistributedSampler(self.task.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank,
-                                     shuffle=True, seed=self.cfg.seed)
+        batches, and the processes of a distributed run split each global batch; ``start``
+        batches of the epoch are left out (a run resumed in the middle of an epoch)."""
+        sampler: Any = DistributedSampler(self.task.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                          shuffle=True, seed=self.cfg.seed)
         sampler.set_epoch(epoch)
+        if start:
+            sampler = list(sampler)[start * self.local_batch:]
         return DataLoader(self.task.train_set, batch_size=self.local_batch, sampler=sampler, collate_fn=self.task.collate)
 
     def _autocast(self):
@@ -146,9 +154,14 @@ class Trainer:
     # ---- one epoch ----------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.net.train()
-        meter = Meter()
-        loader = self._train_loader(epoch)
-        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+        partial, self._partial = self._partial, None
+        start = partial["batch"] if partial else 0
+        meter = Meter.from_state(partial["meter"]) if partial else Meter()
+        loader = self._train_loader(epoch, start)
+        batches = iter(loader)  # draws a seed from the global RNG
+        if partial:  # the RNG as it was at the interruption, after that draw
+            _set_rng(partial["rng"])
+        bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
                    disable=not (self.cfg.progress and self.dist.is_main), dynamic_ncols=True)
         after_step = getattr(self.model, "after_optimizer_step", None)
 
@@ -159,7 +172,7 @@ class Trainer:
             if after_step is not None:
                 after_step()
 
-        for batch in loader:
+        for done, batch in enumerate(batches, start + 1):
             t0 = time.perf_counter()
             with self._autocast():
                 result = self.task.step(self.net, batch, self.device, self.step)
@@ -181,6 +194,8 @@ class Trainer:
             meter.step_s += t3 - t0
             if self.step % self.log_every == 0:
                 self._flush(meter, bar)
+            if self._stop_requested(done % self.log_every == 0 or done == self.steps_per_epoch):
+                self._interrupt(meter, bar, done)
         self._flush(meter, bar)
         bar.close()
         reduced = meter.reduce(self.dist, self.device)
@@ -214,6 +229,37 @@ class Trainer:
                             | {"nstep": f"{shown['nstep']:.1f}"})
             bar.update(len(steps))
 
+    def _stop_requested(self, at_interval: bool) -> bool:
+        """Whether a signal asked to stop: this process's flag after any step; under torchrun the
+        processes agree at the end of a logging interval (an all-reduce), so all stop at the same step."""
+        flag = self.stop is not None and self.stop.signum is not None
+        if not self.dist.enabled:
+            return flag
+        if not at_interval:
+            return False
+        signum = all_reduce_max((self.stop.signum or 0) if self.stop else 0, self.dist, self.device)
+        if signum and self.stop is not None and self.stop.signum is None:
+            self.stop.signum = signum
+        return bool(signum)
+
+    def _interrupt(self, meter: Meter, bar: tqdm, done: int) -> None:
+        """Write a checkpoint that continues after batch ``done`` of the current epoch; raise."""
+        self._flush(meter, bar)
+        bar.close()
+        partial = {"batch": done, "meter": meter.state_dict(), "rng": _rng_state(), "lr": self._epoch_lr}
+        if done == self.steps_per_epoch:  # the last batch: nothing of the epoch is left but its end
+            log.info("the epoch's last step was taken; stopping before its evaluation")
+        path = self._save(partial) if self.dist.is_main else None
+        barrier(self.dist)
+        assert self.stop is not None and self.stop.signum is not None
+        raise TrainingInterrupted(self.stop.signum, path or self.out_dir / "checkpoint.pt",
+                                  f", {done} of {self.steps_per_epoch} steps of epoch {self.epoch + 1}")
+
+    def _interrupted_at_once(self, signum: int) -> TrainingInterrupted:
+        """The second signal: stop where we are; the checkpoint on disk (if any) is the last good one."""
+        path = self.out_dir / "checkpoint.pt"
+        return TrainingInterrupted(signum, path if path.exists() else None, ", the last one written")
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Every evaluation split, in eval mode (the DEQ returns h*, no backward work);
@@ -234,23 +280,37 @@ class Trainer:
 
     # ---- the run ----------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        """Train (or continue) to ``cfg.epochs``. Rank 0 holds the run directory's lock throughout;
+        SIGINT/SIGTERM stop the run at the next step boundary with a checkpoint (see stop.py)."""
+        lock = RunLock(self.out_dir) if self.dist.is_main else contextlib.nullcontext()
+        with lock, GracefulStop(self._interrupted_at_once) as self.stop:
+            try:
+                return self._fit()
+            finally:
+                self.stop = None
+
+    def _fit(self) -> dict[str, Any]:
         main = self.dist.is_main
         if self.resume:
             self._restore()
         writer = None
+        keep = "nothing was overwritten"
         if main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict() | {"out_dir": str(self.out_dir)}, sort_keys=False))
-            writer = MetricsWriter(self.out_dir, tensorboard=self.cfg.tensorboard, resume=self.resume)
-            if self.resume:
-                writer.truncate_after(self.epoch)
+            with writing(f"the run files in out_dir {self.out_dir}", keep):
+                config = yaml.safe_dump(self.cfg.to_dict() | {"out_dir": str(self.out_dir)}, sort_keys=False)
+                (self.out_dir / "config.yaml").write_text(config)
+                writer = MetricsWriter(self.out_dir, tensorboard=self.cfg.tensorboard, resume=self.resume)
+                if self.resume:
+                    writer.truncate_after(self.epoch)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("training %s (%d parameters) on %s with %s, %d epochs, %d process(es), out_dir %s", self.cfg.model, n_params,
                  self.cfg.dataset, getattr(deq_layers(self.model)[0], "backward_mode", "?") if deq_layers(self.model) else "?",
                  self.cfg.epochs, self.dist.world_size, self.out_dir)
         while self.epoch < self.cfg.epochs:
             epoch = self.epoch
-            row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+            lr = self._partial["lr"] if self._partial else self.optimizer.param_groups[0]["lr"]  # at the epoch's start
+            row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
+            self._epoch_lr = lr
             row.update(self.train_epoch(epoch))
             if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs:
                 row.update(self.evaluate())
@@ -260,14 +320,21 @@ class Trainer:
             self.epoch += 1
             self.history.append(row)
             if main:
-                writer.write(row)
+                keep = (f"the checkpoint after epoch {epoch} is intact: resume from it with --resume" if epoch
+                        else "no checkpoint was written yet")
+                with writing(f"out_dir {self.out_dir}", keep):
+                    writer.write(row)
                 self._save()
             barrier(self.dist)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+            if self._stop_requested(True):  # a signal during the evaluation or the checkpoint
+                assert self.stop is not None and self.stop.signum is not None
+                raise TrainingInterrupted(self.stop.signum, self.out_dir / "checkpoint.pt", f", after epoch {self.epoch}")
         summary = self.summary(n_params)
         if main:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            write_report(self)
+            with writing(f"out_dir {self.out_dir}", "the checkpoint of the last epoch is intact"):
+                (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                write_report(self)
         return summary
 
     def summary(self, n_params: int) -> dict[str, Any]:
@@ -297,13 +364,18 @@ class Trainer:
         }
 
     # ---- checkpoints ------------------------------------------------------------------
-    def _save(self) -> None:
-        save_checkpoint(self.out_dir / "checkpoint.pt", {
+    def _save(self, partial: dict[str, Any] | None = None) -> Path:
+        """Write the checkpoint atomically; ``partial`` continues an unfinished epoch (batches done,
+        the meter's sums, the RNG after the epoch's data loader drew its seed)."""
+        path = self.out_dir / "checkpoint.pt"
+        save_checkpoint(path, {
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
             "step": self.step,
             "skipped": self.skipped,
             "bad_in_a_row": self.bad_in_a_row,
+            "partial_epoch": partial,
+            "callbacks": {key: cb.state_dict() for key, cb in self._stateful_callbacks().items()},
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -311,6 +383,16 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "history": self.history,
         })
+        return path
+
+    def _stateful_callbacks(self) -> dict[str, Any]:
+        """Callbacks with ``state_dict``/``load_state_dict``, keyed by class name and occurrence."""
+        out: dict[str, Any] = {}
+        for cb in self.callbacks:
+            if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict"):
+                name = type(cb).__name__
+                out[f"{name}:{sum(k.startswith(name + ':') for k in out)}"] = cb
+        return out
 
     def _restore(self) -> None:
         state = load_checkpoint(self.out_dir / "checkpoint.pt")
@@ -334,7 +416,23 @@ class Trainer:
         self.skipped = state.get("skipped", 0)
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
         self.guard.after_load()
-        log.info("resumed from %s after epoch %d (step %d)", self.out_dir / "checkpoint.pt", self.epoch, self.step)
+        self._partial = state.get("partial_epoch")
+        saved_callbacks = state.get("callbacks") or {}
+        for key, cb in self._stateful_callbacks().items():
+            if key in saved_callbacks:
+                cb.load_state_dict(saved_callbacks[key])
+        where = f"{self._partial['batch']} steps into epoch {self.epoch + 1}" if self._partial else f"after epoch {self.epoch}"
+        log.info("resumed from %s %s (step %d)", self.out_dir / "checkpoint.pt", where, self.step)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(cfg: TrainConfig, resume: bool = False, callbacks: list[Callback] | None = None) -> dict[str, Any]:
