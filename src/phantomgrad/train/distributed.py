@@ -8,8 +8,10 @@ GPU). Without those variables everything runs in one process and these helpers a
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,6 +43,27 @@ def init_distributed(use_cuda: bool) -> DistInfo:
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return info
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every process (e.g. the run directory rank 0 chose)."""
+    if not info.enabled:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def quiet_other_ranks(info: DistInfo) -> None:
+    """Processes other than rank 0 log warnings and errors only (rank 0 speaks for the run)."""
+    if not info.is_main:
+        logging.getLogger("phantomgrad").setLevel(logging.WARNING)
+
+
+def is_main_process() -> bool:
+    """True in rank 0 of a torchrun job and in a single process (reads RANK; no process group needed),
+    e.g. for a command that prints the summary once."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) -> list[float]:

@@ -48,7 +48,8 @@ import phantomgrad as pg
 from . import builders
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .distributed import all_reduce_max, barrier, init_distributed, shutdown_distributed
+from .distributed import (all_reduce_max, barrier, broadcast_object, init_distributed, quiet_other_ranks,
+                          shutdown_distributed)
 from .errors import DivergenceError, TrainingInterrupted
 from .guard import StepGuard, problem
 from .meter import Meter
@@ -88,14 +89,17 @@ class Trainer:
         self.resume = resume
         if resume and cfg.out_dir is None:
             raise ConfigError("--resume needs out_dir=... naming the run to continue")
-        self.out_dir = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / f"{cfg.dataset}-{cfg.backward}-{datetime.now():%Y%m%d-%H%M%S}"
-        if not resume and (self.out_dir / "checkpoint.pt").exists():
-            raise ConfigError(f"out_dir {self.out_dir} already holds a run (checkpoint.pt); continue it with --resume, "
-                              "or choose another out_dir (nothing was overwritten)")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = builders.resolve_device(cfg.device)
         self.dist = init_distributed(device.type == "cuda")
+        quiet_other_ranks(self.dist)
+        # rank 0 names the run directory (a time stamp by default) and every process uses that name
+        default = Path("runs") / f"{cfg.dataset}-{cfg.backward}-{datetime.now():%Y%m%d-%H%M%S}"
+        self.out_dir = Path(broadcast_object(str(cfg.out_dir or default), self.dist))
+        if not resume and (self.out_dir / "checkpoint.pt").exists():
+            raise ConfigError(f"out_dir {self.out_dir} already holds a run (checkpoint.pt); continue it with --resume, "
+                              "or choose another out_dir (nothing was overwritten)")
         self.device = torch.device("cuda", self.dist.local_rank) if device.type == "cuda" else device
         if cfg.batch_size % self.dist.world_size:
             raise ConfigError(f"batch_size={cfg.batch_size} (the global batch) must be divisible by the {self.dist.world_size} processes")
