@@ -34,7 +34,8 @@ from torch import Tensor
 from .distributed import DistInfo
 
 OK, BAD_LOSS, BAD_SOLVE, BAD_GRADIENT, BAD_UPDATE = range(5)
-PROBLEMS = {BAD_LOSS: "loss", BAD_SOLVE: "solver residual", BAD_GRADIENT: "gradient", BAD_UPDATE: "parameter after the update"}
+PROBLEMS = {BAD_LOSS: "loss", BAD_SOLVE: "solver residual", BAD_GRADIENT: "gradient",
+            BAD_UPDATE: "parameter after the update"}
 
 
 class StepGuard:

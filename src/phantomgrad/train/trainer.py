@@ -34,7 +34,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 from statistics import median
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import yaml
@@ -43,22 +43,24 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-import phantomgrad as pg
+from phantomgrad.monitor import deq_modules
 
 from . import builders
+from .callbacks import Callback, default_callbacks
+from .context import RunContext
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .distributed import (all_reduce_max, barrier, broadcast_object, init_distributed, quiet_other_ranks,
                           shutdown_distributed)
+from .environment import environment
 from .errors import DivergenceError, TrainingInterrupted
 from .guard import StepGuard, problem
 from .meter import Meter
 from .metrics import MetricsWriter
+from .report import write_report
 from .rundir import RunLock, writing
 from .stop import GracefulStop
-from .monitor_callback import GradientMonitor
-from .report import RunRecorder, write_report
-from .tasks import StepResult, build_task
+from .tasks import build_task
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +69,6 @@ RESUMABLE_CHANGES = {"epochs", "progress", "out_dir", "tensorboard", "eval_every
                      "log_every"}
 # steps between host reads of the metrics and the guard: a sync costs nothing on a CPU (it ran the step itself)
 DEFAULT_LOG_EVERY = {"cpu": 1, "cuda": 50}
-
-
-class Callback(Protocol):
-    """Hooks into the loop; every method is optional."""
-
-    def after_backward(self, trainer: "Trainer", batch: Any, result: StepResult) -> None: ...
-    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any]) -> None: ...
-
-
-def deq_layers(model: torch.nn.Module) -> list[pg.DEQ]:
-    return [m for m in model.modules() if isinstance(m, pg.DEQ)]
 
 
 class Trainer:
@@ -107,7 +98,7 @@ class Trainer:
         self.task = build_task(cfg)
         self.model = self.task.model.to(self.device)
         fallback = builders.build_fallback_solver(cfg)
-        for layer in deq_layers(self.model):
+        for layer in deq_modules(self.model):
             layer.fallback = fallback
         if self.dist.enabled and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
             if self.device.type == "cuda":
@@ -120,14 +111,13 @@ class Trainer:
         self.guard = StepGuard(list(self.model.parameters()), self.optimizer, self.dist, self.device)
         log_every = log_every or getattr(cfg, "log_every", None) or DEFAULT_LOG_EVERY.get(self.device.type, 50)
         if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
-            raise ConfigError(f"log_every must be an integer >= 1 (steps between host reads of the metrics), got {log_every!r}")
+            raise ConfigError(f"log_every must be an integer >= 1 (steps between host reads of the metrics), "
+                              f"got {log_every!r}")
         self.log_every = log_every
         self.local_batch = cfg.batch_size // self.dist.world_size
         self.steps_per_epoch = len(self._train_loader(0))
         self.scheduler = builders.build_scheduler(cfg, self.optimizer, cfg.epochs * self.steps_per_epoch)
-        self.callbacks: list[Callback] = list(callbacks or []) + [RunRecorder()]  # RunRecorder: solver statistics for the report
-        if cfg.monitor_every or cfg.backward == "adaptive":
-            self.callbacks.append(GradientMonitor.from_config(cfg, self.model, self.device))
+        self.callbacks: list[Callback] = list(callbacks or []) + default_callbacks(cfg, self.model, self.device)
         self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps taken
         self.skipped = 0  # steps skipped by the divergence guard
@@ -135,6 +125,8 @@ class Trainer:
         self.step_code: torch.Tensor | None = None  # this step's guard code on the device (0: applied); see guard.py
         self.history: list[dict[str, Any]] = []
         self.stop: GracefulStop | None = None  # set while fit() runs
+        self.context = RunContext(self.out_dir, self.model, self.device, cfg, self.dist, resume, self._autocast,
+                                  self._recompute_loss)
         self._partial: dict[str, Any] | None = None  # a checkpoint's unfinished epoch, until it is continued
         self._epoch_lr = 0.0  # the lr at the start of the current epoch (for its metrics row)
 
@@ -150,10 +142,21 @@ class Trainer:
             sampler = list(sampler)[start * self.local_batch:]
         return DataLoader(self.task.train_set, batch_size=self.local_batch, sampler=sampler, collate_fn=self.task.collate)
 
-    def _autocast(self):
+    def _autocast(self) -> Any:
         if self.cfg.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _recompute_loss(self, batch: Any) -> torch.Tensor:
+        """The training loss of ``batch`` at the current step (for callbacks; no DDP gradient sync)."""
+        with self._autocast():
+            return self.task.step(self.model, batch, self.device, self.step).loss
+
+    def _ctx(self) -> RunContext:
+        """The callbacks' context, brought up to date."""
+        ctx = self.context
+        ctx.step, ctx.epoch, ctx.skipped, ctx.step_code = self.step, self.epoch, self.skipped, self.step_code
+        return ctx
 
     # ---- one epoch ----------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -187,7 +190,7 @@ class Trainer:
             self.step_code = self.guard.check(result.loss, result.info)
             for cb in self.callbacks:
                 if hasattr(cb, "after_backward"):
-                    cb.after_backward(self, batch, result)
+                    cb.after_backward(self._ctx(), batch, result)
             self.guard.update(self.step_code, apply)
             self.scheduler.step()
             meter.add(result, self.step_code, self.step)
@@ -308,7 +311,7 @@ class Trainer:
                     writer.truncate_after(self.epoch)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("training %s (%d parameters) on %s with %s, %d epochs, %d process(es), out_dir %s", self.cfg.model, n_params,
-                 self.cfg.dataset, getattr(deq_layers(self.model)[0], "backward_mode", "?") if deq_layers(self.model) else "?",
+                 self.cfg.dataset, getattr(deq_modules(self.model)[0], "backward_mode", "?") if deq_modules(self.model) else "?",
                  self.cfg.epochs, self.dist.world_size, self.out_dir)
         while self.epoch < self.cfg.epochs:
             epoch = self.epoch
@@ -320,7 +323,7 @@ class Trainer:
                 row.update(self.evaluate())
             for cb in self.callbacks:
                 if hasattr(cb, "on_epoch_end"):
-                    cb.on_epoch_end(self, row)
+                    cb.on_epoch_end(self._ctx(), row)
             self.epoch += 1
             self.history.append(row)
             if main:
@@ -333,12 +336,13 @@ class Trainer:
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
             if self._stop_requested(True):  # a signal during the evaluation or the checkpoint
                 assert self.stop is not None and self.stop.signum is not None
-                raise TrainingInterrupted(self.stop.signum, self.out_dir / "checkpoint.pt", f", after epoch {self.epoch}")
+                raise TrainingInterrupted(self.stop.signum, self.out_dir / "checkpoint.pt",
+                                          f", after epoch {self.epoch}")
         summary = self.summary(n_params)
         if main:
             with writing(f"out_dir {self.out_dir}", "the checkpoint of the last epoch is intact"):
                 (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-                write_report(self)
+                write_report(self.out_dir, environment(self.device, self.dist.world_size, self.cfg.seed))
         return summary
 
     def summary(self, n_params: int) -> dict[str, Any]:
@@ -425,7 +429,8 @@ class Trainer:
         for key, cb in self._stateful_callbacks().items():
             if key in saved_callbacks:
                 cb.load_state_dict(saved_callbacks[key])
-        where = f"{self._partial['batch']} steps into epoch {self.epoch + 1}" if self._partial else f"after epoch {self.epoch}"
+        where = (f"{self._partial['batch']} steps into epoch {self.epoch + 1}" if self._partial
+                 else f"after epoch {self.epoch}")
         log.info("resumed from %s %s (step %d)", self.out_dir / "checkpoint.pt", where, self.step)
 
 
