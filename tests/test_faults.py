@@ -258,6 +258,7 @@ def test_an_update_that_makes_a_weight_non_finite_is_undone():
     assert int(step(1e-2)) == 0 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_a_huge_learning_rate_on_one_step_is_skipped_in_training(tmp_path):
     trainer = Trainer(TrainConfig.from_sources(None, [*TINY, "epochs=1", f"out_dir={tmp_path}"]))
     original, calls = trainer.optimizer.step, []

@@ -119,7 +119,7 @@ class Trainer:
         self.scheduler = builders.build_scheduler(cfg, self.optimizer, cfg.epochs * self.steps_per_epoch)
         self.callbacks: list[Callback] = list(callbacks or []) + default_callbacks(cfg, self.model, self.device)
         self.epoch = 0  # epochs completed
-        self.step = 0  # optimiser steps taken
+        self.step = 0  # training steps taken (every batch; the summary's steps leave out the skipped ones)
         self.skipped = 0  # steps skipped by the divergence guard
         self.bad_in_a_row = 0  # the last steps, all skipped (as far as the host has seen)
         self.step_code: torch.Tensor | None = None  # this step's guard code on the device (0: applied); see guard.py
