@@ -212,7 +212,8 @@ def test_the_logging_interval_and_tensor_sums_change_nothing(tmp_path):
     metrics, with bad steps at a parameter's first update (decided on the host) and later (on the device)."""
     runs = []
     for name, every, tensors in (("a", 1, False), ("b", 7, True)):
-        trainer = Trainer(TrainConfig.from_sources(None, [*TINY, "epochs=1", f"out_dir={tmp_path / name}"]), log_every=every)
+        cfg = TrainConfig.from_sources(None, [*TINY, "epochs=1", f"out_dir={tmp_path / name}"])
+        trainer = Trainer(cfg, log_every=every)
         _poison(trainer, {0, 5}, tensors=tensors)
         runs.append((trainer, trainer.fit()))
     (a, sa), (b, sb) = runs

@@ -126,7 +126,8 @@ class RunRecorder:
                           "nstep_mean": float(nstep.float().mean()), "nstep_max": int(nstep.max()),
                           "rel_residual_mean": float(finite.mean()) if finite.numel() else math.nan,
                           "rel_residual_max": float(finite.max()) if finite.numel() else math.nan,
-                          "not_converged": not_conv, "fallback": int(fallback.sum()), "nonfinite": int(nonfinite.sum())})
+                          "not_converged": not_conv, "fallback": int(fallback.sum()),
+                          "nonfinite": int(nonfinite.sum())})
 
     def on_epoch_end(self, ctx: RunContext, row: dict[str, Any]) -> None:
         self._start(ctx)
@@ -138,7 +139,8 @@ class RunRecorder:
             out = Path(ctx.out_dir)
             out.mkdir(parents=True, exist_ok=True)
             append_csv(out / STATS_FILE, self.rows, STATS_FIELDS)
-            (out / HIST_FILE).write_text(json.dumps({"residual_log10_edges": RESIDUAL_LOG_EDGES, "epochs": self.epochs}, indent=1))
+            hist = {"residual_log10_edges": RESIDUAL_LOG_EDGES, "epochs": self.epochs}
+            (out / HIST_FILE).write_text(json.dumps(hist, indent=1))
         self.rows = []
         self._current = self._empty()
 
