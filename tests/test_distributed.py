@@ -54,3 +54,14 @@ def test_torchrun_training_matches_one_process(tmp_path):
     # metrics are reduced over processes: the same test accuracy
     assert a["history"][-1]["test_accuracy"] == pytest.approx(b["history"][-1]["test_accuracy"], abs=1e-9)
     assert not (tmp_path / "two" / "tensorboard").exists()
+
+
+def test_torchrun_default_out_dir_is_chosen_by_rank_0_and_only_rank_0_logs(tmp_path):
+    """Without out_dir every process uses rank 0's time-stamped directory: the one printed exists
+    and holds the run; the INFO lines come from rank 0 alone."""
+    done = _torchrun(["-m", "phantomgrad", "train", *TINY], tmp_path)
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "checkpoint.pt").exists() and (runs[0] / "summary.json").exists()
+    printed = {line.split()[-1] for line in done.stdout.splitlines() if line.startswith("run directory")}
+    assert printed and all((tmp_path / p).resolve() == runs[0].resolve() for p in printed)
+    assert sum("INFO phantomgrad.train.trainer: training" in line for line in done.stderr.splitlines()) == 1

@@ -15,7 +15,9 @@ from torch import nn
 
 import phantomgrad as pg
 from phantomgrad.monitor import capture_rng_state, gradient_quality
+from phantomgrad.train.context import RunContext
 from phantomgrad.train.config import TrainConfig
+from phantomgrad.train.distributed import DistInfo
 from phantomgrad.train.monitor_callback import GradientMonitor
 from phantomgrad.train.trainer import train
 
@@ -132,11 +134,10 @@ def test_without_a_phantom_gradient_it_says_what_to_do():
 
 # ---- the callback -----------------------------------------------------------------------------
 
-def _fake_trainer(model, loss_fn, tmp_path):
-    task = SimpleNamespace(step=lambda m, batch, device, step: SimpleNamespace(loss=loss_fn()))
-    return SimpleNamespace(model=model, task=task, device=torch.device("cpu"), step=0, epoch=0, resume=False,
-                           out_dir=tmp_path, cfg=SimpleNamespace(pretrain_steps=0),
-                           dist=SimpleNamespace(enabled=False, is_main=True), _autocast=lambda: torch.autocast("cpu", enabled=False))
+def _context(model, loss_fn, tmp_path):
+    """The context a trainer hands its callbacks, for a model trained by hand."""
+    return RunContext(tmp_path, model, torch.device("cpu"), SimpleNamespace(pretrain_steps=0), DistInfo(), resume=False,
+                      recompute_loss=lambda batch: loss_fn())
 
 
 def test_rescaling_multiplies_the_deq_gradient_by_the_inverse_norm_ratio(tmp_path):
@@ -144,19 +145,19 @@ def test_rescaling_multiplies_the_deq_gradient_by_the_inverse_norm_ratio(tmp_pat
     x, y = torch.randn(16, 5, dtype=D), torch.randint(0, 3, (16,))
     loss_fn = lambda: F.cross_entropy(model(x), y)  # noqa: E731
     monitor = GradientMonitor(every=2, rescale=True, reference=exact(), scale_range=(0.25, 4.0))
-    trainer = _fake_trainer(model, loss_fn, tmp_path)
+    ctx = _context(model, loss_fn, tmp_path)
     monitor.bind(model)
     f_params = list(model.deq.parameters())
     others = [p for p in model.parameters() if all(p is not q for q in f_params)]
 
     for step in (2, 3):  # a measured step, then one in between: both rescaled by the same factor
-        trainer.step = step
+        ctx.step = step
         model.zero_grad()
         loss = loss_fn()
         loss.backward()
         before_f = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in f_params))
         before_rest = [p.grad.clone() for p in others]
-        monitor.after_backward(trainer, None, SimpleNamespace(info=None))
+        monitor.after_backward(ctx, None, SimpleNamespace(info=None))
         after_f = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in f_params))
         ratio = monitor.trace[0]["norm_ratio_deq"]
         assert 0.25 < 1 / ratio < 4 and abs(1 / ratio - 1) > 0.01  # JFB is shorter or longer, not equal
@@ -175,10 +176,10 @@ def test_one_outlier_moves_the_scale_by_at_most_the_clip(tmp_path, monkeypatch):
     monkeypatch.setattr(mc, "gradient_quality", lambda *a, **k: GradientQuality(
         0.9, 0.5, 0.9, next(ratios), 1.0, 2.0, None, None, None, 0.0))
     monitor = GradientMonitor(every=1, rescale=True, scale_range=(0.5, 3.0), scale_ema=0.5)
-    trainer = _fake_trainer(Classifier(pg.JFB(), dropout=0.0), lambda: torch.zeros(()), tmp_path)
+    ctx = _context(Classifier(pg.JFB(), dropout=0.0), lambda: torch.zeros(()), tmp_path)
     scales = []
     for _ in range(4):
-        monitor._measure(trainer, None, SimpleNamespace(info=None))
+        monitor._measure(ctx, None, SimpleNamespace(info=None))
         scales.append(monitor.scale)
     expected, log_s = [], None
     for target in (math.log(3.0), -math.log(0.8), -math.log(0.8), -math.log(0.8)):
@@ -199,7 +200,7 @@ def test_rescaling_is_clipped(tmp_path):
     monitor.bind(model)
     model.zero_grad()
     loss_fn().backward()  # the hook keeps the RNG state of this forward
-    monitor.after_backward(_fake_trainer(model, loss_fn, tmp_path), None, SimpleNamespace(info=None))
+    monitor.after_backward(_context(model, loss_fn, tmp_path), None, SimpleNamespace(info=None))
     assert monitor.scale == pytest.approx(bound if q.norm_ratio_deq < 1 else 1 / bound)
 
 

@@ -2,6 +2,8 @@
 
 The bytes go to a temporary file in the same directory, are flushed and fsync'ed, and the
 file is renamed over the target (an atomic replace on POSIX), then the directory is fsync'ed.
+A write that fails (a full disk, say) removes the temporary file and leaves the previous
+checkpoint as it was; the error is one line (:class:`~phantomgrad.train.errors.RunDirError`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .rundir import writing
+
 FORMAT_VERSION = 1
 
 
@@ -23,24 +27,31 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buffer.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    keep = (f"the previous checkpoint {path} is intact: resume from it with --resume" if path.exists()
+            else "no checkpoint was written")
+    with writing(f"checkpoint {path}", keep):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                _write(fh, buffer.getbuffer())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _write(fh: Any, data: memoryview) -> None:
+    fh.write(data)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

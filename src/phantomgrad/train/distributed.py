@@ -8,8 +8,10 @@ GPU). Without those variables everything runs in one process and these helpers a
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,6 +45,27 @@ def init_distributed(use_cuda: bool) -> DistInfo:
     return info
 
 
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every process (e.g. the run directory rank 0 chose)."""
+    if not info.enabled:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def quiet_other_ranks(info: DistInfo) -> None:
+    """Processes other than rank 0 log warnings and errors only (rank 0 speaks for the run)."""
+    if not info.is_main:
+        logging.getLogger("phantomgrad").setLevel(logging.WARNING)
+
+
+def is_main_process() -> bool:
+    """True in rank 0 of a torchrun job and in a single process (reads RANK; no process group needed),
+    e.g. for a command that prints the summary once."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
     """Sum a list of numbers over all processes."""
     if not info.enabled:
@@ -52,13 +75,13 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     return t.tolist()
 
 
-def any_process(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True when ``flag`` is true on any process (so all processes take the same branch)."""
+def all_reduce_max(value: int, info: DistInfo, device: torch.device) -> int:
+    """The largest of an integer over all processes (a host sync)."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def barrier(info: DistInfo) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import Any
+
+from .runfiles import append_csv, read_csv, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +30,13 @@ class MetricsWriter:
     def write(self, row: dict[str, Any]) -> None:
         """Append ``row``; when it brings new columns (e.g. test metrics on an evaluation
         epoch), the file is rewritten with the union of columns, earlier rows left blank there."""
-        rows = self._read()
+        rows = read_csv(self.path)
         columns = list(rows[0]) if rows else []
         new = [k for k in row if k not in columns]
         if rows and not new:
-            with self.path.open("a", newline="") as fh:
-                csv.DictWriter(fh, fieldnames=columns, restval="").writerow(row)
+            append_csv(self.path, [row], columns)
         else:
-            self._rewrite(rows + [row], columns + new)
+            write_csv(self.path, rows + [row], columns + new)
         if self.tb is not None:
             step = row.get("epoch", 0)
             for key, value in row.items():
@@ -46,19 +46,7 @@ class MetricsWriter:
 
     def truncate_after(self, epoch: int) -> None:
         """On resume: drop rows of epochs after the checkpoint's, so no epoch is counted twice."""
-        rows = self._read()
+        rows = read_csv(self.path)
         keep = [r for r in rows if int(r["epoch"]) <= epoch]
         if len(keep) != len(rows):
-            self._rewrite(keep, list(rows[0]))
-
-    def _read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        with self.path.open(newline="") as fh:
-            return list(csv.DictReader(fh))
-
-    def _rewrite(self, rows: list[dict[str, Any]], columns: list[str]) -> None:
-        with self.path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
+            write_csv(self.path, keep, list(rows[0]))

@@ -30,7 +30,6 @@ pre-hook on the model keeps the RNG state from just before each training forward
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -44,10 +43,13 @@ import phantomgrad as pg
 from phantomgrad.adaptive import AdaptivePhantom
 from phantomgrad.monitor import GradientQuality, RNGState, capture_rng_state, deq_modules, gradient_quality
 
+from .context import RunContext
+from .distributed import all_reduce_sum
+from .runfiles import json_default, read_csv, write_csv
+
 if TYPE_CHECKING:
     from .config import TrainConfig
     from .tasks import StepResult
-    from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,7 @@ class GradientMonitor:
         self._epoch_seconds = 0.0
         self._rng: RNGState | None = None
         self._hooked: torch.nn.Module | None = None
+        self._resumed: dict[str, Any] | None = None  # an unfinished epoch's measurements from a checkpoint
         self._started = False
 
     @classmethod
@@ -145,59 +148,73 @@ class GradientMonitor:
         model.register_forward_pre_hook(keep_rng)
         self._hooked = model
 
-    def _start(self, trainer: "Trainer") -> None:
+    def _start(self, ctx: RunContext) -> None:
         """Once per fit: hook the model, and on resume take back the trace and the adaptive state."""
         if self._started:
             return
         self._started = True
-        self.bind(trainer.model, trainer.device)
-        out = Path(trainer.out_dir)
-        if not trainer.resume:
+        self.bind(ctx.model, ctx.device)
+        out = Path(ctx.out_dir)
+        if not ctx.resume:
             return
         if (out / TRACE_FILE).exists():
-            with (out / TRACE_FILE).open(newline="") as fh:
-                self.trace = [_parse_row(r) for r in csv.DictReader(fh) if int(r["step"]) < trainer.step]
+            self.trace = [r for r in read_trace(out / TRACE_FILE) if r["step"] < ctx.step]
             last = [r for r in self.trace if r.get("scale") is not None and math.isfinite(r["scale"])]
             if last and self.rescale:
                 self.scale = last[-1]["scale"]
                 self._log_scale = math.log(self.scale)
         if (out / ADAPTIVE_FILE).exists():
-            saved = json.loads((out / ADAPTIVE_FILE).read_text()).get(str(trainer.epoch))
-            modes = _adaptive_modes(trainer.model)
+            saved = json.loads((out / ADAPTIVE_FILE).read_text()).get(str(ctx.epoch))
+            modes = _adaptive_modes(ctx.model)
             if saved is not None and len(saved) == len(modes):
                 for mode, state in zip(modes, saved):
                     mode.load_state_dict(state)
-                log.info("restored the adaptive backward state of epoch %d (k=%s)", trainer.epoch, [m.k for m in modes])
+                log.info("restored the adaptive backward state of epoch %d (k=%s)", ctx.epoch, [m.k for m in modes])
+        if self._resumed is not None:  # a checkpoint in the middle of an epoch: its measurements and state
+            state, self._resumed = self._resumed, None
+            self._epoch_rows = list(state["epoch_rows"])
+            self.trace += self._epoch_rows
+            self._epoch_seconds = state["epoch_seconds"]
+            self.scale, self._log_scale = state["scale"], state["log_scale"]
+            for mode, saved in zip(_adaptive_modes(ctx.model), state["adaptive"]):
+                mode.load_state_dict(saved)
 
-    def after_backward(self, trainer: "Trainer", batch: Any, result: "StepResult") -> None:
-        self._start(trainer)
-        step = trainer.step
-        due = step % self.every == 0 and step >= trainer.cfg.pretrain_steps and self._rng is not None
-        if due:
-            self._measure(trainer, batch, result)
+    def state_dict(self) -> dict[str, Any]:
+        """This epoch's measurements, the scale and the adaptive modes' state (for a checkpoint)."""
+        modes = _adaptive_modes(self._hooked) if self._hooked is not None else []
+        return {"epoch_rows": list(self._epoch_rows), "epoch_seconds": self._epoch_seconds, "scale": self.scale,
+                "log_scale": self._log_scale, "adaptive": [m.state_dict() for m in modes]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resumed = state
+
+    def after_backward(self, ctx: RunContext, batch: Any, result: "StepResult") -> None:
+        self._start(ctx)
+        step = ctx.step
+        due = step % self.every == 0 and step >= ctx.config.pretrain_steps and self._rng is not None
+        if due and ctx.step_applied():  # a host sync on measured steps only: a step the guard skips is not measured
+            self._measure(ctx, batch, result)
         if self.rescale and self._log_scale is not None and self.scale != 1.0:
-            for p in self._scope_params(trainer.model):
+            for p in self._scope_params(ctx.model):
                 if p.grad is not None:
                     p.grad.mul_(self.scale)
 
-    def _measure(self, trainer: "Trainer", batch: Any, result: "StepResult") -> None:
+    def _measure(self, ctx: RunContext, batch: Any, result: "StepResult") -> None:
         t0 = time.perf_counter()
-        model = trainer.model
+        model = ctx.model
 
         def loss_fn() -> torch.Tensor:
-            with trainer._autocast():
-                return trainer.task.step(model, batch, trainer.device, trainer.step).loss
+            assert ctx.recompute_loss is not None, "the monitor needs RunContext.recompute_loss"
+            return ctx.recompute_loss(batch)
 
-        reduce = _mean_over_processes(trainer) if trainer.dist.enabled else None
+        reduce = _mean_over_processes(ctx.dist.world_size) if ctx.dist.enabled else None
         q: GradientQuality = gradient_quality(model, loss_fn, self.reference, rng_state=self._rng,
                                               radius_iters=self.radius_iters, reduce=reduce)
         info = result.info
         residual = float(info.rel_residual.double().mean()) if info is not None else math.nan
         nstep = float(info.nstep.float().mean()) if info is not None else math.nan
-        if trainer.dist.enabled:
-            from .distributed import all_reduce_sum
-
-            residual = all_reduce_sum([residual], trainer.dist, trainer.device)[0] / trainer.dist.world_size
+        if ctx.dist.enabled:
+            residual = all_reduce_sum([residual], ctx.dist, ctx.device)[0] / ctx.dist.world_size
         if self.rescale:
             ratio = q.norm_ratio_deq if self.scope == "deq" else q.norm_ratio
             if math.isfinite(ratio) and ratio > 0:
@@ -213,13 +230,13 @@ class GradientMonitor:
         damping_used = modes[0].damping if modes else _fixed(model, "damping")
         actions = [mode.observe(cosine=q.cosine_deq, residual=residual) for mode in modes]
         seconds = time.perf_counter() - t0
-        row = {"step": trainer.step, "epoch": trainer.epoch + 1, **{k: getattr(q, k) for k in TRACE_FIELDS if hasattr(q, k)},
+        row = {"step": ctx.step, "epoch": ctx.epoch + 1, **{k: getattr(q, k) for k in TRACE_FIELDS if hasattr(q, k)},
                "forward_residual": residual, "forward_nstep": nstep, "scale": self.scale, "k": k_used,
                "damping": damping_used, "action": ";".join(actions), "seconds": seconds}
         self.trace.append(row)
         self._epoch_rows.append(row)
         self._epoch_seconds += seconds
-        log.debug("gradient quality at step %d: cosine %.4f (F: %.4f), norm ratio %.3f (F: %.3f)", trainer.step,
+        log.debug("gradient quality at step %d: cosine %.4f (F: %.4f), norm ratio %.3f (F: %.3f)", ctx.step,
                   q.cosine, q.cosine_deq, q.norm_ratio, q.norm_ratio_deq)
 
     def _scope_params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -231,8 +248,8 @@ class GradientMonitor:
                 seen[id(p)] = p
         return list(seen.values())
 
-    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any]) -> None:
-        self._start(trainer)
+    def on_epoch_end(self, ctx: RunContext, row: dict[str, Any]) -> None:
+        self._start(ctx)
         rows = self._epoch_rows
         for key in ("cosine", "norm_ratio", "cosine_deq", "norm_ratio_deq", "spectral_radius"):
             row[f"grad_{key}"] = _mean([r[key] for r in rows])
@@ -240,14 +257,14 @@ class GradientMonitor:
         row["monitor_seconds"] = self._epoch_seconds
         train_seconds = row.get("train_seconds") or math.nan
         row["monitor_share"] = self._epoch_seconds / train_seconds if train_seconds else math.nan
-        modes = _adaptive_modes(trainer.model)
+        modes = _adaptive_modes(ctx.model)
         if modes:
             row["adaptive_k"] = float(modes[0].k)
             row["adaptive_damping"] = modes[0].damping
         self._epoch_rows = []
         self._epoch_seconds = 0.0
-        if trainer.dist.is_main:
-            self.save(Path(trainer.out_dir), epoch=trainer.epoch + 1, modes=modes)
+        if ctx.dist.is_main:
+            self.save(Path(ctx.out_dir), epoch=ctx.epoch + 1, modes=modes)
 
     # ---- files ------------------------------------------------------------------------------
     def save(self, out_dir: Path, epoch: int, modes: list[AdaptivePhantom]) -> None:
@@ -259,7 +276,7 @@ class GradientMonitor:
             saved = json.loads(path.read_text()) if path.exists() else {}
             saved = {e: s for e, s in saved.items() if int(e) < epoch}
             saved[str(epoch)] = [m.state_dict() for m in modes]
-            path.write_text(json.dumps(saved, indent=1, default=_json_default))
+            path.write_text(json.dumps(saved, indent=1, default=json_default))
         if self.plot and self.trace:
             plot_trace(self.trace, out_dir / PLOT_FILE)
 
@@ -279,22 +296,16 @@ def _mean(values: list[Any]) -> float:
     return sum(good) / len(good) if good else math.nan
 
 
-def _mean_over_processes(trainer: "Trainer"):
+def _mean_over_processes(world_size: int):
     import torch.distributed as dist
 
     def reduce(grads: list[torch.Tensor]) -> list[torch.Tensor]:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= trainer.dist.world_size
+        flat /= world_size
         return [part.view_as(g) for part, g in zip(torch.split(flat, [g.numel() for g in grads]), grads)]
 
     return reduce
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
 
 
 def _parse_row(raw: dict[str, str]) -> dict[str, Any]:
@@ -311,18 +322,11 @@ def _parse_row(raw: dict[str, str]) -> dict[str, Any]:
 
 def read_trace(path: Path) -> list[dict[str, Any]]:
     """The rows of a ``gradient_quality.csv`` as numbers."""
-    with Path(path).open(newline="") as fh:
-        return [_parse_row(r) for r in csv.DictReader(fh)]
+    return [_parse_row(r) for r in read_csv(path)]
 
 
 def write_trace(path: Path, trace: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=TRACE_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for row in trace:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in TRACE_FIELDS})
-    tmp.replace(path)
+    write_csv(path, ({k: ("" if row.get(k) is None else row.get(k)) for k in TRACE_FIELDS} for row in trace), TRACE_FIELDS)
 
 
 def plot_trace(trace: list[dict[str, Any]], path: Path) -> None:

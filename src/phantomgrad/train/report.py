@@ -1,18 +1,15 @@
-"""The run report: everything needed to reproduce or compare a training run, in its directory.
+"""The run report, rendered from the files of a run directory (``phantomgrad report RUN_DIR``).
 
-During training :class:`RunRecorder` (a trainer callback) keeps, for every training batch, the
-forward solve's per-sample steps and relative residuals, non-converged, fallback and
-non-finite counts. At the end of ``fit()``, :func:`write_report` records the environment and
-renders the report; ``phantomgrad report RUN_DIR`` renders it again from the files alone.
-
-Files in a run directory (rank 0 writes them all):
+At the end of ``fit()`` the trainer records the environment (:mod:`.environment`) and calls
+:func:`write_report`; the command renders it again from the files alone. Files in a run
+directory (rank 0 writes them all):
 
     config.yaml            the full resolved config (trainer)
     metrics.csv            one row per epoch (trainer; the monitor adds grad_* columns)
     summary.json           final metrics (trainer)
     environment.json       python, torch, platform, threads, device, processes, git commit, seeds
-    forward_stats.csv      per training batch: forward steps, residuals, non-converged, fallback
-    forward_hist.json      per epoch: histograms of per-sample forward steps and log10 residuals
+    forward_stats.csv      per training batch: forward steps, residuals, non-converged, fallback (recorder)
+    forward_hist.json      per epoch: histograms of per-sample forward steps and log10 residuals (recorder)
     gradient_quality.csv   the gradient-quality trace, when monitored (monitor_every > 0)
     adaptive_state.json    AdaptivePhantom's (k, lambda, history) per epoch, when used
     report.json            all of the above in one document
@@ -23,170 +20,33 @@ Files in a run directory (rank 0 writes them all):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
-import os
-import platform
-import subprocess
-import sys
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
 import yaml
 
-if TYPE_CHECKING:
-    from .tasks import StepResult
-    from .trainer import Trainer
+from .environment import ENV_FILE
+from .monitor_callback import ADAPTIVE_FILE, PLOT_FILE, TRACE_FILE, plot_trace, read_trace
+from .recorder import HIST_FILE, STATS_FILE
+from .runfiles import finite_or_none, json_default, read_csv, read_json
 
 log = logging.getLogger(__name__)
 
-ENV_FILE = "environment.json"
-STATS_FILE = "forward_stats.csv"
-HIST_FILE = "forward_hist.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 METRICS_PLOT = "report_metrics.png"
 FORWARD_PLOT = "report_forward.png"
-# log10 bins of the relative residual: (-inf, 1e-8), [1e-8, 10^-7.75), ..., [10^0.75, 10), [10, inf)
-RESIDUAL_LOG_EDGES = [e / 4 for e in range(-32, 5)]
-STATS_FIELDS = ["step", "epoch", "samples", "nstep_mean", "nstep_max", "rel_residual_mean", "rel_residual_max",
-                "not_converged", "fallback", "nonfinite"]
 
 
-# ----------------------------------------------------------------------------- recording
-
-class RunRecorder:
-    """Trainer callback: forward-solve statistics of every training batch (pretraining batches,
-    whose 'solve' is the unrolled stack, are counted apart). Rank 0 writes ``forward_stats.csv``
-    and ``forward_hist.json`` at the end of every epoch; a resumed run continues them."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []  # this epoch's batches
-        self.epochs: dict[str, dict[str, Any]] = {}
-        self._current = self._empty()
-        self._started = False
-
-    @staticmethod
-    def _empty() -> dict[str, Any]:
-        return {"batches": 0, "pretrain_batches": 0, "samples": 0, "not_converged": 0, "fallback": 0, "nonfinite": 0,
-                "nstep": Counter(), "residual": [0] * (len(RESIDUAL_LOG_EDGES) + 1)}
-
-    def _start(self, trainer: "Trainer") -> None:
-        if self._started:
-            return
-        self._started = True
-        out = Path(trainer.out_dir)
-        if not trainer.dist.is_main:
-            return
-        if trainer.resume and (out / HIST_FILE).exists():
-            saved = json.loads((out / HIST_FILE).read_text())
-            self.epochs = {e: v for e, v in saved.get("epochs", {}).items() if int(e) <= trainer.epoch}
-            rows = _read_csv(out / STATS_FILE) if (out / STATS_FILE).exists() else []
-            _write_csv(out / STATS_FILE, [r for r in rows if int(r["step"]) < trainer.step], STATS_FIELDS)
-        else:
-            (out / STATS_FILE).unlink(missing_ok=True)
-            (out / HIST_FILE).unlink(missing_ok=True)
-
-    def after_backward(self, trainer: "Trainer", batch: Any, result: "StepResult") -> None:
-        self._start(trainer)
-        info = result.info
-        cur = self._current
-        if info is None or not hasattr(info, "nstep"):
-            return
-        if trainer.step < trainer.cfg.pretrain_steps:
-            cur["pretrain_batches"] += 1
-            return
-        with torch.no_grad():
-            nstep = info.nstep.detach().reshape(-1).cpu()
-            res = info.rel_residual.detach().double().reshape(-1).cpu()
-            not_conv = int((~info.converged).sum())
-            fallback = int(info.fallback.sum())
-            nonfinite = int(info.nonfinite.sum())
-            logs = torch.log10(res.clamp_min(1e-300))
-            edges = torch.tensor(RESIDUAL_LOG_EDGES, dtype=torch.float64)
-            bins = torch.bucketize(logs, edges, right=True)  # 0: below the first edge
-            bins = torch.where(torch.isfinite(res), bins, torch.full_like(bins, len(RESIDUAL_LOG_EDGES)))
-        cur["batches"] += 1
-        cur["samples"] += nstep.numel()
-        cur["not_converged"] += not_conv
-        cur["fallback"] += fallback
-        cur["nonfinite"] += nonfinite
-        cur["nstep"].update(int(v) for v in nstep.tolist())
-        for b, n in Counter(bins.tolist()).items():
-            cur["residual"][b] += n
-        finite = res[torch.isfinite(res)]
-        self.rows.append({"step": trainer.step, "epoch": trainer.epoch + 1, "samples": nstep.numel(),
-                          "nstep_mean": float(nstep.float().mean()), "nstep_max": int(nstep.max()),
-                          "rel_residual_mean": float(finite.mean()) if finite.numel() else math.nan,
-                          "rel_residual_max": float(finite.max()) if finite.numel() else math.nan,
-                          "not_converged": not_conv, "fallback": fallback, "nonfinite": nonfinite})
-
-    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any]) -> None:
-        self._start(trainer)
-        cur = self._current
-        self.epochs[str(trainer.epoch + 1)] = {**cur, "nstep": {str(k): v for k, v in sorted(cur["nstep"].items())},
-                                               "skipped_steps_total": trainer.skipped}
-        if trainer.dist.is_main:
-            out = Path(trainer.out_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            _append_csv(out / STATS_FILE, self.rows, STATS_FIELDS)
-            (out / HIST_FILE).write_text(json.dumps({"residual_log10_edges": RESIDUAL_LOG_EDGES, "epochs": self.epochs}, indent=1))
-        self.rows = []
-        self._current = self._empty()
-
-
-def environment(trainer: "Trainer | None" = None) -> dict[str, Any]:
-    """Versions and machine: enough to tell whether two runs are comparable."""
-    import numpy
-
-    import phantomgrad
-
-    env: dict[str, Any] = {
-        "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "phantomgrad": phantomgrad.__version__,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.version.cuda,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if _git("rev-parse", "HEAD") else None,
-    }
-    if trainer is not None:
-        device = trainer.device
-        env["device"] = str(device)
-        env["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-        env["processes"] = trainer.dist.world_size
-        env["seeds"] = {"seed": trainer.cfg.seed, "torch_initial_seed": torch.initial_seed(),
-                        "data_subsets": "fixed permutation seeded by the dataset size (same for every run)",
-                        "batch_order": "DistributedSampler(seed=seed), set_epoch(epoch)"}
-    return env
-
-
-def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def write_report(trainer: "Trainer") -> dict[str, Any] | None:
-    """At the end of ``fit()``: record the environment and render the report (rank 0 only)."""
-    if not trainer.dist.is_main:
-        return None
-    out = Path(trainer.out_dir)
-    (out / ENV_FILE).write_text(json.dumps(environment(trainer), indent=2))
+def write_report(out_dir: Path, env: dict[str, Any]) -> dict[str, Any] | None:
+    """At the end of training (rank 0): write environment.json and render the report."""
+    out = Path(out_dir)
+    (out / ENV_FILE).write_text(json.dumps(env, indent=2, default=json_default))
     try:
         return render(out)
     except Exception as err:  # a report must never lose a finished run
@@ -204,9 +64,9 @@ def render(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{run_dir} has no config.yaml, so it is not a phantomgrad run directory; "
                                 "pass the out_dir of a training run")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    env = _read_json(run_dir / ENV_FILE)
-    summary = _read_json(run_dir / "summary.json")
-    epochs = [_numbers(r) for r in _read_csv(run_dir / "metrics.csv")] if (run_dir / "metrics.csv").exists() else []
+    env = read_json(run_dir / ENV_FILE)
+    summary = read_json(run_dir / "summary.json")
+    epochs = [_numbers(r) for r in read_csv(run_dir / "metrics.csv")]
     forward = _forward_section(run_dir)
     report: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -224,20 +84,18 @@ def render(run_dir: str | Path) -> dict[str, Any]:
     if epochs:
         _plot_metrics(epochs, run_dir / METRICS_PLOT)
     if forward:
-        _plot_forward(forward, _read_csv(run_dir / STATS_FILE) if (run_dir / STATS_FILE).exists() else [], run_dir / FORWARD_PLOT)
+        _plot_forward(forward, read_csv(run_dir / STATS_FILE), run_dir / FORWARD_PLOT)
     if report["gradient_quality"]:
-        from .monitor_callback import PLOT_FILE, TRACE_FILE, plot_trace, read_trace
-
         plot_trace(read_trace(run_dir / TRACE_FILE), run_dir / PLOT_FILE)
     report["files"] = sorted({p.name for p in run_dir.iterdir() if p.is_file() and not p.name.startswith(".")}
                              | {REPORT_JSON, REPORT_MD})
-    (run_dir / REPORT_JSON).write_text(json.dumps(_finite_or_none(report), indent=2, default=_json_default))
+    (run_dir / REPORT_JSON).write_text(json.dumps(finite_or_none(report), indent=2, default=json_default))
     (run_dir / REPORT_MD).write_text(_markdown(report, run_dir))
     return report
 
 
 def _forward_section(run_dir: Path) -> dict[str, Any] | None:
-    hist = _read_json(run_dir / HIST_FILE)
+    hist = read_json(run_dir / HIST_FILE)
     if not hist:
         return None
     per_epoch = hist.get("epochs", {})
@@ -262,8 +120,6 @@ def _forward_section(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _gradient_section(run_dir: Path) -> dict[str, Any] | None:
-    from .monitor_callback import TRACE_FILE, read_trace
-
     if not (run_dir / TRACE_FILE).exists():
         return None
     trace = read_trace(run_dir / TRACE_FILE)
@@ -275,7 +131,7 @@ def _gradient_section(run_dir: Path) -> dict[str, Any] | None:
         return {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals), "last": vals[-1]} if vals else {}
 
     seconds = sum(r["seconds"] for r in trace)
-    summary = _read_json(run_dir / "summary.json") or {}
+    summary = read_json(run_dir / "summary.json") or {}
     train_seconds = summary.get("train_seconds")
     return {"points": len(trace), "every": int(trace[1]["step"] - trace[0]["step"]) if len(trace) > 1 else None,
             **{key: stats(key) for key in ("cosine", "cosine_deq", "norm_ratio", "norm_ratio_deq", "spectral_radius",
@@ -285,9 +141,7 @@ def _gradient_section(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _adaptive_section(run_dir: Path) -> dict[str, Any] | None:
-    from .monitor_callback import ADAPTIVE_FILE
-
-    saved = _read_json(run_dir / ADAPTIVE_FILE)
+    saved = read_json(run_dir / ADAPTIVE_FILE)
     if not saved:
         return None
     last_epoch = max(saved, key=int)
@@ -417,31 +271,6 @@ def _plot_forward(fwd: dict[str, Any], batches: list[dict[str, str]], path: Path
 
 # ----------------------------------------------------------------------------- small helpers
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _append_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def _numbers(row: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in row.items():
@@ -460,21 +289,6 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
-def _json_default(value: Any) -> Any:
-    return str(value)
-
-
-def _finite_or_none(obj: Any) -> Any:
-    """NaN and Inf become null, so report.json is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    return obj
-
-
 # ----------------------------------------------------------------------------- the command
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -490,4 +304,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["RunRecorder", "write_report", "render", "environment"]
+__all__ = ["write_report", "render"]

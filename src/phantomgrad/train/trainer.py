@@ -3,10 +3,21 @@
     for each epoch:
         for each batch:  loss = task.step(model, batch)     (forward solve; F under autocast for bf16)
                          loss.backward()                    (the DEQ's backward mode makes the gradient)
-                         guard: a non-finite loss, gradient or residual skips the step
-                         callbacks (e.g. the gradient-quality monitor), optimiser step, lr schedule step
+                         guard: a code on the device, non-zero for a non-finite loss, residual or gradient
+                         callbacks (e.g. the gradient-quality monitor)
+                         optimiser step, undone on the device when the code is non-zero or a weight
+                         became non-finite; lr schedule step
+                         every log_every steps: metrics, skipped steps and the progress bar reach the host
         evaluate every split (model.eval(): the layer returns h*, no backward work)
         append a row to metrics.csv, write the checkpoint atomically   (rank 0 only)
+
+The host waits for the device once per logging interval (``log_every`` steps), not once per step:
+the metric sums, the guard's codes and the meter stay on the device until then. The guard never
+lets a bad step reach the weights (see :mod:`phantomgrad.train.guard`); it *stops* the run when
+``max_bad_steps`` steps in a row were bad, which the host sees at the end of the interval, so at
+most ``log_every - 1`` further steps run before the stop. ``step`` counts the training steps taken;
+the summary's ``steps`` counts the updates applied (``step - skipped``). A skipped step still
+advances the lr schedule.
 
 Under torchrun the model is wrapped in DistributedDataParallel, each process reads its
 share of every global batch (``batch_size`` is the global batch), and metrics are summed
@@ -20,11 +31,10 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from statistics import median
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import yaml
@@ -33,88 +43,54 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-import phantomgrad as pg
+from phantomgrad.monitor import deq_modules
 
 from . import builders
+from .callbacks import Callback, default_callbacks
+from .context import RunContext
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .distributed import DistInfo, all_reduce_sum, any_process, barrier, init_distributed, shutdown_distributed
+from .distributed import (all_reduce_max, barrier, broadcast_object, init_distributed, quiet_other_ranks,
+                          shutdown_distributed)
+from .environment import environment
+from .errors import DivergenceError, TrainingInterrupted
+from .guard import StepGuard, problem
+from .meter import Meter
 from .metrics import MetricsWriter
-from .monitor_callback import GradientMonitor
-from .report import RunRecorder, write_report
-from .tasks import StepResult, build_task
+from .report import write_report
+from .rundir import RunLock, writing
+from .stop import GracefulStop
+from .tasks import build_task
 
 log = logging.getLogger(__name__)
 
 # keys that may differ between a run and its resumption
-RESUMABLE_CHANGES = {"epochs", "progress", "out_dir", "tensorboard", "eval_every", "device", "threads", "max_bad_steps"}
-
-
-class DivergenceError(RuntimeError):
-    """Training stopped because too many steps in a row were not finite."""
-
-
-class Callback(Protocol):
-    """Hooks into the loop; every method is optional."""
-
-    def after_backward(self, trainer: "Trainer", batch: Any, result: StepResult) -> None: ...
-    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class Meter:
-    """Running sums over one epoch (metric sums from the task, solver steps, timings)."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    count: int = 0
-    nstep: float = 0.0
-    batches: int = 0
-    forward_s: float = 0.0
-    backward_s: float = 0.0
-    step_s: float = 0.0
-
-    def add(self, result: StepResult) -> None:
-        for key, value in result.sums.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += result.count
-        self.batches += 1
-        if result.info is not None:
-            self.nstep += float(result.info.nstep.float().mean())
-
-    def reduce(self, dist: DistInfo, device: torch.device) -> "Meter":
-        """Sum the counters over processes (timings stay this process's)."""
-        if not dist.enabled:
-            return self
-        keys = sorted(self.sums)
-        values = all_reduce_sum([self.sums[k] for k in keys] + [self.count, self.nstep, self.batches], dist, device)
-        out = Meter(dict(zip(keys, values[: len(keys)])), int(values[-3]), values[-2], int(values[-1]),
-                    self.forward_s, self.backward_s, self.step_s)
-        return out
-
-    def means(self, finalize) -> dict[str, float]:
-        return {**finalize(self.sums, self.count), "nstep": self.nstep / max(self.batches, 1)}
-
-
-def deq_layers(model: torch.nn.Module) -> list[pg.DEQ]:
-    return [m for m in model.modules() if isinstance(m, pg.DEQ)]
+RESUMABLE_CHANGES = {"epochs", "progress", "out_dir", "tensorboard", "eval_every", "device", "threads", "max_bad_steps",
+                     "log_every"}
+# steps between host reads of the metrics and the guard: a sync costs nothing on a CPU (it ran the step itself)
+DEFAULT_LOG_EVERY = {"cpu": 1, "cuda": 50}
 
 
 class Trainer:
     """Trains one model as configured by a :class:`TrainConfig`; ``fit()`` returns the summary."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, callbacks: list[Callback] | None = None):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, callbacks: list[Callback] | None = None,
+                 log_every: int | None = None):
         self.cfg = cfg
         self.resume = resume
         if resume and cfg.out_dir is None:
             raise ConfigError("--resume needs out_dir=... naming the run to continue")
-        self.out_dir = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / f"{cfg.dataset}-{cfg.backward}-{datetime.now():%Y%m%d-%H%M%S}"
-        if not resume and (self.out_dir / "checkpoint.pt").exists():
-            raise ConfigError(f"out_dir {self.out_dir} already holds a run (checkpoint.pt); continue it with --resume, "
-                              "or choose another out_dir (nothing was overwritten)")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = builders.resolve_device(cfg.device)
         self.dist = init_distributed(device.type == "cuda")
+        quiet_other_ranks(self.dist)
+        # rank 0 names the run directory (a time stamp by default) and every process uses that name
+        default = Path("runs") / f"{cfg.dataset}-{cfg.backward}-{datetime.now():%Y%m%d-%H%M%S}"
+        self.out_dir = Path(broadcast_object(str(cfg.out_dir or default), self.dist))
+        if not resume and (self.out_dir / "checkpoint.pt").exists():
+            raise ConfigError(f"out_dir {self.out_dir} already holds a run (checkpoint.pt); continue it with --resume, "
+                              "or choose another out_dir (nothing was overwritten)")
         self.device = torch.device("cuda", self.dist.local_rank) if device.type == "cuda" else device
         if cfg.batch_size % self.dist.world_size:
             raise ConfigError(f"batch_size={cfg.batch_size} (the global batch) must be divisible by the {self.dist.world_size} processes")
@@ -122,7 +98,7 @@ class Trainer:
         self.task = build_task(cfg)
         self.model = self.task.model.to(self.device)
         fallback = builders.build_fallback_solver(cfg)
-        for layer in deq_layers(self.model):
+        for layer in deq_modules(self.model):
             layer.fallback = fallback
         if self.dist.enabled and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
             if self.device.type == "cuda":
@@ -132,40 +108,78 @@ class Trainer:
                             "that do not depend on the number of processes")
         self.net = DistributedDataParallel(self.model) if self.dist.enabled else self.model  # what the steps call
         self.optimizer = builders.build_optimizer(cfg, self.model)
+        self.guard = StepGuard(list(self.model.parameters()), self.optimizer, self.dist, self.device)
+        log_every = log_every or getattr(cfg, "log_every", None) or DEFAULT_LOG_EVERY.get(self.device.type, 50)
+        if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
+            raise ConfigError(f"log_every must be an integer >= 1 (steps between host reads of the metrics), "
+                              f"got {log_every!r}")
+        self.log_every = log_every
         self.local_batch = cfg.batch_size // self.dist.world_size
         self.steps_per_epoch = len(self._train_loader(0))
         self.scheduler = builders.build_scheduler(cfg, self.optimizer, cfg.epochs * self.steps_per_epoch)
-        self.callbacks: list[Callback] = list(callbacks or []) + [RunRecorder()]  # RunRecorder: solver statistics for the report
-        if cfg.monitor_every or cfg.backward == "adaptive":
-            self.callbacks.append(GradientMonitor.from_config(cfg, self.model, self.device))
+        self.callbacks: list[Callback] = list(callbacks or []) + default_callbacks(cfg, self.model, self.device)
         self.epoch = 0  # epochs completed
-        self.step = 0  # optimiser steps taken
+        self.step = 0  # training steps taken (every batch; the summary's steps leave out the skipped ones)
         self.skipped = 0  # steps skipped by the divergence guard
+        self.bad_in_a_row = 0  # the last steps, all skipped (as far as the host has seen)
+        self.step_code: torch.Tensor | None = None  # this step's guard code on the device (0: applied); see guard.py
         self.history: list[dict[str, Any]] = []
+        self.stop: GracefulStop | None = None  # set while fit() runs
+        self.context = RunContext(self.out_dir, self.model, self.device, cfg, self.dist, resume, self._autocast,
+                                  self._recompute_loss)
+        self._partial: dict[str, Any] | None = None  # a checkpoint's unfinished epoch, until it is continued
+        self._epoch_lr = 0.0  # the lr at the start of the current epoch (for its metrics row)
 
     # ---- data -------------------------------------------------------------------------
-    def _train_loader(self, epoch: int) -> DataLoader:
+    def _train_loader(self, epoch: int, start: int = 0) -> DataLoader:
         """The order is a function of (seed, epoch) alone, so a resumed run sees the same
-        batches, and the processes of a distributed run split each global batch."""
-        sampler = DistributedSampler(self.task.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank,
-                                     shuffle=True, seed=self.cfg.seed)
+        batches, and the processes of a distributed run split each global batch; ``start``
+        batches of the epoch are left out (a run resumed in the middle of an epoch)."""
+        sampler: Any = DistributedSampler(self.task.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                          shuffle=True, seed=self.cfg.seed)
         sampler.set_epoch(epoch)
+        if start:
+            sampler = list(sampler)[start * self.local_batch:]
         return DataLoader(self.task.train_set, batch_size=self.local_batch, sampler=sampler, collate_fn=self.task.collate)
 
-    def _autocast(self):
+    def _autocast(self) -> Any:
         if self.cfg.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _recompute_loss(self, batch: Any) -> torch.Tensor:
+        """The training loss of ``batch`` at the current step (for callbacks; no DDP gradient sync)."""
+        with self._autocast():
+            return self.task.step(self.model, batch, self.device, self.step).loss
+
+    def _ctx(self) -> RunContext:
+        """The callbacks' context, brought up to date."""
+        ctx = self.context
+        ctx.step, ctx.epoch, ctx.skipped, ctx.step_code = self.step, self.epoch, self.skipped, self.step_code
+        return ctx
+
     # ---- one epoch ----------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.net.train()
-        meter = Meter()
-        bar = tqdm(self._train_loader(epoch), desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+        partial, self._partial = self._partial, None
+        start = partial["batch"] if partial else 0
+        meter = Meter.from_state(partial["meter"]) if partial else Meter()
+        loader = self._train_loader(epoch, start)
+        batches = iter(loader)  # draws a seed from the global RNG
+        if partial:  # the RNG as it was at the interruption, after that draw
+            _set_rng(partial["rng"])
+        bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
                    disable=not (self.cfg.progress and self.dist.is_main), dynamic_ncols=True)
         after_step = getattr(self.model, "after_optimizer_step", None)
-        bad_in_a_row = 0
-        for batch in bar:
+
+        def apply() -> None:  # the update the guard undoes for a bad step
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            if after_step is not None:
+                after_step()
+
+        for done, batch in enumerate(batches, start + 1):
             t0 = time.perf_counter()
             with self._autocast():
                 result = self.task.step(self.net, batch, self.device, self.step)
@@ -173,37 +187,23 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             result.loss.backward()
             t2 = time.perf_counter()
-            local_problem = self._diverged(result)
-            problem = local_problem or ("another process's step" if any_process(bool(local_problem), self.dist, self.device) else "")
-            if problem:
-                self.skipped += 1
-                bad_in_a_row += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                log.warning("step %d skipped: non-finite %s (%d in a row)", self.step, problem, bad_in_a_row)
-                if bad_in_a_row >= self.cfg.max_bad_steps:
-                    raise DivergenceError(
-                        f"training diverged: {bad_in_a_row} steps in a row had a non-finite {problem} (last at step {self.step}); "
-                        "try a smaller damping, Jacobian regularisation (jac_reg_weight, jac_reg_freq), fewer solver steps, "
-                        "a lower lr or grad_clip")
-                continue
-            bad_in_a_row = 0
+            self.step_code = self.guard.check(result.loss, result.info)
             for cb in self.callbacks:
                 if hasattr(cb, "after_backward"):
-                    cb.after_backward(self, batch, result)
-            if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            self.optimizer.step()
+                    cb.after_backward(self._ctx(), batch, result)
+            self.guard.update(self.step_code, apply)
             self.scheduler.step()
-            if after_step is not None:
-                after_step()
+            meter.add(result, self.step_code, self.step)
             self.step += 1
             t3 = time.perf_counter()
-            meter.add(result)
             meter.forward_s += t1 - t0
             meter.backward_s += t2 - t1
             meter.step_s += t3 - t0
-            shown = meter.means(self.task.finalize)
-            bar.set_postfix({k: f"{shown[k]:.3f}" for k in self.task.progress_keys if k in shown} | {"nstep": f"{shown['nstep']:.1f}"})
+            if self.step % self.log_every == 0:
+                self._flush(meter, bar)
+            if self._stop_requested(done % self.log_every == 0 or done == self.steps_per_epoch):
+                self._interrupt(meter, bar, done)
+        self._flush(meter, bar)
         bar.close()
         reduced = meter.reduce(self.dist, self.device)
         out = {f"train_{k}": v for k, v in reduced.means(self.task.finalize).items()}
@@ -211,17 +211,61 @@ class Trainer:
                    skipped_steps=self.skipped)
         return out
 
-    def _diverged(self, result: StepResult) -> str:
-        """Name what is not finite this step ('' when all is well)."""
-        if not torch.isfinite(result.loss.detach()).all():
-            return "loss"
-        info = result.info
-        if info is not None and bool(info.nonfinite.any()):
-            return "solver residual"
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack([g.detach().abs().sum() for g in grads]).sum()):
-            return "gradient"
-        return ""
+    def _flush(self, meter: Meter, bar: tqdm) -> None:
+        """The host reads the interval's metrics and guard codes (one sync); stops a diverged run."""
+        steps = meter.flush()
+        diverged = None
+        for step, code in steps:
+            if not code:
+                self.bad_in_a_row = 0
+                continue
+            self.skipped += 1
+            self.bad_in_a_row += 1
+            log.warning("step %d skipped: non-finite %s (%d in a row)", step, problem(code), self.bad_in_a_row)
+            if self.bad_in_a_row >= self.cfg.max_bad_steps and diverged is None:
+                diverged = (self.bad_in_a_row, problem(code), step)
+        if diverged is not None:
+            n, what, step = diverged
+            raise DivergenceError(
+                f"training diverged: {n} steps in a row had a non-finite {what} (last at step {step}); "
+                "try a smaller damping, Jacobian regularisation (jac_reg_weight, jac_reg_freq), fewer solver steps, "
+                "a lower lr or grad_clip")
+        if steps and not bar.disable:
+            shown = meter.means(self.task.finalize)
+            bar.set_postfix({k: f"{shown[k]:.3f}" for k in self.task.progress_keys if k in shown}
+                            | {"nstep": f"{shown['nstep']:.1f}"})
+            bar.update(len(steps))
+
+    def _stop_requested(self, at_interval: bool) -> bool:
+        """Whether a signal asked to stop: this process's flag after any step; under torchrun the
+        processes agree at the end of a logging interval (an all-reduce), so all stop at the same step."""
+        flag = self.stop is not None and self.stop.signum is not None
+        if not self.dist.enabled:
+            return flag
+        if not at_interval:
+            return False
+        signum = all_reduce_max((self.stop.signum or 0) if self.stop else 0, self.dist, self.device)
+        if signum and self.stop is not None and self.stop.signum is None:
+            self.stop.signum = signum
+        return bool(signum)
+
+    def _interrupt(self, meter: Meter, bar: tqdm, done: int) -> None:
+        """Write a checkpoint that continues after batch ``done`` of the current epoch; raise."""
+        self._flush(meter, bar)
+        bar.close()
+        partial = {"batch": done, "meter": meter.state_dict(), "rng": _rng_state(), "lr": self._epoch_lr}
+        if done == self.steps_per_epoch:  # the last batch: nothing of the epoch is left but its end
+            log.info("the epoch's last step was taken; stopping before its evaluation")
+        path = self._save(partial) if self.dist.is_main else None
+        barrier(self.dist)
+        assert self.stop is not None and self.stop.signum is not None
+        raise TrainingInterrupted(self.stop.signum, path or self.out_dir / "checkpoint.pt",
+                                  f", {done} of {self.steps_per_epoch} steps of epoch {self.epoch + 1}")
+
+    def _interrupted_at_once(self, signum: int) -> TrainingInterrupted:
+        """The second signal: stop where we are; the checkpoint on disk (if any) is the last good one."""
+        path = self.out_dir / "checkpoint.pt"
+        return TrainingInterrupted(signum, path if path.exists() else None, ", the last one written")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -236,46 +280,69 @@ class Trainer:
             for batch in DataLoader(dataset, batch_size=max(self.local_batch, 256), collate_fn=self.task.collate):
                 with self._autocast():
                     meter.add(self.task.step(self.model, batch, self.device, None))
+            meter.flush()  # one host sync per split
             meter = meter.reduce(self.dist, self.device)
             out.update({f"{split}_{k}": v for k, v in meter.means(self.task.finalize).items()})
         return out
 
     # ---- the run ----------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        """Train (or continue) to ``cfg.epochs``. Rank 0 holds the run directory's lock throughout;
+        SIGINT/SIGTERM stop the run at the next step boundary with a checkpoint (see stop.py)."""
+        lock = RunLock(self.out_dir) if self.dist.is_main else contextlib.nullcontext()
+        with lock, GracefulStop(self._interrupted_at_once) as self.stop:
+            try:
+                return self._fit()
+            finally:
+                self.stop = None
+
+    def _fit(self) -> dict[str, Any]:
         main = self.dist.is_main
         if self.resume:
             self._restore()
         writer = None
+        keep = "nothing was overwritten"
         if main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict() | {"out_dir": str(self.out_dir)}, sort_keys=False))
-            writer = MetricsWriter(self.out_dir, tensorboard=self.cfg.tensorboard, resume=self.resume)
-            if self.resume:
-                writer.truncate_after(self.epoch)
+            with writing(f"the run files in out_dir {self.out_dir}", keep):
+                config = yaml.safe_dump(self.cfg.to_dict() | {"out_dir": str(self.out_dir)}, sort_keys=False)
+                (self.out_dir / "config.yaml").write_text(config)
+                writer = MetricsWriter(self.out_dir, tensorboard=self.cfg.tensorboard, resume=self.resume)
+                if self.resume:
+                    writer.truncate_after(self.epoch)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("training %s (%d parameters) on %s with %s, %d epochs, %d process(es), out_dir %s", self.cfg.model, n_params,
-                 self.cfg.dataset, getattr(deq_layers(self.model)[0], "backward_mode", "?") if deq_layers(self.model) else "?",
+                 self.cfg.dataset, getattr(deq_modules(self.model)[0], "backward_mode", "?") if deq_modules(self.model) else "?",
                  self.cfg.epochs, self.dist.world_size, self.out_dir)
         while self.epoch < self.cfg.epochs:
             epoch = self.epoch
-            row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+            lr = self._partial["lr"] if self._partial else self.optimizer.param_groups[0]["lr"]  # at the epoch's start
+            row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
+            self._epoch_lr = lr
             row.update(self.train_epoch(epoch))
             if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs:
                 row.update(self.evaluate())
             for cb in self.callbacks:
                 if hasattr(cb, "on_epoch_end"):
-                    cb.on_epoch_end(self, row)
+                    cb.on_epoch_end(self._ctx(), row)
             self.epoch += 1
             self.history.append(row)
             if main:
-                writer.write(row)
+                keep = (f"the checkpoint after epoch {epoch} is intact: resume from it with --resume" if epoch
+                        else "no checkpoint was written yet")
+                with writing(f"out_dir {self.out_dir}", keep):
+                    writer.write(row)
                 self._save()
             barrier(self.dist)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+            if self._stop_requested(True):  # a signal during the evaluation or the checkpoint
+                assert self.stop is not None and self.stop.signum is not None
+                raise TrainingInterrupted(self.stop.signum, self.out_dir / "checkpoint.pt",
+                                          f", after epoch {self.epoch}")
         summary = self.summary(n_params)
         if main:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            write_report(self)
+            with writing(f"out_dir {self.out_dir}", "the checkpoint of the last epoch is intact"):
+                (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                write_report(self.out_dir, environment(self.device, self.dist.world_size, self.cfg.seed))
         return summary
 
     def summary(self, n_params: int) -> dict[str, Any]:
@@ -290,7 +357,7 @@ class Trainer:
             "backward": self.cfg.backward,
             "parameters": n_params,
             "epochs": self.epoch,
-            "steps": self.step,
+            "steps": self.step - self.skipped,  # updates applied
             "skipped_steps": self.skipped,
             "processes": self.dist.world_size,
             "final_metrics": {k: v for k, v in last.items() if k.startswith(("test_", "valid_", "train_"))},
@@ -305,12 +372,18 @@ class Trainer:
         }
 
     # ---- checkpoints ------------------------------------------------------------------
-    def _save(self) -> None:
-        save_checkpoint(self.out_dir / "checkpoint.pt", {
+    def _save(self, partial: dict[str, Any] | None = None) -> Path:
+        """Write the checkpoint atomically; ``partial`` continues an unfinished epoch (batches done,
+        the meter's sums, the RNG after the epoch's data loader drew its seed)."""
+        path = self.out_dir / "checkpoint.pt"
+        save_checkpoint(path, {
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
             "step": self.step,
             "skipped": self.skipped,
+            "bad_in_a_row": self.bad_in_a_row,
+            "partial_epoch": partial,
+            "callbacks": {key: cb.state_dict() for key, cb in self._stateful_callbacks().items()},
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -318,6 +391,16 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "history": self.history,
         })
+        return path
+
+    def _stateful_callbacks(self) -> dict[str, Any]:
+        """Callbacks with ``state_dict``/``load_state_dict``, keyed by class name and occurrence."""
+        out: dict[str, Any] = {}
+        for cb in self.callbacks:
+            if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict"):
+                name = type(cb).__name__
+                out[f"{name}:{sum(k.startswith(name + ':') for k in out)}"] = cb
+        return out
 
     def _restore(self) -> None:
         state = load_checkpoint(self.out_dir / "checkpoint.pt")
@@ -339,7 +422,26 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.skipped = state.get("skipped", 0)
-        log.info("resumed from %s after epoch %d (step %d)", self.out_dir / "checkpoint.pt", self.epoch, self.step)
+        self.bad_in_a_row = state.get("bad_in_a_row", 0)
+        self.guard.after_load()
+        self._partial = state.get("partial_epoch")
+        saved_callbacks = state.get("callbacks") or {}
+        for key, cb in self._stateful_callbacks().items():
+            if key in saved_callbacks:
+                cb.load_state_dict(saved_callbacks[key])
+        where = (f"{self._partial['batch']} steps into epoch {self.epoch + 1}" if self._partial
+                 else f"after epoch {self.epoch}")
+        log.info("resumed from %s %s (step %d)", self.out_dir / "checkpoint.pt", where, self.step)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(cfg: TrainConfig, resume: bool = False, callbacks: list[Callback] | None = None) -> dict[str, Any]:
