@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import phantomgrad as pg
+from phantomgrad.models.toy import TanhMap
 from phantomgrad.cli import main
 from phantomgrad.train.checkpoint import load_checkpoint
 from phantomgrad.train.config import TrainConfig
@@ -93,23 +94,10 @@ def test_guard_skips_an_isolated_bad_step_and_training_goes_on(tmp_path):
     assert summary["skipped_steps"] == 1 and summary["steps"] == 640 // 32 - 1
 
 
-class _Contractive(torch.nn.Module):
-    """F(z, x) = tanh(W z + U x) with ||W||_2 = 0.5."""
-
-    def __init__(self):
-        super().__init__()
-        self.W, self.U = torch.nn.Linear(64, 64), torch.nn.Linear(32, 64)
-        with torch.no_grad():
-            self.W.weight.mul_(0.5 / torch.linalg.matrix_norm(self.W.weight, ord=2))
-
-    def forward(self, z, x):
-        return torch.tanh(self.W(z) + self.U(x))
-
-
 @pytest.mark.parametrize("mode", [pg.UPG(5, 0.5), pg.NPG(5, 0.5), pg.Implicit(), pg.JFB()], ids=lambda m: type(m).__name__)
 def test_bf16_gradient_is_close_to_fp32(mode):
     torch.manual_seed(0)
-    f, head = _Contractive(), torch.nn.Linear(64, 10)
+    f, head = TanhMap(64, 32, lipschitz=0.5, dtype=torch.float32), torch.nn.Linear(64, 10)
     deq = pg.DEQ(f, solver=pg.Anderson(max_iter=30, tol=1e-4), backward=mode)
     x, y = torch.randn(128, 32), torch.randint(0, 10, (128,))
 

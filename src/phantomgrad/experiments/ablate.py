@@ -116,7 +116,7 @@ class BackwardSolveRecorder:
         self.samples = self.converged = 0
         self.nstep_sum = self.residual_sum = 0.0
 
-    def after_backward(self, trainer: Trainer, batch: Any, result: Any) -> None:
+    def after_backward(self, ctx: Any, batch: Any, result: Any) -> None:
         info = getattr(result.info, "backward", None)
         if info is None:
             return

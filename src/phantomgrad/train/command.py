@@ -117,9 +117,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_sources(args.config, args.overrides)
     preflight(cfg, args.resume, args.json)
 
+    from .distributed import is_main_process
     from .trainer import train  # heavy imports only when training
 
     summary = train(cfg, resume=args.resume)
+    if not is_main_process():  # under torchrun only rank 0 prints and writes the summary
+        return 0
     print(format_summary(summary, cfg.task, cfg.dataset))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

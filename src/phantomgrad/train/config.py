@@ -146,6 +146,8 @@ class TrainConfig:
     progress: bool = _key(True, "show a progress bar")
     tensorboard: bool = _key(False, "also log to TensorBoard (needs the tensorboard package)")
     eval_every: int = _key(1, "evaluate every N epochs (and always at the end)", within=AT_LEAST_ONE)
+    log_every: int | None = _key(None, "steps between host reads of metrics and the divergence guard "
+                                 "(null: 1 on CPU, 50 on CUDA)", within=AT_LEAST_ONE)
 
     def __post_init__(self) -> None:
         if self.model is None and self.task in registry.TASKS:

@@ -27,6 +27,7 @@ over processes. The reported accuracy is the final epoch's: nothing is selected 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -405,9 +406,12 @@ class Trainer:
     def _restore(self) -> None:
         state = load_checkpoint(self.out_dir / "checkpoint.pt")
         saved = state["config"]
-        diff = sorted(k for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+        defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
+        # a key the checkpoint lacks was added by a later version: unchanged while it keeps its default
+        diff = sorted(k for k, v in self.cfg.to_dict().items()
+                      if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v)
         if diff:
-            changes = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in diff)
+            changes = ", ".join(f"{k}: {saved.get(k, defaults.get(k))!r} -> {getattr(self.cfg, k)!r}" for k in diff)
             raise CheckpointError(f"checkpoint in {self.out_dir} was made with a different config ({changes}); "
                                   "resume with the same config or use a new out_dir")
         try:
