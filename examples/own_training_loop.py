@@ -3,11 +3,12 @@
 The data here are NumPy arrays made in the script (points of the plane, labelled by which of
 two interleaved spirals they lie on); put your own arrays in their place. The model is a
 DEQ layer z* = F(z*, x) with F(z, x) = tanh(W z + U x), trained with the phantom gradient
-UPG A_{5,0.5} (Geng et al., NeurIPS 2021) by a plain PyTorch loop. A Jacobian penalty at the
-fixed point (Bai, Koltun, Kolter, 2021) keeps F a contraction, so the solver keeps converging
-as the model sharpens.
+UPG A_{5,0.5} (Geng et al., NeurIPS 2021) by a plain PyTorch loop. A light Jacobian penalty at
+the fixed point (Bai, Koltun, Kolter, 2021) keeps most solves converging as the model sharpens:
+at the end of the default run 70% of them against 7% with --jac-reg 0, for 94% test accuracy
+against 99% (a trade-off: the penalty also limits what F can express).
 
-    python examples/own_training_loop.py            # about a minute on 2 CPU cores
+    python examples/own_training_loop.py            # 30 epochs: ~94% test accuracy, a few minutes on 2 cores
     python examples/own_training_loop.py --tiny     # a few seconds (what the tests run)
 """
 
@@ -59,7 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a few seconds: 2 epochs on 256 points")
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--jac-reg", type=float, default=1.0, help="weight of the Jacobian penalty (0: off)")
+    parser.add_argument("--jac-reg", type=float, default=0.1, help="weight of the Jacobian penalty (0: off)")
     args = parser.parse_args()
     epochs, n = (2, 256) if args.tiny else (args.epochs, 2000)
     torch.manual_seed(0)

@@ -7,6 +7,8 @@
 Method: Geng, Zhang, Bai, Wang, Lin, "On Training Implicit Models", NeurIPS 2021.
 """
 
+import importlib.metadata
+
 from .adaptive import AdaptivePhantom
 from .backward import JFB, NPG, UPG, Backprop, BackwardMode, Implicit, make_backward
 from .deq import DEQ, DEQInfo
@@ -14,7 +16,10 @@ from .monitor import GradientQuality, gradient_quality
 from .regularize import jacobian_penalty, spectral_radius
 from .solvers import Anderson, Broyden, FixedPoint, Solver, SolverInfo, make_solver
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("phantomgrad")  # the installed distribution's (pyproject.toml)
+except importlib.metadata.PackageNotFoundError:  # a source tree on the path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "DEQ", "DEQInfo",
