@@ -1,10 +1,10 @@
 """The package as a user gets it: ``python -m build`` makes an sdist and a wheel from it, and
 the wheel, installed into a fresh virtual environment with no repository on the path, runs
-``phantomgrad --version`` and the README's ten-line example.
+``phantomgrad --version``, the README's ten-line example and a tiny ``phantomgrad train``.
 
 The environment reuses the installed torch (``--system-site-packages``); the test checks that
 ``phantomgrad`` is imported from the environment, not from the repository. It runs in the
-default suite (about half a minute).
+default suite (under a minute).
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ def test_wheel_installs_and_runs(tmp_path):
     check = "\nassert z.shape == (8, 32) and all(p.grad is not None for p in deq.parameters())\n"
     (tmp_path / "ten_lines.py").write_text(code + check)
     run([python, "ten_lines.py"], cwd=tmp_path, env=env)
+
+    # the CLI needs no file of the repository (its defaults live in TrainConfig): a tiny training run
+    run([bindir / "phantomgrad", "train", "epochs=1", "threads=1", "progress=false", "out_dir=run",
+         "data_options={train_subset: 64, test_subset: 64}"], cwd=tmp_path, env=env)
+    assert (tmp_path / "run" / "summary.json").exists()
 
     out = run([bindir / "phantomgrad", "--version"], cwd=tmp_path, env=env).stdout
     assert version in out
