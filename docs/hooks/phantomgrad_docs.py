@@ -8,6 +8,7 @@
   keys, read from the fields of ``TrainConfig`` (type, default, meaning: the field's
   ``metadata["help"]`` or else the comment after it in the source).
 * ``benchmarks.md`` is generated from the repository's BENCHMARKS.md (links into docs/ rewritten).
+* Every page goes through ``plain_to_markdown`` (the fixed points h*, z* are not emphasis).
 * Links of the results pages to a folder point to its README.md, or to a generated ``index.md``
   that lists the folder's files (plots shown); a link to the repository's BENCHMARKS.md points to
   ``benchmarks.md``. The results pages themselves stay as the experiments wrote them.
@@ -21,12 +22,16 @@ import inspect
 import io
 import posixpath
 import re
+import sys
 import tokenize
 import typing
 from pathlib import Path
 
 from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File, InclusionLevel
+
+sys.path.insert(0, str(Path(__file__).parent))
+from griffe_plain_text import plain_to_markdown  # noqa: E402  (the docstrings' treatment, for pages too)
 
 ROOT = Path(__file__).resolve().parents[2]
 API_MARK = re.compile(r"<!-- phantomgrad:api ([\w. ]+) -->")
@@ -184,6 +189,7 @@ def on_files(files, config):
 
 def on_page_markdown(markdown, page, config, files):
     markdown = _rewrite_links(markdown, page.file.src_uri, Path(config["docs_dir"]))
+    markdown = plain_to_markdown(markdown)
     markdown = API_MARK.sub(lambda m: api_entries(m.group(1).split()), markdown)
     if CONFIG_MARK in markdown:
         markdown = markdown.replace(CONFIG_MARK, config_table())
