@@ -10,6 +10,7 @@ installs them all); a block that is intentionally not runnable is fenced as
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import importlib
 import os
@@ -102,10 +103,15 @@ def test_docstring_examples_run():
 def test_site_builds_strict(tmp_path):
     """``mkdocs build --strict``: every page, link and API entry resolves (the API pages are
     generated from the docstrings, the config-key table from TrainConfig)."""
-    pytest.importorskip("mkdocs", reason="the docs extra is not installed: pip install -c constraints.txt -e '.[docs]'")
-    pytest.importorskip("mkdocstrings", reason="the docs extra is not installed: pip install -c constraints.txt -e '.[docs]'")
+    reason = "the docs extra is not installed: pip install -c constraints.txt -e '.[docs]'"
+    pytest.importorskip("mkdocs", reason=reason)
+    pytest.importorskip("mkdocstrings", reason=reason)
     env = run_env() | {"NO_MKDOCS_2_WARNING": "1"}
     done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert (tmp_path / "site" / "api" / "config" / "index.html").exists()
+    config_page = (tmp_path / "site" / "api" / "config" / "index.html").read_text()
+    from phantomgrad.train.config import TrainConfig
+
+    for field in dataclasses.fields(TrainConfig):
+        assert f"<code>{field.name}</code>" in config_page, f"config key {field.name} missing from the site"
