@@ -6,7 +6,8 @@
   After the build, a public name that no API page documents fails the build.
 * ``<!-- phantomgrad:config-keys -->`` expands to the table of ``phantomgrad train``'s config
   keys, read from the fields of ``TrainConfig`` (type, default, meaning: the field's
-  ``metadata["help"]`` or else the comment after it in the source).
+  ``metadata["help"]`` or else the comment after it in the source; the values allowed, from
+  ``metadata["choices"]`` / ``metadata["within"]`` where the fields carry them).
 * ``benchmarks.md`` is generated from the repository's BENCHMARKS.md (links into docs/ rewritten).
 * Every page goes through ``plain_to_markdown`` (the fixed points h*, z* are not emphasis).
 * Links of the results pages to a folder point to its README.md, or to a generated ``index.md``
@@ -74,7 +75,10 @@ def _field_comments(cls: type) -> dict[str, str]:
         match = re.match(r"\s+(\w+)\s*:[^=]+=.*", line)
         if not match:
             continue
-        tokens = list(tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline))
+        try:
+            tokens = list(tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline))
+        except tokenize.TokenError:  # a definition over several lines: no trailing comment to read
+            continue
         text = [t.string for t in tokens if t.type == tokenize.COMMENT]
         if text:
             comments[match.group(1)] = text[-1].lstrip("#").strip()
@@ -95,16 +99,34 @@ def _default(f: dataclasses.Field) -> str:
     return "(required)"
 
 
+def _allowed(f: dataclasses.Field, tasks: tuple[str, ...]) -> str:
+    """The values a key allows, from its metadata: choices (per task where they depend on it) or
+    an interval."""
+    meta = f.metadata
+    if meta.get("choices"):
+        if meta.get("per_task"):
+            return "; ".join(f"{task}: {', '.join(meta['choices'](task))}" for task in tasks)
+        return ", ".join(meta["choices"](tasks[0]))
+    return str(meta["within"]) if meta.get("within") is not None else ""
+
+
 def config_table() -> str:
     from phantomgrad.train.config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     comments = _field_comments(TrainConfig)
-    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for f in dataclasses.fields(TrainConfig):
+    fields = dataclasses.fields(TrainConfig)
+    task = next(f for f in fields if f.name == "task")
+    tasks = tuple(task.metadata["choices"]("")) if task.metadata.get("choices") else (task.default,)
+    with_allowed = any(f.metadata.get("choices") or f.metadata.get("within") for f in fields)
+    rows = ["| key | type | default | meaning |" + (" allowed |" if with_allowed else ""),
+            "|---|---|---|---|" + ("---|" if with_allowed else "")]
+    for f in fields:
         meaning = f.metadata.get("help") or comments.get(f.name, "")
-        cells = [f"`{f.name}`", f"`{_type_name(hints[f.name])}`", f"`{_default(f)}`", meaning.replace("|", "\\|")]
-        rows.append("| " + " | ".join(cells) + " |")
+        cells = [f"`{f.name}`", _type_name(hints[f.name]), f"`{_default(f)}`", meaning]
+        if with_allowed:
+            cells.append(_allowed(f, tasks))
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows)
 
 
