@@ -53,8 +53,20 @@ def public_objects() -> dict[str, object]:
     return out
 
 
+def _home(obj: object) -> str:
+    """The module that defines ``obj``: its ``__module__``, or for data (a registry dict) the
+    first phantomgrad submodule that holds the same object."""
+    home = getattr(obj, "__module__", None)
+    if isinstance(home, str) and not isinstance(obj, (dict, list, tuple)):
+        return home
+    for name, mod in sorted(sys.modules.items()):
+        if name.startswith("phantomgrad.") and any(v is obj for v in vars(mod).values()):
+            return name
+    return "phantomgrad"
+
+
 def _defined_in(obj: object, modules: list[str]) -> bool:
-    home = getattr(obj, "__module__", "") or ""
+    home = _home(obj)
     return any(home == m or home.startswith(m + ".") for m in modules)
 
 
