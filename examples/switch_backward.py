@@ -6,7 +6,7 @@ cheap phantom gradient UPG A_{5,0.5} first, then fine-tunes it with the exact im
 gradient, and measures at the switch how close the phantom gradient was to the exact one
 (``pg.gradient_quality``: cosine and norm ratio, on the same batch).
 
-    python examples/switch_backward.py            # under a minute on 2 CPU cores
+    python examples/switch_backward.py            # 300 UPG steps, then 100 Implicit steps
     python examples/switch_backward.py --tiny     # a few seconds (what the tests run)
 """
 
