@@ -7,6 +7,8 @@
 Method: Geng, Zhang, Bai, Wang, Lin, "On Training Implicit Models", NeurIPS 2021.
 """
 
+import importlib.metadata
+
 from .adaptive import AdaptivePhantom
 from .backward import JFB, NPG, UPG, Backprop, BackwardMode, Implicit
 from .deq import DEQ, DEQInfo
@@ -17,7 +19,10 @@ from .shine import SHINE
 from .solvers import Anderson, Broyden, FixedPoint, Reversible, Solver, SolverInfo, Unrolled, make_solver
 from .swap import deq_layers, pretraining, swap
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("phantomgrad")  # the installed distribution's (pyproject.toml)
+except importlib.metadata.PackageNotFoundError:  # a source tree on the path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "DEQ", "DEQInfo",
