@@ -41,8 +41,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--tiny", action="store_true", help="3 steps of 8 sequences of 32 characters")
     args = parser.parse_args()
-    steps, batch, seq_len, preset = (3, 8, 32, "deq-transformer-tiny") if args.tiny else \
-        (args.steps, 32, 64, "deq-transformer-small")
+    steps, batch, seq_len, preset = (
+        (3, 8, 32, "deq-transformer-tiny") if args.tiny else (args.steps, 32, 64, "deq-transformer-small")
+    )
     torch.manual_seed(0)
     try:
         train, valid, vocab_size = load_text(args.text)

@@ -48,8 +48,15 @@ def main() -> int:
     accuracies = []
     for fold, (train_idx, test_idx) in enumerate(stratified_folds(ds.labels, n_folds=10, seed=0)[:folds]):
         torch.manual_seed(fold)
-        model = IGNN(ds.num_features, ds.num_classes, hidden=32, kappa=0.9, dropout=0.5,
-                     solver=pg.FixedPoint(max_iter=300, tol=3e-6), backward=pg.UPG(k=5, damping=0.5))
+        model = IGNN(
+            ds.num_features,
+            ds.num_classes,
+            hidden=32,
+            kappa=0.9,
+            dropout=0.5,
+            solver=pg.FixedPoint(max_iter=300, tol=3e-6),
+            backward=pg.UPG(k=5, damping=0.5),
+        )
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         for _ in range(epochs):
             model.train()
@@ -62,8 +69,10 @@ def main() -> int:
                 optimizer.step()
                 model.after_optimizer_step()  # keep ||W||_inf <= kappa: the map stays well posed
         accuracies.append(evaluate(model, [ds[int(i)] for i in test_idx]))
-        print(f"fold {fold + 1}: test accuracy {accuracies[-1]:.3f} (last batch: loss {loss.item():.3f}, "
-              f"solver steps {info.nstep.float().mean():.0f})")
+        print(
+            f"fold {fold + 1}: test accuracy {accuracies[-1]:.3f} (last batch: loss {loss.item():.3f}, "
+            f"solver steps {info.nstep.float().mean():.0f})"
+        )
     mean = torch.tensor(accuracies)
     print(f"mean test accuracy over {folds} fold(s): {mean.mean():.3f} +- {mean.std() if folds > 1 else 0:.3f}")
     return 0

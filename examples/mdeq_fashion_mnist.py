@@ -40,8 +40,9 @@ def main() -> int:
     train_loader = DataLoader(Subset(train, range(n_train)), batch_size=batch, shuffle=True)
     test_loader = DataLoader(Subset(test, range(n_test)), batch_size=256)
 
-    config = MDEQConfig.named("mdeq-tiny-28", in_channels=spec.channels, image_size=spec.size,
-                              num_classes=spec.num_classes)
+    config = MDEQConfig.named(
+        "mdeq-tiny-28", in_channels=spec.channels, image_size=spec.size, num_classes=spec.num_classes
+    )
     model = MDEQ(config, solver=pg.Anderson(max_iter=12, tol=1e-3), backward=pg.UPG(k=5, damping=0.5))
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(train_loader))
@@ -57,8 +58,10 @@ def main() -> int:
             optimizer.step()
             schedule.step()
             if step % 25 == 0:
-                print(f"epoch {epoch + 1} step {step}: loss {loss.item():.3f}, "
-                      f"forward steps {info.nstep.float().mean():.1f}, residual {info.rel_residual.mean():.1e}")
+                print(
+                    f"epoch {epoch + 1} step {step}: loss {loss.item():.3f}, "
+                    f"forward steps {info.nstep.float().mean():.1f}, residual {info.rel_residual.mean():.1e}"
+                )
         model.eval()
         correct = 0
         with torch.no_grad():

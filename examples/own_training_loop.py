@@ -87,8 +87,10 @@ def main() -> None:
         with torch.no_grad():  # the forward solve only; no backward work
             logits, info, _ = model(torch.from_numpy(x_test))
         accuracy = (logits.argmax(1).numpy() == y_test).mean()
-        print(f"epoch {epoch + 1}: training loss {loss.item():.3f}, test accuracy {accuracy:.3f}, "
-              f"solver steps {info.nstep.float().mean():.1f}, converged {info.converged.float().mean():.2f}")
+        print(
+            f"epoch {epoch + 1}: training loss {loss.item():.3f}, test accuracy {accuracy:.3f}, "
+            f"solver steps {info.nstep.float().mean():.1f}, converged {info.converged.float().mean():.2f}"
+        )
 
 
 if __name__ == "__main__":

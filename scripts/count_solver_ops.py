@@ -17,11 +17,35 @@ from torch.profiler import ProfilerActivity, profile
 import phantomgrad as pg
 
 NO_KERNEL = {
-    "aten::slice", "aten::select", "aten::view", "aten::unsqueeze", "aten::squeeze", "aten::transpose", "aten::t",
-    "aten::diagonal", "aten::narrow", "aten::expand", "aten::as_strided", "aten::alias", "aten::reshape",
-    "aten::_reshape_alias", "aten::permute", "aten::detach", "aten::lift_fresh", "aten::unbind", "aten::split",
-    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::_unsafe_view", "aten::resolve_conj",
-    "aten::resolve_neg", "aten::mT", "aten::adjoint", "aten::result_type", "aten::contiguous",
+    "aten::slice",
+    "aten::select",
+    "aten::view",
+    "aten::unsqueeze",
+    "aten::squeeze",
+    "aten::transpose",
+    "aten::t",
+    "aten::diagonal",
+    "aten::narrow",
+    "aten::expand",
+    "aten::as_strided",
+    "aten::alias",
+    "aten::reshape",
+    "aten::_reshape_alias",
+    "aten::permute",
+    "aten::detach",
+    "aten::lift_fresh",
+    "aten::unbind",
+    "aten::split",
+    "aten::empty",
+    "aten::empty_strided",
+    "aten::empty_like",
+    "aten::_unsafe_view",
+    "aten::resolve_conj",
+    "aten::resolve_neg",
+    "aten::mT",
+    "aten::adjoint",
+    "aten::result_type",
+    "aten::contiguous",
 }
 
 
@@ -29,8 +53,9 @@ def kernel_ops(run) -> int:
     """Top-level aten operators that are not views or allocations, dispatched by ``run()``."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
-    events = sorted((e for e in prof.events() if e.name.startswith("aten::")),
-                    key=lambda e: (e.time_range.start, -e.time_range.end))
+    events = sorted(
+        (e for e in prof.events() if e.name.startswith("aten::")), key=lambda e: (e.time_range.start, -e.time_range.end)
+    )
     count, end = 0, -1
     for e in events:
         if e.time_range.start >= end:  # not nested in the previous top-level operator
@@ -51,8 +76,11 @@ def main() -> None:
         ("FixedPoint", lambda n, ce: pg.FixedPoint(max_iter=n, tol=1e-30, check_every=ce), False),
         ("Anderson(m=5)", lambda n, ce: pg.Anderson(m=5, max_iter=n, tol=1e-30, check_every=ce), False),
         ("Broyden(memory=5)", lambda n, ce: pg.Broyden(memory=5, max_iter=n, tol=1e-30, check_every=ce), False),
-        ("Broyden(memory=5), keep_inverse", lambda n, ce: pg.Broyden(memory=5, max_iter=n, tol=1e-30, check_every=ce),
-         True),
+        (
+            "Broyden(memory=5), keep_inverse",
+            lambda n, ce: pg.Broyden(memory=5, max_iter=n, tol=1e-30, check_every=ce),
+            True,
+        ),
     ]
     print(f"F: {f_ops} operators per call")
     print(f"{'solver':34s} {'check_every=1':>14s} {'check_every=None':>17s}")

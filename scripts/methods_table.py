@@ -108,13 +108,17 @@ def main():
             cos = float(torch.nn.functional.cosine_similarity(g, exact, dim=0))
             rows[name].append((cos, calls, vjps, saved, res))
     print(f"dim={args.dim} lipschitz={args.lipschitz} batch=8 float64, {args.seeds} seeds (mean; cosine min)\n")
-    print("| method | cosine to exact (mean / min) | F evaluations | VJPs | saved for backward (KiB) "
-          "| forward rel. residual (max) |")
+    print(
+        "| method | cosine to exact (mean / min) | F evaluations | VJPs | saved for backward (KiB) "
+        "| forward rel. residual (max) |"
+    )
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         t = torch.tensor(r, dtype=D)
-        print(f"| {name} | {t[:, 0].mean():.6f} / {t[:, 0].min():.6f} | {t[:, 1].mean():.1f} | {t[:, 2].mean():.1f} "
-              f"| {t[:, 3].mean() / 1024:.1f} | {t[:, 4].max():.1e} |")
+        print(
+            f"| {name} | {t[:, 0].mean():.6f} / {t[:, 0].min():.6f} | {t[:, 1].mean():.1f} | {t[:, 2].mean():.1f} "
+            f"| {t[:, 3].mean() / 1024:.1f} | {t[:, 4].max():.1e} |"
+        )
 
 
 if __name__ == "__main__":

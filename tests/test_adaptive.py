@@ -9,17 +9,26 @@ import math
 
 import pytest
 import torch
-from conftest import TanhLayer, train_killed_in_epoch
 
 import phantomgrad as pg
+from conftest import TanhLayer, train_killed_in_epoch
 from phantomgrad.adaptive import AdaptivePhantom
 from phantomgrad.train import builders
 from phantomgrad.train.config import ConfigError, TrainConfig
 from phantomgrad.train.trainer import train
 
-TINY = ["arch.channels=[8,8]", "arch.head_channels=[4,8]", "arch.final_channels=32", "batch_size=64",
-        "solver_max_iter=6", "backward_max_iter=4", "progress=false", "threads=1",
-        "data_options.train_subset=192", "data_options.test_subset=64"]
+TINY = [
+    "arch.channels=[8,8]",
+    "arch.head_channels=[4,8]",
+    "arch.final_channels=32",
+    "batch_size=64",
+    "solver_max_iter=6",
+    "backward_max_iter=4",
+    "progress=false",
+    "threads=1",
+    "data_options.train_subset=192",
+    "data_options.test_subset=64",
+]
 
 
 def test_low_cosines_raise_k_up_to_k_max_and_leave_damping_alone():
@@ -75,9 +84,21 @@ def test_the_running_mean_sets_what_growing_means():
     assert mode.k == 4
 
 
-@pytest.mark.parametrize("bad", [dict(k=11), dict(k_min=3, k=2), dict(low=0.99, high=0.9), dict(damping_min=0.9),
-                                 dict(damping_factor=1.0), dict(residual_growth=1.0), dict(k_step=0),
-                                 dict(k_max=True), dict(adapt_damping=1), dict(low=float("nan"))])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(k=11),
+        dict(k_min=3, k=2),
+        dict(low=0.99, high=0.9),
+        dict(damping_min=0.9),
+        dict(damping_factor=1.0),
+        dict(residual_growth=1.0),
+        dict(k_step=0),
+        dict(k_max=True),
+        dict(adapt_damping=1),
+        dict(low=float("nan")),
+    ],
+)
 def test_bad_arguments_are_refused(bad):
     with pytest.raises(ValueError):
         AdaptivePhantom(**bad)
@@ -112,7 +133,12 @@ def test_state_dict_round_trip_and_bounds():
     state = json.loads(json.dumps(mode.state_dict()))  # JSON-serialisable, as the monitor stores it
     other = AdaptivePhantom(k=2, k_max=6)
     other.load_state_dict(state)
-    assert (other.k, other.damping, other.residual_mean, other.history) == (mode.k, mode.damping, mode.residual_mean, mode.history)
+    assert (other.k, other.damping, other.residual_mean, other.history) == (
+        mode.k,
+        mode.damping,
+        mode.residual_mean,
+        mode.history,
+    )
     with pytest.raises(ValueError, match="bounds"):
         AdaptivePhantom(k=2, k_max=3).load_state_dict({**state, "k": 5})
     with pytest.raises(ValueError, match="missing"):
@@ -120,7 +146,9 @@ def test_state_dict_round_trip_and_bounds():
 
 
 def test_config_builds_it_with_its_options():
-    cfg = TrainConfig.from_sources(None, ["backward=adaptive", "k=2", "damping=0.6", "backward_options={k_max: 7, low: 0.8}"])
+    cfg = TrainConfig.from_sources(
+        None, ["backward=adaptive", "k=2", "damping=0.6", "backward_options={k_max: 7, low: 0.8}"]
+    )
     mode = builders.build_backward(cfg)
     assert isinstance(mode, AdaptivePhantom) and (mode.k, mode.damping, mode.k_max, mode.low) == (2, 0.6, 7, 0.8)
     with pytest.raises(ConfigError, match="adaptive"):
@@ -130,8 +158,13 @@ def test_config_builds_it_with_its_options():
 def test_trainer_adapts_k_and_resumes_its_state(tmp_path):
     """With thresholds no phantom gradient can meet (low=0.9999), every measurement raises k; the state
     after epoch 1 comes back when a killed run is resumed."""
-    overrides = TINY + ["backward=adaptive", "k=1", "monitor_every=1", f"out_dir={tmp_path}",
-                        "backward_options={k_max: 9, low: 0.9999, high: 0.99999}"]
+    overrides = TINY + [
+        "backward=adaptive",
+        "k=1",
+        "monitor_every=1",
+        f"out_dir={tmp_path}",
+        "backward_options={k_max: 9, low: 0.9999, high: 0.99999}",
+    ]
     train_killed_in_epoch(TrainConfig.from_sources(None, overrides + ["epochs=2"]), epoch=1)
     saved = json.loads((tmp_path / "adaptive_state.json").read_text())
     assert saved["1"][0]["k"] == 4  # 3 steps measured, each raised k
@@ -148,21 +181,34 @@ def test_trainer_adapts_k_and_resumes_its_state(tmp_path):
 def test_adaptive_compare_command_at_a_tiny_budget(tmp_path, capsys):
     from phantomgrad.cli import main
 
-    small = ["dataset=digits", "model=mdeq-tiny", "arch.channels=[8,8]", "arch.head_channels=[4,4]", "arch.final_channels=16",
-             "solver_max_iter=4", "backward_max_iter=4"]
+    small = [
+        "dataset=digits",
+        "model=mdeq-tiny",
+        "arch.channels=[8,8]",
+        "arch.head_channels=[4,4]",
+        "arch.final_channels=16",
+        "solver_max_iter=4",
+        "backward_max_iter=4",
+    ]
     assert main(["adaptive-compare", "--budget", "tiny", "--out", str(tmp_path), *small]) == 0
     result = json.loads((tmp_path / "adaptive.json").read_text())
     rows = result["compare"]["rows"]
     assert [r["row"].split(",")[0].split(" ")[0] for r in rows] == ["UPG", "UPG", "Adaptive", "Adaptive"]
     assert all(0 <= r["accuracy_mean"] <= 1 and r["train_cpu_seconds_mean"] > 0 for r in rows)
-    assert rows[2]["runs"][0]["trace"] and rows[0]["runs"][0].get("trace") is None  # only the adaptive runs are monitored
+    assert (
+        rows[2]["runs"][0]["trace"] and rows[0]["runs"][0].get("trace") is None
+    )  # only the adaptive runs are monitored
     assert [v["row"] for v in result["compare"]["verdicts"]] == [rows[2]["row"], rows[3]["row"]]
-    assert all(set(v) >= {"best_fixed", "accuracy_reached", "cpu_time_not_more", "target_met"} for v in result["compare"]["verdicts"])
+    assert all(
+        set(v) >= {"best_fixed", "accuracy_reached", "cpu_time_not_more", "target_met"}
+        for v in result["compare"]["verdicts"]
+    )
     assert "target met" in (tmp_path / "adaptive.md").read_text() and "target met" in capsys.readouterr().out
 
 
 def test_adaptive_and_monitor_are_exported_from_the_package_root():
     assert pg.AdaptivePhantom is AdaptivePhantom
     from phantomgrad.monitor import gradient_quality
+
     assert pg.gradient_quality is gradient_quality
     assert {"AdaptivePhantom", "gradient_quality", "GradientQuality"} <= set(pg.__all__)

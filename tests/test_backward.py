@@ -49,7 +49,9 @@ def _fixed_point(layer, x, z0):
 def test_implicit_passes_gradcheck():
     layer = TanhLayer(dim=4, in_dim=3, lipschitz=0.5)
     z0 = torch.zeros(2, 4, dtype=F64)
-    deq = pg.DEQ(layer, solver=pg.FixedPoint(max_iter=200, tol=1e-14), backward=pg.Implicit(pg.Broyden(max_iter=100, tol=1e-13)))
+    deq = pg.DEQ(
+        layer, solver=pg.FixedPoint(max_iter=200, tol=1e-14), backward=pg.Implicit(pg.Broyden(max_iter=100, tol=1e-13))
+    )
     x = torch.randn(2, 3, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: deq(x, z0)[0], (x,), eps=1e-6, atol=1e-6)
     W = layer.W.detach().clone().requires_grad_()
@@ -63,7 +65,9 @@ def test_implicit_passes_gradcheck():
 
 def test_implicit_matches_backprop_through_100_iterations():
     layer, x, z0, w = _setup(lipschitz=0.7)
-    exact, _ = _grads(layer, pg.DEQ(layer, solver=pg.FixedPoint(max_iter=100, tol=1e-30), backward=pg.Backprop()), x, z0, w)
+    exact, _ = _grads(
+        layer, pg.DEQ(layer, solver=pg.FixedPoint(max_iter=100, tol=1e-30), backward=pg.Backprop()), x, z0, w
+    )
     implicit, info = _grads(layer, pg.DEQ(layer, solver=_tight(), backward=pg.Implicit()), x, z0, w)
     assert _cos(exact, implicit) > 0.9999  # the default backward tolerance
     assert info.backward is not None and info.backward.converged.all()
@@ -76,7 +80,12 @@ def test_implicit_equals_dense_formula():
     z_star = _fixed_point(layer, x, z0)
     grad, _ = _grads(layer, pg.DEQ(layer, solver=_tight(), backward=_exact()), x, z0, w)
     # dense: per sample, g = (I - J)^{-T} w, then vjp of F w.r.t. params and x.
-    g = torch.stack([torch.linalg.solve((torch.eye(6, dtype=F64) - jacobian(lambda z: layer(z, x[i]), z_star[i])).T, w[i]) for i in range(3)])
+    g = torch.stack(
+        [
+            torch.linalg.solve((torch.eye(6, dtype=F64) - jacobian(lambda z: layer(z, x[i]), z_star[i])).T, w[i])
+            for i in range(3)
+        ]
+    )
     layer.zero_grad()
     xr = x.clone().requires_grad_()
     (layer(z_star, xr) * g).sum().backward()
@@ -142,7 +151,10 @@ def test_upg_equals_backprop_through_k_damped_steps(k, lam):
 def test_phantom_gradients_approach_implicit_as_k_grows(mode):
     layer, x, z0, w = _setup(lipschitz=0.7)
     exact, _ = _grads(layer, pg.DEQ(layer, solver=_tight(), backward=pg.Implicit()), x, z0, w)
-    cosines = [_cos(_grads(layer, pg.DEQ(layer, solver=_tight(), backward=mode(k=k, damping=0.8)), x, z0, w)[0], exact) for k in (1, 5, 60)]
+    cosines = [
+        _cos(_grads(layer, pg.DEQ(layer, solver=_tight(), backward=mode(k=k, damping=0.8)), x, z0, w)[0], exact)
+        for k in (1, 5, 60)
+    ]
     assert cosines[-1] > 0.999
     assert cosines[0] < cosines[-1]
 
@@ -262,7 +274,9 @@ def test_implicit_twice_matches_backprop_twice():
         (z2 * w).sum().backward()
         return torch.cat([p.grad.flatten() for p in layer.parameters()] + [xr.grad.flatten()])
 
-    assert torch.allclose(run(_exact(), _tight()), run(pg.Backprop(), pg.FixedPoint(max_iter=150, tol=1e-30)), rtol=1e-6, atol=1e-9)
+    assert torch.allclose(
+        run(_exact(), _tight()), run(pg.Backprop(), pg.FixedPoint(max_iter=150, tol=1e-30)), rtol=1e-6, atol=1e-9
+    )
 
 
 def test_z0_gets_no_gradient():

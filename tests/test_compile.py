@@ -158,8 +158,12 @@ def test_sync_free_layer_compiles_without_graph_breaks(mode, tuple_state):
 def test_sync_free_layer_compiles_with_trajectory_states_in_eval_mode():
     torch.manual_seed(4)
     layer, x, z0 = _problem(False)
-    deq = pg.DEQ(layer, solver=pg.Broyden(max_iter=6, tol=1e-10, check_every=None), backward=pg.UPG(k=2, damping=0.5),
-                 return_states=(2, 4)).eval()
+    deq = pg.DEQ(
+        layer,
+        solver=pg.Broyden(max_iter=6, tol=1e-10, check_every=None),
+        backward=pg.UPG(k=2, damping=0.5),
+        return_states=(2, 4),
+    ).eval()
     eager = _run(deq, layer, x, z0)
     torch._dynamo.reset()
     compiled = _run(torch.compile(deq, backend="aot_eager", fullgraph=True), layer, x, z0)
@@ -195,7 +199,8 @@ def test_sync_free_layer_leaves_non_finite_inputs_to_the_device_flag():
     x[1, 0] = float("nan")
     with torch.no_grad():
         _, info = pg.DEQ(layer, solver=pg.FixedPoint(max_iter=5, check_every=None), warn_not_converged=False)(
-            x, torch.zeros(3, 6, dtype=F64))
+            x, torch.zeros(3, 6, dtype=F64)
+        )
     assert info.nonfinite.tolist() == [False, True, False]
     with pytest.raises(ValueError, match="NaN or Inf"):
         pg.DEQ(layer, solver=pg.FixedPoint(max_iter=5, check_every=1))(x, torch.zeros(3, 6, dtype=F64))

@@ -13,7 +13,14 @@ def test_file_then_overrides(tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("epochs: 3\nbackward: npg\nlr: 0.01\n")
     cfg = TrainConfig.from_sources(yaml_file, ["epochs=5", "damping=0.8", "data_dir=null", "solver_tol=1e-5"])
-    assert (cfg.epochs, cfg.backward, cfg.lr, cfg.damping, cfg.data_dir, cfg.solver_tol) == (5, "npg", 0.01, 0.8, None, 1e-5)
+    assert (cfg.epochs, cfg.backward, cfg.lr, cfg.damping, cfg.data_dir, cfg.solver_tol) == (
+        5,
+        "npg",
+        0.01,
+        0.8,
+        None,
+        1e-5,
+    )
     toml_file = tmp_path / "run.toml"
     toml_file.write_text('epochs = 2\noptimizer = "sgd"\nlr = 1\n')
     cfg = TrainConfig.from_sources(toml_file)
@@ -93,8 +100,8 @@ def test_a_new_backward_mode_is_one_class_and_one_registry_entry(monkeypatch, ca
     """Config validation, the builder and train --help pick a registered mode up, with the config
     keys it declares (``config_keys``)."""
     import phantomgrad as pg
-    from phantomgrad.modes import BACKWARD_MODES
     from phantomgrad.cli import main
+    from phantomgrad.modes import BACKWARD_MODES
     from phantomgrad.train import builders
 
     class HalfStep(pg.JFB):
@@ -114,18 +121,21 @@ def test_a_new_backward_mode_is_one_class_and_one_registry_entry(monkeypatch, ca
     assert "halfstep" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("override, message", [
-    ("lr=inf", "lr must be > 0 and finite, got inf"),
-    ("weight_decay=.nan", "weight_decay must be >= 0 and finite, got nan"),
-    ("solver_tol=-1e-3", "solver_tol must be > 0"),
-    ("backward_tol=.inf", "backward_tol must be > 0 and finite"),
-    ("grad_clip=-1", "grad_clip must be > 0"),
-    ("damping=.nan", "damping must be in (0, 1], got nan"),
-    ("dropout=-0.1", "dropout must be in [0, 1)"),
-    ("momentum=.inf", "momentum must be in [0, 1), got inf"),
-    ("jac_reg_weight=inf", "jac_reg_weight must be >= 0 and finite"),
-    ("max_bad_steps=0", "max_bad_steps must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lr=inf", "lr must be > 0 and finite, got inf"),
+        ("weight_decay=.nan", "weight_decay must be >= 0 and finite, got nan"),
+        ("solver_tol=-1e-3", "solver_tol must be > 0"),
+        ("backward_tol=.inf", "backward_tol must be > 0 and finite"),
+        ("grad_clip=-1", "grad_clip must be > 0"),
+        ("damping=.nan", "damping must be in (0, 1], got nan"),
+        ("dropout=-0.1", "dropout must be in [0, 1)"),
+        ("momentum=.inf", "momentum must be in [0, 1), got inf"),
+        ("jac_reg_weight=inf", "jac_reg_weight must be >= 0 and finite"),
+        ("max_bad_steps=0", "max_bad_steps must be >= 1"),
+    ],
+)
 def test_non_finite_or_absurd_hyperparameters_are_refused_with_their_range(override, message):
     with pytest.raises(ConfigError) as err:
         TrainConfig.from_sources(None, [override])

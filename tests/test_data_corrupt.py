@@ -12,8 +12,14 @@ from phantomgrad.cli import main
 
 PIL = pytest.importorskip("PIL.Image")
 
-TINY = ["arch.channels=[8,8]", "arch.head_channels=[4,8]", "arch.final_channels=32", "solver_max_iter=4",
-        "progress=false", "threads=2"]
+TINY = [
+    "arch.channels=[8,8]",
+    "arch.head_channels=[4,8]",
+    "arch.final_channels=32",
+    "solver_max_iter=4",
+    "progress=false",
+    "threads=2",
+]
 
 
 def _jpeg_bytes(size: int = 16, seed: int = 0) -> bytes:
@@ -62,8 +68,18 @@ def test_all_unreadable_class_is_a_clear_error(tmp_path):
 
 def test_a_run_with_corrupt_images_completes_and_counts_them(damaged_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", *TINY, "dataset=imagefolder", f"data_dir={damaged_folder}", "data_options={size: 16}",
-                 "epochs=1", "batch_size=4", f"out_dir={out}"])
+    code = main(
+        [
+            "train",
+            *TINY,
+            "dataset=imagefolder",
+            f"data_dir={damaged_folder}",
+            "data_options={size: 16}",
+            "epochs=1",
+            "batch_size=4",
+            f"out_dir={out}",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "test accuracy (final epoch)" in printed
@@ -73,6 +89,7 @@ def test_a_run_with_corrupt_images_completes_and_counts_them(damaged_folder, tmp
 
 # ---- text ------------------------------------------------------------------------------------
 
+
 def _bible_dir(tmp_path, content: bytes):
     d = tmp_path / "bible"
     d.mkdir()
@@ -80,11 +97,14 @@ def _bible_dir(tmp_path, content: bytes):
     return d
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"In the beginning \xff\xfe God created\n" * 50, "is not UTF-8 text"),
-    (b"", "is empty"),
-    (b"   \n\n", "is empty"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"In the beginning \xff\xfe God created\n" * 50, "is not UTF-8 text"),
+        (b"", "is empty"),
+        (b"   \n\n", "is empty"),
+    ],
+)
 def test_damaged_bible_file_is_refused_at_load(tmp_path, content, message):
     from phantomgrad.data.text import load_corpus
 
@@ -95,8 +115,20 @@ def test_damaged_bible_file_is_refused_at_load(tmp_path, content, message):
 def test_truncated_bible_file_gives_one_line_through_the_cli(tmp_path, capsys):
     data = _bible_dir(tmp_path, b"In the beginning God created the heaven and the earth.\n")
     out = tmp_path / "run"
-    assert main(["train", "task=lm", "dataset=bible", f"data_dir={data}", "model=deq-transformer-tiny",
-                 f"out_dir={out}", "progress=false"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "task=lm",
+                "dataset=bible",
+                f"data_dir={data}",
+                "model=deq-transformer-tiny",
+                f"out_dir={out}",
+                "progress=false",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "corpus files are complete" in err
     assert not out.exists()
@@ -130,6 +162,7 @@ def test_damaged_wikitext_file_is_refused_at_load(tmp_path, damage, message):
 
 # ---- graphs ----------------------------------------------------------------------------------
 
+
 def _write_tu(d, name="TOY", graphs=20):
     """``graphs`` paths of 3 nodes, alternating labels -1/1, node labels 0..2."""
     d.mkdir(parents=True, exist_ok=True)
@@ -151,6 +184,7 @@ def _cut(fraction):
     def damage(path):
         raw = path.read_bytes()
         path.write_bytes(raw[: int(len(raw) * fraction)])
+
     return damage
 
 
@@ -183,8 +217,19 @@ def test_damaged_tu_dataset_through_the_cli_is_one_line(tmp_path, capsys):
     d = _write_tu(tmp_path / "TOY")
     _cut(0.5)(d / "TOY_A.txt")
     out = tmp_path / "run"
-    assert main(["train", "task=graph", "dataset=tu", "data_options={name: TOY, n_folds: 2}", f"data_dir={d}",
-                 f"out_dir={out}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "task=graph",
+                "dataset=tu",
+                "data_options={name: TOY, n_folds: 2}",
+                f"data_dir={d}",
+                f"out_dir={out}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "TOY_A.txt" in err
     assert not out.exists()

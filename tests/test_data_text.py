@@ -92,7 +92,9 @@ def test_bible_missing_says_how_to_install(tmp_path, monkeypatch):
         T.load_corpus("bible", data_dir=tmp_path)
 
 
-@pytest.mark.skipif(shutil.which("bible") is None, reason="the `bible` program (apt-get install bible-kjv) is not installed")
+@pytest.mark.skipif(
+    shutil.which("bible") is None, reason="the `bible` program (apt-get install bible-kjv) is not installed"
+)
 def test_bible_corpus_is_the_whole_kjv_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("PHANTOMGRAD_CACHE", str(tmp_path))
     corpus = T.load_corpus("bible")

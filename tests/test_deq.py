@@ -13,7 +13,9 @@ F64 = torch.float64
 
 def test_info_fields_are_per_sample():
     layer = TanhLayer()
-    z, info = pg.DEQ(layer, solver=pg.Anderson(max_iter=40, tol=1e-8))(torch.randn(5, 4, dtype=F64), torch.zeros(5, 6, dtype=F64))
+    z, info = pg.DEQ(layer, solver=pg.Anderson(max_iter=40, tol=1e-8))(
+        torch.randn(5, 4, dtype=F64), torch.zeros(5, 6, dtype=F64)
+    )
     for name in ("abs_residual", "rel_residual", "nstep", "converged", "nonfinite", "fallback"):
         assert getattr(info, name).shape == (5,), name
     assert info.converged.all()
@@ -131,7 +133,9 @@ def test_jacobian_penalty_estimates_frobenius_norm_and_is_differentiable():
     layer = TanhLayer(dim=6)
     x = torch.randn(4, 4, dtype=F64)
     z = torch.randn(4, 6, dtype=F64)
-    exact = sum(torch.autograd.functional.jacobian(lambda zi: layer(zi, x[i]), z[i]).pow(2).sum() for i in range(4)) / (4 * 6)
+    exact = sum(torch.autograd.functional.jacobian(lambda zi: layer(zi, x[i]), z[i]).pow(2).sum() for i in range(4)) / (
+        4 * 6
+    )
     estimate = pg.jacobian_penalty(layer, z, x, n_samples=2000)
     assert torch.allclose(estimate, exact, rtol=0.05)
     pg.jacobian_penalty(layer, z, x).backward()
@@ -149,7 +153,8 @@ def test_fallback_solver_is_used_when_it_helps():
     x = torch.randn(3, 4, dtype=F64)
     with torch.no_grad():
         z, info = pg.DEQ(layer, solver=Flaky(max_iter=5), fallback=pg.FixedPoint(damping=0.5, max_iter=300, tol=1e-10))(
-            x, torch.zeros(3, 6, dtype=F64))
+            x, torch.zeros(3, 6, dtype=F64)
+        )
         residual = (layer(z, x) - z).norm(dim=1)
     assert info.fallback.all() and not info.nonfinite.any() and info.converged.all()
     assert (residual < 1e-8).all()
@@ -174,7 +179,9 @@ def test_sparse_inputs_are_accepted_and_checked():
     def f(z, x):
         return 0.5 * torch.sparse.mm(x[1], z.T).T + x[0]
 
-    z, info = pg.DEQ(f, solver=pg.FixedPoint(max_iter=100, tol=1e-10))((torch.ones(1, 3, dtype=F64), adjacency), torch.zeros(1, 3, dtype=F64))
+    z, info = pg.DEQ(f, solver=pg.FixedPoint(max_iter=100, tol=1e-10))(
+        (torch.ones(1, 3, dtype=F64), adjacency), torch.zeros(1, 3, dtype=F64)
+    )
     assert info.converged.all() and torch.allclose(z, torch.full((1, 3), 2.0, dtype=F64))
     bad = torch.sparse_coo_tensor([[0], [0]], torch.tensor([float("nan")], dtype=F64), (3, 3), check_invariants=True)
     with pytest.raises(ValueError, match="NaN or Inf"):
@@ -223,12 +230,17 @@ def test_signatures_and_help_show_the_real_arguments():
 def test_a_sync_free_layer_reads_its_health_only_every_warn_interval_calls(caplog, check_every, expected):
     """With check_every=None the layer reads residuals and flags on the host once per warn_interval calls
     (calls 0 and 3 of 4 here), not on every call."""
+
     def f(z, x):
         return z * x + 1.0  # sample 0 overflows to inf
 
     x = torch.tensor([[1e200], [0.5]], dtype=F64)
-    deq = pg.DEQ(f, solver=pg.FixedPoint(max_iter=10, tol=1e-12, check_every=check_every), warn_interval=3,
-                 warn_not_converged=False)
+    deq = pg.DEQ(
+        f,
+        solver=pg.FixedPoint(max_iter=10, tol=1e-12, check_every=check_every),
+        warn_interval=3,
+        warn_not_converged=False,
+    )
     with caplog.at_level(logging.WARNING, logger="phantomgrad"), torch.no_grad():
         for _ in range(4):
             _, info = deq(x, torch.zeros(2, 1, dtype=F64))

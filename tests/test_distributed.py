@@ -16,7 +16,11 @@ HERE = Path(__file__).parent
 
 
 def _torchrun(args, tmp_path, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -37,15 +41,35 @@ def test_ddp_averaged_gradients_equal_single_process_for_every_mode(tmp_path):
 
 # Two SGD steps: one and two processes agree to float32 rounding (about 4e-6 here). Over longer runs the
 # untrained, not yet contractive MDEQ amplifies that rounding (about 10x per step), so the test stays short.
-TINY = ["dataset=digits", "arch.channels=[8,8]", "arch.head_channels=[4,4]", "arch.final_channels=16", "arch.outer_norm=group",
-        "batch_size=128", "data_options.train_subset=256", "data_options.test_subset=200", "solver=fixed_point", "solver_tol=1e-12", "solver_max_iter=5", "epochs=1",  # no stopping decision to flip
-        "progress=false", "threads=1", "optimizer=sgd", "lr=0.05"]  # SGD: Adam would amplify float32 rounding of near-zero gradients
+TINY = [
+    "dataset=digits",
+    "arch.channels=[8,8]",
+    "arch.head_channels=[4,4]",
+    "arch.final_channels=16",
+    "arch.outer_norm=group",
+    "batch_size=128",
+    "data_options.train_subset=256",
+    "data_options.test_subset=200",
+    "solver=fixed_point",
+    "solver_tol=1e-12",
+    "solver_max_iter=5",
+    "epochs=1",  # no stopping decision to flip
+    "progress=false",
+    "threads=1",
+    "optimizer=sgd",
+    "lr=0.05",
+]  # SGD: Adam would amplify float32 rounding of near-zero gradients
 
 
 def test_torchrun_training_matches_one_process(tmp_path):
     _torchrun(["-m", "phantomgrad", "train", *TINY, f"out_dir={tmp_path / 'two'}"], tmp_path)
-    one = subprocess.run([sys.executable, "-m", "phantomgrad", "train", *TINY, f"out_dir={tmp_path / 'one'}"],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    one = subprocess.run(
+        [sys.executable, "-m", "phantomgrad", "train", *TINY, f"out_dir={tmp_path / 'one'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     a = load_checkpoint(tmp_path / "one" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "two" / "checkpoint.pt")

@@ -55,8 +55,14 @@ def run_env() -> dict[str, str]:
 def test_python_block_runs(code, tmp_path):
     script = tmp_path / "block.py"
     script.write_text(code)
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=run_env(),
-                          capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=BLOCK_TIMEOUT_S,
+    )
     last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
     if done.returncode != 0 and last.startswith("FileNotFoundError") and ("install" in last or "setup.sh" in last):
         pytest.skip(f"an offline dataset is not installed (bash scripts/setup.sh installs it): {last}")
@@ -107,8 +113,14 @@ def test_site_builds_strict(tmp_path):
     pytest.importorskip("mkdocs", reason=reason)
     pytest.importorskip("mkdocstrings", reason=reason)
     env = run_env() | {"NO_MKDOCS_2_WARNING": "1"}
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     config_page = (tmp_path / "site" / "api" / "config" / "index.html").read_text()
     from phantomgrad.train.config import TrainConfig

@@ -20,8 +20,15 @@ from phantomgrad.cli import main
 from phantomgrad.train.checkpoint import save_checkpoint
 from phantomgrad.train.config import TrainConfig
 
-TINY = ["arch.channels=[8,8]", "arch.head_channels=[4,8]", "arch.final_channels=32", "batch_size=128",
-        "solver_max_iter=4", "progress=false", "threads=2"]
+TINY = [
+    "arch.channels=[8,8]",
+    "arch.head_channels=[4,8]",
+    "arch.final_channels=32",
+    "batch_size=128",
+    "solver_max_iter=4",
+    "progress=false",
+    "threads=2",
+]
 
 
 def _unwritable_root() -> Path | None:
@@ -39,6 +46,7 @@ UNWRITABLE = _unwritable_root()
 
 
 # ---- fixtures each case may use, made in the working directory before the snapshot ------------
+
 
 def make_file(root: Path) -> None:
     (root / "a_file").write_text("not a directory\n")
@@ -66,9 +74,19 @@ def make_garbage_checkpoint(root: Path) -> None:
 
 
 def _checkpoint(root: Path, config: dict, model: dict) -> None:
-    save_checkpoint(root / "run" / "checkpoint.pt", {"config": config, "epoch": 1, "step": 1, "model": model,
-                                                     "optimizer": {}, "scheduler": {}, "rng": torch.get_rng_state(),
-                                                     "history": []})
+    save_checkpoint(
+        root / "run" / "checkpoint.pt",
+        {
+            "config": config,
+            "epoch": 1,
+            "step": 1,
+            "model": model,
+            "optimizer": {},
+            "scheduler": {},
+            "rng": torch.get_rng_state(),
+            "history": [],
+        },
+    )
 
 
 def make_checkpoint_of_another_config(root: Path) -> None:
@@ -116,7 +134,13 @@ CASES = [
     ("misspelled choice", ["backward=upgg"], 2, "did you mean 'upg'", None),
     ("unknown task", ["task=vision"], 2, "task must be one of image, lm, graph", None),
     ("dataset of another task", ["dataset=bible"], 2, "dataset must be one of digits", None),
-    ("model of another task", ["model=ignn"], 2, "model 'ignn' is not an MDEQ: task=image trains one of mdeq-tiny", None),
+    (
+        "model of another task",
+        ["model=ignn"],
+        2,
+        "model 'ignn' is not an MDEQ: task=image trains one of mdeq-tiny",
+        None,
+    ),
     ("not key=value", ["epochs"], 2, "must look like key=value", None),
     ("missing config file", ["--config", "missing.yaml"], 2, "does not exist", None),
     ("unparsable config file", ["--config", "bad.yaml"], 2, "could not be parsed", make_bad_yaml),
@@ -143,12 +167,22 @@ CASES = [
     ("cifar10 without data_dir", ["dataset=cifar10"], 2, "data_dir", None),
     ("missing image folder", ["dataset=imagefolder", "data_dir=nowhere"], 2, "does not exist", None),
     ("empty image folder", ["dataset=imagefolder", "data_dir=images"], 2, "holds no", make_empty_images),
-    ("only corrupt images", ["dataset=imagefolder", "data_dir=images"], 2, "holds no readable image",
-     make_broken_images),
+    (
+        "only corrupt images",
+        ["dataset=imagefolder", "data_dir=images"],
+        2,
+        "holds no readable image",
+        make_broken_images,
+    ),
     ("missing fashion-mnist", ["dataset=fashion-mnist", "data_dir=nowhere"], 2, "dataset-fashion-mnist", None),
     ("corrupt text", ["task=lm", "dataset=bible", "data_dir=text"], 2, "is not UTF-8 text", make_bad_bible),
-    ("graph file without graphs", ["task=graph", "dataset=tu", "data_dir=tu", "data_options={name: TOY}"], 2,
-     "holds no graph labels", make_tu_without_graphs),
+    (
+        "graph file without graphs",
+        ["task=graph", "dataset=tu", "data_dir=tu", "data_options={name: TOY}"],
+        2,
+        "holds no graph labels",
+        make_tu_without_graphs,
+    ),
     # file system
     ("out_dir is a file", ["out_dir=a_file"], 2, "exists and is not a directory", make_file),
     ("out_dir under a file", ["out_dir=a_file/run"], 2, "a_file is a file", make_file),
@@ -158,14 +192,34 @@ CASES = [
     ("--json not writable", ["--json", f"{UNWRITABLE}/summary.json"], 2, "is not writable", None),
     # checkpoints
     ("--resume without out_dir", ["--resume"], 2, "--resume needs out_dir", None),
-    ("--resume without a checkpoint", ["--resume", "out_dir=run"], 2, "no checkpoint.pt in run",
-     make_run_dir_without_checkpoint),
-    ("garbage checkpoint", [*TINY, "--resume", "out_dir=run"], 2, "corrupted or not a phantomgrad checkpoint",
-     make_garbage_checkpoint),
-    ("checkpoint of another config", [*TINY, "--resume", "out_dir=run"], 2, "different config",
-     make_checkpoint_of_another_config),
-    ("checkpoint of another model", [*TINY, "epochs=1", "--resume", "out_dir=run"], 2, "does not fit this model",
-     make_checkpoint_of_another_model),
+    (
+        "--resume without a checkpoint",
+        ["--resume", "out_dir=run"],
+        2,
+        "no checkpoint.pt in run",
+        make_run_dir_without_checkpoint,
+    ),
+    (
+        "garbage checkpoint",
+        [*TINY, "--resume", "out_dir=run"],
+        2,
+        "corrupted or not a phantomgrad checkpoint",
+        make_garbage_checkpoint,
+    ),
+    (
+        "checkpoint of another config",
+        [*TINY, "--resume", "out_dir=run"],
+        2,
+        "different config",
+        make_checkpoint_of_another_config,
+    ),
+    (
+        "checkpoint of another model",
+        [*TINY, "epochs=1", "--resume", "out_dir=run"],
+        2,
+        "does not fit this model",
+        make_checkpoint_of_another_model,
+    ),
     ("out_dir holds a run", [*TINY, "out_dir=run"], 2, "already holds a run", make_finished_run),
     # environment
     ("cuda without a GPU", ["device=cuda"], 2, "no CUDA GPU is visible", None),
@@ -183,8 +237,9 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.parametrize("name, argv, code, message, fixture", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_ends_in_one_line_and_leaves_nothing(name, argv, code, message, fixture, tmp_path, monkeypatch,
-                                                       capsys):
+def test_bad_input_ends_in_one_line_and_leaves_nothing(
+    name, argv, code, message, fixture, tmp_path, monkeypatch, capsys
+):
     if SKIPS.get(name):
         pytest.skip(SKIPS[name])
     monkeypatch.chdir(tmp_path)  # the default out_dir, runs/..., would appear here
@@ -205,18 +260,27 @@ def test_the_table_covers_every_area():
 
 # ---- exit codes of errors raised during a run -----------------------------------------------
 
+
 class _Diverged(RuntimeError):
     exit_code = 3
 
 
-@pytest.mark.parametrize("error, code, line", [
-    (_Diverged("training diverged: 5 steps in a row had a non-finite loss"), 3, "training diverged"),
-    (type("TrainingInterrupted", (RuntimeError,), {"exit_code": 143})("stopped by SIGTERM; resume with --resume"),
-     143, "stopped by SIGTERM"),
-    (KeyboardInterrupt(), 130, "interrupted"),
-    (PermissionError(13, "Permission denied", "run/metrics.csv"), 2, "run/metrics.csv"),
-    (ImportError("image folders need Pillow: `pip install pillow`"), 2, "pip install pillow"),
-])
+@pytest.mark.parametrize(
+    "error, code, line",
+    [
+        (_Diverged("training diverged: 5 steps in a row had a non-finite loss"), 3, "training diverged"),
+        (
+            type("TrainingInterrupted", (RuntimeError,), {"exit_code": 143})(
+                "stopped by SIGTERM; resume with --resume"
+            ),
+            143,
+            "stopped by SIGTERM",
+        ),
+        (KeyboardInterrupt(), 130, "interrupted"),
+        (PermissionError(13, "Permission denied", "run/metrics.csv"), 2, "run/metrics.csv"),
+        (ImportError("image folders need Pillow: `pip install pillow`"), 2, "pip install pillow"),
+    ],
+)
 def test_errors_with_an_exit_code_are_one_line(error, code, line, monkeypatch, capsys):
     def run(args):
         raise error

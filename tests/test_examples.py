@@ -28,8 +28,9 @@ def test_example_runs_tiny(script, tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", "1")
-    done = subprocess.run([sys.executable, str(script), "--tiny"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, str(script), "--tiny"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
     if done.returncode == 2 and "install" in done.stderr:  # the script's own "dataset not installed" exit
         pytest.skip(f"{script.name}: {done.stderr.strip().splitlines()[-1]}")
     assert done.returncode == 0, done.stderr[-3000:]

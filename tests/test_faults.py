@@ -12,20 +12,36 @@ import pytest
 import torch
 
 import phantomgrad as pg
-from phantomgrad.models.toy import TanhMap
 from phantomgrad.cli import main
+from phantomgrad.models.toy import TanhMap
 from phantomgrad.train.checkpoint import load_checkpoint
 from phantomgrad.train.config import TrainConfig
 from phantomgrad.train.trainer import DivergenceError, Trainer
 
-TINY = ["dataset=digits", "arch.channels=[8,8]", "arch.head_channels=[4,4]", "arch.final_channels=16",
-        "batch_size=32", "data_options.train_subset=640", "data_options.test_subset=100", "solver_max_iter=5",
-        "progress=false", "threads=1", "dropout=0.1"]
+TINY = [
+    "dataset=digits",
+    "arch.channels=[8,8]",
+    "arch.head_channels=[4,4]",
+    "arch.final_channels=16",
+    "batch_size=32",
+    "data_options.train_subset=640",
+    "data_options.test_subset=100",
+    "solver_max_iter=5",
+    "progress=false",
+    "threads=1",
+    "dropout=0.1",
+]
 
 
 def _run(args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "phantomgrad", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "phantomgrad", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        **kw,
+    )
 
 
 def _without_timing(rows):
@@ -94,7 +110,9 @@ def test_guard_skips_an_isolated_bad_step_and_training_goes_on(tmp_path):
     assert summary["skipped_steps"] == 1 and summary["steps"] == 640 // 32 - 1
 
 
-@pytest.mark.parametrize("mode", [pg.UPG(5, 0.5), pg.NPG(5, 0.5), pg.Implicit(), pg.JFB()], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "mode", [pg.UPG(5, 0.5), pg.NPG(5, 0.5), pg.Implicit(), pg.JFB()], ids=lambda m: type(m).__name__
+)
 def test_bf16_gradient_is_close_to_fp32(mode):
     torch.manual_seed(0)
     f, head = TanhMap(64, 32, lipschitz=0.5, dtype=torch.float32), torch.nn.Linear(64, 10)
@@ -118,7 +136,9 @@ def test_bf16_gradient_is_close_to_fp32(mode):
 
 
 def test_bf16_training_run(tmp_path):
-    summary = Trainer(TrainConfig.from_sources(None, [*TINY, "epochs=1", "precision=bf16", f"out_dir={tmp_path}"])).fit()
+    summary = Trainer(
+        TrainConfig.from_sources(None, [*TINY, "epochs=1", "precision=bf16", f"out_dir={tmp_path}"])
+    ).fit()
     assert summary["skipped_steps"] == 0 and summary["test_accuracy"] is not None
 
 
@@ -145,7 +165,12 @@ def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
 def test_corrupted_data_file(tmp_path, capsys):
     data = tmp_path / "fmnist"
     data.mkdir()
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         (data / name).write_bytes(b"\x00\x00\x08\x03garbage")
     assert main(["train", "dataset=fashion-mnist", f"data_dir={data}", f"out_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
@@ -180,6 +205,7 @@ def test_corrupted_or_mismatched_checkpoint(finished_run, capsys):
 
 # ---- the guard on the device -------------------------------------------------------------------
 
+
 def _poison(trainer, bad_steps, how=float("nan"), tensors=False):
     """Make the loss of the given steps non-finite; with ``tensors``, the task's sums become tensors."""
     original = trainer.task.step
@@ -211,8 +237,9 @@ def test_the_logging_interval_and_tensor_sums_change_nothing(tmp_path):
 
 
 def test_divergence_is_seen_at_the_end_of_the_interval_and_nothing_reaches_the_weights(tmp_path):
-    trainer = Trainer(TrainConfig.from_sources(None, [*TINY, "epochs=1", "max_bad_steps=3", f"out_dir={tmp_path}"]),
-                      log_every=5)
+    trainer = Trainer(
+        TrainConfig.from_sources(None, [*TINY, "epochs=1", "max_bad_steps=3", f"out_dir={tmp_path}"]), log_every=5
+    )
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     _poison(trainer, set(range(100)), how=float("inf"))
     with pytest.raises(DivergenceError, match=r"3 steps in a row had a non-finite loss \(last at step 2\)") as err:
@@ -266,6 +293,7 @@ def test_a_huge_learning_rate_on_one_step_is_skipped_in_training(tmp_path):
 
 # ---- signals, the run lock, a full disk ------------------------------------------------------------
 
+
 def _wait_for_checkpoint(run_dir, seconds=240):
     deadline = time.time() + seconds
     while time.time() < deadline and not (run_dir / "checkpoint.pt").exists():
@@ -294,8 +322,9 @@ def test_a_signal_stops_mid_epoch_with_a_checkpoint_and_resume_is_bit_exact(tmp_
     b = load_checkpoint(stopped_dir / "checkpoint.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert _without_timing(a["history"]) == _without_timing(b["history"])
-    assert [r["step"] for r in csv.DictReader((stopped_dir / "forward_stats.csv").open())] == \
-        [r["step"] for r in csv.DictReader((tmp_path / "straight" / "forward_stats.csv").open())]
+    assert [r["step"] for r in csv.DictReader((stopped_dir / "forward_stats.csv").open())] == [
+        r["step"] for r in csv.DictReader((tmp_path / "straight" / "forward_stats.csv").open())
+    ]
     assert not [p for p in stopped_dir.iterdir() if p.name.endswith(".tmp")]
 
 

@@ -42,6 +42,7 @@ def _top_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
                     visit(handler.body)
                 visit(node.orelse)
                 visit(node.finalbody)
+
     visit(tree.body)
     return found
 
@@ -79,7 +80,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:

@@ -10,21 +10,30 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TanhLayer
 from torch import nn
 
 import phantomgrad as pg
+from conftest import TanhLayer
 from phantomgrad.monitor import capture_rng_state, gradient_quality
-from phantomgrad.train.context import RunContext
 from phantomgrad.train.config import TrainConfig
+from phantomgrad.train.context import RunContext
 from phantomgrad.train.distributed import DistInfo
 from phantomgrad.train.monitor_callback import GradientMonitor
 from phantomgrad.train.trainer import train
 
 D = torch.float64
-TINY = ["arch.channels=[8,8]", "arch.head_channels=[4,8]", "arch.final_channels=32", "batch_size=64",
-        "solver_max_iter=6", "backward_max_iter=5", "progress=false", "threads=1",
-        "data_options.train_subset=192", "data_options.test_subset=64"]
+TINY = [
+    "arch.channels=[8,8]",
+    "arch.head_channels=[4,8]",
+    "arch.final_channels=32",
+    "batch_size=64",
+    "solver_max_iter=6",
+    "backward_max_iter=5",
+    "progress=false",
+    "threads=1",
+    "data_options.train_subset=192",
+    "data_options.test_subset=64",
+]
 
 
 class Classifier(nn.Module):
@@ -35,8 +44,11 @@ class Classifier(nn.Module):
         super().__init__()
         self.stem = nn.Linear(5, 4, dtype=D)
         self.norm = nn.BatchNorm1d(4, dtype=D)
-        self.deq = pg.DEQ(TanhLayer(dim=6, in_dim=4, lipschitz=lipschitz), solver=pg.Anderson(max_iter=80, tol=1e-11),
-                          backward=backward)
+        self.deq = pg.DEQ(
+            TanhLayer(dim=6, in_dim=4, lipschitz=lipschitz),
+            solver=pg.Anderson(max_iter=80, tol=1e-11),
+            backward=backward,
+        )
         self.head = nn.Linear(6, 3, dtype=D)
         self.dropout = dropout
 
@@ -91,8 +103,11 @@ def test_spectral_radius_is_bounded_by_the_lipschitz_constant():
 
 
 def _snapshot(model):
-    return ([None if p.grad is None else p.grad.clone() for p in model.parameters()],
-            [b.clone() for b in model.buffers()], torch.get_rng_state().clone())
+    return (
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        [b.clone() for b in model.buffers()],
+        torch.get_rng_state().clone(),
+    )
 
 
 def _assert_unchanged(model, snap, mode):
@@ -134,10 +149,18 @@ def test_without_a_phantom_gradient_it_says_what_to_do():
 
 # ---- the callback -----------------------------------------------------------------------------
 
+
 def _context(model, loss_fn, tmp_path):
     """The context a trainer hands its callbacks, for a model trained by hand."""
-    return RunContext(tmp_path, model, torch.device("cpu"), SimpleNamespace(pretrain_steps=0), DistInfo(), resume=False,
-                      recompute_loss=lambda batch: loss_fn())
+    return RunContext(
+        tmp_path,
+        model,
+        torch.device("cpu"),
+        SimpleNamespace(pretrain_steps=0),
+        DistInfo(),
+        resume=False,
+        recompute_loss=lambda batch: loss_fn(),
+    )
 
 
 def test_rescaling_multiplies_the_deq_gradient_by_the_inverse_norm_ratio(tmp_path):
@@ -173,8 +196,11 @@ def test_one_outlier_moves_the_scale_by_at_most_the_clip(tmp_path, monkeypatch):
     from phantomgrad.monitor import GradientQuality
 
     ratios = iter([0.05, 0.8, 0.8, 0.8])
-    monkeypatch.setattr(mc, "gradient_quality", lambda *a, **k: GradientQuality(
-        0.9, 0.5, 0.9, next(ratios), 1.0, 2.0, None, None, None, 0.0))
+    monkeypatch.setattr(
+        mc,
+        "gradient_quality",
+        lambda *a, **k: GradientQuality(0.9, 0.5, 0.9, next(ratios), 1.0, 2.0, None, None, None, 0.0),
+    )
     monitor = GradientMonitor(every=1, rescale=True, scale_range=(0.5, 3.0), scale_ema=0.5)
     ctx = _context(Classifier(pg.JFB(), dropout=0.0), lambda: torch.zeros(()), tmp_path)
     scales = []

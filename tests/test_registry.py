@@ -83,8 +83,9 @@ def _module_level_imports(path: Path, package: str) -> set[str]:
 def test_no_import_cycle_among_the_core_modules():
     root = Path(pg.__file__).parent
     modules = {f"phantomgrad.{p.stem}": p for p in root.glob("*.py") if p.stem not in ("__init__", "__main__")}
-    graph = {m: {t for t in _module_level_imports(p, "phantomgrad") if t in modules and t != m}
-             for m, p in modules.items()}
+    graph = {
+        m: {t for t in _module_level_imports(p, "phantomgrad") if t in modules and t != m} for m, p in modules.items()
+    }
 
     def visit(node, stack):
         assert node not in stack, f"import cycle: {' -> '.join(stack + [node])}"

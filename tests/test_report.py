@@ -13,11 +13,27 @@ from phantomgrad.cli import main
 from phantomgrad.train.config import TrainConfig
 from phantomgrad.train.trainer import train
 
-TINY = ["arch.channels=[8,8]", "arch.head_channels=[4,8]", "arch.final_channels=32", "batch_size=64",
-        "solver_max_iter=6", "backward_max_iter=4", "progress=false", "threads=1",
-        "data_options.train_subset=160", "data_options.test_subset=64"]
-REPORT_FILES = ["report.json", "report.md", "report_metrics.png", "report_forward.png", "environment.json",
-                "forward_hist.json", "forward_stats.csv"]
+TINY = [
+    "arch.channels=[8,8]",
+    "arch.head_channels=[4,8]",
+    "arch.final_channels=32",
+    "batch_size=64",
+    "solver_max_iter=6",
+    "backward_max_iter=4",
+    "progress=false",
+    "threads=1",
+    "data_options.train_subset=160",
+    "data_options.test_subset=64",
+]
+REPORT_FILES = [
+    "report.json",
+    "report.md",
+    "report_metrics.png",
+    "report_forward.png",
+    "environment.json",
+    "forward_hist.json",
+    "forward_stats.csv",
+]
 
 
 @pytest.fixture(scope="module")

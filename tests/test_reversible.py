@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import phantomgrad as pg
-from phantomgrad.solvers.reversible import MIN_GAP, Reversible
-
 from conftest import TanhLayer, TupleLayer
+from phantomgrad.solvers.reversible import MIN_GAP, Reversible
 
 D = torch.float64
 

@@ -7,9 +7,8 @@ import torch
 from torch import Tensor, nn
 
 import phantomgrad as pg
-from phantomgrad.shine import SHINE
-
 from conftest import TanhLayer
+from phantomgrad.shine import SHINE
 
 D = torch.float64
 
@@ -75,7 +74,9 @@ def _rel(got, want):
     return max(float((g - r).norm() / r.norm()) for g, r in zip(got, want))
 
 
-@pytest.mark.parametrize("make", [lambda: (TanhLayer(), 4), lambda: (Linear(dim=6, in_dim=4), 4)], ids=["tanh", "linear"])
+@pytest.mark.parametrize(
+    "make", [lambda: (TanhLayer(), 4), lambda: (Linear(dim=6, in_dim=4), 4)], ids=["tanh", "linear"]
+)
 def test_gradient_equals_dense_formula_from_the_estimate(make):
     layer, in_dim = make()
     x = torch.randn(3, in_dim, dtype=D, requires_grad=True)
@@ -227,9 +228,20 @@ def test_missing_estimate_and_wrong_solver_are_one_line_errors():
     SHINE().check_solver(pg.Broyden())
 
 
-@pytest.mark.parametrize("kwargs", [dict(refine=-1), dict(refine=True), dict(refine=1.5), dict(refine_tol=0),
-                                    dict(fallback="upg"), dict(fallback=pg.Backprop()), dict(fallback=3),
-                                    dict(max_gain=0), dict(max_gain=float("nan"))])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(refine=-1),
+        dict(refine=True),
+        dict(refine=1.5),
+        dict(refine_tol=0),
+        dict(fallback="upg"),
+        dict(fallback=pg.Backprop()),
+        dict(fallback=3),
+        dict(max_gain=0),
+        dict(max_gain=float("nan")),
+    ],
+)
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         SHINE(**kwargs)

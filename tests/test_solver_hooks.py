@@ -17,14 +17,17 @@ F64 = torch.float64
 # ---------------------------------------------------------------- argument checks
 
 
-@pytest.mark.parametrize("make, name", [
-    (lambda: pg.Anderson(m=True), "m"),
-    (lambda: pg.Broyden(memory=True), "memory"),
-    (lambda: pg.FixedPoint(max_iter=True), "max_iter"),
-    (lambda: pg.Anderson(check_every=True), "check_every"),
-    (lambda: pg.Unrolled(True), "depth"),
-    (lambda: pg.Anderson(m=2.0), "m"),
-])
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: pg.Anderson(m=True), "m"),
+        (lambda: pg.Broyden(memory=True), "memory"),
+        (lambda: pg.FixedPoint(max_iter=True), "max_iter"),
+        (lambda: pg.Anderson(check_every=True), "check_every"),
+        (lambda: pg.Unrolled(True), "depth"),
+        (lambda: pg.Anderson(m=2.0), "m"),
+    ],
+)
 def test_booleans_and_floats_are_not_integers(make, name):
     with pytest.raises(TypeError, match=name) as err:
         make()
@@ -32,16 +35,19 @@ def test_booleans_and_floats_are_not_integers(make, name):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("make, name", [
-    (lambda: pg.Anderson(tol=math.nan), "tol"),
-    (lambda: pg.Broyden(tol=math.inf), "tol"),
-    (lambda: pg.Anderson(ridge=math.nan), "ridge"),
-    (lambda: pg.FixedPoint(damping=math.nan), "damping"),
-    (lambda: pg.Anderson(check_every=0), "check_every"),
-    (lambda: pg.Anderson(check_every="never"), "check_every"),
-    (lambda: pg.FixedPoint(tol=True), "tol"),
-    (lambda: pg.FixedPoint(trace=1), "trace"),
-])
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: pg.Anderson(tol=math.nan), "tol"),
+        (lambda: pg.Broyden(tol=math.inf), "tol"),
+        (lambda: pg.Anderson(ridge=math.nan), "ridge"),
+        (lambda: pg.FixedPoint(damping=math.nan), "damping"),
+        (lambda: pg.Anderson(check_every=0), "check_every"),
+        (lambda: pg.Anderson(check_every="never"), "check_every"),
+        (lambda: pg.FixedPoint(tol=True), "tol"),
+        (lambda: pg.FixedPoint(trace=1), "trace"),
+    ],
+)
 def test_non_finite_and_out_of_range_values_are_refused(make, name):
     with pytest.raises(ValueError, match=name):
         make()
@@ -104,7 +110,8 @@ def test_kept_states_when_every_sample_stopped_early_are_the_returned_state():
     x = torch.randn(3, 4, dtype=F64)
     with torch.no_grad():
         z, info = pg.Anderson(max_iter=50, tol=1e-6, check_every=1).solve(
-            lambda z: layer(z, x), torch.zeros(3, 6, dtype=F64), keep=(40,))
+            lambda z: layer(z, x), torch.zeros(3, 6, dtype=F64), keep=(40,)
+        )
     assert info.nstep.max() < 40
     assert torch.equal(info.states[0], z)
 
@@ -165,8 +172,9 @@ def test_broyden_inverse_jacobian_is_the_dense_good_broyden_estimate(check_every
         return fn(z)
 
     with torch.no_grad():
-        _, info = pg.Broyden(memory=30, max_iter=25, tol=1e-10, check_every=check_every).solve(recorded, z0,
-                                                                                             keep_inverse=True)
+        _, info = pg.Broyden(memory=30, max_iter=25, tol=1e-10, check_every=check_every).solve(
+            recorded, z0, keep_inverse=True
+        )
     estimate = info.inverse_jacobian
     dense = estimate.to_dense()
     reference = _dense_broyden([lambda z, i=i: A @ z + b[i] for i in range(3)], z0, 25, 1e-10)
@@ -188,8 +196,9 @@ def test_broyden_inverse_keeps_the_newest_factors_once_the_ring_is_full():
     layer = TanhLayer(dim=5, lipschitz=0.95)
     x = torch.randn(2, 4, dtype=F64)
     with torch.no_grad():
-        _, info = pg.Broyden(memory=3, max_iter=9, tol=1e-30).solve(lambda z: layer(z, x), torch.zeros(2, 5, dtype=F64),
-                                                                    keep_inverse=True)
+        _, info = pg.Broyden(memory=3, max_iter=9, tol=1e-30).solve(
+            lambda z: layer(z, x), torch.zeros(2, 5, dtype=F64), keep_inverse=True
+        )
     est = info.inverse_jacobian
     a, bb, c = est.factors()
     # an independent product of the three kept rank-one factors, newest on the left

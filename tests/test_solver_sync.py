@@ -27,8 +27,9 @@ def _problem(batch: int):
     layer = TanhLayer(dim=7, lipschitz=0.9)
     x = torch.randn(batch, 4, dtype=F64) * torch.linspace(0.2, 3.0, batch, dtype=F64)[:, None]
     with torch.no_grad():
-        z_star = pg.FixedPoint(max_iter=2000, tol=1e-14).solve(lambda z: layer(z, x),
-                                                               torch.zeros(batch, 7, dtype=F64))[0]
+        z_star = pg.FixedPoint(max_iter=2000, tol=1e-14).solve(lambda z: layer(z, x), torch.zeros(batch, 7, dtype=F64))[
+            0
+        ]
     oscillating = torch.zeros(batch, 1, dtype=torch.bool)
     diverging = torch.zeros(batch, 1, dtype=torch.bool)
     if batch > 1:
@@ -60,7 +61,7 @@ def _assert_same(a, b, check_every):
         assert torch.equal(sa, sb)
     if check_every is None:  # one entry per step run; NaN once every sample stopped
         assert len(ib.trace) >= len(ia.trace)
-        assert all(torch.isnan(t).all() for t in ib.trace[len(ia.trace):])
+        assert all(torch.isnan(t).all() for t in ib.trace[len(ia.trace) :])
         trace_b = ib.trace[: len(ia.trace)]
     else:
         trace_b = ib.trace
@@ -166,8 +167,17 @@ def _compile_case(name, max_iter=12):
     def run(x, z0):
         z, info = solver.solve(lambda z: layer(z, x), z0, keep=(4,), keep_inverse=True)
         inverse = info.inverse_jacobian.rmatvec(z) if info.inverse_jacobian is not None else z
-        return z, info.abs_residual, info.rel_residual, info.nstep, info.converged, info.nonfinite, info.fallback, \
-            info.states[0], inverse
+        return (
+            z,
+            info.abs_residual,
+            info.rel_residual,
+            info.nstep,
+            info.converged,
+            info.nonfinite,
+            info.fallback,
+            info.states[0],
+            inverse,
+        )
 
     return run, x, torch.zeros(4, 6)
 
@@ -205,8 +215,11 @@ def test_implicit_backward_solve_honours_check_every(make):
     x = torch.randn(3, 4, dtype=F64, requires_grad=True)
     results = []
     for check_every in (1, None):
-        deq = pg.DEQ(layer, solver=pg.Anderson(max_iter=60, tol=1e-10),
-                     backward=pg.Implicit(make(max_iter=40, tol=1e-8, check_every=check_every)))
+        deq = pg.DEQ(
+            layer,
+            solver=pg.Anderson(max_iter=60, tol=1e-10),
+            backward=pg.Implicit(make(max_iter=40, tol=1e-8, check_every=check_every)),
+        )
         z, info = deq(x, torch.zeros(3, 6, dtype=F64))
         grads = torch.autograd.grad(z.square().sum(), (x, *layer.parameters()))
         results.append((grads, info.backward))
@@ -232,8 +245,9 @@ def test_stopped_samples_are_never_moved(name, check_every, keep_inverse):
         return fn(z)
 
     with torch.no_grad():
-        z, info = MAKERS[name](max_iter=30, tol=1e-9, check_every=check_every).solve(recorded, z0,
-                                                                                    keep_inverse=keep_inverse)
+        z, info = MAKERS[name](max_iter=30, tol=1e-9, check_every=check_every).solve(
+            recorded, z0, keep_inverse=keep_inverse
+        )
     for i in range(5):
         n = int(info.nstep[i])
         for later in calls[n:]:

@@ -56,7 +56,9 @@ def test_per_sample_stopping_freezes_converged_samples():
     layer = TanhLayer(dim=8, lipschitz=0.5)
     x = torch.randn(4, 4, dtype=torch.float64)
     with torch.no_grad():
-        fixed_point = pg.FixedPoint(max_iter=500, tol=1e-12).solve(_flat_map(layer, x), torch.zeros(4, 8, dtype=torch.float64))[0]
+        fixed_point = pg.FixedPoint(max_iter=500, tol=1e-12).solve(
+            _flat_map(layer, x), torch.zeros(4, 8, dtype=torch.float64)
+        )[0]
     # Start sample 0 at its fixed point: it must stop after one step while the others run on.
     z0 = torch.zeros(4, 8, dtype=torch.float64)
     z0[0] = fixed_point[0]
@@ -99,7 +101,9 @@ def test_anderson_reaches_1e10_in_float64():
     layer = TanhLayer(dim=40, lipschitz=0.9)
     x = torch.randn(6, 4, dtype=torch.float64)
     with torch.no_grad():
-        _, info = pg.Anderson(max_iter=100, tol=1e-10, ridge=1e-4).solve(_flat_map(layer, x), torch.zeros(6, 40, dtype=torch.float64))
+        _, info = pg.Anderson(max_iter=100, tol=1e-10, ridge=1e-4).solve(
+            _flat_map(layer, x), torch.zeros(6, 40, dtype=torch.float64)
+        )
     assert info.converged.all(), info.rel_residual
     assert (info.rel_residual <= 1e-10).all()
 
@@ -132,7 +136,9 @@ def test_broyden_memory_does_not_grow_with_max_iter():
         with torch.no_grad():
             for max_iter in (10, 200):
                 sizes.clear()
-                pg.Broyden(memory=4, max_iter=max_iter, tol=1e-30).solve(_flat_map(layer, x), torch.zeros(2, 12, dtype=torch.float64))
+                pg.Broyden(memory=4, max_iter=max_iter, tol=1e-30).solve(
+                    _flat_map(layer, x), torch.zeros(2, 12, dtype=torch.float64)
+                )
                 assert max(sizes) == 2 * 4 * 12
     finally:
         torch.Tensor.new_zeros = orig
@@ -142,7 +148,9 @@ def test_trace_records_each_step():
     layer = TanhLayer(dim=5)
     x = torch.randn(2, 4, dtype=torch.float64)
     with torch.no_grad():
-        _, info = pg.FixedPoint(max_iter=6, tol=1e-30, trace=True).solve(_flat_map(layer, x), torch.zeros(2, 5, dtype=torch.float64))
+        _, info = pg.FixedPoint(max_iter=6, tol=1e-30, trace=True).solve(
+            _flat_map(layer, x), torch.zeros(2, 5, dtype=torch.float64)
+        )
     assert len(info.trace) == 6
     residuals = torch.stack(info.trace)
     assert (residuals[1:] < residuals[:-1]).all()  # a contraction's residual decreases

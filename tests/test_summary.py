@@ -16,9 +16,24 @@ def _value(printed: str, label: str) -> float:
 
 def test_image_run_prints_its_accuracy(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "arch.channels=[8,8]", "arch.head_channels=[4,8]", "arch.final_channels=32",
-                 "solver_max_iter=4", "batch_size=128", "epochs=1", "progress=false", "threads=2",
-                 "data_options={train_subset: 256, test_subset: 128}", f"out_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "arch.channels=[8,8]",
+                "arch.head_channels=[4,8]",
+                "arch.final_channels=32",
+                "solver_max_iter=4",
+                "batch_size=128",
+                "epochs=1",
+                "progress=false",
+                "threads=2",
+                "data_options={train_subset: 256, test_subset: 128}",
+                f"out_dir={out}",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "n/a" not in printed
     accuracy = _value(printed, "test accuracy (final epoch)")
@@ -27,14 +42,32 @@ def test_image_run_prints_its_accuracy(tmp_path, capsys):
 
 
 def test_language_model_run_prints_perplexity_and_bits_per_character(tmp_path, capsys):
-    words = ("and god said let there be light and there was light and god saw the light that it was good "
-             "in the beginning god created the heaven and the earth").split()
+    words = (
+        "and god said let there be light and there was light and god saw the light that it was good "
+        "in the beginning god created the heaven and the earth"
+    ).split()
     lines = [" ".join(words[i % 20 : i % 20 + 10]) for i in range(300)]
     (tmp_path / "bible-kjv.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    assert main(["train", "task=lm", "dataset=bible", f"data_dir={tmp_path}", "model=deq-transformer-tiny",
-                 "data_options={seq_len: 16, train_tokens: 1025, eval_tokens: 257}", "batch_size=16", "epochs=1",
-                 "solver_max_iter=4", "progress=false", "threads=2", f"out_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "task=lm",
+                "dataset=bible",
+                f"data_dir={tmp_path}",
+                "model=deq-transformer-tiny",
+                "data_options={seq_len: 16, train_tokens: 1025, eval_tokens: 257}",
+                "batch_size=16",
+                "epochs=1",
+                "solver_max_iter=4",
+                "progress=false",
+                "threads=2",
+                f"out_dir={out}",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "n/a" not in printed and "accuracy" not in printed
     ppl = _value(printed, "test perplexity (final epoch)")

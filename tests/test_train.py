@@ -8,14 +8,20 @@ import torch
 
 import phantomgrad as pg
 from conftest import train_killed_in_epoch
-
 from phantomgrad.cli import main
 from phantomgrad.train.checkpoint import CheckpointError, load_checkpoint
 from phantomgrad.train.config import TrainConfig
 from phantomgrad.train.trainer import train
 
-TINY = ["arch.channels=[8,8]", "arch.head_channels=[4,8]", "arch.final_channels=32", "batch_size=128",
-        "solver_max_iter=6", "progress=false", "threads=2"]
+TINY = [
+    "arch.channels=[8,8]",
+    "arch.head_channels=[4,8]",
+    "arch.final_channels=32",
+    "batch_size=128",
+    "solver_max_iter=6",
+    "progress=false",
+    "threads=2",
+]
 
 
 def _cfg(tmp_path, *extra):
@@ -33,7 +39,9 @@ def test_train_command_writes_metrics_checkpoint_summary(tmp_path, capsys):
     assert {"train_loss", "train_accuracy", "test_accuracy", "train_nstep", "lr"} <= set(rows[0])
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["epochs"] == 2 and 0 <= summary["test_accuracy"] <= 1
-    assert summary["test_accuracy"] == pytest.approx(float(rows[-1]["test_accuracy"]))  # the final epoch's, not the best
+    assert summary["test_accuracy"] == pytest.approx(
+        float(rows[-1]["test_accuracy"])
+    )  # the final epoch's, not the best
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
     assert (out / "config.yaml").exists()
 

@@ -84,8 +84,9 @@ def test_implicit_gradient_of_every_state_is_the_dense_formula_at_that_state():
     loss = 0.0
     for point, w, z in zip(points, weights, zs):
         assert torch.equal(z, point)  # Implicit outputs the state itself
-        g = torch.stack([torch.linalg.solve((eye - jacobian(lambda s: layer(s, x[i]), point[i])).T, w[i])
-                         for i in range(3)])
+        g = torch.stack(
+            [torch.linalg.solve((eye - jacobian(lambda s: layer(s, x[i]), point[i])).T, w[i]) for i in range(3)]
+        )
         loss = loss + (layer(point, xr) * g).sum()  # J_theta^T (I - J(s))^{-T} w, J_x^T likewise
     loss.backward()
     assert torch.allclose(grads, _flat_grads(layer, xr), rtol=1e-8, atol=1e-11)
@@ -108,8 +109,11 @@ def test_backprop_states_carry_the_gradient_of_the_iteration_stored_in_full():
     assert torch.allclose(grads, _flat_grads(layer, xr), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode", [cls() for cls in pg.BACKWARD_MODES.values() if not cls.needs_inverse_jacobian],
-                         ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "mode",
+    [cls() for cls in pg.BACKWARD_MODES.values() if not cls.needs_inverse_jacobian],
+    ids=lambda m: type(m).__name__,
+)
 def test_every_mode_returns_the_states_with_gradients_and_h_star_values_in_eval(mode):
     layer, x, z0, weights = _setup()
     deq = pg.DEQ(layer, solver=_solver(), backward=mode, return_states=STEPS)

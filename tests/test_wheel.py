@@ -13,10 +13,10 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,12 +45,22 @@ def test_wheel_installs_and_runs(tmp_path):
     run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], cwd=tmp_path, env=env)
     bindir = venv / ("Scripts" if os.name == "nt" else "bin")
     python = bindir / "python"
-    run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", wheels[0]],
-        cwd=tmp_path, env=env)
+    run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", wheels[0]],
+        cwd=tmp_path,
+        env=env,
+    )
 
-    where = run([python, "-c", "import phantomgrad, pathlib; p = pathlib.Path(phantomgrad.__file__).parent; "
-                 "print(p); print(phantomgrad.__version__); print((p / 'py.typed').exists())"],
-                cwd=tmp_path, env=env).stdout.split()
+    where = run(
+        [
+            python,
+            "-c",
+            "import phantomgrad, pathlib; p = pathlib.Path(phantomgrad.__file__).parent; "
+            "print(p); print(phantomgrad.__version__); print((p / 'py.typed').exists())",
+        ],
+        cwd=tmp_path,
+        env=env,
+    ).stdout.split()
     assert Path(where[0]).resolve().is_relative_to(venv.resolve()), f"imported from {where[0]}, not the environment"
     assert where[1:] == [version, "True"]
 
@@ -61,8 +71,19 @@ def test_wheel_installs_and_runs(tmp_path):
     run([python, "ten_lines.py"], cwd=tmp_path, env=env)
 
     # the CLI needs no file of the repository (its defaults live in TrainConfig): a tiny training run
-    run([bindir / "phantomgrad", "train", "epochs=1", "threads=1", "progress=false", "out_dir=run",
-         "data_options={train_subset: 64, test_subset: 64}"], cwd=tmp_path, env=env)
+    run(
+        [
+            bindir / "phantomgrad",
+            "train",
+            "epochs=1",
+            "threads=1",
+            "progress=false",
+            "out_dir=run",
+            "data_options={train_subset: 64, test_subset: 64}",
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
     assert (tmp_path / "run" / "summary.json").exists()
 
     out = run([bindir / "phantomgrad", "--version"], cwd=tmp_path, env=env).stdout

@@ -131,8 +131,10 @@ def config_table() -> str:
     task = next(f for f in fields if f.name == "task")
     tasks = tuple(task.metadata["choices"]("")) if task.metadata.get("choices") else (task.default,)
     with_allowed = any(f.metadata.get("choices") or f.metadata.get("within") for f in fields)
-    rows = ["| key | type | default | meaning |" + (" allowed |" if with_allowed else ""),
-            "|---|---|---|---|" + ("---|" if with_allowed else "")]
+    rows = [
+        "| key | type | default | meaning |" + (" allowed |" if with_allowed else ""),
+        "|---|---|---|---|" + ("---|" if with_allowed else ""),
+    ]
     for f in fields:
         meaning = f.metadata.get("help") or comments.get(f.name, "")
         cells = [f"`{f.name}`", _type_name(hints[f.name]), f"`{_default(f)}`", meaning]
@@ -233,5 +235,7 @@ def on_page_markdown(markdown, page, config, files):
 def on_post_build(config):
     missing = sorted(set(public_objects()) - _documented)
     if missing:
-        raise PluginError(f"public objects missing from the API reference: {', '.join(missing)}; "
-                          "add their module to a `<!-- phantomgrad:api ... -->` marker under docs/api/")
+        raise PluginError(
+            f"public objects missing from the API reference: {', '.join(missing)}; "
+            "add their module to a `<!-- phantomgrad:api ... -->` marker under docs/api/"
+        )

@@ -73,8 +73,9 @@ def nonneg_float(name: str, value: Any) -> float:
     return value
 
 
-def in_range(name: str, value: Any, low: float, high: float, *, low_open: bool = True,
-             high_open: bool = False) -> float:
+def in_range(
+    name: str, value: Any, low: float, high: float, *, low_open: bool = True, high_open: bool = False
+) -> float:
     """``value`` as a float in the interval from ``low`` to ``high``, by default (low, high]."""
     value = finite_float(name, value)
     above = value > low if low_open else value >= low

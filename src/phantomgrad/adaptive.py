@@ -55,8 +55,20 @@ class AdaptivePhantom(UPG):
         residual_ema: weight of the past in the running mean of residuals.
     """
 
-    config_keys = ("k", "damping", "k_min", "k_max", "low", "high", "k_step", "adapt_damping", "damping_min",
-                   "damping_factor", "residual_growth", "residual_ema")
+    config_keys = (
+        "k",
+        "damping",
+        "k_min",
+        "k_max",
+        "low",
+        "high",
+        "k_step",
+        "adapt_damping",
+        "damping_min",
+        "damping_factor",
+        "residual_growth",
+        "residual_ema",
+    )
 
     def __init__(
         self,
@@ -99,8 +111,10 @@ class AdaptivePhantom(UPG):
         self.history: list[dict[str, Any]] = []
 
     def __repr__(self) -> str:
-        return (f"AdaptivePhantom(k={self.k}, damping={self.damping}, k_min={self.k_min}, k_max={self.k_max}, "
-                f"low={self.low}, high={self.high})")
+        return (
+            f"AdaptivePhantom(k={self.k}, damping={self.damping}, k_min={self.k_min}, k_max={self.k_max}, "
+            f"low={self.low}, high={self.high})"
+        )
 
     # ---- adaptation -------------------------------------------------------------------
     def _raise_k(self, why: str) -> str:
@@ -136,7 +150,11 @@ class AdaptivePhantom(UPG):
         else:
             action = "keep"
         if res is not None:
-            self.residual_mean = res if self.residual_mean is None else self.residual_ema * self.residual_mean + (1 - self.residual_ema) * res
+            self.residual_mean = (
+                res
+                if self.residual_mean is None
+                else self.residual_ema * self.residual_mean + (1 - self.residual_ema) * res
+            )
         self.history.append({"cosine": cos, "residual": res, "k": self.k, "damping": self.damping, "action": action})
         if (self.k, self.damping) != (k_before, damping_before):
             log.info("AdaptivePhantom: %s -> k=%d, damping=%.3g", action, self.k, self.damping)
@@ -145,8 +163,12 @@ class AdaptivePhantom(UPG):
     # ---- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The adapted state: current k and damping, the residual's running mean, the history."""
-        return {"k": self.k, "damping": self.damping, "residual_mean": self.residual_mean,
-                "history": [dict(h) for h in self.history]}
+        return {
+            "k": self.k,
+            "damping": self.damping,
+            "residual_mean": self.residual_mean,
+            "history": [dict(h) for h in self.history],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"k", "damping"} - set(state)
@@ -154,8 +176,10 @@ class AdaptivePhantom(UPG):
             raise ValueError(f"AdaptivePhantom state is missing {sorted(missing)}; pass what state_dict() returned")
         k, damping = _check_k(int(state["k"])), _check_damping("damping", float(state["damping"]))
         if not self.k_min <= k <= self.k_max:
-            raise ValueError(f"saved k={k} is outside this mode's bounds [{self.k_min}, {self.k_max}]; "
-                             "build the mode with the bounds the run was trained with")
+            raise ValueError(
+                f"saved k={k} is outside this mode's bounds [{self.k_min}, {self.k_max}]; "
+                "build the mode with the bounds the run was trained with"
+            )
         self.k, self.damping = k, damping
         self.residual_mean = state.get("residual_mean")
         self.history = [dict(h) for h in state.get("history", [])]

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ._checks import positive_int
-from .solvers import Broyden, Solver, SolverInfo, _check_damping
+from .solvers import Broyden, Solver, _check_damping
 
 FlatFn = Callable[[Tensor], Tensor]
 

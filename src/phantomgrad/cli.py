@@ -38,19 +38,29 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("phantomgrad.train.command", "train an implicit model (default: MDEQ on digits with UPG A_{5,0.5})"),
     "ablate": ("phantomgrad.experiments.ablate", "the paper's Table 1 and Fig. 3 at CPU scale on Fashion-MNIST"),
     "cosine": ("phantomgrad.experiments.cosine", "the paper's Fig. 1: cosine of UPG/NPG to the exact gradient vs k"),
-    "bench": ("phantomgrad.experiments.bench", "time and memory of every backward mode (the paper's Table 2), optionally against TorchDEQ"),
+    "bench": (
+        "phantomgrad.experiments.bench",
+        "time and memory of every backward mode (the paper's Table 2), optionally against TorchDEQ",
+    ),
     "report": ("phantomgrad.train.report", "render a run's report (JSON + Markdown with plots) from its directory"),
-    "adaptive-compare": ("phantomgrad.experiments.adaptive_compare", "AdaptivePhantom vs fixed UPG (Table 1 rows) and SGD gradient rescaling on Fashion-MNIST"),
+    "adaptive-compare": (
+        "phantomgrad.experiments.adaptive_compare",
+        "AdaptivePhantom vs fixed UPG (Table 1 rows) and SGD gradient rescaling on Fashion-MNIST",
+    ),
     "graph-table": ("phantomgrad.experiments.graph_table", "the paper's Table 4 at CPU scale: IGNN, implicit vs UPG"),
-    "lm-table": ("phantomgrad.experiments.lm_table", "the paper's Table 3 at CPU scale: DEQ transformer, implicit vs UPG"),
+    "lm-table": (
+        "phantomgrad.experiments.lm_table",
+        "the paper's Table 3 at CPU scale: DEQ transformer, implicit vs UPG",
+    ),
 }
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported for its arguments, so one command's
     heavy or broken imports never slow down or break another (``phantomgrad --help`` imports none)."""
-    parser = argparse.ArgumentParser(prog="phantomgrad", epilog=EXIT_CODES_HELP,
-                                     description="Train implicit models fast with phantom gradients.")
+    parser = argparse.ArgumentParser(
+        prog="phantomgrad", epilog=EXIT_CODES_HELP, description="Train implicit models fast with phantom gradients."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -133,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra  # key=value after an option (train --resume epochs=3): argparse leaves them over
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.command is None:
         parser.print_help()
         return 2
@@ -143,9 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code(err)
         if code is None:
             traceback.print_exc()
-            print(f"phantomgrad {args.command}: internal error: this is a bug in phantomgrad {version()}, "
-                  f"not in your input; please report it, with the command and the traceback above, at {bug_tracker()}",
-                  file=sys.stderr)
+            print(
+                f"phantomgrad {args.command}: internal error: this is a bug in phantomgrad {version()}, "
+                f"not in your input; please report it, with the command and the traceback above, at {bug_tracker()}",
+                file=sys.stderr,
+            )
             return 1
         print(f"phantomgrad {args.command}: error: {one_line(err)}", file=sys.stderr)
         return code

@@ -51,7 +51,13 @@ class _Packer:
     def check(self, z: State, what: str) -> None:
         if not self.is_tuple and type(z) is Tensor and z.shape == self.shapes[0]:
             return  # the common case, checked without building lists
-        shapes = [tuple(p.shape) for p in z] if isinstance(z, (tuple, list)) else [tuple(z.shape)] if isinstance(z, Tensor) else None
+        shapes = (
+            [tuple(p.shape) for p in z]
+            if isinstance(z, (tuple, list))
+            else [tuple(z.shape)]
+            if isinstance(z, Tensor)
+            else None
+        )
         if shapes is None or isinstance(z, (tuple, list)) != self.is_tuple or shapes != self.shapes:
             raise ValueError(
                 f"{what} has structure {_describe(z)} but z0 has {self._describe_self()}; "
@@ -193,7 +199,9 @@ class DEQ(nn.Module):
         if not isinstance(self.solver, Solver):
             raise TypeError(f"solver must be a phantomgrad solver such as pg.Anderson(), got {self.solver!r}")
         if not isinstance(self.backward_mode, BackwardMode):
-            raise TypeError(f"backward must be a phantomgrad backward mode such as pg.UPG(), got {self.backward_mode!r}")
+            raise TypeError(
+                f"backward must be a phantomgrad backward mode such as pg.UPG(), got {self.backward_mode!r}"
+            )
         self.backward_mode.check_solver(self.solver)
         self.warn_not_converged = boolean("warn_not_converged", warn_not_converged)
         self.warn_interval = positive_int("warn_interval", warn_interval)
@@ -201,7 +209,9 @@ class DEQ(nn.Module):
         self._calls = 0  # forward calls seen by the health checks (eager only)
         self._quiet_until = 0  # no not-converged warning before this call
         if fallback is not None and not isinstance(fallback, Solver):
-            raise TypeError(f"fallback must be a phantomgrad solver such as pg.FixedPoint(damping=0.5), got {fallback!r}")
+            raise TypeError(
+                f"fallback must be a phantomgrad solver such as pg.FixedPoint(damping=0.5), got {fallback!r}"
+            )
         self.fallback = fallback
 
     def extra_repr(self) -> str:
@@ -243,7 +253,9 @@ class DEQ(nn.Module):
         steps = self.return_states if states is None else self._check_states(states, "states")
         packer = _Packer(z0)
         z0_flat = packer.pack(z0).detach()
-        state_dtype = torch.promote_types(z0_flat.dtype, torch.float32) if z0_flat.is_floating_point() else z0_flat.dtype
+        state_dtype = (
+            torch.promote_types(z0_flat.dtype, torch.float32) if z0_flat.is_floating_point() else z0_flat.dtype
+        )
         z0_flat = z0_flat.to(state_dtype)
         sync_free = self._sync_free(z0_flat.device)
         if not sync_free:  # host syncs; a sync-free layer leaves non-finite inputs to info.nonfinite instead
@@ -283,8 +295,10 @@ class DEQ(nn.Module):
 
         wants_grad = torch.is_grad_enabled()  # eval mode too: only no_grad/inference_mode skip backward work
         mode = self.backward_mode
-        with contextlib.nullcontext() if wants_grad and mode.differentiates_solver else torch.no_grad(), \
-                torch.autocast(device_type, enabled=False):
+        with (
+            contextlib.nullcontext() if wants_grad and mode.differentiates_solver else torch.no_grad(),
+            torch.autocast(device_type, enabled=False),
+        ):
             z_star, sinfo = self.solver.solve(fn, z0_flat, keep=steps, keep_inverse=mode.needs_inverse_jacobian)
             if self.fallback is not None and bool(sinfo.nonfinite.any()):  # host sync, only with a fallback
                 z_star, sinfo = self._fall_back(fn, z0_flat, z_star, sinfo)
@@ -307,23 +321,35 @@ class DEQ(nn.Module):
             raise TypeError(f"{name} must be a sequence of solver steps such as (4, 8), got {states!r}")
         steps = tuple(positive_int(f"{name} (a solver step)", t) for t in states)
         if steps and self.backward_mode.needs_inverse_jacobian:
-            raise ValueError(f"{name}: {type(self.backward_mode).__name__}'s inverse-Jacobian estimate belongs to h*, not to "
-                             "earlier states; use another backward mode (e.g. pg.UPG()) for trajectory supervision")
+            raise ValueError(
+                f"{name}: {type(self.backward_mode).__name__}'s inverse-Jacobian estimate belongs to h*, not to "
+                "earlier states; use another backward mode (e.g. pg.UPG()) for trajectory supervision"
+            )
         if steps and max(steps) > self.solver.max_iter:
-            raise ValueError(f"{name} asks for the state after step {max(steps)}, but the solver runs at most "
-                             f"max_iter={self.solver.max_iter} steps; ask for steps <= max_iter")
+            raise ValueError(
+                f"{name} asks for the state after step {max(steps)}, but the solver runs at most "
+                f"max_iter={self.solver.max_iter} steps; ask for steps <= max_iter"
+            )
         return steps
 
     def _fall_back(self, fn, z0: Tensor, z_star: Tensor, first: SolverInfo) -> tuple[Tensor, SolverInfo]:
         """Re-solve with the fallback solver and take its result where the first went non-finite."""
         retry, second = self.fallback.solve(fn, z0)
         use = first.nonfinite & ~second.nonfinite
-        log.warning("forward solve with %s went non-finite for %d of %d samples; %d recovered with the fallback %s",
-                    type(self.solver).__name__, int(first.nonfinite.sum()), first.nonfinite.numel(), int(use.sum()), self.fallback)
+        log.warning(
+            "forward solve with %s went non-finite for %d of %d samples; %d recovered with the fallback %s",
+            type(self.solver).__name__,
+            int(first.nonfinite.sum()),
+            first.nonfinite.numel(),
+            int(use.sum()),
+            self.fallback,
+        )
         merged = {}
         for name, a in vars(first).items():
             b = getattr(second, name)
-            merged[name] = torch.where(use, b, a) if isinstance(a, Tensor) and name not in ("fallback", "nonfinite") else a
+            merged[name] = (
+                torch.where(use, b, a) if isinstance(a, Tensor) and name not in ("fallback", "nonfinite") else a
+            )
         merged["fallback"] = first.fallback | use
         merged["nonfinite"] = first.nonfinite & ~use
         merged["trace"] = first.trace
@@ -356,7 +382,8 @@ class DEQ(nn.Module):
             log.warning(
                 "DEQ forward solve produced non-finite values for %d of %d samples; the returned state is the "
                 "last finite iterate (see info.nonfinite). Lower the damping, regularise the Jacobian or check f.",
-                int(n_nonfinite), info.nonfinite.numel(),
+                int(n_nonfinite),
+                info.nonfinite.numel(),
             )
         tol = getattr(solver, "tol", None)
         if not (self.warn_not_converged and tol and call >= self._quiet_until and mean_res >= 10 * tol):
@@ -366,6 +393,11 @@ class DEQ(nn.Module):
             "DEQ forward solve missed its tolerance: mean %s residual %.3g >= 10 x tol=%.3g (%d of %d samples "
             "not converged, at most %d steps). Raise max_iter, try pg.Anderson/pg.Broyden or make f more "
             "contractive; pg.DEQ(..., warn_not_converged=False) silences this (next warning in >= %d calls).",
-            getattr(solver, "stop", "rel"), mean_res, tol, int((~info.converged).sum()), info.converged.numel(),
-            int(info.nstep.max()), self.warn_interval,
+            getattr(solver, "stop", "rel"),
+            mean_res,
+            tol,
+            int((~info.converged).sum()),
+            info.converged.numel(),
+            int(info.nstep.max()),
+            self.warn_interval,
         )

@@ -39,8 +39,8 @@ from torch import Tensor, nn
 
 from .backward import BackwardMode, Implicit
 from .deq import DEQ
-from .swap import deq_layers, swap
 from .regularize import spectral_radius
+from .swap import deq_layers, swap
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,9 @@ def gradient_quality(
     if not params:
         raise ValueError("the model has no parameters that require a gradient; nothing to compare")
     if all(p.grad is None for p in params):
-        raise ValueError("no phantom gradient in p.grad: call loss.backward() on the training loss before gradient_quality")
+        raise ValueError(
+            "no phantom gradient in p.grad: call loss.backward() on the training loss before gradient_quality"
+        )
     if radius_iters < 0:
         raise ValueError(f"radius_iters must be >= 0, got {radius_iters!r}")
     deq_ids = {id(p) for layer in deq_modules(model) for p in layer.parameters()}
@@ -198,16 +200,20 @@ def gradient_quality(
     with _preserved_state(model, rng_state, device), swapped_backward(model, recorder):
         loss = loss_fn()
         if not isinstance(loss, Tensor) or loss.dim() != 0:
-            raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
-                             f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}")
+            raise ValueError(
+                f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}"
+            )
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         exact = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
         if reduce is not None:
             exact = list(reduce(exact))
         radius = None
         if radius_iters and recorder.calls:
-            radius = max(float(spectral_radius(lambda z, _x, fn=fn: fn(z), z, None, iters=radius_iters).float().mean())
-                         for fn, z, _ in recorder.calls)
+            radius = max(
+                float(spectral_radius(lambda z, _x, fn=fn: fn(z), z, None, iters=radius_iters).float().mean())
+                for fn, z, _ in recorder.calls
+            )
 
     phantom = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
     cosine, ratio, n_phantom, n_exact = _cos_ratio(phantom, exact)
@@ -222,8 +228,18 @@ def gradient_quality(
         converged = float(torch.cat([b.converged.float().reshape(-1) for b in backward_infos]).mean())
         residual = float(torch.cat([b.rel_residual.double().reshape(-1) for b in backward_infos]).mean())
     recorder.calls.clear()  # drop the closures (they hold the injection's graph)
-    quality = GradientQuality(cosine, ratio, cosine_deq, ratio_deq, n_phantom, n_exact, radius, converged, residual,
-                              time.perf_counter() - start)
+    quality = GradientQuality(
+        cosine,
+        ratio,
+        cosine_deq,
+        ratio_deq,
+        n_phantom,
+        n_exact,
+        radius,
+        converged,
+        residual,
+        time.perf_counter() - start,
+    )
     log.debug("gradient quality: %s", quality)
     return quality
 

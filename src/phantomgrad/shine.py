@@ -60,14 +60,20 @@ class SHINE(BackwardMode):
     outputs_fixed_point: ClassVar[bool] = True
     needs_inverse_jacobian: ClassVar[bool] = True  # the layer solves with keep_inverse=True
 
-    def __init__(self, refine: int = 0, refine_tol: float = 1e-6, fallback: str | BackwardMode | None = "jfb",
-                 max_gain: float | None = 1e3):
+    def __init__(
+        self,
+        refine: int = 0,
+        refine_tol: float = 1e-6,
+        fallback: str | BackwardMode | None = "jfb",
+        max_gain: float | None = 1e3,
+    ):
         refine = nonneg_int("refine (Broyden steps after the SHINE estimate)", refine)
         refine_tol = positive_float("refine_tol", refine_tol)
         if isinstance(fallback, str):
             if fallback not in FALLBACKS:
-                raise ValueError(f"unknown SHINE fallback {fallback!r}; choose one of {sorted(FALLBACKS)} "
-                                 "or pass a mode")
+                raise ValueError(
+                    f"unknown SHINE fallback {fallback!r}; choose one of {sorted(FALLBACKS)} or pass a mode"
+                )
             cls = FALLBACKS[fallback]
             fallback = cls() if cls is not None else None
         elif fallback is not None and (not isinstance(fallback, BackwardMode) or fallback.differentiates_solver):
@@ -79,20 +85,26 @@ class SHINE(BackwardMode):
         self._refiner = Broyden(max_iter=refine, tol=refine_tol, stop="rel") if refine else None
 
     def __repr__(self) -> str:
-        return (f"SHINE(refine={self.refine!r}, refine_tol={self.refine_tol!r}, fallback={self.fallback!r}, "
-                f"max_gain={self.max_gain!r})")
+        return (
+            f"SHINE(refine={self.refine!r}, refine_tol={self.refine_tol!r}, fallback={self.fallback!r}, "
+            f"max_gain={self.max_gain!r})"
+        )
 
     def check_solver(self, solver: Solver) -> None:
         """Refuse a forward solver that keeps no inverse-Jacobian estimate (called by the layer)."""
         if not isinstance(solver, Broyden):
-            raise ValueError(f"backward=SHINE() needs solver=pg.Broyden(...): it reuses Broyden's inverse-Jacobian "
-                             f"estimate, and {type(solver).__name__} keeps none")
+            raise ValueError(
+                f"backward=SHINE() needs solver=pg.Broyden(...): it reuses Broyden's inverse-Jacobian "
+                f"estimate, and {type(solver).__name__} keeps none"
+            )
 
     def attach(self, fn, z_star: Tensor, info: Any) -> Tensor:
         estimate = getattr(info, "inverse_jacobian", None)
         if estimate is None:
-            raise ValueError("SHINE found no inverse-Jacobian estimate in the forward info: use solver=pg.Broyden(...) "
-                             "and solve with keep_inverse=True")
+            raise ValueError(
+                "SHINE found no inverse-Jacobian estimate in the forward info: use solver=pg.Broyden(...) "
+                "and solve with keep_inverse=True"
+            )
         if self.fallback is not None and bool((~info.converged | info.fallback).any()):  # host sync, per batch
             out = self.fallback.attach(fn, z_star, info)
             return z_star.detach() + (out - out.detach())  # the value h*, the fallback's gradient

@@ -63,8 +63,10 @@ def make_chains(
     """Generate the Chains dataset described in the module doc; the same arguments give
     the same tensors. ``split`` is the number of train, valid and test nodes."""
     if num_classes < 2 or chains_per_class < 1 or chain_len < 1:
-        raise ValueError(f"need num_classes >= 2, chains_per_class >= 1, chain_len >= 1; got "
-                         f"{num_classes}, {chains_per_class}, {chain_len}")
+        raise ValueError(
+            f"need num_classes >= 2, chains_per_class >= 1, chain_len >= 1; got "
+            f"{num_classes}, {chains_per_class}, {chain_len}"
+        )
     if feature_dim < num_classes:
         raise ValueError(f"feature_dim={feature_dim} must be >= num_classes={num_classes} (one-hot of the label)")
     if noise < 0:
@@ -88,7 +90,11 @@ def make_chains(
     perm = torch.randperm(n, generator=gen)
     a, b, c = split
     return NodeDataset(
-        x=x, edge_index=edge_index, y=y,
-        train_idx=perm[:a], valid_idx=perm[a : a + b], test_idx=perm[a + b : a + b + c],
+        x=x,
+        edge_index=edge_index,
+        y=y,
+        train_idx=perm[:a],
+        valid_idx=perm[a : a + b],
+        test_idx=perm[a + b : a + b + c],
         num_classes=num_classes,
     )

@@ -28,12 +28,23 @@ FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCHES = ("test_batch",)
 CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 SPEC = ImageSpec(
-    channels=3, size=32, num_classes=10,
-    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+    channels=3,
+    size=32,
+    num_classes=10,
+    mean=(0.4914, 0.4822, 0.4465),
+    std=(0.2470, 0.2435, 0.2616),
 )
 
 # The only globals a CIFAR-10 pickle refers to (numpy arrays, and _codecs.encode, which
@@ -83,8 +94,7 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
         raise ValueError(
-            f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); "
-            f"re-extract cifar-10-python.tar.gz"
+            f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); re-extract cifar-10-python.tar.gz"
         ) from e
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
         raise ValueError(

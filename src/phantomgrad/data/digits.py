@@ -45,8 +45,11 @@ def digits_spec() -> ImageSpec:
     """The spec of the digits; mean and std are those of the training pixels."""
     x_train = _split()[0]
     return ImageSpec(
-        channels=1, size=8, num_classes=10,
-        mean=(float(x_train.mean()),), std=(float(x_train.std()),),
+        channels=1,
+        size=8,
+        num_classes=10,
+        mean=(float(x_train.mean()),),
+        std=(float(x_train.std()),),
     )
 
 

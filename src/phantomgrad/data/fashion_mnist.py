@@ -27,8 +27,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 SPEC = ImageSpec(channels=1, size=28, num_classes=10, mean=(0.2860,), std=(0.3530,))
 _FILES = {
@@ -94,8 +102,7 @@ def _decode(images_path: Path, labels_path: Path, _stamp: tuple) -> tuple[torch.
         raise ValueError(f"{images_path} holds shape {images.shape}, expected (N, 28, 28); {_REINSTALL}")
     if labels.ndim != 1 or len(labels) != len(images):
         raise ValueError(
-            f"{labels_path} holds shape {labels.shape}, expected ({len(images)},) to match "
-            f"{images_path}; {_REINSTALL}"
+            f"{labels_path} holds shape {labels.shape}, expected ({len(images)},) to match {images_path}; {_REINSTALL}"
         )
     if labels.size and labels.max() >= len(CLASSES):
         raise ValueError(f"{labels_path} has label {labels.max()} >= {len(CLASSES)}; {_REINSTALL}")

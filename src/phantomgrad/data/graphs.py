@@ -83,9 +83,7 @@ def normalized_adjacency(
     )
 
 
-def collate_graphs(
-    graphs: Sequence[Graph], add_self_loops: bool = True
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def collate_graphs(graphs: Sequence[Graph], add_self_loops: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Batch graphs into one disconnected graph.
 
     Returns ``(x, adj, batch, y)``: node features stacked (N, F) with N the total node
@@ -122,9 +120,7 @@ def stratified_folds(
         raise ValueError(f"labels must be 1-D, got shape {y.shape}")
     counts = np.unique(y, return_counts=True)[1]
     if n_folds < 2 or counts.min() < n_folds:
-        raise ValueError(
-            f"n_folds={n_folds} needs 2 <= n_folds <= the smallest class size {counts.min()}"
-        )
+        raise ValueError(f"n_folds={n_folds} needs 2 <= n_folds <= the smallest class size {counts.min()}")
     splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return [
         (torch.from_numpy(tr.astype(np.int64)), torch.from_numpy(te.astype(np.int64)))

@@ -213,9 +213,7 @@ class ImageFolderDataset(Dataset):
         for index, name in enumerate(self.classes):
             if name not in found:
                 continue
-            files = sorted(
-                p for p in (root / name).iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS
-            )
+            files = sorted(p for p in (root / name).iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
             if not files:
                 raise ValueError(f"{root / name} holds no {'/'.join(EXTENSIONS)} images")
             readable = []
@@ -226,8 +224,10 @@ class ImageFolderDataset(Dataset):
                 else:
                     readable.append(path)
             if not readable:
-                raise ValueError(f"{root / name} holds no readable image: all {len(files)} files failed to open "
-                                 f"(first: {files[0].name}: {check_image(files[0])}); replace or remove them")
+                raise ValueError(
+                    f"{root / name} holds no readable image: all {len(files)} files failed to open "
+                    f"(first: {files[0].name}: {check_image(files[0])}); replace or remove them"
+                )
             self.samples += [(p, index) for p in readable]
         if self.unreadable:
             shown = "; ".join(f"{path} ({reason})" for path, reason in self.unreadable[:5])
@@ -254,8 +254,12 @@ class ImageFolderDataset(Dataset):
             except errors as err:
                 self._bad.add(i)
                 self.unreadable.append((path, f"{type(err).__name__}: {err}"))
-                log.warning("%s could not be decoded (%s: %s); using the next readable image instead",
-                            path, type(err).__name__, err)
+                log.warning(
+                    "%s could not be decoded (%s: %s); using the next readable image instead",
+                    path,
+                    type(err).__name__,
+                    err,
+                )
                 continue
             return self.transform(image), torch.tensor(label, dtype=torch.int64)
         raise ValueError(f"no image of {self.root} could be decoded; check the files")
@@ -267,9 +271,7 @@ def _split_dir(data_dir: Path, split: str) -> Path:
     for name in _TEST_DIRS:
         if (data_dir / name).is_dir():
             return data_dir / name
-    raise FileNotFoundError(
-        f"no test images in {data_dir}: expected {data_dir}/val/<class>/ (or test/<class>/)"
-    )
+    raise FileNotFoundError(f"no test images in {data_dir}: expected {data_dir}/val/<class>/ (or test/<class>/)")
 
 
 def load_imagefolder(
@@ -287,7 +289,9 @@ def load_imagefolder(
     """
     check_split(split)
     if data_dir is None:
-        raise FileNotFoundError("image folders have no default location: pass data_dir= the folder with train/ and val/")
+        raise FileNotFoundError(
+            "image folders have no default location: pass data_dir= the folder with train/ and val/"
+        )
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
     data_dir = Path(data_dir)
@@ -296,9 +300,7 @@ def load_imagefolder(
     transform = train_transform(size) if augment else test_transform(size)
     dataset = ImageFolderDataset(_split_dir(data_dir, split), transform, classes)
     log.debug("imagefolder %s: %d images, %d classes in %s", split, len(dataset), len(dataset.classes), dataset.root)
-    spec = ImageSpec(
-        channels=3, size=size, num_classes=len(dataset.classes), mean=IMAGENET_MEAN, std=IMAGENET_STD
-    )
+    spec = ImageSpec(channels=3, size=size, num_classes=len(dataset.classes), mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return dataset, spec
 
 

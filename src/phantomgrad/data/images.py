@@ -127,13 +127,11 @@ class TensorImageDataset(Dataset):
     ) -> None:
         if images.ndim != 4 or images.dtype != torch.float32:
             raise ValueError(
-                f"images must be a (N, C, H, W) float32 tensor, got shape {tuple(images.shape)} "
-                f"dtype {images.dtype}"
+                f"images must be a (N, C, H, W) float32 tensor, got shape {tuple(images.shape)} dtype {images.dtype}"
             )
         if labels.ndim != 1 or labels.dtype != torch.int64:
             raise ValueError(
-                f"labels must be a (N,) int64 tensor, got shape {tuple(labels.shape)} "
-                f"dtype {labels.dtype}"
+                f"labels must be a (N,) int64 tensor, got shape {tuple(labels.shape)} dtype {labels.dtype}"
             )
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")

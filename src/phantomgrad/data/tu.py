@@ -90,11 +90,16 @@ def _one_hot_columns(labels: np.ndarray) -> np.ndarray:
 def read_tu(directory: str | Path, name: str) -> TUDataset:
     """Read TU dataset ``name`` from ``directory`` (the folder holding ``name_A.txt``)."""
     d = Path(directory)
-    f = {key: d / f"{name}_{key}.txt" for key in ("A", "graph_indicator", "graph_labels", "node_labels", "node_attributes")}
+    f = {
+        key: d / f"{name}_{key}.txt"
+        for key in ("A", "graph_indicator", "graph_labels", "node_labels", "node_attributes")
+    }
     for key in ("A", "graph_indicator", "graph_labels"):
         if not f[key].is_file():
-            raise FileNotFoundError(f"{f[key]} is missing: a TU dataset needs {name}_A.txt, "
-                                    f"{name}_graph_indicator.txt and {name}_graph_labels.txt")
+            raise FileNotFoundError(
+                f"{f[key]} is missing: a TU dataset needs {name}_A.txt, "
+                f"{name}_graph_indicator.txt and {name}_graph_labels.txt"
+            )
     indicator = _read(f["graph_indicator"], np.int64).reshape(-1) - 1
     raw_labels = _read(f["graph_labels"], np.int64).reshape(-1)
     edges = _read(f["A"], np.int64)
@@ -105,11 +110,14 @@ def read_tu(directory: str | Path, name: str) -> TUDataset:
     if edges.shape[1] != 2:
         raise ValueError(f"{f['A']} must have two columns 'i, j', found {edges.shape[1]}")
     if n == 0 or indicator.min() < 0 or indicator.max() >= num_graphs:
-        raise ValueError(f"{f['graph_indicator']} must hold graph ids 1..{num_graphs} "
-                         f"(one per line of {f['graph_labels'].name}){TRUNCATED_HINT}")
+        raise ValueError(
+            f"{f['graph_indicator']} must hold graph ids 1..{num_graphs} "
+            f"(one per line of {f['graph_labels'].name}){TRUNCATED_HINT}"
+        )
     if edges.size and (edges.min() < 0 or edges.max() >= n):
-        raise ValueError(f"{f['A']} refers to nodes outside 1..{n}, the nodes {f['graph_indicator'].name} "
-                         f"lists{TRUNCATED_HINT}")
+        raise ValueError(
+            f"{f['A']} refers to nodes outside 1..{n}, the nodes {f['graph_indicator'].name} lists{TRUNCATED_HINT}"
+        )
 
     features = []
     if f["node_labels"].is_file():
@@ -139,11 +147,13 @@ def read_tu(directory: str | Path, name: str) -> TUDataset:
     for g in range(num_graphs):
         nodes = order[starts[g] : starts[g] + sizes[g]]
         e = edges[edge_order[edge_starts[g] : edge_starts[g] + edge_sizes[g]]]
-        graphs.append(Graph(
-            x=torch.from_numpy(np.ascontiguousarray(x_all[nodes])),
-            edge_index=torch.from_numpy(np.ascontiguousarray(local[e].T)),
-            y=int(classes[g]),
-        ))
+        graphs.append(
+            Graph(
+                x=torch.from_numpy(np.ascontiguousarray(x_all[nodes])),
+                edge_index=torch.from_numpy(np.ascontiguousarray(local[e].T)),
+                y=int(classes[g]),
+            )
+        )
     empty = int((sizes == 0).sum())
     if empty:
         log.warning("%s: %d graphs have no nodes", name, empty)
@@ -180,8 +190,9 @@ def find_tu(name: str, data_dir: str | Path | None = None) -> Path:
         if (d / f"{name}_A.txt").is_file():
             return d
     if data_dir is not None:
-        raise FileNotFoundError(f"no {name}_A.txt in data_dir={str(data_dir)!r} or its subfolder {name}; "
-                                f"unpack the TU dataset {name} there")
+        raise FileNotFoundError(
+            f"no {name}_A.txt in data_dir={str(data_dir)!r} or its subfolder {name}; unpack the TU dataset {name} there"
+        )
     raise FileNotFoundError(
         f"TU dataset {name} not found: MUTAG ships in the grakel wheel, so run `pip install grakel` "
         f"(the extra phantomgrad[graphs], or bash scripts/setup.sh); for other datasets pass "

@@ -22,8 +22,8 @@ stopped; ``--jobs N`` trains N runs side by side, one thread each.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import csv
+import dataclasses
 import json
 import logging
 import platform
@@ -83,20 +83,50 @@ class Budget:
 BUDGETS = {
     # Used for docs/results/ablate.md: 8000 training images (a fixed subset), 2 epochs (250 steps of
     # batch 64), the full 10,000-image test set; 15 Table-1 runs and 13 Fig.-3 runs.
-    "cpu": Budget(train_subset=8000, test_subset=None, epochs=2, seeds=(0, 1, 2), pretrain_steps=50,
-                  ks=(1, 3, 5, 9), dampings=(0.3, 0.5, 1.0)),
+    "cpu": Budget(
+        train_subset=8000,
+        test_subset=None,
+        epochs=2,
+        seeds=(0, 1, 2),
+        pretrain_steps=50,
+        ks=(1, 3, 5, 9),
+        dampings=(0.3, 0.5, 1.0),
+    ),
     # docs/results/table1_full: all 60,000 training images, 6 epochs (5,628 steps of batch 64), one seed,
     # the test set evaluated after every epoch for the curves (the table reports the last epoch only).
-    "full": Budget(train_subset=None, test_subset=None, epochs=6, seeds=(0,), pretrain_steps=0,
-                   ks=(5,), dampings=(0.5,), rows=TABLE1_FULL_ROWS, reference="Implicit", eval_every=1),
+    "full": Budget(
+        train_subset=None,
+        test_subset=None,
+        epochs=6,
+        seeds=(0,),
+        pretrain_steps=0,
+        ks=(5,),
+        dampings=(0.5,),
+        rows=TABLE1_FULL_ROWS,
+        reference="Implicit",
+        eval_every=1,
+    ),
     # For tests: seconds.
-    "tiny": Budget(train_subset=128, test_subset=64, epochs=1, seeds=(0,), pretrain_steps=1, ks=(1, 2), dampings=(0.5, 1.0)),
+    "tiny": Budget(
+        train_subset=128, test_subset=64, epochs=1, seeds=(0,), pretrain_steps=1, ks=(1, 2), dampings=(0.5, 1.0)
+    ),
 }
 
 BASE = [
-    "dataset=fashion-mnist", "model=mdeq-tiny-28", "batch_size=64", "lr=0.002", "optimizer=adam",
-    "solver=anderson", "solver_max_iter=12", "solver_tol=1e-3", "backward_solver=broyden",
-    "backward_max_iter=12", "backward_tol=1e-4", "pretrain_depth=6", "eval_every=1000", "progress=false",
+    "dataset=fashion-mnist",
+    "model=mdeq-tiny-28",
+    "batch_size=64",
+    "lr=0.002",
+    "optimizer=adam",
+    "solver=anderson",
+    "solver_max_iter=12",
+    "solver_tol=1e-3",
+    "backward_solver=broyden",
+    "backward_max_iter=12",
+    "backward_tol=1e-4",
+    "pretrain_depth=6",
+    "eval_every=1000",
+    "progress=false",
 ]
 
 
@@ -127,9 +157,16 @@ class BackwardSolveRecorder:
 
     def summary(self) -> dict[str, float | None]:
         if not self.samples:
-            return {"backward_converged_fraction": None, "backward_mean_steps": None, "backward_rel_residual_mean": None}
-        return {"backward_converged_fraction": self.converged / self.samples, "backward_mean_steps": self.nstep_sum / self.samples,
-                "backward_rel_residual_mean": self.residual_sum / self.samples}
+            return {
+                "backward_converged_fraction": None,
+                "backward_mean_steps": None,
+                "backward_rel_residual_mean": None,
+            }
+        return {
+            "backward_converged_fraction": self.converged / self.samples,
+            "backward_mean_steps": self.nstep_sum / self.samples,
+            "backward_rel_residual_mean": self.residual_sum / self.samples,
+        }
 
 
 def _epoch_curves(run_dir: Path) -> list[dict[str, Any]]:
@@ -148,8 +185,14 @@ def _epoch_curves(run_dir: Path) -> list[dict[str, Any]]:
     for r in epochs:
         e = int(r["epoch"])
         acc = r.get("test_accuracy", "")
-        out.append({"epoch": e, "test_accuracy": float(acc) if acc else None, "train_seconds": float(r["train_seconds"]),
-                    "train_rel_residual": statistics.fmean(residuals[e]) if residuals.get(e) else None})
+        out.append(
+            {
+                "epoch": e,
+                "test_accuracy": float(acc) if acc else None,
+                "train_seconds": float(r["train_seconds"]),
+                "train_rel_residual": statistics.fmean(residuals[e]) if residuals.get(e) else None,
+            }
+        )
     return out
 
 
@@ -170,7 +213,9 @@ def run_one(overrides: list[str], radius_batch: int = 64, threads: int | None = 
     trainer = Trainer(cfg, resume=(Path(cfg.out_dir) / "checkpoint.pt").exists(), callbacks=[recorder])
     summary = trainer.fit()
     model = trainer.model.eval()
-    images = torch.stack([trainer.task.eval_sets["test"][i][0] for i in range(min(radius_batch, len(trainer.task.eval_sets["test"])))])
+    images = torch.stack(
+        [trainer.task.eval_sets["test"][i][0] for i in range(min(radius_batch, len(trainer.task.eval_sets["test"])))]
+    )
     with torch.no_grad():  # h* only: no backward work
         z, u, info = model.equilibrium(images.to(trainer.device))
     summary["spectral_radius"] = float(pg.spectral_radius(model.block, z, u, iters=30).mean())
@@ -192,8 +237,9 @@ def _worker_init() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s [%(process)d]: %(message)s")
 
 
-def run_jobs(jobs: list[tuple[Any, list[str]]], n_jobs: int, threads: int,
-             on_done: Any = None) -> dict[Any, dict[str, Any]]:
+def run_jobs(
+    jobs: list[tuple[Any, list[str]]], n_jobs: int, threads: int, on_done: Any = None
+) -> dict[Any, dict[str, Any]]:
     """Run ``(key, overrides)`` jobs, ``n_jobs`` at a time in separate processes (one thread
     each) or in this process when ``n_jobs`` is 1; ``on_done(results)`` after each finishes."""
     results: dict[Any, dict[str, Any]] = {}
@@ -225,13 +271,22 @@ def _table1_rows(budget: Budget, results: dict[tuple[int, int], dict[str, Any]])
         runs = [results[(i, seed)] for seed in budget.seeds]
         acc = _mean_std([r["test_accuracy"] for r in runs])
         secs = _mean_std([r["train_seconds"] for r in runs])
-        row = {"row": name, "overrides": list(extra), "seeds": list(budget.seeds),
-               "test_accuracies": [r["test_accuracy"] for r in runs], "accuracy_mean": acc[0], "accuracy_std": acc[1],
-               "train_images": runs[0].get("train_images"), "epochs": runs[0]["epochs"],
-               "train_seconds_mean": secs[0], "seconds_per_epoch_mean": statistics.fmean(r["seconds_per_epoch"] for r in runs),
-               "spectral_radius_mean": statistics.fmean(r["spectral_radius"] for r in runs),
-               "mean_forward_steps": statistics.fmean(r["mean_forward_steps"] for r in runs),
-               "eval_rel_residual_mean": statistics.fmean(r["eval_rel_residual"] for r in runs), "runs": runs}
+        row = {
+            "row": name,
+            "overrides": list(extra),
+            "seeds": list(budget.seeds),
+            "test_accuracies": [r["test_accuracy"] for r in runs],
+            "accuracy_mean": acc[0],
+            "accuracy_std": acc[1],
+            "train_images": runs[0].get("train_images"),
+            "epochs": runs[0]["epochs"],
+            "train_seconds_mean": secs[0],
+            "seconds_per_epoch_mean": statistics.fmean(r["seconds_per_epoch"] for r in runs),
+            "spectral_radius_mean": statistics.fmean(r["spectral_radius"] for r in runs),
+            "mean_forward_steps": statistics.fmean(r["mean_forward_steps"] for r in runs),
+            "eval_rel_residual_mean": statistics.fmean(r["eval_rel_residual"] for r in runs),
+            "runs": runs,
+        }
         fractions = [r.get("backward_converged_fraction") for r in runs]
         row["backward_converged_fraction"] = statistics.fmean(fractions) if None not in fractions else None
         rows.append(row)
@@ -241,14 +296,17 @@ def _table1_rows(budget: Budget, results: dict[tuple[int, int], dict[str, Any]])
     return rows
 
 
-def run_table1(budget: Budget, out_dir: Path, base: list[str], n_jobs: int = 1, threads: int = 1,
-               on_rows: Any = None) -> list[dict[str, Any]]:
+def run_table1(
+    budget: Budget, out_dir: Path, base: list[str], n_jobs: int = 1, threads: int = 1, on_rows: Any = None
+) -> list[dict[str, Any]]:
     jobs = []
     for seed in budget.seeds:
         for i, (name, extra) in enumerate(budget.rows):
             slug = name.split(" ")[0].lower() + f"-{i}-s{seed}"
             jobs.append(((i, seed), _overrides(budget, list(extra), seed, out_dir / slug, base)))
-    results = run_jobs(jobs, n_jobs, threads, on_done=(lambda res: on_rows(_table1_rows(budget, res))) if on_rows else None)
+    results = run_jobs(
+        jobs, n_jobs, threads, on_done=(lambda res: on_rows(_table1_rows(budget, res))) if on_rows else None
+    )
     return _table1_rows(budget, results)
 
 
@@ -262,25 +320,41 @@ def run_fig3(budget: Budget, out_dir: Path, base: list[str]) -> list[dict[str, A
         log.info("fig 3: %s k=%d lambda=%.2f", mode, k, lam)
         extra = [f"backward={mode.lower()}", f"k={k}", f"damping={lam}"]
         summary = run_one(_overrides(budget, extra, seed, out_dir / f"{mode.lower()}-k{k}-l{lam}", base))  # resumes
-        results.append({"mode": mode, "k": k, "damping": lam, "test_accuracy": summary["test_accuracy"],
-                        "spectral_radius": summary["spectral_radius"], "train_seconds": summary["train_seconds"]})
+        results.append(
+            {
+                "mode": mode,
+                "k": k,
+                "damping": lam,
+                "test_accuracy": summary["test_accuracy"],
+                "spectral_radius": summary["spectral_radius"],
+                "train_seconds": summary["train_seconds"],
+            }
+        )
     return results
 
 
 def format_table1(rows: list[dict[str, Any]], budget: Budget) -> str:
     full = budget.eval_every == 1
-    head = (f"| row | test accuracy (mean +- std, {len(budget.seeds)} seed{'s' if len(budget.seeds) > 1 else ''}) | "
-            "training time vs implicit | mean forward steps | spectral radius at h* |")
-    lines = [head + (" s/epoch | rel. residual at h* (test) | Implicit backward converged |" if full else ""),
-             "|---|---|---|---|---|" + ("---|---|---|" if full else "")]
+    head = (
+        f"| row | test accuracy (mean +- std, {len(budget.seeds)} seed{'s' if len(budget.seeds) > 1 else ''}) | "
+        "training time vs implicit | mean forward steps | spectral radius at h* |"
+    )
+    lines = [
+        head + (" s/epoch | rel. residual at h* (test) | Implicit backward converged |" if full else ""),
+        "|---|---|---|---|---|" + ("---|---|---|" if full else ""),
+    ]
     for r in rows:
         ratio = f"{r['time_vs_implicit']:.2f}x" if r["time_vs_implicit"] is not None else "n/a (no Implicit row yet)"
-        line = (f"| {r['row']} | {100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f} | "
-                f"{ratio} ({r['train_seconds_mean']:.0f} s) | {r['mean_forward_steps']:.1f} | {r['spectral_radius_mean']:.2f} |")
+        line = (
+            f"| {r['row']} | {100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f} | "
+            f"{ratio} ({r['train_seconds_mean']:.0f} s) | {r['mean_forward_steps']:.1f} | {r['spectral_radius_mean']:.2f} |"
+        )
         if full:
             conv = r.get("backward_converged_fraction")
-            line += (f" {r['seconds_per_epoch_mean']:.0f} | {r['eval_rel_residual_mean']:.2g} | "
-                     f"{'-' if conv is None else f'{100 * conv:.0f}% of samples'} |")
+            line += (
+                f" {r['seconds_per_epoch_mean']:.0f} | {r['eval_rel_residual_mean']:.2g} | "
+                f"{'-' if conv is None else f'{100 * conv:.0f}% of samples'} |"
+            )
         lines.append(line)
     return "\n".join(lines)
 
@@ -299,8 +373,14 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
         axes[0].plot([c["epoch"] for c in pts], [100 * c["test_accuracy"] for c in pts], marker="o", label=r["row"])
         pts = [c for c in curve if c["train_rel_residual"] is not None]
         axes[1].semilogy([c["epoch"] for c in pts], [c["train_rel_residual"] for c in pts], marker="o", label=r["row"])
-    axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title=f"test accuracy per epoch (seed {rows[0]['seeds'][0]})")
-    axes[1].set(xlabel="epoch", ylabel="mean relative residual ||F(z)-z||/||F(z)||", title="forward residual of the training solves")
+    axes[0].set(
+        xlabel="epoch", ylabel="test accuracy (%)", title=f"test accuracy per epoch (seed {rows[0]['seeds'][0]})"
+    )
+    axes[1].set(
+        xlabel="epoch",
+        ylabel="mean relative residual ||F(z)-z||/||F(z)||",
+        title="forward residual of the training solves",
+    )
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -310,10 +390,15 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def format_fig3(points: list[dict[str, Any]]) -> str:
-    lines = ["| mode | k | lambda | test accuracy | spectral radius at h* | training time |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | k | lambda | test accuracy | spectral radius at h* | training time |",
+        "|---|---|---|---|---|---|",
+    ]
     for p in points:
-        lines.append(f"| {p['mode']} | {p['k']} | {p['damping']} | {100 * p['test_accuracy']:.2f} | "
-                     f"{p['spectral_radius']:.2f} | {p['train_seconds']:.0f} s |")
+        lines.append(
+            f"| {p['mode']} | {p['k']} | {p['damping']} | {100 * p['test_accuracy']:.2f} | "
+            f"{p['spectral_radius']:.2f} | {p['train_seconds']:.0f} s |"
+        )
     return "\n".join(lines)
 
 
@@ -326,7 +411,9 @@ def plot_fig3(points: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for mode, marker in (("UPG", "o"), ("NPG", "s")):
         pts = sorted((p for p in points if p["mode"] == mode and p["damping"] == 0.5), key=lambda p: p["k"])
-        axes[0].plot([p["k"] for p in pts], [100 * p["test_accuracy"] for p in pts], marker=marker, label=f"{mode}, lambda=0.5")
+        axes[0].plot(
+            [p["k"] for p in pts], [100 * p["test_accuracy"] for p in pts], marker=marker, label=f"{mode}, lambda=0.5"
+        )
         axes[1].plot([p["k"] for p in pts], [p["spectral_radius"] for p in pts], marker=marker, label=mode)
     pts = sorted((p for p in points if p["mode"] == "UPG" and p["k"] == 5), key=lambda p: p["damping"])
     axes[2].plot([p["damping"] for p in pts], [100 * p["test_accuracy"] for p in pts], marker="o", label="UPG, k=5")
@@ -343,17 +430,36 @@ def plot_fig3(points: list[dict[str, Any]], path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--what", choices=("table1", "fig3", "both"), default="both")
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu",
-                        help="cpu: docs/results/ablate (8,000 images, 2 epochs); full: docs/results/table1_full "
-                             "(60,000 images, 6 epochs, hours); tiny: seconds")
-    parser.add_argument("--out", type=Path, default=Path("runs/ablate"),
-                        help="run directories and results go here; rerunning with the same --out resumes")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (per run when --jobs > 1: then 1 is best)")
-    parser.add_argument("--jobs", type=int, default=1, help="Table 1 runs trained side by side, each in its own process")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="seeds instead of the budget's (finished runs of other seeds are reused, e.g. add a second seed later)")
+    parser.add_argument(
+        "--budget",
+        choices=sorted(BUDGETS),
+        default="cpu",
+        help="cpu: docs/results/ablate (8,000 images, 2 epochs); full: docs/results/table1_full "
+        "(60,000 images, 6 epochs, hours); tiny: seconds",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/ablate"),
+        help="run directories and results go here; rerunning with the same --out resumes",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (per run when --jobs > 1: then 1 is best)"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="Table 1 runs trained side by side, each in its own process"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds instead of the budget's (finished runs of other seeds are reused, e.g. add a second seed later)",
+    )
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every run (e.g. data_dir=...)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="extra config overrides for every run (e.g. data_dir=...)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -365,14 +471,24 @@ def run(args: argparse.Namespace) -> int:
     TrainConfig.from_sources(None, base)  # fail fast on a bad override
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result: dict[str, Any] = {"budget": budget.__dict__,
-                              "base_overrides": base, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    result: dict[str, Any] = {
+        "budget": budget.__dict__,
+        "base_overrides": base,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+    }
     text = []
     if args.jobs < 1 or args.threads < 1:
         raise ValueError("--jobs and --threads take a positive integer")
     if args.what in ("table1", "both"):
+
         def write_partial(rows: list[dict[str, Any]]) -> None:  # each row's result as soon as it finishes
-            _write_outputs(args, budget, {**result, "table1": rows, "partial": True}, ["## Table 1\n\n" + format_table1(rows, budget)], rows)
+            _write_outputs(
+                args,
+                budget,
+                {**result, "table1": rows, "partial": True},
+                ["## Table 1\n\n" + format_table1(rows, budget)],
+                rows,
+            )
 
         rows = run_table1(budget, args.out, base, n_jobs=args.jobs, threads=args.threads, on_rows=write_partial)
         result["table1"] = rows
@@ -386,15 +502,21 @@ def run(args: argparse.Namespace) -> int:
         plot_fig3(points, args.out / "fig3.png")
         text.append("## Fig. 3\n\n" + format_fig3(points) + f"\n\n![fig3]({(args.out / 'fig3.png').name})")
     result["seconds"] = time.perf_counter() - start
-    report = _write_outputs(args, budget, result, text + [f"Total wall time of this invocation: {result['seconds'] / 60:.1f} min."],
-                            result.get("table1", []))
+    report = _write_outputs(
+        args,
+        budget,
+        result,
+        text + [f"Total wall time of this invocation: {result['seconds'] / 60:.1f} min."],
+        result.get("table1", []),
+    )
     print(report)
     print(f"wrote {args.out / 'ablate.md'} and {args.json or args.out / 'ablate.json'}")
     return 0
 
 
-def _write_outputs(args: argparse.Namespace, budget: Budget, result: dict[str, Any], text: list[str],
-                   rows: list[dict[str, Any]]) -> str:
+def _write_outputs(
+    args: argparse.Namespace, budget: Budget, result: dict[str, Any], text: list[str], rows: list[dict[str, Any]]
+) -> str:
     report = "\n\n".join(text) + "\n"
     (args.out / "ablate.md").write_text(report)
     json_path = args.json or args.out / "ablate.json"

@@ -43,12 +43,22 @@ from phantomgrad.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-ADAPTIVE = ["backward=adaptive", "k=3", "damping=0.5", "monitor_every=25",
-            "backward_options={k_min: 1, k_max: 9, low: 0.9, high: 0.98}"]
+ADAPTIVE = [
+    "backward=adaptive",
+    "k=3",
+    "damping=0.5",
+    "monitor_every=25",
+    "backward_options={k_min: 1, k_max: 9, low: 0.9, high: 0.98}",
+]
 # thresholds set after the first run with the defaults (docs/results/adaptive.md says so): on this model the
 # cosine to the 12-step Broyden reference stays below 0.9 for k <= 6, so the defaults drive k towards k_max
-ADAPTIVE_BAND = ["backward=adaptive", "k=2", "damping=0.5", "monitor_every=25",
-                 "backward_options={k_min: 1, k_max: 9, low: 0.75, high: 0.85}"]
+ADAPTIVE_BAND = [
+    "backward=adaptive",
+    "k=2",
+    "damping=0.5",
+    "monitor_every=25",
+    "backward_options={k_min: 1, k_max: 9, low: 0.75, high: 0.85}",
+]
 COMPARE_ROWS: list[tuple[str, list[str]]] = [
     ("UPG A_{5,0.5}", ["backward=upg", "k=5", "damping=0.5"]),
     ("UPG A_{9,0.5} + dropout", ["backward=upg", "k=9", "damping=0.5", "dropout=0.1"]),
@@ -77,10 +87,16 @@ def run_one(overrides: list[str]) -> dict[str, Any]:
     summary = trainer.fit()
     history = trainer.history
     monitor = sum(r.get("monitor_seconds", 0.0) for r in history)
-    out = {"overrides": overrides, "test_accuracy": summary["test_accuracy"], "train_seconds": summary["train_seconds"],
-           "train_cpu_seconds": trainer.cpu_seconds, "monitor_seconds": monitor,
-           "monitor_share": monitor / summary["train_seconds"] if summary["train_seconds"] else math.nan,
-           "skipped_steps": summary["skipped_steps"], "out_dir": summary["out_dir"]}
+    out = {
+        "overrides": overrides,
+        "test_accuracy": summary["test_accuracy"],
+        "train_seconds": summary["train_seconds"],
+        "train_cpu_seconds": trainer.cpu_seconds,
+        "monitor_seconds": monitor,
+        "monitor_share": monitor / summary["train_seconds"] if summary["train_seconds"] else math.nan,
+        "skipped_steps": summary["skipped_steps"],
+        "out_dir": summary["out_dir"],
+    }
     if "grad_cosine_deq" in history[-1]:
         out["grad_cosine_deq"] = [r["grad_cosine_deq"] for r in history]
         out["grad_norm_ratio_deq"] = [r["grad_norm_ratio_deq"] for r in history]
@@ -90,7 +106,9 @@ def run_one(overrides: list[str]) -> dict[str, Any]:
         from phantomgrad.train.monitor_callback import read_trace
 
         trace = read_trace(trace_path)
-        out["trace"] = [{k: r[k] for k in ("step", "cosine_deq", "norm_ratio_deq", "k", "damping", "scale")} for r in trace]
+        out["trace"] = [
+            {k: r[k] for k in ("step", "cosine_deq", "norm_ratio_deq", "k", "damping", "scale")} for r in trace
+        ]
         out["mean_k"] = statistics.fmean(r["k"] for r in trace) if trace else math.nan
         scales = [r["scale"] for r in trace if math.isfinite(r["scale"])]
         out["mean_scale"] = statistics.fmean(scales) if scales else math.nan
@@ -102,9 +120,16 @@ def _summarise(name: str, extra: list[str], runs: list[dict[str, Any]]) -> dict[
         return statistics.fmean(r[key] for r in runs)
 
     accuracy_mean, accuracy_std = _mean_std([r["test_accuracy"] for r in runs])
-    return {"row": name, "overrides": extra, "accuracy_mean": accuracy_mean, "accuracy_std": accuracy_std,
-            "train_seconds_mean": mean("train_seconds"), "train_cpu_seconds_mean": mean("train_cpu_seconds"),
-            "monitor_share_mean": mean("monitor_share"), "runs": runs}
+    return {
+        "row": name,
+        "overrides": extra,
+        "accuracy_mean": accuracy_mean,
+        "accuracy_std": accuracy_std,
+        "train_seconds_mean": mean("train_seconds"),
+        "train_cpu_seconds_mean": mean("train_cpu_seconds"),
+        "monitor_share_mean": mean("monitor_share"),
+        "runs": runs,
+    }
 
 
 def run_compare(budget: Budget, seeds: tuple[int, ...], out_dir: Path, base: list[str]) -> dict[str, Any]:
@@ -118,10 +143,13 @@ def run_compare(budget: Budget, seeds: tuple[int, ...], out_dir: Path, base: lis
     best = max(rows[:2], key=lambda r: r["accuracy_mean"])
     verdicts = []
     for adaptive in rows[2:]:
-        v = {"row": adaptive["row"], "best_fixed": best["row"],
-             "accuracy_reached": adaptive["accuracy_mean"] >= best["accuracy_mean"],
-             "cpu_time_not_more": adaptive["train_cpu_seconds_mean"] <= best["train_cpu_seconds_mean"],
-             "wall_time_not_more": adaptive["train_seconds_mean"] <= best["train_seconds_mean"]}
+        v = {
+            "row": adaptive["row"],
+            "best_fixed": best["row"],
+            "accuracy_reached": adaptive["accuracy_mean"] >= best["accuracy_mean"],
+            "cpu_time_not_more": adaptive["train_cpu_seconds_mean"] <= best["train_cpu_seconds_mean"],
+            "wall_time_not_more": adaptive["train_seconds_mean"] <= best["train_seconds_mean"],
+        }
         v["target_met"] = v["accuracy_reached"] and v["cpu_time_not_more"]
         verdicts.append(v)
     return {"rows": rows, "verdicts": verdicts}
@@ -131,7 +159,10 @@ def run_rescale(budget: Budget, seeds: tuple[int, ...], out_dir: Path, base: lis
     rows = []
     plain = [run_one(_overrides(budget, SGD, s, out_dir / f"sgd-plain-s{s}", base)) for s in seeds]
     rows.append(_summarise("SGD, UPG A_{5,0.5} (monitored, not rescaled)", SGD, plain))
-    rescaled = [run_one(_overrides(budget, SGD + ["monitor_rescale=true"], s, out_dir / f"sgd-rescale-s{s}", base)) for s in seeds]
+    rescaled = [
+        run_one(_overrides(budget, SGD + ["monitor_rescale=true"], s, out_dir / f"sgd-rescale-s{s}", base))
+        for s in seeds
+    ]
     rows.append(_summarise("SGD + rescaling by 1 / norm ratio", SGD + ["monitor_rescale=true"], rescaled))
     factor = statistics.fmean(r["mean_scale"] for r in rescaled)
     lr = 0.05 * factor
@@ -142,6 +173,7 @@ def run_rescale(budget: Budget, seeds: tuple[int, ...], out_dir: Path, base: lis
 
 
 # ----------------------------------------------------------------------------- torch.compile speed
+
 
 class _MLPMap(torch.nn.Module):
     """F(z, x) = tanh(W2 relu(W1 z) / 2 + U x), dim 256: a small dense DEQ."""
@@ -163,8 +195,11 @@ def compile_speed(steps: int = 20, batch: int = 64) -> list[dict[str, Any]]:
     import phantomgrad as pg
     from phantomgrad.models.mdeq import MDEQ, MDEQConfig
 
-    modes = {"UPG A_{5,0.5}": lambda: pg.UPG(k=5, damping=0.5), "NPG A_{5,0.5}": lambda: pg.NPG(k=5, damping=0.5),
-             "JFB": pg.JFB}
+    modes = {
+        "UPG A_{5,0.5}": lambda: pg.UPG(k=5, damping=0.5),
+        "NPG A_{5,0.5}": lambda: pg.NPG(k=5, damping=0.5),
+        "JFB": pg.JFB,
+    }
     rows = []
     for model_name in ("mlp-256", "mdeq-tiny-28"):
         for mode_name, make in modes.items():
@@ -182,12 +217,16 @@ def compile_speed(steps: int = 20, batch: int = 64) -> list[dict[str, Any]]:
                     return torch.nn.functional.cross_entropy(head(z), y)
             else:
                 x = torch.randn(batch, 1, 28, 28)
-                model = MDEQ(MDEQConfig.named("mdeq-tiny-28", in_channels=1, image_size=28, num_classes=10),
-                             solver=solver, backward=make())
+                model = MDEQ(
+                    MDEQConfig.named("mdeq-tiny-28", in_channels=1, image_size=28, num_classes=10),
+                    solver=solver,
+                    backward=make(),
+                )
                 layer = model.deq
 
                 def loss(model=model, x=x, y=y):
                     return torch.nn.functional.cross_entropy(model(x)[0], y)
+
             fmap = layer.f
             variants = {"eager": fmap, "compiled": torch.compile(fmap)}
 
@@ -208,32 +247,61 @@ def compile_speed(steps: int = 20, batch: int = 64) -> list[dict[str, Any]]:
                 for name in ("eager", "compiled"):
                     times[name].append(step(name))
             e, c = statistics.median(times["eager"]), statistics.median(times["compiled"])
-            rows.append({"model": model_name, "backward": mode_name, "eager_ms": 1000 * e, "compiled_ms": 1000 * c,
-                         "speedup": e / c, "compile_seconds": compile_s})
-            log.info("compile speed %s %s: eager %.1f ms, compiled %.1f ms (%.2fx)", model_name, mode_name, 1000 * e, 1000 * c, e / c)
+            rows.append(
+                {
+                    "model": model_name,
+                    "backward": mode_name,
+                    "eager_ms": 1000 * e,
+                    "compiled_ms": 1000 * c,
+                    "speedup": e / c,
+                    "compile_seconds": compile_s,
+                }
+            )
+            log.info(
+                "compile speed %s %s: eager %.1f ms, compiled %.1f ms (%.2fx)",
+                model_name,
+                mode_name,
+                1000 * e,
+                1000 * c,
+                e / c,
+            )
     return rows
 
 
 def format_compile(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | backward | eager step (ms, median) | compiled F step (ms, median) | speed-up | first compiled steps (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | backward | eager step (ms, median) | compiled F step (ms, median) | speed-up | first compiled steps (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['backward']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | {r['speedup']:.2f}x | "
-                     f"{r['compile_seconds']:.0f} |")
+        lines.append(
+            f"| {r['model']} | {r['backward']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | {r['speedup']:.2f}x | "
+            f"{r['compile_seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- output
 
+
 def format_rows(rows: list[dict[str, Any]], n_seeds: int) -> str:
-    lines = [f"| run | test accuracy ({n_seeds} seed{'s' if n_seeds > 1 else ''}) | training CPU s | training wall s | "
-             "monitor share of wall time | mean k (monitored steps) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"| run | test accuracy ({n_seeds} seed{'s' if n_seeds > 1 else ''}) | training CPU s | training wall s | "
+        "monitor share of wall time | mean k (monitored steps) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         acc = f"{100 * r['accuracy_mean']:.2f}" + (f" +- {100 * r['accuracy_std']:.2f}" if n_seeds > 1 else "")
         ks = [run["mean_k"] for run in r["runs"] if run.get("mean_k") is not None]
         share = r["monitor_share_mean"]
-        cells = [r["row"], acc, f"{r['train_cpu_seconds_mean']:.0f}", f"{r['train_seconds_mean']:.0f}",
-                 f"{100 * share:.1f}%" if share else "-", f"{statistics.fmean(ks):.1f}" if ks else "-"]
+        cells = [
+            r["row"],
+            acc,
+            f"{r['train_cpu_seconds_mean']:.0f}",
+            f"{r['train_seconds_mean']:.0f}",
+            f"{100 * share:.1f}%" if share else "-",
+            f"{statistics.fmean(ks):.1f}" if ks else "-",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -244,8 +312,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    traced = [(r["row"], run["trace"]) for part in ("compare", "rescale") if part in result
-              for r in result[part]["rows"] for run in r["runs"][:1] if run.get("trace")]
+    traced = [
+        (r["row"], run["trace"])
+        for part in ("compare", "rescale")
+        if part in result
+        for r in result[part]["rows"]
+        for run in r["runs"][:1]
+        if run.get("trace")
+    ]
     if not traced:
         return
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
@@ -264,52 +338,80 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def _provenance(part: dict[str, Any]) -> list[str]:
-    return [f"Command: `{part['command']}`", "",
-            f"Machine: {part['machine']}. Date: {part['date']}. Wall time of the command: {part['seconds'] / 60:.1f} min.", ""]
+    return [
+        f"Command: `{part['command']}`",
+        "",
+        f"Machine: {part['machine']}. Date: {part['date']}. Wall time of the command: {part['seconds'] / 60:.1f} min.",
+        "",
+    ]
 
 
 def render(result: dict[str, Any]) -> str:
     budget = next((result[p]["budget"] for p in ("compare", "rescale") if p in result), None)
     lines = ["# AdaptivePhantom vs fixed UPG, and gradient rescaling under SGD (Fashion-MNIST, CPU scale)", ""]
     if budget:
-        lines += [f"Setting: `phantomgrad ablate`'s BASE overrides and budget (MDEQ-Tiny-28, a fixed subset of "
-                  f"{budget['train_subset']} training images, test images: {budget['test_subset'] or 'all 10,000'}, "
-                  f"{budget['epochs']} epochs, batch 64, Adam lr 0.002 unless stated). Accuracy is the final epoch's; "
-                  "training time is that of the training epochs (monitoring included, evaluation excluded), in CPU "
-                  "seconds of the process (threads=1) and in wall seconds (other jobs shared the machine, so wall time "
-                  "is noisy; the comparison uses CPU seconds).", ""]
+        lines += [
+            f"Setting: `phantomgrad ablate`'s BASE overrides and budget (MDEQ-Tiny-28, a fixed subset of "
+            f"{budget['train_subset']} training images, test images: {budget['test_subset'] or 'all 10,000'}, "
+            f"{budget['epochs']} epochs, batch 64, Adam lr 0.002 unless stated). Accuracy is the final epoch's; "
+            "training time is that of the training epochs (monitoring included, evaluation excluded), in CPU "
+            "seconds of the process (threads=1) and in wall seconds (other jobs shared the machine, so wall time "
+            "is noisy; the comparison uses CPU seconds).",
+            "",
+        ]
     if "compare" in result:
         c = result["compare"]
         lines += ["## AdaptivePhantom against the UPG rows of Table 1", ""] + _provenance(c)
         lines += [format_rows(c["rows"], len(c["seeds"])), ""]
         yes = lambda flag: "yes" if flag else "no"  # noqa: E731
         for v in c["verdicts"]:
-            lines.append(f"- {v['row']} against the best fixed row ({v['best_fixed']}): accuracy reached {yes(v['accuracy_reached'])}, "
-                         f"CPU time not more {yes(v['cpu_time_not_more'])}, wall time not more {yes(v['wall_time_not_more'])}: "
-                         f"**target met: {yes(v['target_met'])}**.")
+            lines.append(
+                f"- {v['row']} against the best fixed row ({v['best_fixed']}): accuracy reached {yes(v['accuracy_reached'])}, "
+                f"CPU time not more {yes(v['cpu_time_not_more'])}, wall time not more {yes(v['wall_time_not_more'])}: "
+                f"**target met: {yes(v['target_met'])}**."
+            )
         lines.append("")
     if "rescale" in result:
         r = result["rescale"]
         lines += ["## Rescaling the phantom gradient by 1 / norm ratio under SGD", ""] + _provenance(r)
-        lines += [format_rows(r["rows"], len(r["seeds"])), "",
-                  f"Mean scale applied by the rescaled run: {r['mean_scale']:.2f}.", ""]
+        lines += [
+            format_rows(r["rows"], len(r["seeds"])),
+            "",
+            f"Mean scale applied by the rescaled run: {r['mean_scale']:.2f}.",
+            "",
+        ]
     if "compile" in result:
         r = result["compile"]
         lines += ["## torch.compile: training-step time with F compiled", ""] + _provenance(r)
-        lines += [format_compile(r["rows"]), "",
-                  "A step is forward (Anderson, 12 steps, tol 1e-3), loss and backward, batch 64; eager and compiled "
-                  "steps alternate in one process and the median of 20 each is shown.", ""]
+        lines += [
+            format_compile(r["rows"]),
+            "",
+            "A step is forward (Anderson, 12 steps, tol 1e-3), loss and backward, batch 64; eager and compiled "
+            "steps alternate in one process and the median of 20 each is shown.",
+            "",
+        ]
     lines += ["![traces](adaptive.png)", ""]
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--what", choices=("compare", "rescale", "both", "compile"), default="compare",
-                        help="compare: AdaptivePhantom vs fixed UPG; rescale: SGD with and without rescaling; "
-                             "compile: training-step time with F eager vs torch.compile(F) (no training)")
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu", help="cpu: the committed results; tiny: seconds")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="seeds (default: the first of the budget's, to keep the command under 15 minutes)")
+    parser.add_argument(
+        "--what",
+        choices=("compare", "rescale", "both", "compile"),
+        default="compare",
+        help="compare: AdaptivePhantom vs fixed UPG; rescale: SGD with and without rescaling; "
+        "compile: training-step time with F eager vs torch.compile(F) (no training)",
+    )
+    parser.add_argument(
+        "--budget", choices=sorted(BUDGETS), default="cpu", help="cpu: the committed results; tiny: seconds"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds (default: the first of the budget's, to keep the command under 15 minutes)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/adaptive"), help="run directories go here")
     parser.add_argument("--results", type=Path, default=None, help="write adaptive.md/.json/.png here (default: --out)")
     parser.add_argument("--threads", type=int, default=1)
@@ -326,19 +428,34 @@ def run(args: argparse.Namespace) -> int:
     results_dir.mkdir(parents=True, exist_ok=True)
     json_path = results_dir / "adaptive.json"
     result: dict[str, Any] = json.loads(json_path.read_text()) if json_path.exists() else {}
-    command = " ".join(["phantomgrad adaptive-compare", f"--budget {args.budget}", f"--threads {args.threads}"]
-                       + ([f"--seeds {' '.join(map(str, args.seeds))}"] if args.seeds else [])
-                       + [f"--out {args.out}"] + ([f"--results {args.results}"] if args.results else []) + list(args.overrides))
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores (shared), {args.threads} thread(s), torch {torch.__version__}, "
-               f"python {platform.python_version()}")
-    parts = {"compare": run_compare, "rescale": run_rescale,
-             "compile": lambda budget, seeds, out, base: {"rows": compile_speed()}}
-    for part in (("compare", "rescale") if args.what == "both" else (args.what,)):
+    command = " ".join(
+        ["phantomgrad adaptive-compare", f"--budget {args.budget}", f"--threads {args.threads}"]
+        + ([f"--seeds {' '.join(map(str, args.seeds))}"] if args.seeds else [])
+        + [f"--out {args.out}"]
+        + ([f"--results {args.results}"] if args.results else [])
+        + list(args.overrides)
+    )
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores (shared), {args.threads} thread(s), torch {torch.__version__}, "
+        f"python {platform.python_version()}"
+    )
+    parts = {
+        "compare": run_compare,
+        "rescale": run_rescale,
+        "compile": lambda budget, seeds, out, base: {"rows": compile_speed()},
+    }
+    for part in ("compare", "rescale") if args.what == "both" else (args.what,):
         start = time.perf_counter()
         result[part] = parts[part](budget, seeds, args.out, base)
-        result[part].update(command=f"{command} --what {part}", machine=machine, seeds=list(seeds), budget=budget.__dict__,
-                            base_overrides=base, date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-                            seconds=time.perf_counter() - start)
+        result[part].update(
+            command=f"{command} --what {part}",
+            machine=machine,
+            seeds=list(seeds),
+            budget=budget.__dict__,
+            base_overrides=base,
+            date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            seconds=time.perf_counter() - start,
+        )
     json_path.write_text(json.dumps(result, indent=2, default=str))
     plot(result, results_dir / "adaptive.png")
     text = render(result)

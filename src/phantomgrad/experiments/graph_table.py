@@ -58,35 +58,82 @@ class GraphTableConfig:
     @classmethod
     def tiny(cls, out: str) -> "GraphTableConfig":
         """Seconds, for the tests: 2 folds and 1 epoch of MUTAG, 1 seed of short chains."""
-        return cls(folds=2, mutag_epochs=1, mutag_hidden=8, chain_lens=(4,), chains_seeds=1, chains_epochs=2, chains_hidden=8,
-                   chains_per_class=3, chains_split=(4, 4, 8), solver_max_iter=30, out=out)
+        return cls(
+            folds=2,
+            mutag_epochs=1,
+            mutag_hidden=8,
+            chain_lens=(4,),
+            chains_seeds=1,
+            chains_epochs=2,
+            chains_hidden=8,
+            chains_per_class=3,
+            chains_split=(4, 4, 8),
+            solver_max_iter=30,
+            out=out,
+        )
 
     def methods(self) -> list[tuple[str, dict[str, Any]]]:
         rows = [("Implicit", {"backward": "implicit"})]
-        rows += [(f"UPG A_{{{self.k},{lam}}}", {"backward": "upg", "k": self.k, "damping": lam}) for lam in self.dampings]
+        rows += [
+            (f"UPG A_{{{self.k},{lam}}}", {"backward": "upg", "k": self.k, "damping": lam}) for lam in self.dampings
+        ]
         return rows
 
 
 def _common(cfg: GraphTableConfig) -> dict[str, Any]:
     return {
-        "task": "graph", "model": "ignn", "lr": cfg.lr, "schedule": "cosine", "optimizer": "adam",
-        "solver": "fixed_point", "solver_max_iter": cfg.solver_max_iter, "solver_tol": cfg.solver_tol,
-        "backward_solver": "fixed_point", "backward_max_iter": cfg.solver_max_iter, "backward_tol": cfg.solver_tol,
-        "threads": cfg.threads, "progress": False,
+        "task": "graph",
+        "model": "ignn",
+        "lr": cfg.lr,
+        "schedule": "cosine",
+        "optimizer": "adam",
+        "solver": "fixed_point",
+        "solver_max_iter": cfg.solver_max_iter,
+        "solver_tol": cfg.solver_tol,
+        "backward_solver": "fixed_point",
+        "backward_max_iter": cfg.solver_max_iter,
+        "backward_tol": cfg.solver_tol,
+        "threads": cfg.threads,
+        "progress": False,
     }
 
 
 def mutag_config(cfg: GraphTableConfig, method: dict[str, Any], fold: int, out_dir: Path) -> dict[str, Any]:
-    return {**_common(cfg), **method, "dataset": "mutag", "data_options": {"fold": fold, "n_folds": 10, "fold_seed": 0},
-            "arch": {"hidden": cfg.mutag_hidden, "kappa": cfg.kappa}, "epochs": cfg.mutag_epochs,
-            "batch_size": cfg.mutag_batch_size, "eval_every": cfg.mutag_epochs, "seed": 0, "out_dir": str(out_dir)}
+    return {
+        **_common(cfg),
+        **method,
+        "dataset": "mutag",
+        "data_options": {"fold": fold, "n_folds": 10, "fold_seed": 0},
+        "arch": {"hidden": cfg.mutag_hidden, "kappa": cfg.kappa},
+        "epochs": cfg.mutag_epochs,
+        "batch_size": cfg.mutag_batch_size,
+        "eval_every": cfg.mutag_epochs,
+        "seed": 0,
+        "out_dir": str(out_dir),
+    }
 
 
-def chains_config(cfg: GraphTableConfig, method: dict[str, Any], chain_len: int, seed: int, out_dir: Path) -> dict[str, Any]:
-    options = {"chain_len": chain_len, "chains_per_class": cfg.chains_per_class, "split": list(cfg.chains_split), "seed": seed}
-    return {**_common(cfg), **method, "dataset": "chains", "data_options": options, "weight_decay": 5e-4,
-            "arch": {"hidden": cfg.chains_hidden, "kappa": cfg.kappa}, "epochs": cfg.chains_epochs,
-            "eval_every": cfg.chains_epochs, "seed": seed, "out_dir": str(out_dir)}
+def chains_config(
+    cfg: GraphTableConfig, method: dict[str, Any], chain_len: int, seed: int, out_dir: Path
+) -> dict[str, Any]:
+    options = {
+        "chain_len": chain_len,
+        "chains_per_class": cfg.chains_per_class,
+        "split": list(cfg.chains_split),
+        "seed": seed,
+    }
+    return {
+        **_common(cfg),
+        **method,
+        "dataset": "chains",
+        "data_options": options,
+        "weight_decay": 5e-4,
+        "arch": {"hidden": cfg.chains_hidden, "kappa": cfg.kappa},
+        "epochs": cfg.chains_epochs,
+        "eval_every": cfg.chains_epochs,
+        "seed": seed,
+        "out_dir": str(out_dir),
+    }
 
 
 def _slug(name: str) -> str:
@@ -103,8 +150,10 @@ def run_table(cfg: GraphTableConfig, report=None) -> dict[str, Any]:
     methods = cfg.methods()
     earlier = sorted(out.glob("*/*/*/checkpoint.pt"))
     if earlier:
-        raise ValueError(f"--out {out} already holds runs of an earlier table (e.g. {earlier[0].parent}); "
-                         "pass a new --out or delete that directory")
+        raise ValueError(
+            f"--out {out} already holds runs of an earlier table (e.g. {earlier[0].parent}); "
+            "pass a new --out or delete that directory"
+        )
     runs: list[dict[str, Any]] = []
     plan = [("mutag", i) for i in range(cfg.folds)]
     plan += [(f"chains{length}", s) for length in cfg.chain_lens for s in range(cfg.chains_seeds)]
@@ -116,16 +165,33 @@ def run_table(cfg: GraphTableConfig, report=None) -> dict[str, Any]:
             else:
                 values = chains_config(cfg, method, int(dataset.removeprefix("chains")), index, run_dir)
             summary = train(TrainConfig.from_dict(values))
-            row = {"dataset": dataset, "method": name, "index": index, "test_accuracy": summary["test_accuracy"],
-                   "train_accuracy": summary["final_metrics"].get("train_accuracy"),
-                   "train_seconds": summary["train_seconds"], "mean_forward_steps": summary["mean_forward_steps"],
-                   "backward_share": summary["backward_share"]}
+            row = {
+                "dataset": dataset,
+                "method": name,
+                "index": index,
+                "test_accuracy": summary["test_accuracy"],
+                "train_accuracy": summary["final_metrics"].get("train_accuracy"),
+                "train_seconds": summary["train_seconds"],
+                "mean_forward_steps": summary["mean_forward_steps"],
+                "backward_share": summary["backward_share"],
+            }
             runs.append(row)
-            log.info("%s %s #%d: test accuracy %.4f, %.1f s", dataset, name, index, row["test_accuracy"], row["train_seconds"])
+            log.info(
+                "%s %s #%d: test accuracy %.4f, %.1f s",
+                dataset,
+                name,
+                index,
+                row["test_accuracy"],
+                row["train_seconds"],
+            )
             if report is not None:
                 report(row)
-    result = {"config": asdict(cfg), "runs": runs, "aggregate": aggregate(runs, [m for m, _ in methods]),
-              "seconds": time.perf_counter() - start}
+    result = {
+        "config": asdict(cfg),
+        "runs": runs,
+        "aggregate": aggregate(runs, [m for m, _ in methods]),
+        "seconds": time.perf_counter() - start,
+    }
     return result
 
 
@@ -157,8 +223,12 @@ def aggregate(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[
 def format_table(result: dict[str, Any]) -> str:
     cfg, agg = result["config"], result["aggregate"]
     datasets = list(agg)
-    titles = {d: f"MUTAG ({cfg['folds']} folds)" if d == "mutag" else
-              f"Chains, length {d.removeprefix('chains')} ({cfg['chains_seeds']} seeds)" for d in datasets}
+    titles = {
+        d: f"MUTAG ({cfg['folds']} folds)"
+        if d == "mutag"
+        else f"Chains, length {d.removeprefix('chains')} ({cfg['chains_seeds']} seeds)"
+        for d in datasets
+    }
     header = "| gradient | " + " | ".join(f"{titles[d]} accuracy (%) | time" for d in datasets) + " |"
     lines = [header, "|---|" + "---|---|" * len(datasets)]
     methods = list(dict.fromkeys(m for d in datasets for m in agg[d]))
@@ -178,11 +248,25 @@ def format_table(result: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = GraphTableConfig()
     parser.add_argument("--folds", type=int, default=d.folds, help="MUTAG folds to run, 1-10 (default %(default)s)")
-    parser.add_argument("--mutag-epochs", type=int, default=d.mutag_epochs, help="epochs per MUTAG fold (default %(default)s)")
-    parser.add_argument("--chain-lens", type=int, nargs="+", default=list(d.chain_lens),
-                        help="nodes per chain, one Chains column each (default %(default)s)")
-    parser.add_argument("--chains-seeds", type=int, default=d.chains_seeds, help="Chains graphs/initialisations (default %(default)s)")
-    parser.add_argument("--chains-epochs", type=int, default=d.chains_epochs, help="epochs (= full-graph steps) on Chains (default %(default)s)")
+    parser.add_argument(
+        "--mutag-epochs", type=int, default=d.mutag_epochs, help="epochs per MUTAG fold (default %(default)s)"
+    )
+    parser.add_argument(
+        "--chain-lens",
+        type=int,
+        nargs="+",
+        default=list(d.chain_lens),
+        help="nodes per chain, one Chains column each (default %(default)s)",
+    )
+    parser.add_argument(
+        "--chains-seeds", type=int, default=d.chains_seeds, help="Chains graphs/initialisations (default %(default)s)"
+    )
+    parser.add_argument(
+        "--chains-epochs",
+        type=int,
+        default=d.chains_epochs,
+        help="epochs (= full-graph steps) on Chains (default %(default)s)",
+    )
     parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path(d.out), help="directory for the runs (default %(default)s)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
@@ -201,13 +285,22 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
         if min(args.chain_lens) < 2:
             raise ValueError(f"--chain-lens must be >= 2 nodes each, got {args.chain_lens}")
-        cfg = GraphTableConfig(folds=args.folds, mutag_epochs=args.mutag_epochs, chain_lens=tuple(args.chain_lens),
-                               chains_seeds=args.chains_seeds, chains_epochs=args.chains_epochs, threads=args.threads,
-                               out=str(args.out))
+        cfg = GraphTableConfig(
+            folds=args.folds,
+            mutag_epochs=args.mutag_epochs,
+            chain_lens=tuple(args.chain_lens),
+            chains_seeds=args.chains_seeds,
+            chains_epochs=args.chains_epochs,
+            threads=args.threads,
+            out=str(args.out),
+        )
 
     def report(row: dict[str, Any]) -> None:
-        print(f"{row['dataset']:>8} #{row['index']} {row['method']:<14} test accuracy {row['test_accuracy']:.4f}"
-              f"  train {row['train_seconds']:.1f} s", flush=True)
+        print(
+            f"{row['dataset']:>8} #{row['index']} {row['method']:<14} test accuracy {row['test_accuracy']:.4f}"
+            f"  train {row['train_seconds']:.1f} s",
+            flush=True,
+        )
 
     result = run_table(cfg, report=report)
     table = format_table(result)

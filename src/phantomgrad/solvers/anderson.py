@@ -61,9 +61,18 @@ class Anderson(Solver):
         max_iter, tol, stop, trace, check_every: as in :class:`Solver`.
     """
 
-    def __init__(self, m: int = 5, ridge: float = 1e-4, mixing: float = 1.0, *, max_iter: int = 50,
-                 tol: float = 1e-4, stop: Literal["rel", "abs"] = "rel", trace: bool = False,
-                 check_every: CheckEvery = "auto"):
+    def __init__(
+        self,
+        m: int = 5,
+        ridge: float = 1e-4,
+        mixing: float = 1.0,
+        *,
+        max_iter: int = 50,
+        tol: float = 1e-4,
+        stop: Literal["rel", "abs"] = "rel",
+        trace: bool = False,
+        check_every: CheckEvery = "auto",
+    ):
         super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every)
         self.m = positive_int("m (Anderson history size)", m)
         self.ridge = nonneg_float("ridge", ridge)

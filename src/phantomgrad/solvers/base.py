@@ -108,8 +108,16 @@ class _Tracker:
     sample stays frozen. Extra steps after every sample stopped therefore change nothing.
     """
 
-    def __init__(self, z0: Tensor, tol: float, stop: str, keep_trace: bool, check_every: int | None,
-                 keep: Sequence[int], max_iter: int):
+    def __init__(
+        self,
+        z0: Tensor,
+        tol: float,
+        stop: str,
+        keep_trace: bool,
+        check_every: int | None,
+        keep: Sequence[int],
+        max_iter: int,
+    ):
         batch = z0.shape[0]
         device = z0.device
         self.tol = tol
@@ -230,8 +238,15 @@ class Solver(abc.ABC):
             (:func:`default_check_every` gives the reason).
     """
 
-    def __init__(self, *, max_iter: int = 50, tol: float = 1e-4, stop: Literal["rel", "abs"] = "rel",
-                 trace: bool = False, check_every: CheckEvery = "auto"):
+    def __init__(
+        self,
+        *,
+        max_iter: int = 50,
+        tol: float = 1e-4,
+        stop: Literal["rel", "abs"] = "rel",
+        trace: bool = False,
+        check_every: CheckEvery = "auto",
+    ):
         self.max_iter = positive_int("max_iter", max_iter)
         self.tol = positive_float("tol (use a small positive number such as 1e-6)", tol)
         self.stop = one_of("stop", stop, ("rel", "abs"))
@@ -242,8 +257,9 @@ class Solver(abc.ABC):
         keys = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({keys})"
 
-    def solve(self, fn: FlatFn, z0: Tensor, *, keep: Sequence[int] = (),
-              keep_inverse: bool = False) -> tuple[Tensor, SolverInfo]:
+    def solve(
+        self, fn: FlatFn, z0: Tensor, *, keep: Sequence[int] = (), keep_inverse: bool = False
+    ) -> tuple[Tensor, SolverInfo]:
         """Find z = fn(z) for a batch of flat states ``z0`` of shape (B, D).
 
         Returns the iterate with the lowest residual seen for each sample, and its
@@ -264,8 +280,10 @@ class Solver(abc.ABC):
             raise ValueError(f"solvers work on flat states of shape (batch, dim), got shape {tuple(z0.shape)}")
         keep = tuple(positive_int("keep (a step number)", t) for t in keep)
         if any(t > self.max_iter for t in keep):
-            raise ValueError(f"keep asks for the state after step {max(keep)}, but the solve runs at most "
-                             f"max_iter={self.max_iter} steps; ask for steps <= max_iter")
+            raise ValueError(
+                f"keep asks for the state after step {max(keep)}, but the solve runs at most "
+                f"max_iter={self.max_iter} steps; ask for steps <= max_iter"
+            )
         check_every = default_check_every(z0.device) if self.check_every == "auto" else self.check_every
         tracker = _Tracker(z0, self.tol, self.stop, self.trace, check_every, keep, self.max_iter)
         fallback = torch.zeros(z0.shape[0], dtype=torch.bool, device=z0.device)

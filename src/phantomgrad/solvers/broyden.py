@@ -115,8 +115,16 @@ class Broyden(Solver):
         max_iter, tol, stop, trace, check_every: as in :class:`Solver`.
     """
 
-    def __init__(self, memory: int = 20, *, max_iter: int = 50, tol: float = 1e-4,
-                 stop: Literal["rel", "abs"] = "rel", trace: bool = False, check_every: CheckEvery = "auto"):
+    def __init__(
+        self,
+        memory: int = 20,
+        *,
+        max_iter: int = 50,
+        tol: float = 1e-4,
+        stop: Literal["rel", "abs"] = "rel",
+        trace: bool = False,
+        check_every: CheckEvery = "auto",
+    ):
         super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every)
         self.memory = positive_int("memory (Broyden's number of stored updates)", memory)
 
@@ -198,8 +206,9 @@ class Broyden(Solver):
                     minus_low = gram  # 1 x 1: only the (implied) unit diagonal is used
                 else:  # the last column is above the diagonal: any values do
                     minus_low = torch.cat((gram[:, :, 1:] * cq[:, None, : q - 1].neg(), gram[:, :, :1]), -1)
-                beta = torch.linalg.solve_triangular(minus_low, dots_g.neg().unsqueeze(-1), upper=False,
-                                                     unitriangular=True)
+                beta = torch.linalg.solve_triangular(
+                    minus_low, dots_g.neg().unsqueeze(-1), upper=False, unitriangular=True
+                )
                 e = cq * beta.squeeze(-1)  # coefficient of s_{j+1} for factor j; the newest multiplies s
                 if differentiable:
                     w = -g + e[:, q - 1 : q] * s
@@ -220,8 +229,11 @@ class Broyden(Solver):
             denom = (s * h_dg).sum(-1, keepdim=True)
             ss = (s * s).sum(-1, keepdim=True)
             abs_denom = denom.abs()
-            good = (took & (abs_denom > eps * ss.sqrt() * torch.linalg.vector_norm(h_dg, dim=-1, keepdim=True))
-                    & (abs_denom < math.inf))
+            good = (
+                took
+                & (abs_denom > eps * ss.sqrt() * torch.linalg.vector_norm(h_dg, dim=-1, keepdim=True))
+                & (abs_denom < math.inf)
+            )
             if differentiable:  # divide by safe values: the unused branch of a where still gets a gradient
                 ss_, denom_ = torch.where(good, ss, 1.0), torch.where(good, denom, 1.0)
             else:

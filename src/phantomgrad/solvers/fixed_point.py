@@ -19,8 +19,16 @@ class FixedPoint(Solver):
     those of :class:`Solver`.
     """
 
-    def __init__(self, damping: float = 1.0, *, max_iter: int = 50, tol: float = 1e-4,
-                 stop: Literal["rel", "abs"] = "rel", trace: bool = False, check_every: CheckEvery = "auto"):
+    def __init__(
+        self,
+        damping: float = 1.0,
+        *,
+        max_iter: int = 50,
+        tol: float = 1e-4,
+        stop: Literal["rel", "abs"] = "rel",
+        trace: bool = False,
+        check_every: CheckEvery = "auto",
+    ):
         super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every)
         self.damping = _check_damping("damping", damping)
 
@@ -60,16 +68,19 @@ class Unrolled(Solver):
     def __repr__(self) -> str:
         return f"Unrolled(depth={self.depth}, tol={self.tol!r}, stop={self.stop!r}, trace={self.trace!r})"
 
-    def solve(self, fn: FlatFn, z0: Tensor, *, keep: Sequence[int] = (),
-              keep_inverse: bool = False) -> tuple[Tensor, SolverInfo]:
+    def solve(
+        self, fn: FlatFn, z0: Tensor, *, keep: Sequence[int] = (), keep_inverse: bool = False
+    ) -> tuple[Tensor, SolverInfo]:
         """``depth`` evaluations of F from ``z0``; ``keep`` returns z_t for each requested t (as
         :meth:`Solver.solve`); there is no inverse-Jacobian estimate (``keep_inverse`` is ignored)."""
         if z0.dim() != 2:
             raise ValueError(f"solvers work on flat states of shape (batch, dim), got shape {tuple(z0.shape)}")
         keep = tuple(positive_int("keep (a step number)", t) for t in keep)
         if any(t > self.depth for t in keep):
-            raise ValueError(f"keep asks for the state after step {max(keep)}, but Unrolled runs depth={self.depth} "
-                             "steps; ask for steps <= depth")
+            raise ValueError(
+                f"keep asks for the state after step {max(keep)}, but Unrolled runs depth={self.depth} "
+                "steps; ask for steps <= depth"
+            )
         boolean("keep_inverse", keep_inverse)
         trace: list[Tensor] | None = [] if self.trace else None
         states: dict[int, Tensor] = {}

@@ -61,8 +61,9 @@ MIN_GAP = 0.05  # smallest |1 - beta| accepted: the reversal divides by it once 
 def _check_beta(beta: float) -> float:
     beta = in_range("beta", beta, 0.0, 2.0, high_open=True)
     if abs(1 - beta) < MIN_GAP:
-        raise ValueError(f"beta={beta!r} is too close to 1: the reversal divides by 1 - beta; "
-                         f"use |1 - beta| >= {MIN_GAP}")
+        raise ValueError(
+            f"beta={beta!r} is too close to 1: the reversal divides by 1 - beta; use |1 - beta| >= {MIN_GAP}"
+        )
     return float(beta)
 
 
@@ -193,23 +194,34 @@ class Reversible(Solver):
     max_iter); with any other backward mode it is a plain solver.
     """
 
-    def __init__(self, beta: float = 0.5, *, max_iter: int = 50, tol: float = 1e-4,
-                 stop: Literal["rel", "abs"] = "rel", trace: bool = False, check_every: CheckEvery = "auto"):
+    def __init__(
+        self,
+        beta: float = 0.5,
+        *,
+        max_iter: int = 50,
+        tol: float = 1e-4,
+        stop: Literal["rel", "abs"] = "rel",
+        trace: bool = False,
+        check_every: CheckEvery = "auto",
+    ):
         super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every)
         if self.max_iter < 2:
-            raise ValueError(f"max_iter must be >= 2 for pg.Reversible (each step evaluates F twice), "
-                             f"got {self.max_iter}")
+            raise ValueError(
+                f"max_iter must be >= 2 for pg.Reversible (each step evaluates F twice), got {self.max_iter}"
+            )
         self.beta = _check_beta(beta)
 
-    def solve(self, fn: FlatFn, z0: Tensor, *, keep: Sequence[int] = (),
-              keep_inverse: bool = False) -> tuple[Tensor, SolverInfo]:
+    def solve(
+        self, fn: FlatFn, z0: Tensor, *, keep: Sequence[int] = (), keep_inverse: bool = False
+    ) -> tuple[Tensor, SolverInfo]:
         """Run the coupled iteration from y_0 = z_0; returns the last y and its info (no
         inverse-Jacobian estimate: ``keep_inverse`` is ignored; ``keep`` is not supported)."""
         if z0.dim() != 2:
             raise ValueError(f"solvers work on flat states of shape (batch, dim), got shape {tuple(z0.shape)}")
         if tuple(keep):
-            raise ValueError("pg.Reversible does not return intermediate states (keep=...); "
-                             "use another solver for them")
+            raise ValueError(
+                "pg.Reversible does not return intermediate states (keep=...); use another solver for them"
+            )
         boolean("keep_inverse", keep_inverse)
         z0 = z0.detach()
         if not torch.is_grad_enabled():
@@ -256,8 +268,15 @@ class Reversible(Solver):
                 if not bool(((crit > self.tol) & ~nonfinite).any()):  # host sync: stop once every sample is done
                     break
         steps = torch.full_like(nonfinite, 2 * (n + 1), dtype=torch.long)
-        info = SolverInfo(abs_residual=abs_res, rel_residual=rel_res, nstep=steps, converged=crit <= self.tol,
-                          nonfinite=nonfinite, fallback=torch.zeros_like(nonfinite), trace=trace)
+        info = SolverInfo(
+            abs_residual=abs_res,
+            rel_residual=rel_res,
+            nstep=steps,
+            converged=crit <= self.tol,
+            nonfinite=nonfinite,
+            fallback=torch.zeros_like(nonfinite),
+            trace=trace,
+        )
         return y, z, info
 
 

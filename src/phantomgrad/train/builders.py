@@ -26,14 +26,16 @@ def build_backward(cfg: TrainConfig) -> pg.BackwardMode:
     # a declared key that is a config key of its own (k, damping) comes from there; the others from backward_options
     kwargs = {key: getattr(cfg, key) for key in keys if key not in solver_keys and hasattr(cfg, key)}
     if any(key in solver_keys for key in keys):
-        kwargs["solver"] = pg.make_solver(cfg.backward_solver, max_iter=cfg.backward_max_iter, tol=cfg.backward_tol,
-                                          stop="rel")
+        kwargs["solver"] = pg.make_solver(
+            cfg.backward_solver, max_iter=cfg.backward_max_iter, tol=cfg.backward_tol, stop="rel"
+        )
     if cfg.backward_options:
         params = inspect.signature(cls).parameters
         takes_more = any(p.kind is p.VAR_KEYWORD for p in params.values()) or set(params) - set(kwargs)
         if not takes_more:
-            raise ConfigError(f"backward_options {sorted(cfg.backward_options)} are not used by "
-                              f"backward={cfg.backward}")
+            raise ConfigError(
+                f"backward_options {sorted(cfg.backward_options)} are not used by backward={cfg.backward}"
+            )
         clash = sorted(set(cfg.backward_options) & set(kwargs))
         if clash:
             raise ConfigError(f"backward_options {clash} are config keys of their own; set them as {clash[0]}=...")
@@ -50,7 +52,9 @@ def build_fallback_solver(cfg: TrainConfig) -> pg.Solver | None:
         return None
     if cfg.fallback_solver == "fixed_point":
         return pg.FixedPoint(damping=0.5, max_iter=2 * cfg.solver_max_iter, tol=cfg.solver_tol, stop=cfg.solver_stop)
-    return pg.make_solver(cfg.fallback_solver, max_iter=2 * cfg.solver_max_iter, tol=cfg.solver_tol, stop=cfg.solver_stop)
+    return pg.make_solver(
+        cfg.fallback_solver, max_iter=2 * cfg.solver_max_iter, tol=cfg.solver_tol, stop=cfg.solver_stop
+    )
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

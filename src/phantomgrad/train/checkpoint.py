@@ -29,8 +29,11 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     path = Path(path)
     buffer = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
-    keep = (f"the previous checkpoint {path} is intact: resume from it with --resume" if path.exists()
-            else "no checkpoint was written")
+    keep = (
+        f"the previous checkpoint {path} is intact: resume from it with --resume"
+        if path.exists()
+        else "no checkpoint was written"
+    )
     with writing(f"checkpoint {path}", keep):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -57,12 +60,18 @@ def _write(fh: Any, data: memoryview) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}; train without --resume first, or point out_dir at the run to resume")
+        raise FileNotFoundError(
+            f"no checkpoint at {path}; train without --resume first, or point out_dir at the run to resume"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} is corrupted or not a phantomgrad checkpoint ({type(err).__name__}: {err}); "
-                              "delete it or resume from another run") from None
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted or not a phantomgrad checkpoint ({type(err).__name__}: {err}); "
+            "delete it or resume from another run"
+        ) from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} is not a phantomgrad checkpoint of format {FORMAT_VERSION}; start a new run")
+        raise CheckpointError(
+            f"checkpoint {path} is not a phantomgrad checkpoint of format {FORMAT_VERSION}; start a new run"
+        )
     return state

@@ -22,16 +22,20 @@ DEFAULT_RUNS_DIR = Path("runs")  # the trainer's default out_dir is runs/<datase
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=3 backward=implicit")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=3 backward=implicit"
+    )
     parser.add_argument("--config", type=Path, default=None, help="YAML or TOML config file (see configs/)")
     parser.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last checkpoint")
     parser.add_argument("--json", type=Path, default=None, help="write the end-of-run summary here too")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = (f"config keys (key=value overrides, or keys of the --config file):\n{describe_keys()}\n\n"
-                     f"{EXIT_CODES_HELP}")
+    parser.epilog = (
+        f"config keys (key=value overrides, or keys of the --config file):\n{describe_keys()}\n\n{EXIT_CODES_HELP}"
+    )
 
 
 # ---- pre-flight: every path the run will write, checked before it starts ----------------------
+
 
 def _nearest_existing(path: Path) -> Path:
     for candidate in (path, *path.parents):
@@ -54,8 +58,10 @@ def check_writable_dir(path: Path, what: str) -> None:
             pass
     except OSError as err:
         reason = err.strerror or type(err).__name__
-        raise ConfigError(f"{what} {path} is not writable ({existing}: {reason}); choose a directory you can write "
-                          "to, or fix its permissions") from None
+        raise ConfigError(
+            f"{what} {path} is not writable ({existing}: {reason}); choose a directory you can write "
+            "to, or fix its permissions"
+        ) from None
 
 
 def preflight(cfg: TrainConfig, resume: bool, json_path: Path | None) -> None:
@@ -65,8 +71,10 @@ def preflight(cfg: TrainConfig, resume: bool, json_path: Path | None) -> None:
     out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir is not None else DEFAULT_RUNS_DIR
     check_writable_dir(out_dir, "out_dir")
     if resume and not (out_dir / "checkpoint.pt").is_file():
-        raise ConfigError(f"--resume: no checkpoint.pt in {out_dir}; train without --resume first, "
-                          "or point out_dir at the run to resume")
+        raise ConfigError(
+            f"--resume: no checkpoint.pt in {out_dir}; train without --resume first, "
+            "or point out_dir at the run to resume"
+        )
     if json_path is not None:
         if json_path.is_dir():
             raise ConfigError(f"--json {json_path} is a directory; name a file for the summary")

@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import tomllib
 import yaml
 
 from . import registry
@@ -55,8 +55,15 @@ AT_LEAST_ONE = Interval(1)
 FRACTION = Interval(0, 1, high_open=False)  # [0, 1]
 
 
-def _key(default: Any, help: str, *, within: Interval | None = None,
-         choices: Callable[[str], tuple[str, ...]] | None = None, per_task: bool = False, hint: str = "") -> Any:
+def _key(
+    default: Any,
+    help: str,
+    *,
+    within: Interval | None = None,
+    choices: Callable[[str], tuple[str, ...]] | None = None,
+    per_task: bool = False,
+    hint: str = "",
+) -> Any:
     """A config field with its one line of help and, where it has them, the interval or the
     choices it allows (``choices(task) -> names``, read from the registries; ``per_task``: they
     depend on the task). Validation and ``phantomgrad train --help`` read this metadata."""
@@ -94,8 +101,9 @@ class TrainConfig:
     task: str = _key("image", "kind of problem", choices=lambda task: tuple(registry.TASKS))
     dataset: str = _key("digits", "dataset of the task", choices=registry.datasets, per_task=True)
     data_dir: str | None = _key(None, "folder holding the dataset's files (null: the dataset's default place)")
-    data_options: dict = _key({}, "dataset keywords, e.g. {train_subset: 500}, imagefolder {size: 64}, "
-                                  "lm {seq_len: 64}")
+    data_options: dict = _key(
+        {}, "dataset keywords, e.g. {train_subset: 500}, imagefolder {size: 64}, lm {seq_len: 64}"
+    )
     model: str | None = _key(None, "model preset (null: the task's default)", choices=registry.models, per_task=True)
     arch: dict = _key({}, "architecture overrides passed to the model's config, e.g. arch.channels=[16,32]")
     dropout: float = _key(0.0, "dropout rate of the model's (variational) dropout", within=Interval(0, 1))
@@ -107,16 +115,21 @@ class TrainConfig:
     # gradient
     backward: str = _key("upg", "backward mode: how the gradient of the DEQ is made", choices=_backward_modes)
     k: int = _key(5, "phantom-gradient steps (upg, npg, adaptive)", within=AT_LEAST_ONE)
-    damping: float = _key(0.5, "phantom-gradient damping lambda (upg, npg, adaptive)",
-                          within=Interval(0, 1, low_open=True, high_open=False), hint=" (the paper uses 0.5-0.8)")
+    damping: float = _key(
+        0.5,
+        "phantom-gradient damping lambda (upg, npg, adaptive)",
+        within=Interval(0, 1, low_open=True, high_open=False),
+        hint=" (the paper uses 0.5-0.8)",
+    )
     backward_options: dict = _key({}, "extra keywords of the backward mode (adaptive: k_min, k_max, ...)")
     backward_solver: str = _key("broyden", "solver of implicit's backward linear system", choices=_solvers)
     backward_max_iter: int = _key(20, "backward solver steps at most (implicit)", within=AT_LEAST_ONE)
     backward_tol: float = _key(1e-4, "backward solver relative tolerance (implicit)", within=POSITIVE)
     pretrain_steps: int = _key(0, "first N steps train F as a weight-tied stack (unrolled)", within=NON_NEGATIVE)
     pretrain_depth: int = _key(6, "depth of the unrolled stack while pretraining", within=AT_LEAST_ONE)
-    jac_reg_weight: float = _key(0.0, "weight of the Jacobian penalty at the fixed point (models that support it)",
-                                 within=NON_NEGATIVE)
+    jac_reg_weight: float = _key(
+        0.0, "weight of the Jacobian penalty at the fixed point (models that support it)", within=NON_NEGATIVE
+    )
     jac_reg_freq: float = _key(0.0, "probability of adding the Jacobian penalty on a step", within=FRACTION)
     # optimisation
     epochs: int = _key(12, "passes over the training set", within=AT_LEAST_ONE)
@@ -125,18 +138,22 @@ class TrainConfig:
     lr: float = _key(3e-3, "learning rate (peak of the schedule)", within=POSITIVE)
     momentum: float = _key(0.9, "SGD momentum (Nesterov when > 0)", within=Interval(0, 1))
     weight_decay: float = _key(0.0, "L2 weight decay", within=NON_NEGATIVE)
-    schedule: str = _key("cosine", "learning-rate schedule over all steps",
-                         choices=lambda task: tuple(registry.SCHEDULES))
+    schedule: str = _key(
+        "cosine", "learning-rate schedule over all steps", choices=lambda task: tuple(registry.SCHEDULES)
+    )
     grad_clip: float | None = _key(None, "clip the gradient's global norm to this (null: no clipping)", within=POSITIVE)
-    precision: str = _key("fp32", "bf16: F under autocast, solver state and residuals in fp32",
-                          choices=lambda task: registry.PRECISIONS)
+    precision: str = _key(
+        "fp32", "bf16: F under autocast, solver state and residuals in fp32", choices=lambda task: registry.PRECISIONS
+    )
     # robustness
     max_bad_steps: int = _key(5, "stop after this many skipped (non-finite) steps in a row", within=AT_LEAST_ONE)
-    fallback_solver: str | None = _key("fixed_point", "re-solve with this (damped) when a solve goes non-finite "
-                                       "(null: off)", choices=_solvers)
+    fallback_solver: str | None = _key(
+        "fixed_point", "re-solve with this (damped) when a solve goes non-finite (null: off)", choices=_solvers
+    )
     # gradient-quality monitor
-    monitor_every: int = _key(0, "every N steps compare the phantom gradient with the exact one (0: off)",
-                              within=NON_NEGATIVE)
+    monitor_every: int = _key(
+        0, "every N steps compare the phantom gradient with the exact one (0: off)", within=NON_NEGATIVE
+    )
     monitor_rescale: bool = _key(False, "rescale the phantom gradient by the monitored norm ratio")
     # run
     seed: int = _key(0, "seed of the weights, the data order and dropout")
@@ -146,8 +163,11 @@ class TrainConfig:
     progress: bool = _key(True, "show a progress bar")
     tensorboard: bool = _key(False, "also log to TensorBoard (needs the tensorboard package)")
     eval_every: int = _key(1, "evaluate every N epochs (and always at the end)", within=AT_LEAST_ONE)
-    log_every: int | None = _key(None, "steps between host reads of metrics and the divergence guard "
-                                 "(null: 1 on CPU, 50 on CUDA)", within=AT_LEAST_ONE)
+    log_every: int | None = _key(
+        None,
+        "steps between host reads of metrics and the divergence guard (null: 1 on CPU, 50 on CUDA)",
+        within=AT_LEAST_ONE,
+    )
 
     def __post_init__(self) -> None:
         if self.model is None and self.task in registry.TASKS:
@@ -165,8 +185,10 @@ class TrainConfig:
             if meta.get("choices") is not None:
                 options = meta["choices"](self.task)
                 if f.name == "model" and value not in options:
-                    raise ConfigError(f"model {value!r} is not {registry.TASKS[self.task].family}: task={self.task} "
-                                      f"trains one of {', '.join(options)}")
+                    raise ConfigError(
+                        f"model {value!r} is not {registry.TASKS[self.task].family}: task={self.task} "
+                        f"trains one of {', '.join(options)}"
+                    )
                 where = f" for task={self.task}" if meta.get("per_task") else ""
                 _choice(f.name, value, options, where)
             within = meta.get("within")

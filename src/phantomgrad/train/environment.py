@@ -38,18 +38,24 @@ def environment(device: torch.device | None = None, processes: int = 1, seed: in
     }
     if device is not None:
         env["device"] = str(device)
-        env["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+        env["device_name"] = (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+        )
         env["processes"] = processes
-        env["seeds"] = {"seed": seed, "torch_initial_seed": torch.initial_seed(),
-                        "data_subsets": "fixed permutation seeded by the dataset size (same for every run)",
-                        "batch_order": "DistributedSampler(seed=seed), set_epoch(epoch)"}
+        env["seeds"] = {
+            "seed": seed,
+            "torch_initial_seed": torch.initial_seed(),
+            "data_subsets": "fixed permutation seeded by the dataset size (same for every run)",
+            "batch_order": "DistributedSampler(seed=seed), set_epoch(epoch)",
+        }
     return env
 
 
 def _git(*args: str) -> str | None:
     try:
-        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent)
+        done = subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None

@@ -104,12 +104,22 @@ def build_graph_task(cfg: TrainConfig) -> Task:
 def _model(cfg: TrainConfig, arch, in_features: int, num_classes: int, level: str, rho: float):
     from phantomgrad.models.ignn import IGNN
 
-    return IGNN(in_features, num_classes, arch.hidden, level=level, kappa=arch.kappa, rho=rho,
-                mlp_hidden=arch.mlp_hidden, dropout=cfg.dropout,
-                solver=builders.build_solver(cfg), backward=builders.build_backward(cfg))
+    return IGNN(
+        in_features,
+        num_classes,
+        arch.hidden,
+        level=level,
+        kappa=arch.kappa,
+        rho=rho,
+        mlp_hidden=arch.mlp_hidden,
+        dropout=cfg.dropout,
+        solver=builders.build_solver(cfg),
+        backward=builders.build_backward(cfg),
+    )
 
 
 # ----------------------------------------------------------------------------- MUTAG / TU
+
 
 def _tu_task(cfg: TrainConfig, arch) -> Task:
     from phantomgrad.data.graphs import collate_graphs, stratified_folds
@@ -123,8 +133,10 @@ def _tu_task(cfg: TrainConfig, arch) -> Task:
         name = "MUTAG"
     else:
         if opts.name is None:
-            raise ConfigError("dataset=tu needs data_options.name (e.g. data_options.name=PROTEINS) and "
-                              "data_dir= the folder holding NAME_A.txt")
+            raise ConfigError(
+                "dataset=tu needs data_options.name (e.g. data_options.name=PROTEINS) and "
+                "data_dir= the folder holding NAME_A.txt"
+            )
         name = opts.name
     ds = load_tu(name, cfg.data_dir)
     try:
@@ -137,8 +149,15 @@ def _tu_task(cfg: TrainConfig, arch) -> Task:
     # rho(A) bounded once, on the training graphs (for the GCN matrix it is 1 for every graph)
     rho = arch.rho if arch.rho is not None else perron_bound(collate_graphs(train_set)[1])
     model = _model(cfg, arch, ds.num_features, ds.num_classes, "graph", rho)
-    log.info("%s fold %d/%d: %d train, %d test graphs; rho(A) <= %.6f", name, opts.fold, opts.n_folds,
-             len(train_set), len(test_set), rho)
+    log.info(
+        "%s fold %d/%d: %d train, %d test graphs; rho(A) <= %.6f",
+        name,
+        opts.fold,
+        opts.n_folds,
+        len(train_set),
+        len(test_set),
+        rho,
+    )
 
     def step(model, batch, device, global_step: int | None) -> StepResult:
         x, adj, node_graph, y = (t.to(device) for t in batch)
@@ -147,13 +166,27 @@ def _tu_task(cfg: TrainConfig, arch) -> Task:
         correct = float((logits.argmax(1) == y).sum())
         return StepResult(loss, {"loss": float(loss.detach()) * len(y), "correct": correct}, len(y), info)
 
-    return Task("graph", model, train_set, {"test": test_set}, step, mean_loss_accuracy, collate=collate_graphs,
-                progress_keys=("loss", "accuracy"),
-                extra={"dataset": name, "fold": opts.fold, "n_folds": opts.n_folds, "rho": rho,
-                       "accuracy_selection": "final epoch on the test fold (nothing selected on it)"})
+    return Task(
+        "graph",
+        model,
+        train_set,
+        {"test": test_set},
+        step,
+        mean_loss_accuracy,
+        collate=collate_graphs,
+        progress_keys=("loss", "accuracy"),
+        extra={
+            "dataset": name,
+            "fold": opts.fold,
+            "n_folds": opts.n_folds,
+            "rho": rho,
+            "accuracy_selection": "final epoch on the test fold (nothing selected on it)",
+        },
+    )
 
 
 # ----------------------------------------------------------------------------- Chains
+
 
 class _Split(torch.utils.data.Dataset):
     """A one-item dataset naming a node split of the single Chains graph."""
@@ -178,16 +211,30 @@ def _chains_task(cfg: TrainConfig, arch) -> Task:
 
     opts = _options(ChainsOptions, dict(cfg.data_options), "data_options for chains")
     try:
-        data = make_chains(opts.num_classes, opts.chains_per_class, opts.chain_len, opts.feature_dim,
-                           opts.noise, tuple(opts.split), opts.seed)
+        data = make_chains(
+            opts.num_classes,
+            opts.chains_per_class,
+            opts.chain_len,
+            opts.feature_dim,
+            opts.noise,
+            tuple(opts.split),
+            opts.seed,
+        )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"bad data_options for chains: {err}") from None
     adj = data.adjacency()
     rho = arch.rho if arch.rho is not None else perron_bound(adj)
     model = _model(cfg, arch, data.num_features, data.num_classes, "node", rho)
-    log.info("chains: %d nodes (%d chains of %d), %d/%d/%d train/valid/test nodes; rho(A) <= %.6f", data.num_nodes,
-             opts.num_classes * opts.chains_per_class, opts.chain_len, len(data.train_idx), len(data.valid_idx),
-             len(data.test_idx), rho)
+    log.info(
+        "chains: %d nodes (%d chains of %d), %d/%d/%d train/valid/test nodes; rho(A) <= %.6f",
+        data.num_nodes,
+        opts.num_classes * opts.chains_per_class,
+        opts.chain_len,
+        len(data.train_idx),
+        len(data.valid_idx),
+        len(data.test_idx),
+        rho,
+    )
     on_device: dict[torch.device, tuple] = {}
 
     def step(model, split: str, device, global_step: int | None) -> StepResult:
@@ -201,7 +248,19 @@ def _chains_task(cfg: TrainConfig, arch) -> Task:
         correct = float((logits.argmax(1) == target).sum())
         return StepResult(loss, {"loss": float(loss.detach()) * len(idx), "correct": correct}, len(idx), info)
 
-    return Task("graph", model, _Split("train"), {"valid": _Split("valid"), "test": _Split("test")}, step,
-                mean_loss_accuracy, collate=_first, progress_keys=("loss", "accuracy"),
-                extra={"dataset": "chains", "chain_len": opts.chain_len, "rho": rho,
-                       "accuracy_selection": "final epoch on the test nodes (nothing selected on them)"})
+    return Task(
+        "graph",
+        model,
+        _Split("train"),
+        {"valid": _Split("valid"), "test": _Split("test")},
+        step,
+        mean_loss_accuracy,
+        collate=_first,
+        progress_keys=("loss", "accuracy"),
+        extra={
+            "dataset": "chains",
+            "chain_len": opts.chain_len,
+            "rho": rho,
+            "accuracy_selection": "final epoch on the test nodes (nothing selected on them)",
+        },
+    )

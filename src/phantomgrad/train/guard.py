@@ -34,15 +34,24 @@ from torch import Tensor
 from .distributed import DistInfo
 
 OK, BAD_LOSS, BAD_SOLVE, BAD_GRADIENT, BAD_UPDATE = range(5)
-PROBLEMS = {BAD_LOSS: "loss", BAD_SOLVE: "solver residual", BAD_GRADIENT: "gradient",
-            BAD_UPDATE: "parameter after the update"}
+PROBLEMS = {
+    BAD_LOSS: "loss",
+    BAD_SOLVE: "solver residual",
+    BAD_GRADIENT: "gradient",
+    BAD_UPDATE: "parameter after the update",
+}
 
 
 class StepGuard:
     """Keeps non-finite steps away from ``params`` and ``optimizer`` (see the module docstring)."""
 
-    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, dist_info: DistInfo,
-                 device: torch.device):
+    def __init__(
+        self,
+        params: list[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        dist_info: DistInfo,
+        device: torch.device,
+    ):
         self.params = [p for p in params if p.requires_grad]
         self.optimizer = optimizer
         self.dist = dist_info
@@ -73,16 +82,18 @@ class StepGuard:
         step's final code (the same on every process), which is also returned."""
         stepped = [p for p in self.params if p.grad is not None]
         new = [p for p in stepped if id(p) not in self._updated]
-        tensors = [p.detach() for p in stepped] + [v for p in stepped for v in self.optimizer.state.get(p, {}).values()
-                                               if isinstance(v, Tensor)]
+        tensors = [p.detach() for p in stepped] + [
+            v for p in stepped for v in self.optimizer.state.get(p, {}).values() if isinstance(v, Tensor)
+        ]
         with torch.no_grad():
             saved = torch._foreach_mul(tensors, 1.0) if tensors else []  # one multi-tensor kernel: exact copies
         apply()
         with torch.no_grad():
             return self._settle(code, stepped, new, tensors, saved)
 
-    def _settle(self, code: Tensor, stepped: list[Tensor], new: list[Tensor], tensors: list[Tensor],
-                saved: list[Tensor]) -> Tensor:
+    def _settle(
+        self, code: Tensor, stepped: list[Tensor], new: list[Tensor], tensors: list[Tensor], saved: list[Tensor]
+    ) -> Tensor:
         if stepped:  # max |p| is NaN or inf when any entry is
             largest = torch.stack(torch._foreach_norm([p.detach() for p in stepped], float("inf"))).max()
             code.copy_(torch.where((code == OK) & ~torch.isfinite(largest), BAD_UPDATE, code))

@@ -19,8 +19,10 @@ def build_image_task(cfg: TrainConfig) -> Task:
     options = dict(cfg.data_options)
     subsets = {split: options.pop(f"{split}_subset", None) for split in ("train", "test")}
     if cfg.dataset != "imagefolder" and options:
-        raise ConfigError(f"data_options {sorted(options)} are not used by dataset {cfg.dataset!r}; "
-                          "image datasets take train_subset and test_subset (imagefolder also size)")
+        raise ConfigError(
+            f"data_options {sorted(options)} are not used by dataset {cfg.dataset!r}; "
+            "image datasets take train_subset and test_subset (imagefolder also size)"
+        )
     try:
         train_set, spec = load_image_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, **options)
         test_set, _ = load_image_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, **options)
@@ -30,8 +32,14 @@ def build_image_task(cfg: TrainConfig) -> Task:
     train_set = _subset(train_set, subsets["train"], "train_subset")
     test_set = _subset(test_set, subsets["test"], "test_subset")
     try:
-        model_cfg = MDEQConfig.named(cfg.model, in_channels=spec.channels, image_size=spec.size, num_classes=spec.num_classes,
-                                     dropout=cfg.dropout, **cfg.arch)
+        model_cfg = MDEQConfig.named(
+            cfg.model,
+            in_channels=spec.channels,
+            image_size=spec.size,
+            num_classes=spec.num_classes,
+            dropout=cfg.dropout,
+            **cfg.arch,
+        )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"bad arch options for {cfg.model}: {err}") from None
     model = MDEQ(model_cfg, solver=builders.build_solver(cfg), backward=builders.build_backward(cfg))
@@ -47,6 +55,7 @@ def build_image_task(cfg: TrainConfig) -> Task:
         loss = F.cross_entropy(logits, y)
         correct = float((logits.argmax(1) == y).sum())
         return StepResult(loss, {"loss": float(loss.detach()) * len(y), "correct": correct}, len(y), info)
+
     def finalize(sums: dict[str, float], count: int) -> dict[str, float]:
         """Loss and accuracy; plus ``unreadable_files`` (both splits' image files that could not be
         read and were skipped, named in the log) when there are any."""
@@ -55,6 +64,7 @@ def build_image_task(cfg: TrainConfig) -> Task:
         if unreadable:
             metrics["unreadable_files"] = float(unreadable)
         return metrics
+
     return Task("image", model, train_set, {"test": test_set}, step, finalize, progress_keys=("loss", "accuracy"))
 
 

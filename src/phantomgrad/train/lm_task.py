@@ -90,7 +90,9 @@ class LMDataOptions:
         except TypeError:
             known = [f.name for f in dataclasses.fields(cls)]
             unknown = sorted(set(options) - set(known))
-            raise ConfigError(f"unknown data_options key(s) {unknown} for task=lm; valid keys: {', '.join(known)}") from None
+            raise ConfigError(
+                f"unknown data_options key(s) {unknown} for task=lm; valid keys: {', '.join(known)}"
+            ) from None
 
 
 class LMChunks(Dataset):
@@ -158,10 +160,14 @@ def build_lm_task(cfg: TrainConfig) -> Task:
 
     options = LMDataOptions.from_dict(dict(cfg.data_options))
     if cfg.model not in PRESETS:
-        raise ConfigError(f"model {cfg.model!r} is not a DEQ transformer; for task=lm choose one of {', '.join(PRESETS)}")
+        raise ConfigError(
+            f"model {cfg.model!r} is not a DEQ transformer; for task=lm choose one of {', '.join(PRESETS)}"
+        )
     if cfg.jac_reg_weight > 0 and cfg.jac_reg_freq == 0:
-        log.warning("jac_reg_weight=%g but jac_reg_freq=0: no Jacobian penalty will be added; set jac_reg_freq > 0",
-                    cfg.jac_reg_weight)
+        log.warning(
+            "jac_reg_weight=%g but jac_reg_freq=0: no Jacobian penalty will be added; set jac_reg_freq > 0",
+            cfg.jac_reg_weight,
+        )
 
     corpus = load_corpus(cfg.dataset, data_dir=cfg.data_dir)
     train_tokens = corpus.train if options.train_tokens is None else corpus.train[: options.train_tokens]
@@ -173,8 +179,10 @@ def build_lm_task(cfg: TrainConfig) -> Task:
         eval_sets = {"valid": LMChunks(valid_tokens, options.seq_len), "test": LMChunks(test_tokens, options.seq_len)}
     except ValueError as err:
         sizes = "/".join(str(len(t)) for t in (train_tokens, valid_tokens, test_tokens))
-        raise ConfigError(f"data_options: {err} ({cfg.dataset} gives {sizes} train/valid/test tokens); lower seq_len, "
-                          "raise the token counts, or check that the corpus files are complete") from None
+        raise ConfigError(
+            f"data_options: {err} ({cfg.dataset} gives {sizes} train/valid/test tokens); lower seq_len, "
+            "raise the token counts, or check that the corpus files are complete"
+        ) from None
 
     arch = {"dropout": cfg.dropout, **cfg.arch}
     try:
@@ -184,8 +192,10 @@ def build_lm_task(cfg: TrainConfig) -> Task:
     except ValueError as err:
         raise ConfigError(f"bad arch options for {cfg.model}: {err}") from None
     if model_cfg.positions == "learned" and options.seq_len > model_cfg.max_len:
-        raise ConfigError(f"data_options.seq_len={options.seq_len} exceeds arch.max_len={model_cfg.max_len} "
-                          "of the learned positions; raise arch.max_len or use arch.positions=sinusoidal")
+        raise ConfigError(
+            f"data_options.seq_len={options.seq_len} exceeds arch.max_len={model_cfg.max_len} "
+            "of the learned positions; raise arch.max_len or use arch.positions=sinusoidal"
+        )
     model = DEQTransformer(model_cfg, solver=builders.build_solver(cfg), backward=builders.build_backward(cfg))
     vocab = corpus.vocab_size
 
@@ -221,10 +231,25 @@ def build_lm_task(cfg: TrainConfig) -> Task:
                 sums.update(jac_steps=1.0, jac_penalty=float(penalty.detach()))
         return StepResult(loss, sums, n, info)
 
-    log.info("lm task: %s, vocabulary %d, %d train / %d valid / %d test chunks of %d tokens",
-             cfg.dataset, vocab, len(train_set), len(eval_sets["valid"]), len(eval_sets["test"]), options.seq_len)
-    return Task("lm", model, train_set, eval_sets, step, lm_metrics, progress_keys=("loss", "bpc"),
-                extra={"corpus": corpus, "data_options": options})
+    log.info(
+        "lm task: %s, vocabulary %d, %d train / %d valid / %d test chunks of %d tokens",
+        cfg.dataset,
+        vocab,
+        len(train_set),
+        len(eval_sets["valid"]),
+        len(eval_sets["test"]),
+        options.seq_len,
+    )
+    return Task(
+        "lm",
+        model,
+        train_set,
+        eval_sets,
+        step,
+        lm_metrics,
+        progress_keys=("loss", "bpc"),
+        extra={"corpus": corpus, "data_options": options},
+    )
 
 
 __all__ = ["LMDataOptions", "LMChunks", "lm_metrics", "build_lm_task", "RADIUS_ITERS", "RADIUS_EVERY"]

@@ -76,8 +76,15 @@ class Meter:
             return self
         keys = sorted(self.sums)
         values = all_reduce_sum([self.sums[k] for k in keys] + [self.count, self.nstep, self.batches], dist, device)
-        return Meter(dict(zip(keys, values[: len(keys)])), int(values[-3]), values[-2], int(values[-1]),
-                     self.forward_s, self.backward_s, self.step_s)
+        return Meter(
+            dict(zip(keys, values[: len(keys)])),
+            int(values[-3]),
+            values[-2],
+            int(values[-1]),
+            self.forward_s,
+            self.backward_s,
+            self.step_s,
+        )
 
     def means(self, finalize: Callable[[dict[str, float], int], dict[str, float]]) -> dict[str, float]:
         return {**finalize(self.sums, self.count), "nstep": self.nstep / max(self.batches, 1)}

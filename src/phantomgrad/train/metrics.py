@@ -25,7 +25,9 @@ class MetricsWriter:
 
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"))
             except ImportError:
-                log.warning("tensorboard=true but the tensorboard package is missing: pip install 'phantomgrad[tensorboard]'")
+                log.warning(
+                    "tensorboard=true but the tensorboard package is missing: pip install 'phantomgrad[tensorboard]'"
+                )
 
     def write(self, row: dict[str, Any]) -> None:
         """Append ``row``; when it brings new columns (e.g. test metrics on an evaluation

@@ -57,9 +57,26 @@ TRACE_FILE = "gradient_quality.csv"
 PLOT_FILE = "gradient_quality.png"
 ADAPTIVE_FILE = "adaptive_state.json"
 DEFAULT_EVERY = 50
-TRACE_FIELDS = ["step", "epoch", "cosine", "norm_ratio", "cosine_deq", "norm_ratio_deq", "phantom_norm", "exact_norm",
-                "spectral_radius", "reference_converged", "reference_residual", "forward_residual", "forward_nstep",
-                "scale", "k", "damping", "action", "seconds"]
+TRACE_FIELDS = [
+    "step",
+    "epoch",
+    "cosine",
+    "norm_ratio",
+    "cosine_deq",
+    "norm_ratio_deq",
+    "phantom_norm",
+    "exact_norm",
+    "spectral_radius",
+    "reference_converged",
+    "reference_residual",
+    "forward_residual",
+    "forward_nstep",
+    "scale",
+    "k",
+    "damping",
+    "action",
+    "seconds",
+]
 
 
 class GradientMonitor:
@@ -119,15 +136,19 @@ class GradientMonitor:
         self._started = False
 
     @classmethod
-    def from_config(cls, cfg: "TrainConfig", model: torch.nn.Module | None = None,
-                    device: torch.device | str | None = None) -> "GradientMonitor":
+    def from_config(
+        cls, cfg: "TrainConfig", model: torch.nn.Module | None = None, device: torch.device | str | None = None
+    ) -> "GradientMonitor":
         """The monitor a config asks for: every ``monitor_every`` steps (``DEFAULT_EVERY`` when the
         config leaves it at 0 but trains with ``backward=adaptive``, which needs measurements),
         against Implicit with the config's backward solver; bound to ``model`` when given."""
         every = cfg.monitor_every
         if not every:
             every = DEFAULT_EVERY
-            log.info("backward=adaptive needs gradient measurements: monitoring every %d steps (set monitor_every to change)", every)
+            log.info(
+                "backward=adaptive needs gradient measurements: monitoring every %d steps (set monitor_every to change)",
+                every,
+            )
         solver = pg.make_solver(cfg.backward_solver, max_iter=cfg.backward_max_iter, tol=cfg.backward_tol, stop="rel")
         monitor = cls(every=every, rescale=cfg.monitor_rescale, reference=pg.Implicit(solver))
         if model is not None:
@@ -182,8 +203,13 @@ class GradientMonitor:
     def state_dict(self) -> dict[str, Any]:
         """This epoch's measurements, the scale and the adaptive modes' state (for a checkpoint)."""
         modes = _adaptive_modes(self._hooked) if self._hooked is not None else []
-        return {"epoch_rows": list(self._epoch_rows), "epoch_seconds": self._epoch_seconds, "scale": self.scale,
-                "log_scale": self._log_scale, "adaptive": [m.state_dict() for m in modes]}
+        return {
+            "epoch_rows": list(self._epoch_rows),
+            "epoch_seconds": self._epoch_seconds,
+            "scale": self.scale,
+            "log_scale": self._log_scale,
+            "adaptive": [m.state_dict() for m in modes],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resumed = state
@@ -208,8 +234,9 @@ class GradientMonitor:
             return ctx.recompute_loss(batch)
 
         reduce = _mean_over_processes(ctx.dist.world_size) if ctx.dist.enabled else None
-        q: GradientQuality = gradient_quality(model, loss_fn, self.reference, rng_state=self._rng,
-                                              radius_iters=self.radius_iters, reduce=reduce)
+        q: GradientQuality = gradient_quality(
+            model, loss_fn, self.reference, rng_state=self._rng, radius_iters=self.radius_iters, reduce=reduce
+        )
         info = result.info
         residual = float(info.rel_residual.double().mean()) if info is not None else math.nan
         nstep = float(info.nstep.float().mean()) if info is not None else math.nan
@@ -222,7 +249,11 @@ class GradientMonitor:
                 # clip each measurement before averaging, so one outlier (e.g. at initialisation, where the exact
                 # solve diverges and the ratio can be 0.05) moves the average by at most log(high)
                 target = min(max(-math.log(ratio), math.log(low)), math.log(high))
-                self._log_scale = target if self._log_scale is None else self.scale_ema * self._log_scale + (1 - self.scale_ema) * target
+                self._log_scale = (
+                    target
+                    if self._log_scale is None
+                    else self.scale_ema * self._log_scale + (1 - self.scale_ema) * target
+                )
                 self.scale = math.exp(self._log_scale)
         modes = _adaptive_modes(model)
         # the (k, lambda) that made this step's phantom gradient, before observe() moves them
@@ -230,14 +261,29 @@ class GradientMonitor:
         damping_used = modes[0].damping if modes else _fixed(model, "damping")
         actions = [mode.observe(cosine=q.cosine_deq, residual=residual) for mode in modes]
         seconds = time.perf_counter() - t0
-        row = {"step": ctx.step, "epoch": ctx.epoch + 1, **{k: getattr(q, k) for k in TRACE_FIELDS if hasattr(q, k)},
-               "forward_residual": residual, "forward_nstep": nstep, "scale": self.scale, "k": k_used,
-               "damping": damping_used, "action": ";".join(actions), "seconds": seconds}
+        row = {
+            "step": ctx.step,
+            "epoch": ctx.epoch + 1,
+            **{k: getattr(q, k) for k in TRACE_FIELDS if hasattr(q, k)},
+            "forward_residual": residual,
+            "forward_nstep": nstep,
+            "scale": self.scale,
+            "k": k_used,
+            "damping": damping_used,
+            "action": ";".join(actions),
+            "seconds": seconds,
+        }
         self.trace.append(row)
         self._epoch_rows.append(row)
         self._epoch_seconds += seconds
-        log.debug("gradient quality at step %d: cosine %.4f (F: %.4f), norm ratio %.3f (F: %.3f)", ctx.step,
-                  q.cosine, q.cosine_deq, q.norm_ratio, q.norm_ratio_deq)
+        log.debug(
+            "gradient quality at step %d: cosine %.4f (F: %.4f), norm ratio %.3f (F: %.3f)",
+            ctx.step,
+            q.cosine,
+            q.cosine_deq,
+            q.norm_ratio,
+            q.norm_ratio_deq,
+        )
 
     def _scope_params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         if self.scope == "all":
@@ -326,7 +372,9 @@ def read_trace(path: Path) -> list[dict[str, Any]]:
 
 
 def write_trace(path: Path, trace: list[dict[str, Any]]) -> None:
-    write_csv(path, ({k: ("" if row.get(k) is None else row.get(k)) for k in TRACE_FIELDS} for row in trace), TRACE_FIELDS)
+    write_csv(
+        path, ({k: ("" if row.get(k) is None else row.get(k)) for k in TRACE_FIELDS} for row in trace), TRACE_FIELDS
+    )
 
 
 def plot_trace(trace: list[dict[str, Any]], path: Path) -> None:

@@ -30,8 +30,18 @@ STATS_FILE = "forward_stats.csv"
 HIST_FILE = "forward_hist.json"
 # log10 bins of the relative residual: (-inf, 1e-8), [1e-8, 10^-7.75), ..., [10^0.75, 10), [10, inf)
 RESIDUAL_LOG_EDGES = [e / 4 for e in range(-32, 5)]
-STATS_FIELDS = ["step", "epoch", "samples", "nstep_mean", "nstep_max", "rel_residual_mean", "rel_residual_max",
-                "not_converged", "fallback", "nonfinite"]
+STATS_FIELDS = [
+    "step",
+    "epoch",
+    "samples",
+    "nstep_mean",
+    "nstep_max",
+    "rel_residual_mean",
+    "rel_residual_max",
+    "not_converged",
+    "fallback",
+    "nonfinite",
+]
 
 
 class RunRecorder:
@@ -49,8 +59,16 @@ class RunRecorder:
 
     @staticmethod
     def _empty() -> dict[str, Any]:
-        return {"batches": 0, "pretrain_batches": 0, "samples": 0, "not_converged": 0, "fallback": 0, "nonfinite": 0,
-                "nstep": Counter(), "residual": [0] * (len(RESIDUAL_LOG_EDGES) + 1)}
+        return {
+            "batches": 0,
+            "pretrain_batches": 0,
+            "samples": 0,
+            "not_converged": 0,
+            "fallback": 0,
+            "nonfinite": 0,
+            "nstep": Counter(),
+            "residual": [0] * (len(RESIDUAL_LOG_EDGES) + 1),
+        }
 
     def _start(self, ctx: RunContext) -> None:
         if self._started:
@@ -75,8 +93,14 @@ class RunRecorder:
     def state_dict(self) -> dict[str, Any]:
         """This epoch's statistics so far (a checkpoint in the middle of an epoch)."""
         self._settle()
-        return {"rows": list(self.rows), "current": {**self._current, "nstep": dict(self._current["nstep"]),
-                                                     "residual": list(self._current["residual"])}}
+        return {
+            "rows": list(self.rows),
+            "current": {
+                **self._current,
+                "nstep": dict(self._current["nstep"]),
+                "residual": list(self._current["residual"]),
+            },
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resumed = state
@@ -88,8 +112,13 @@ class RunRecorder:
         if info is None or not hasattr(info, "nstep"):
             return
         pretrain = ctx.step < ctx.config.pretrain_steps
-        tensors = None if pretrain else tuple(t.detach() for t in (info.nstep, info.rel_residual, info.converged,
-                                                                   info.fallback, info.nonfinite))
+        tensors = (
+            None
+            if pretrain
+            else tuple(
+                t.detach() for t in (info.nstep, info.rel_residual, info.converged, info.fallback, info.nonfinite)
+            )
+        )
         self._pending.append((ctx.step, ctx.epoch + 1, ctx.step_code, tensors))
 
     def _settle(self) -> None:
@@ -122,19 +151,30 @@ class RunRecorder:
         for b, n in Counter(bins.tolist()).items():
             cur["residual"][b] += n
         finite = res[torch.isfinite(res)]
-        self.rows.append({"step": step, "epoch": epoch, "samples": nstep.numel(),
-                          "nstep_mean": float(nstep.float().mean()), "nstep_max": int(nstep.max()),
-                          "rel_residual_mean": float(finite.mean()) if finite.numel() else math.nan,
-                          "rel_residual_max": float(finite.max()) if finite.numel() else math.nan,
-                          "not_converged": not_conv, "fallback": int(fallback.sum()),
-                          "nonfinite": int(nonfinite.sum())})
+        self.rows.append(
+            {
+                "step": step,
+                "epoch": epoch,
+                "samples": nstep.numel(),
+                "nstep_mean": float(nstep.float().mean()),
+                "nstep_max": int(nstep.max()),
+                "rel_residual_mean": float(finite.mean()) if finite.numel() else math.nan,
+                "rel_residual_max": float(finite.max()) if finite.numel() else math.nan,
+                "not_converged": not_conv,
+                "fallback": int(fallback.sum()),
+                "nonfinite": int(nonfinite.sum()),
+            }
+        )
 
     def on_epoch_end(self, ctx: RunContext, row: dict[str, Any]) -> None:
         self._start(ctx)
         self._settle()
         cur = self._current
-        self.epochs[str(ctx.epoch + 1)] = {**cur, "nstep": {str(k): v for k, v in sorted(cur["nstep"].items())},
-                                           "skipped_steps_total": ctx.skipped}
+        self.epochs[str(ctx.epoch + 1)] = {
+            **cur,
+            "nstep": {str(k): v for k, v in sorted(cur["nstep"].items())},
+            "skipped_steps_total": ctx.skipped,
+        }
         if ctx.dist.is_main:
             out = Path(ctx.out_dir)
             out.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from phantomgrad.backward import BackwardMode
-from phantomgrad.modes import BACKWARD_MODES
 from phantomgrad.data import DATASETS
+from phantomgrad.modes import BACKWARD_MODES
 from phantomgrad.solvers import SOLVERS, Solver
 
 if TYPE_CHECKING:
@@ -55,10 +55,20 @@ class TaskEntry:
 
 
 TASKS: dict[str, TaskEntry] = {
-    "image": TaskEntry("phantomgrad.train.image_task:build_image_task", "phantomgrad.models.mdeq:PRESETS",
-                       "mdeq-tiny", ("accuracy",), "an MDEQ"),
-    "lm": TaskEntry("phantomgrad.train.lm_task:build_lm_task", "phantomgrad.models.transformer:PRESETS",
-                    "deq-transformer", ("ppl", "bpc"), "a DEQ transformer"),
+    "image": TaskEntry(
+        "phantomgrad.train.image_task:build_image_task",
+        "phantomgrad.models.mdeq:PRESETS",
+        "mdeq-tiny",
+        ("accuracy",),
+        "an MDEQ",
+    ),
+    "lm": TaskEntry(
+        "phantomgrad.train.lm_task:build_lm_task",
+        "phantomgrad.models.transformer:PRESETS",
+        "deq-transformer",
+        ("ppl", "bpc"),
+        "a DEQ transformer",
+    ),
     "graph": TaskEntry("phantomgrad.train.graph_task:build_graph_task", ("ignn",), "ignn", ("accuracy",), "an IGNN"),
 }
 
@@ -123,13 +133,15 @@ def backward_config_keys(mode: type[BackwardMode]) -> tuple[str, ...]:
 
 # ---- optimisers and schedules: name -> factory -------------------------------------------
 
+
 def _adam(params, cfg: "TrainConfig") -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _sgd(params, cfg: "TrainConfig") -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=cfg.momentum > 0)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
+    )
 
 
 OPTIMIZERS: dict[str, Callable[[Any, "TrainConfig"], torch.optim.Optimizer]] = {"adam": _adam, "sgd": _sgd}

@@ -50,19 +50,27 @@ def write_report(out_dir: Path, env: dict[str, Any]) -> dict[str, Any] | None:
     try:
         return render(out)
     except Exception as err:  # a report must never lose a finished run
-        log.warning("could not render the run report in %s (%s: %s); run `phantomgrad report %s` to retry",
-                    out, type(err).__name__, err, out)
+        log.warning(
+            "could not render the run report in %s (%s: %s); run `phantomgrad report %s` to retry",
+            out,
+            type(err).__name__,
+            err,
+            out,
+        )
         return None
 
 
 # ----------------------------------------------------------------------------- rendering
 
+
 def render(run_dir: str | Path) -> dict[str, Any]:
     """Build report.json, report.md and the plots from the files in ``run_dir``; returns the report."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir} has no config.yaml, so it is not a phantomgrad run directory; "
-                                "pass the out_dir of a training run")
+        raise FileNotFoundError(
+            f"{run_dir} has no config.yaml, so it is not a phantomgrad run directory; "
+            "pass the out_dir of a training run"
+        )
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     env = read_json(run_dir / ENV_FILE)
     summary = read_json(run_dir / "summary.json")
@@ -87,8 +95,9 @@ def render(run_dir: str | Path) -> dict[str, Any]:
         _plot_forward(forward, read_csv(run_dir / STATS_FILE), run_dir / FORWARD_PLOT)
     if report["gradient_quality"]:
         plot_trace(read_trace(run_dir / TRACE_FILE), run_dir / PLOT_FILE)
-    report["files"] = sorted({p.name for p in run_dir.iterdir() if p.is_file() and not p.name.startswith(".")}
-                             | {REPORT_JSON, REPORT_MD})
+    report["files"] = sorted(
+        {p.name for p in run_dir.iterdir() if p.is_file() and not p.name.startswith(".")} | {REPORT_JSON, REPORT_MD}
+    )
     (run_dir / REPORT_JSON).write_text(json.dumps(finite_or_none(report), indent=2, default=json_default))
     (run_dir / REPORT_MD).write_text(_markdown(report, run_dir))
     return report
@@ -105,17 +114,26 @@ def _forward_section(run_dir: Path) -> dict[str, Any] | None:
     for e in per_epoch.values():
         nstep.update({int(k): v for k, v in e["nstep"].items()})
         residual = [a + b for a, b in zip(residual, e["residual"])]
-        totals.update({k: e[k] for k in ("batches", "pretrain_batches", "samples", "not_converged", "fallback", "nonfinite")})
+        totals.update(
+            {k: e[k] for k in ("batches", "pretrain_batches", "samples", "not_converged", "fallback", "nonfinite")}
+        )
     samples = totals["samples"]
     return {
-        "batches": totals["batches"], "pretrain_batches": totals["pretrain_batches"], "samples": samples,
-        "not_converged": totals["not_converged"], "not_converged_share": totals["not_converged"] / samples if samples else None,
-        "fallback": totals["fallback"], "nonfinite": totals["nonfinite"],
+        "batches": totals["batches"],
+        "pretrain_batches": totals["pretrain_batches"],
+        "samples": samples,
+        "not_converged": totals["not_converged"],
+        "not_converged_share": totals["not_converged"] / samples if samples else None,
+        "fallback": totals["fallback"],
+        "nonfinite": totals["nonfinite"],
         "nstep_histogram": {str(k): nstep[k] for k in sorted(nstep)},
         "nstep_mean": sum(k * v for k, v in nstep.items()) / samples if samples else None,
-        "residual_log10_edges": hist["residual_log10_edges"], "residual_histogram": residual,
-        "per_epoch": {e: {k: v[k] for k in ("batches", "samples", "not_converged", "fallback", "nonfinite")}
-                      for e, v in per_epoch.items()},
+        "residual_log10_edges": hist["residual_log10_edges"],
+        "residual_histogram": residual,
+        "per_epoch": {
+            e: {k: v[k] for k in ("batches", "samples", "not_converged", "fallback", "nonfinite")}
+            for e, v in per_epoch.items()
+        },
     }
 
 
@@ -133,11 +151,26 @@ def _gradient_section(run_dir: Path) -> dict[str, Any] | None:
     seconds = sum(r["seconds"] for r in trace)
     summary = read_json(run_dir / "summary.json") or {}
     train_seconds = summary.get("train_seconds")
-    return {"points": len(trace), "every": int(trace[1]["step"] - trace[0]["step"]) if len(trace) > 1 else None,
-            **{key: stats(key) for key in ("cosine", "cosine_deq", "norm_ratio", "norm_ratio_deq", "spectral_radius",
-                                           "reference_converged", "scale", "k")},
-            "monitor_seconds": seconds, "monitor_share": seconds / train_seconds if train_seconds else None,
-            "trace": TRACE_FILE}
+    return {
+        "points": len(trace),
+        "every": int(trace[1]["step"] - trace[0]["step"]) if len(trace) > 1 else None,
+        **{
+            key: stats(key)
+            for key in (
+                "cosine",
+                "cosine_deq",
+                "norm_ratio",
+                "norm_ratio_deq",
+                "spectral_radius",
+                "reference_converged",
+                "scale",
+                "k",
+            )
+        },
+        "monitor_seconds": seconds,
+        "monitor_share": seconds / train_seconds if train_seconds else None,
+        "trace": TRACE_FILE,
+    }
 
 
 def _adaptive_section(run_dir: Path) -> dict[str, Any] | None:
@@ -146,74 +179,158 @@ def _adaptive_section(run_dir: Path) -> dict[str, Any] | None:
         return None
     last_epoch = max(saved, key=int)
     states = saved[last_epoch]
-    return {"epoch": int(last_epoch), "k": [s["k"] for s in states], "damping": [s["damping"] for s in states],
-            "changes": [[h for h in s.get("history", []) if h.get("action") not in (None, "keep")] for s in states]}
+    return {
+        "epoch": int(last_epoch),
+        "k": [s["k"] for s in states],
+        "damping": [s["damping"] for s in states],
+        "changes": [[h for h in s.get("history", []) if h.get("action") not in (None, "keep")] for s in states],
+    }
 
 
 def _markdown(report: dict[str, Any], run_dir: Path) -> str:
     cfg, env, summary = report["config"], report["environment"] or {}, report["summary"] or {}
-    lines = [f"# Run report: {cfg.get('model')} on {cfg.get('dataset')} with backward={cfg.get('backward')}", "",
-             f"Run directory `{run_dir}`; rendered {report['rendered']} by `phantomgrad report {run_dir}`.", ""]
+    lines = [
+        f"# Run report: {cfg.get('model')} on {cfg.get('dataset')} with backward={cfg.get('backward')}",
+        "",
+        f"Run directory `{run_dir}`; rendered {report['rendered']} by `phantomgrad report {run_dir}`.",
+        "",
+    ]
     lines += ["## Result", ""]
     if summary:
         acc = summary.get("test_accuracy")
-        lines += [f"- test accuracy (final epoch, no selection): {acc:.4f}" if acc is not None else "- test accuracy: n/a",
-                  f"- epochs {summary.get('epochs')}, optimiser steps {summary.get('steps')}, skipped steps {summary.get('skipped_steps')}",
-                  f"- training time {summary.get('train_seconds', math.nan):.1f} s "
-                  f"(median {summary.get('seconds_per_epoch', math.nan):.1f} s per epoch; "
-                  f"backward share {summary.get('backward_share', math.nan):.0%})",
-                  f"- parameters {summary.get('parameters')}, processes {summary.get('processes')}", ""]
+        lines += [
+            f"- test accuracy (final epoch, no selection): {acc:.4f}" if acc is not None else "- test accuracy: n/a",
+            f"- epochs {summary.get('epochs')}, optimiser steps {summary.get('steps')}, skipped steps {summary.get('skipped_steps')}",
+            f"- training time {summary.get('train_seconds', math.nan):.1f} s "
+            f"(median {summary.get('seconds_per_epoch', math.nan):.1f} s per epoch; "
+            f"backward share {summary.get('backward_share', math.nan):.0%})",
+            f"- parameters {summary.get('parameters')}, processes {summary.get('processes')}",
+            "",
+        ]
         final = summary.get("final_metrics", {})
         if final:
-            lines += ["| final metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in final.items()] + [""]
+            lines += (
+                ["| final metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in final.items()] + [""]
+            )
     else:
         lines += ["No summary.json: the run did not finish (the tables below show what it wrote).", ""]
     lines += ["## Environment", ""]
     if env:
-        keys = ("python", "torch", "numpy", "phantomgrad", "platform", "cpu_count", "torch_threads", "device", "device_name",
-                "processes", "cuda", "git_commit", "git_dirty", "recorded")
+        keys = (
+            "python",
+            "torch",
+            "numpy",
+            "phantomgrad",
+            "platform",
+            "cpu_count",
+            "torch_threads",
+            "device",
+            "device_name",
+            "processes",
+            "cuda",
+            "git_commit",
+            "git_dirty",
+            "recorded",
+        )
         lines += ["| | |", "|---|---|"] + [f"| {k} | {env.get(k)} |" for k in keys] + [""]
         lines += ["Seeds: " + ", ".join(f"{k} = {v}" for k, v in report["seeds"].items()), ""]
     else:
         lines += ["Not recorded (environment.json is written at the end of training).", ""]
     if report["epochs"]:
         lines += ["## Per epoch", "", f"![metrics]({METRICS_PLOT})", ""]
-        cols = [c for c in report["epochs"][0] if c in ("epoch", "lr") or c.startswith(("train_loss", "train_accuracy", "test_", "train_nstep",
-                                                                                      "train_seconds", "skipped", "grad_cosine", "grad_norm",
-                                                                                      "adaptive_", "monitor_share", "grad_scale"))]
+        cols = [
+            c
+            for c in report["epochs"][0]
+            if c in ("epoch", "lr")
+            or c.startswith(
+                (
+                    "train_loss",
+                    "train_accuracy",
+                    "test_",
+                    "train_nstep",
+                    "train_seconds",
+                    "skipped",
+                    "grad_cosine",
+                    "grad_norm",
+                    "adaptive_",
+                    "monitor_share",
+                    "grad_scale",
+                )
+            )
+        ]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in report["epochs"]] + [""]
     fwd = report["forward"]
     if fwd:
-        lines += ["## Forward solves (training batches)", "", f"![forward]({FORWARD_PLOT})", "",
-                  f"- {fwd['batches']} batches, {fwd['samples']} samples"
-                  + (f" (and {fwd['pretrain_batches']} pretraining batches through the unrolled stack)" if fwd["pretrain_batches"] else ""),
-                  f"- mean forward steps {_fmt(fwd['nstep_mean'])}; histogram (steps: samples) "
-                  + ", ".join(f"{k}: {v}" for k, v in fwd["nstep_histogram"].items()),
-                  f"- not converged to the solver tolerance: {fwd['not_converged']} samples ({_fmt(fwd['not_converged_share'])})",
-                  f"- fallback solver used: {fwd['fallback']} samples; non-finite: {fwd['nonfinite']} samples; "
-                  f"steps skipped by the divergence guard: {report['skipped_steps']}", ""]
+        lines += [
+            "## Forward solves (training batches)",
+            "",
+            f"![forward]({FORWARD_PLOT})",
+            "",
+            f"- {fwd['batches']} batches, {fwd['samples']} samples"
+            + (
+                f" (and {fwd['pretrain_batches']} pretraining batches through the unrolled stack)"
+                if fwd["pretrain_batches"]
+                else ""
+            ),
+            f"- mean forward steps {_fmt(fwd['nstep_mean'])}; histogram (steps: samples) "
+            + ", ".join(f"{k}: {v}" for k, v in fwd["nstep_histogram"].items()),
+            f"- not converged to the solver tolerance: {fwd['not_converged']} samples ({_fmt(fwd['not_converged_share'])})",
+            f"- fallback solver used: {fwd['fallback']} samples; non-finite: {fwd['nonfinite']} samples; "
+            f"steps skipped by the divergence guard: {report['skipped_steps']}",
+            "",
+        ]
     gq = report["gradient_quality"]
     if gq:
-        lines += ["## Gradient quality (phantom vs exact, monitored)", "", "![gradient quality](gradient_quality.png)", "",
-                  f"{gq['points']} measurements (every {gq['every']} steps), {gq['monitor_seconds']:.1f} s in all"
-                  + (f", {gq['monitor_share']:.1%} of training time" if gq["monitor_share"] is not None else "") + ".", "",
-                  "| quantity | mean | min | max | last |", "|---|---|---|---|---|"]
-        for key in ("cosine", "cosine_deq", "norm_ratio", "norm_ratio_deq", "spectral_radius", "reference_converged", "scale", "k"):
+        lines += [
+            "## Gradient quality (phantom vs exact, monitored)",
+            "",
+            "![gradient quality](gradient_quality.png)",
+            "",
+            f"{gq['points']} measurements (every {gq['every']} steps), {gq['monitor_seconds']:.1f} s in all"
+            + (f", {gq['monitor_share']:.1%} of training time" if gq["monitor_share"] is not None else "")
+            + ".",
+            "",
+            "| quantity | mean | min | max | last |",
+            "|---|---|---|---|---|",
+        ]
+        for key in (
+            "cosine",
+            "cosine_deq",
+            "norm_ratio",
+            "norm_ratio_deq",
+            "spectral_radius",
+            "reference_converged",
+            "scale",
+            "k",
+        ):
             s = gq[key]
             if s:
                 lines.append(f"| {key} | {_fmt(s['mean'])} | {_fmt(s['min'])} | {_fmt(s['max'])} | {_fmt(s['last'])} |")
         lines.append("")
     ad = report["adaptive"]
     if ad:
-        lines += ["## Adaptive phantom gradient", "", f"After epoch {ad['epoch']}: k = {ad['k']}, damping = {ad['damping']}.", ""]
+        lines += [
+            "## Adaptive phantom gradient",
+            "",
+            f"After epoch {ad['epoch']}: k = {ad['k']}, damping = {ad['damping']}.",
+            "",
+        ]
         for changes in ad["changes"]:
             lines += [f"- {h['action']} -> k={h['k']}, damping={_fmt(h['damping'])}" for h in changes[:40]]
             if len(changes) > 40:
                 lines.append(f"- ... {len(changes) - 40} more changes in adaptive_state.json")
         lines.append("")
-    lines += ["## Configuration (config.yaml)", "", "```yaml", yaml.safe_dump(report["config"], sort_keys=False).rstrip(), "```", "",
-              "Reproduce with `phantomgrad train --config config.yaml out_dir=NEW_DIR` on the environment above.", ""]
+    lines += [
+        "## Configuration (config.yaml)",
+        "",
+        "```yaml",
+        yaml.safe_dump(report["config"], sort_keys=False).rstrip(),
+        "```",
+        "",
+        "Reproduce with `phantomgrad train --config config.yaml out_dir=NEW_DIR` on the environment above.",
+        "",
+    ]
     lines += ["## Files", ""] + [f"- `{name}`" for name in report["files"]] + [""]
     return "\n".join(lines)
 
@@ -271,6 +388,7 @@ def _plot_forward(fwd: dict[str, Any], batches: list[dict[str, str]], path: Path
 
 # ----------------------------------------------------------------------------- small helpers
 
+
 def _numbers(row: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in row.items():
@@ -291,6 +409,7 @@ def _fmt(value: Any) -> str:
 
 # ----------------------------------------------------------------------------- the command
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="a training run's out_dir (holds config.yaml, metrics.csv, ...)")
 
@@ -299,8 +418,10 @@ def run(args: argparse.Namespace) -> int:
     report = render(args.run_dir)
     summary = report["summary"] or {}
     acc = summary.get("test_accuracy")
-    print(f"wrote {args.run_dir / REPORT_MD} and {args.run_dir / REPORT_JSON}"
-          + (f" (test accuracy {acc:.4f})" if acc is not None else ""))
+    print(
+        f"wrote {args.run_dir / REPORT_MD} and {args.run_dir / REPORT_JSON}"
+        + (f" (test accuracy {acc:.4f})" if acc is not None else "")
+    )
     return 0
 
 

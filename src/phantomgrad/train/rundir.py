@@ -34,8 +34,10 @@ class RunLock:
         except OSError:
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RunDirError(f"out_dir {self.path.parent} is in use by another run (pid {owner}); wait for it to end "
-                              "or choose another out_dir") from None
+            raise RunDirError(
+                f"out_dir {self.path.parent} is in use by another run (pid {owner}); wait for it to end "
+                "or choose another out_dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
@@ -64,8 +66,11 @@ def writing(what: str, keep: str = "") -> Iterator[None]:
         raise
     except OSError as err:
         reason = err.strerror or str(err)
-        fix = ("free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT)
-               else "check that it is a directory you can write to")
+        fix = (
+            "free some space"
+            if err.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "check that it is a directory you can write to"
+        )
         tail = f"; {keep}" if keep else ""
         raise RunDirError(f"could not write {what} ({reason}); {fix}{tail}") from None
 

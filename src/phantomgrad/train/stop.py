@@ -46,7 +46,9 @@ class GracefulStop:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
             self.signum = signum
-            log.warning("%s received: stopping after this step and writing a checkpoint "
-                        "(send it again to stop at once)", signal.Signals(signum).name)
+            log.warning(
+                "%s received: stopping after this step and writing a checkpoint (send it again to stop at once)",
+                signal.Signals(signum).name,
+            )
             return
         raise self.at_once(signum)

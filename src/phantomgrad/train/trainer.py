@@ -48,11 +48,17 @@ from phantomgrad.monitor import deq_modules
 
 from . import builders
 from .callbacks import Callback, default_callbacks
-from .context import RunContext
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .distributed import (all_reduce_max, barrier, broadcast_object, init_distributed, quiet_other_ranks,
-                          shutdown_distributed)
+from .context import RunContext
+from .distributed import (
+    all_reduce_max,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    quiet_other_ranks,
+    shutdown_distributed,
+)
 from .environment import environment
 from .errors import DivergenceError, TrainingInterrupted
 from .guard import StepGuard, problem
@@ -66,8 +72,17 @@ from .tasks import build_task
 log = logging.getLogger(__name__)
 
 # keys that may differ between a run and its resumption
-RESUMABLE_CHANGES = {"epochs", "progress", "out_dir", "tensorboard", "eval_every", "device", "threads", "max_bad_steps",
-                     "log_every"}
+RESUMABLE_CHANGES = {
+    "epochs",
+    "progress",
+    "out_dir",
+    "tensorboard",
+    "eval_every",
+    "device",
+    "threads",
+    "max_bad_steps",
+    "log_every",
+}
 # steps between host reads of the metrics and the guard: a sync costs nothing on a CPU (it ran the step itself)
 DEFAULT_LOG_EVERY = {"cpu": 1, "cuda": 50}
 
@@ -75,8 +90,13 @@ DEFAULT_LOG_EVERY = {"cpu": 1, "cuda": 50}
 class Trainer:
     """Trains one model as configured by a :class:`TrainConfig`; ``fit()`` returns the summary."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, callbacks: list[Callback] | None = None,
-                 log_every: int | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        resume: bool = False,
+        callbacks: list[Callback] | None = None,
+        log_every: int | None = None,
+    ):
         self.cfg = cfg
         self.resume = resume
         if resume and cfg.out_dir is None:
@@ -90,30 +110,39 @@ class Trainer:
         default = Path("runs") / f"{cfg.dataset}-{cfg.backward}-{datetime.now():%Y%m%d-%H%M%S}"
         self.out_dir = Path(broadcast_object(str(cfg.out_dir or default), self.dist))
         if not resume and (self.out_dir / "checkpoint.pt").exists():
-            raise ConfigError(f"out_dir {self.out_dir} already holds a run (checkpoint.pt); continue it with --resume, "
-                              "or choose another out_dir (nothing was overwritten)")
+            raise ConfigError(
+                f"out_dir {self.out_dir} already holds a run (checkpoint.pt); continue it with --resume, "
+                "or choose another out_dir (nothing was overwritten)"
+            )
         self.device = torch.device("cuda", self.dist.local_rank) if device.type == "cuda" else device
         if cfg.batch_size % self.dist.world_size:
-            raise ConfigError(f"batch_size={cfg.batch_size} (the global batch) must be divisible by the {self.dist.world_size} processes")
+            raise ConfigError(
+                f"batch_size={cfg.batch_size} (the global batch) must be divisible by the {self.dist.world_size} processes"
+            )
         torch.manual_seed(cfg.seed)
         self.task = build_task(cfg)
         self.model = self.task.model.to(self.device)
         fallback = builders.build_fallback_solver(cfg)
         for layer in deq_modules(self.model):
             layer.fallback = fallback
-        if self.dist.enabled and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+        if self.dist.enabled and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()
+        ):
             if self.device.type == "cuda":
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             else:
-                log.warning("BatchNorm statistics are per process under gloo; use arch.outer_norm=group for results "
-                            "that do not depend on the number of processes")
+                log.warning(
+                    "BatchNorm statistics are per process under gloo; use arch.outer_norm=group for results "
+                    "that do not depend on the number of processes"
+                )
         self.net = DistributedDataParallel(self.model) if self.dist.enabled else self.model  # what the steps call
         self.optimizer = builders.build_optimizer(cfg, self.model)
         self.guard = StepGuard(list(self.model.parameters()), self.optimizer, self.dist, self.device)
         log_every = log_every or getattr(cfg, "log_every", None) or DEFAULT_LOG_EVERY.get(self.device.type, 50)
         if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
-            raise ConfigError(f"log_every must be an integer >= 1 (steps between host reads of the metrics), "
-                              f"got {log_every!r}")
+            raise ConfigError(
+                f"log_every must be an integer >= 1 (steps between host reads of the metrics), got {log_every!r}"
+            )
         self.log_every = log_every
         self.local_batch = cfg.batch_size // self.dist.world_size
         self.steps_per_epoch = len(self._train_loader(0))
@@ -126,8 +155,9 @@ class Trainer:
         self.step_code: torch.Tensor | None = None  # this step's guard code on the device (0: applied); see guard.py
         self.history: list[dict[str, Any]] = []
         self.stop: GracefulStop | None = None  # set while fit() runs
-        self.context = RunContext(self.out_dir, self.model, self.device, cfg, self.dist, resume, self._autocast,
-                                  self._recompute_loss)
+        self.context = RunContext(
+            self.out_dir, self.model, self.device, cfg, self.dist, resume, self._autocast, self._recompute_loss
+        )
         self._partial: dict[str, Any] | None = None  # a checkpoint's unfinished epoch, until it is continued
         self._epoch_lr = 0.0  # the lr at the start of the current epoch (for its metrics row)
 
@@ -136,12 +166,19 @@ class Trainer:
         """The order is a function of (seed, epoch) alone, so a resumed run sees the same
         batches, and the processes of a distributed run split each global batch; ``start``
         batches of the epoch are left out (a run resumed in the middle of an epoch)."""
-        sampler: Any = DistributedSampler(self.task.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank,
-                                          shuffle=True, seed=self.cfg.seed)
+        sampler: Any = DistributedSampler(
+            self.task.train_set,
+            num_replicas=self.dist.world_size,
+            rank=self.dist.rank,
+            shuffle=True,
+            seed=self.cfg.seed,
+        )
         sampler.set_epoch(epoch)
         if start:
-            sampler = list(sampler)[start * self.local_batch:]
-        return DataLoader(self.task.train_set, batch_size=self.local_batch, sampler=sampler, collate_fn=self.task.collate)
+            sampler = list(sampler)[start * self.local_batch :]
+        return DataLoader(
+            self.task.train_set, batch_size=self.local_batch, sampler=sampler, collate_fn=self.task.collate
+        )
 
     def _autocast(self) -> Any:
         if self.cfg.precision == "bf16":
@@ -169,8 +206,14 @@ class Trainer:
         batches = iter(loader)  # draws a seed from the global RNG
         if partial:  # the RNG as it was at the interruption, after that draw
             _set_rng(partial["rng"])
-        bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
-                   disable=not (self.cfg.progress and self.dist.is_main), dynamic_ncols=True)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=start,
+            desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+            leave=False,
+            disable=not (self.cfg.progress and self.dist.is_main),
+            dynamic_ncols=True,
+        )
         after_step = getattr(self.model, "after_optimizer_step", None)
 
         def apply() -> None:  # the update the guard undoes for a bad step
@@ -208,8 +251,12 @@ class Trainer:
         bar.close()
         reduced = meter.reduce(self.dist, self.device)
         out = {f"train_{k}": v for k, v in reduced.means(self.task.finalize).items()}
-        out.update(train_seconds=meter.step_s, forward_seconds=meter.forward_s, backward_seconds=meter.backward_s,
-                   skipped_steps=self.skipped)
+        out.update(
+            train_seconds=meter.step_s,
+            forward_seconds=meter.forward_s,
+            backward_seconds=meter.backward_s,
+            skipped_steps=self.skipped,
+        )
         return out
 
     def _flush(self, meter: Meter, bar: tqdm) -> None:
@@ -230,11 +277,14 @@ class Trainer:
             raise DivergenceError(
                 f"training diverged: {n} steps in a row had a non-finite {what} (last at step {step}); "
                 "try a smaller damping, Jacobian regularisation (jac_reg_weight, jac_reg_freq), fewer solver steps, "
-                "a lower lr or grad_clip")
+                "a lower lr or grad_clip"
+            )
         if steps and not bar.disable:
             shown = meter.means(self.task.finalize)
-            bar.set_postfix({k: f"{shown[k]:.3f}" for k in self.task.progress_keys if k in shown}
-                            | {"nstep": f"{shown['nstep']:.1f}"})
+            bar.set_postfix(
+                {k: f"{shown[k]:.3f}" for k in self.task.progress_keys if k in shown}
+                | {"nstep": f"{shown['nstep']:.1f}"}
+            )
             bar.update(len(steps))
 
     def _stop_requested(self, at_interval: bool) -> bool:
@@ -260,8 +310,11 @@ class Trainer:
         path = self._save(partial) if self.dist.is_main else None
         barrier(self.dist)
         assert self.stop is not None and self.stop.signum is not None
-        raise TrainingInterrupted(self.stop.signum, path or self.out_dir / "checkpoint.pt",
-                                  f", {done} of {self.steps_per_epoch} steps of epoch {self.epoch + 1}")
+        raise TrainingInterrupted(
+            self.stop.signum,
+            path or self.out_dir / "checkpoint.pt",
+            f", {done} of {self.steps_per_epoch} steps of epoch {self.epoch + 1}",
+        )
 
     def _interrupted_at_once(self, signum: int) -> TrainingInterrupted:
         """The second signal: stop where we are; the checkpoint on disk (if any) is the last good one."""
@@ -311,9 +364,16 @@ class Trainer:
                 if self.resume:
                     writer.truncate_after(self.epoch)
         n_params = sum(p.numel() for p in self.model.parameters())
-        log.info("training %s (%d parameters) on %s with %s, %d epochs, %d process(es), out_dir %s", self.cfg.model, n_params,
-                 self.cfg.dataset, getattr(deq_modules(self.model)[0], "backward_mode", "?") if deq_modules(self.model) else "?",
-                 self.cfg.epochs, self.dist.world_size, self.out_dir)
+        log.info(
+            "training %s (%d parameters) on %s with %s, %d epochs, %d process(es), out_dir %s",
+            self.cfg.model,
+            n_params,
+            self.cfg.dataset,
+            getattr(deq_modules(self.model)[0], "backward_mode", "?") if deq_modules(self.model) else "?",
+            self.cfg.epochs,
+            self.dist.world_size,
+            self.out_dir,
+        )
         while self.epoch < self.cfg.epochs:
             epoch = self.epoch
             lr = self._partial["lr"] if self._partial else self.optimizer.param_groups[0]["lr"]  # at the epoch's start
@@ -328,17 +388,23 @@ class Trainer:
             self.epoch += 1
             self.history.append(row)
             if main:
-                keep = (f"the checkpoint after epoch {epoch} is intact: resume from it with --resume" if epoch
-                        else "no checkpoint was written yet")
+                keep = (
+                    f"the checkpoint after epoch {epoch} is intact: resume from it with --resume"
+                    if epoch
+                    else "no checkpoint was written yet"
+                )
                 with writing(f"out_dir {self.out_dir}", keep):
                     writer.write(row)
                 self._save()
             barrier(self.dist)
-            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+            log.info(
+                "epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))
+            )
             if self._stop_requested(True):  # a signal during the evaluation or the checkpoint
                 assert self.stop is not None and self.stop.signum is not None
-                raise TrainingInterrupted(self.stop.signum, self.out_dir / "checkpoint.pt",
-                                          f", after epoch {self.epoch}")
+                raise TrainingInterrupted(
+                    self.stop.signum, self.out_dir / "checkpoint.pt", f", after epoch {self.epoch}"
+                )
         summary = self.summary(n_params)
         if main:
             with writing(f"out_dir {self.out_dir}", "the checkpoint of the last epoch is intact"):
@@ -377,21 +443,24 @@ class Trainer:
         """Write the checkpoint atomically; ``partial`` continues an unfinished epoch (batches done,
         the meter's sums, the RNG after the epoch's data loader drew its seed)."""
         path = self.out_dir / "checkpoint.pt"
-        save_checkpoint(path, {
-            "config": self.cfg.to_dict(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "skipped": self.skipped,
-            "bad_in_a_row": self.bad_in_a_row,
-            "partial_epoch": partial,
-            "callbacks": {key: cb.state_dict() for key, cb in self._stateful_callbacks().items()},
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "history": self.history,
-        })
+        save_checkpoint(
+            path,
+            {
+                "config": self.cfg.to_dict(),
+                "epoch": self.epoch,
+                "step": self.step,
+                "skipped": self.skipped,
+                "bad_in_a_row": self.bad_in_a_row,
+                "partial_epoch": partial,
+                "callbacks": {key: cb.state_dict() for key, cb in self._stateful_callbacks().items()},
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "history": self.history,
+            },
+        )
         return path
 
     def _stateful_callbacks(self) -> dict[str, Any]:
@@ -408,18 +477,24 @@ class Trainer:
         saved = state["config"]
         defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
         # a key the checkpoint lacks was added by a later version: unchanged while it keeps its default
-        diff = sorted(k for k, v in self.cfg.to_dict().items()
-                      if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v)
+        diff = sorted(
+            k
+            for k, v in self.cfg.to_dict().items()
+            if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v
+        )
         if diff:
             changes = ", ".join(f"{k}: {saved.get(k, defaults.get(k))!r} -> {getattr(self.cfg, k)!r}" for k in diff)
-            raise CheckpointError(f"checkpoint in {self.out_dir} was made with a different config ({changes}); "
-                                  "resume with the same config or use a new out_dir")
+            raise CheckpointError(
+                f"checkpoint in {self.out_dir} was made with a different config ({changes}); "
+                "resume with the same config or use a new out_dir"
+            )
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
-            raise CheckpointError(f"checkpoint in {self.out_dir} does not fit this model ({str(err).splitlines()[0]}); "
-                                  "use a new out_dir") from None
+            raise CheckpointError(
+                f"checkpoint in {self.out_dir} does not fit this model ({str(err).splitlines()[0]}); use a new out_dir"
+            ) from None
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -433,8 +508,11 @@ class Trainer:
         for key, cb in self._stateful_callbacks().items():
             if key in saved_callbacks:
                 cb.load_state_dict(saved_callbacks[key])
-        where = (f"{self._partial['batch']} steps into epoch {self.epoch + 1}" if self._partial
-                 else f"after epoch {self.epoch}")
+        where = (
+            f"{self._partial['batch']} steps into epoch {self.epoch + 1}"
+            if self._partial
+            else f"after epoch {self.epoch}"
+        )
         log.info("resumed from %s %s (step %d)", self.out_dir / "checkpoint.pt", where, self.step)
 
 

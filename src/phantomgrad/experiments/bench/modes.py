@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import phantomgrad as pg
-from phantomgrad.backward import BACKWARD_MODES
+from phantomgrad.modes import BACKWARD_MODES
 from phantomgrad.solvers import SOLVERS
 
 if TYPE_CHECKING:
