@@ -263,7 +263,8 @@ def test_bench_runs_the_deq_transformer_on_token_ids(capsys):
 
 
 def test_modes_and_solvers_come_from_the_registries(monkeypatch):
-    from phantomgrad.backward import BACKWARD_MODES, UPG
+    from phantomgrad.backward import UPG
+    from phantomgrad.modes import BACKWARD_MODES
     from phantomgrad.experiments.bench import mode_names, solver_names
     from phantomgrad.experiments.bench.measure import variants_of
     from phantomgrad.solvers import SOLVERS
@@ -353,7 +354,8 @@ def test_the_transformer_gradient_reaches_its_weight_norm_parameters():
 
 
 def test_a_mode_the_bench_cannot_build_gets_an_na_row(monkeypatch, tmp_path):
-    from phantomgrad.backward import BACKWARD_MODES, BackwardMode
+    from phantomgrad.backward import BackwardMode
+    from phantomgrad.modes import BACKWARD_MODES
 
     class NeedsData(BackwardMode):  # a constructor argument the bench has no option for
         def __init__(self, table):

@@ -1,7 +1,7 @@
 """The names a training config may use, each read from the one registry that owns it.
 
 * solvers: :data:`phantomgrad.solvers.SOLVERS`;
-* backward modes: :data:`phantomgrad.backward.BACKWARD_MODES` (each mode's ``config_keys`` names
+* backward modes: :data:`phantomgrad.modes.BACKWARD_MODES` (each mode's ``config_keys`` names
   the config keys it takes);
 * datasets: :data:`phantomgrad.data.DATASETS`, by kind of task;
 * models: each model family's presets;

@@ -5,7 +5,7 @@ What one run measures, for a model (the synthetic layer of Fig. 1, MDEQ-tiny at
 CIFAR size, or a DEQ transformer language model on random tokens) and one forward
 solver shared by every mode:
 
-* per backward mode (every mode of ``phantomgrad.backward.BACKWARD_MODES``; a mode with a
+* per backward mode (every mode of ``phantomgrad.modes.BACKWARD_MODES``; a mode with a
   backward solve, as Implicit, once per backward solver, Broyden and fixed point): the
   forward, the backward and the whole training step (stem -> DEQ -> head -> cross-entropy
   -> backward -> SGD step), and inside them the DEQ layer's own forward and backward (timed

@@ -1,6 +1,6 @@
 """What the bench measures, derived from the library's registries.
 
-The backward modes are :data:`phantomgrad.backward.BACKWARD_MODES` and the solvers
+The backward modes are :data:`phantomgrad.modes.BACKWARD_MODES` and the solvers
 :data:`phantomgrad.solvers.SOLVERS`; nothing here lists their names. A mode whose class
 takes a ``solver`` (a backward solve, as ``Implicit``) gives one bench mode per backward
 solver, named ``<mode>-<solver>`` (``implicit-broyden``, ``implicit-fixed_point``); every
