@@ -343,6 +343,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train (or continue) to ``cfg.epochs``. Rank 0 holds the run directory's lock throughout;
         SIGINT/SIGTERM stop the run at the next step boundary with a checkpoint (see stop.py)."""
+        if self.resume:  # reads only: a checkpoint that cannot be resumed is refused before the lock file is made
+            self._restore()
         lock = RunLock(self.out_dir) if self.dist.is_main else contextlib.nullcontext()
         with lock, GracefulStop(self._interrupted_at_once) as self.stop:
             try:
@@ -352,8 +354,6 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         main = self.dist.is_main
-        if self.resume:
-            self._restore()
         writer = None
         keep = "nothing was overwritten"
         if main:
