@@ -3,8 +3,7 @@
 The backward mode of a ``pg.DEQ`` is a plain attribute, ``deq.backward_mode``: it can be
 replaced between two optimiser steps. This script trains a small DEQ classifier with the
 cheap phantom gradient UPG A_{5,0.5} first, then fine-tunes it with the exact implicit
-gradient, and measures at the switch how close the phantom gradient was to the exact one
-(``pg.gradient_quality``: cosine and norm ratio, on the same batch).
+gradient, and measures at the switch how close the phantom gradient was (pg.gradient_quality).
 
     python examples/switch_backward.py            # 300 UPG steps, then 100 Implicit steps
     python examples/switch_backward.py --tiny     # a few seconds (what the tests run)
