@@ -36,9 +36,8 @@ class Classifier(torch.nn.Module):
     def __init__(self, in_dim: int, classes: int, dim: int = 64):
         super().__init__()
         self.dim = dim
-        self.deq = pg.DEQ(
-            Cell(dim, in_dim), solver=pg.Anderson(max_iter=30, tol=1e-4), backward=pg.UPG(k=5, damping=0.5)
-        )
+        solver, backward = pg.Anderson(max_iter=30, tol=1e-4), pg.UPG(k=5, damping=0.5)
+        self.deq = pg.DEQ(Cell(dim, in_dim), solver=solver, backward=backward)
         self.head = torch.nn.Linear(dim, classes)
 
     def forward(self, x):

@@ -178,6 +178,22 @@ class DEQ(nn.Module):
     input is flagged in ``info.nonfinite`` by the solve instead of refused, and the warnings
     read the device once every ``warn_interval`` calls. Under ``torch.compile`` the warnings
     are skipped, so a sync-free layer compiles as one graph (``fullgraph=True``).
+
+    Examples:
+        >>> import torch, phantomgrad as pg
+        >>> from phantomgrad.models.toy import TanhMap
+        >>> f = TanhMap(dim=6, in_dim=4, lipschitz=0.5, generator=torch.Generator().manual_seed(0))
+        >>> x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        >>> z0 = torch.zeros(3, 6, dtype=torch.float64)
+        >>> deq = pg.DEQ(f, solver=pg.Anderson(max_iter=30, tol=1e-10), backward=pg.UPG(k=5, damping=0.5))
+        >>> z, info = deq(x, z0)
+        >>> z.shape, bool(info.converged.all())
+        (torch.Size([3, 6]), True)
+        >>> torch.allclose(z, f(z, x), atol=1e-8)  # a fixed point (UPG outputs h_k, 5 damped steps from h*)
+        True
+        >>> z.pow(2).sum().backward()  # the phantom gradient reaches F's parameters (and x)
+        >>> f.W.grad.shape
+        torch.Size([6, 6])
     """
 
     def __init__(

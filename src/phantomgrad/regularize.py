@@ -30,6 +30,17 @@ def jacobian_penalty(f, z: State, x, n_samples: int = 1) -> Tensor:
     parameters of f (double backward), so ``loss + w * jacobian_penalty(...)`` pushes
     F towards a contraction, as in Bai et al. (2021), "Stabilizing Equilibrium Models
     by Jacobian Regularization". D is the state size per sample.
+
+    Examples:
+        >>> import torch, phantomgrad as pg
+        >>> from phantomgrad.models.toy import TanhMap
+        >>> f = TanhMap(dim=6, in_dim=4, lipschitz=0.5, generator=torch.Generator().manual_seed(0))
+        >>> x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        >>> z0 = torch.zeros(3, 6, dtype=torch.float64)
+        >>> z, _ = pg.DEQ(f, solver=pg.Anderson(max_iter=30, tol=1e-8))(x, z0)
+        >>> penalty = pg.jacobian_penalty(f, z, x)  # add w * penalty to the loss
+        >>> penalty.dim(), penalty.requires_grad, bool(penalty > 0)
+        (0, True, True)
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples!r}")

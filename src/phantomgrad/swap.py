@@ -42,6 +42,18 @@ def swap(model: nn.Module, solver: Solver | None = None, backward: BackwardMode 
 
     Raises TypeError for an argument that is not a phantomgrad solver or backward mode, and
     ValueError when ``model`` holds no DEQ layer (the swap would silently do nothing).
+
+    Examples:
+        >>> import torch, phantomgrad as pg
+        >>> from phantomgrad.models.toy import TanhMap
+        >>> f = TanhMap(dim=6, in_dim=4, lipschitz=0.5, generator=torch.Generator().manual_seed(0))
+        >>> x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        >>> z0 = torch.zeros(3, 6, dtype=torch.float64)
+        >>> model = torch.nn.ModuleDict({"deq": pg.DEQ(f, warn_not_converged=False)})
+        >>> with pg.swap(model, solver=pg.Unrolled(3), backward=pg.Backprop()) as layers:
+        ...     z, info = model["deq"](x, z0)  # three weight-tied steps of F, differentiated by backprop
+        >>> len(layers), int(info.nstep.max()), model["deq"].solver  # the layer's own solver is back
+        (1, 3, Anderson(...))
     """
     if solver is not None and not isinstance(solver, Solver):
         raise TypeError(f"solver must be a phantomgrad solver such as pg.Unrolled(6), got {solver!r}")

@@ -113,6 +113,17 @@ class Broyden(Solver):
     Args:
         memory: the number of rank-one updates kept, >= 1.
         max_iter, tol, stop, trace, check_every: as in :class:`Solver`.
+
+    Examples:
+        >>> import torch, phantomgrad as pg
+        >>> A = torch.tensor([[0.5, 0.2, 0.0], [0.1, 0.4, 0.2], [0.0, 0.3, 0.3]], dtype=torch.float64)
+        >>> b = torch.ones(2, 3, dtype=torch.float64)
+        >>> fn = lambda z: z @ A.T + b  # F(z) = A z + b on a batch of 2; z* solves (I - A) z* = b
+        >>> z_star = torch.linalg.solve(torch.eye(3, dtype=torch.float64) - A, b.T).T
+        >>> z0 = torch.zeros(2, 3, dtype=torch.float64)
+        >>> z, info = pg.Broyden(memory=10, max_iter=50, tol=1e-12).solve(fn, z0)
+        >>> torch.allclose(z, z_star), bool(info.converged.all())
+        (True, True)
     """
 
     def __init__(
