@@ -80,7 +80,8 @@ class BackwardMode(abc.ABC):
     outputs_fixed_point: ClassVar[bool] = False
     needs_inverse_jacobian: ClassVar[bool] = False  # SHINE: the forward solve keeps its inverse-Jacobian estimate
 
-    def check_solver(self, solver: Any) -> None:
+    # A hook with a do-nothing default (most modes take any solver), so deliberately not abstract.
+    def check_solver(self, solver: Any) -> None:  # noqa: B027
         """Refuse a forward solver this mode cannot work with (a one-line error); most modes take any."""
 
     @abc.abstractmethod

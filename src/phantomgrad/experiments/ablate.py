@@ -347,7 +347,8 @@ def format_table1(rows: list[dict[str, Any]], budget: Budget) -> str:
         ratio = f"{r['time_vs_implicit']:.2f}x" if r["time_vs_implicit"] is not None else "n/a (no Implicit row yet)"
         line = (
             f"| {r['row']} | {100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f} | "
-            f"{ratio} ({r['train_seconds_mean']:.0f} s) | {r['mean_forward_steps']:.1f} | {r['spectral_radius_mean']:.2f} |"
+            f"{ratio} ({r['train_seconds_mean']:.0f} s) | {r['mean_forward_steps']:.1f} | "
+            f"{r['spectral_radius_mean']:.2f} |"
         )
         if full:
             conv = r.get("backward_converged_fraction")

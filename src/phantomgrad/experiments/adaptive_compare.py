@@ -270,7 +270,8 @@ def compile_speed(steps: int = 20, batch: int = 64) -> list[dict[str, Any]]:
 
 def format_compile(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | backward | eager step (ms, median) | compiled F step (ms, median) | speed-up | first compiled steps (s) |",
+        "| model | backward | eager step (ms, median) | compiled F step (ms, median) | speed-up "
+        "| first compiled steps (s) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -366,7 +367,8 @@ def render(result: dict[str, Any]) -> str:
         yes = lambda flag: "yes" if flag else "no"  # noqa: E731
         for v in c["verdicts"]:
             lines.append(
-                f"- {v['row']} against the best fixed row ({v['best_fixed']}): accuracy reached {yes(v['accuracy_reached'])}, "
+                f"- {v['row']} against the best fixed row ({v['best_fixed']}): "
+                f"accuracy reached {yes(v['accuracy_reached'])}, "
                 f"CPU time not more {yes(v['cpu_time_not_more'])}, wall time not more {yes(v['wall_time_not_more'])}: "
                 f"**target met: {yes(v['target_met'])}**."
             )

@@ -305,7 +305,8 @@ def add_relative_times(results: list[dict[str, Any]]) -> None:
 def format_table(results: list[dict[str, Any]]) -> str:
     """The Markdown table."""
     lines = [
-        "| model | valid ppl | valid bpc | test ppl | test bpc | s / step | time vs Implicit | speed-up | fwd steps | rho(J) at z* | bwd steps (conv.) |",
+        "| model | valid ppl | valid bpc | test ppl | test bpc | s / step | time vs Implicit | speed-up | fwd steps "
+        "| rho(J) at z* | bwd steps (conv.) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -313,7 +314,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
         bwd = f"{r['backward_nstep']:.1f} ({r['backward_converged']:.0%})" if "backward_nstep" in r else "-"
         lines.append(
             f"| {r['row']} | {r['valid_ppl']:.3f} | {r['valid_bpc']:.3f} | {r['test_ppl']:.3f} | {r['test_bpc']:.3f} | "
-            f"{r['seconds_per_step']:.3f} | {rel:.2f}x | {1 / rel:.2f}x | {r['forward_nstep']:.1f} | {r['radius']:.3f} | {bwd} |"
+            f"{r['seconds_per_step']:.3f} | {rel:.2f}x | {1 / rel:.2f}x | {r['forward_nstep']:.1f} | "
+            f"{r['radius']:.3f} | {bwd} |"
         )
     return "\n".join(lines)
 

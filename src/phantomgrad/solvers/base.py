@@ -34,7 +34,8 @@ def default_check_every(device: torch.device) -> int | None:
 
     On a CPU, reading a count back costs no more than the few reductions it needs (the
     "device" is the host) while every step saved by stopping early saves a whole evaluation of
-    F, so the host checks after every step (BENCHMARKS.md has the CPU measurement). On CUDA (and other accelerators) a check is a host sync that drains the launch
+    F, so the host checks after every step (BENCHMARKS.md has the CPU measurement). On CUDA
+    (and other accelerators) a check is a host sync that drains the launch
     queue, and a small F is launch-bound; without checks the solve never waits for the host
     and can be captured in a CUDA graph or compiled with ``fullgraph=True``, at the price of
     always running ``max_iter`` steps (converged samples are frozen, so the result is the

@@ -200,7 +200,8 @@ def _markdown(report: dict[str, Any], run_dir: Path) -> str:
         acc = summary.get("test_accuracy")
         lines += [
             f"- test accuracy (final epoch, no selection): {acc:.4f}" if acc is not None else "- test accuracy: n/a",
-            f"- epochs {summary.get('epochs')}, optimiser steps {summary.get('steps')}, skipped steps {summary.get('skipped_steps')}",
+            f"- epochs {summary.get('epochs')}, optimiser steps {summary.get('steps')}, "
+            f"skipped steps {summary.get('skipped_steps')}",
             f"- training time {summary.get('train_seconds', math.nan):.1f} s "
             f"(median {summary.get('seconds_per_epoch', math.nan):.1f} s per epoch; "
             f"backward share {summary.get('backward_share', math.nan):.0%})",
@@ -275,7 +276,8 @@ def _markdown(report: dict[str, Any], run_dir: Path) -> str:
             ),
             f"- mean forward steps {_fmt(fwd['nstep_mean'])}; histogram (steps: samples) "
             + ", ".join(f"{k}: {v}" for k, v in fwd["nstep_histogram"].items()),
-            f"- not converged to the solver tolerance: {fwd['not_converged']} samples ({_fmt(fwd['not_converged_share'])})",
+            f"- not converged to the solver tolerance: {fwd['not_converged']} samples "
+            f"({_fmt(fwd['not_converged_share'])})",
             f"- fallback solver used: {fwd['fallback']} samples; non-finite: {fwd['nonfinite']} samples; "
             f"steps skipped by the divergence guard: {report['skipped_steps']}",
             "",

@@ -117,7 +117,8 @@ class Trainer:
         self.device = torch.device("cuda", self.dist.local_rank) if device.type == "cuda" else device
         if cfg.batch_size % self.dist.world_size:
             raise ConfigError(
-                f"batch_size={cfg.batch_size} (the global batch) must be divisible by the {self.dist.world_size} processes"
+                f"batch_size={cfg.batch_size} (the global batch) must be divisible by the "
+                f"{self.dist.world_size} processes"
             )
         torch.manual_seed(cfg.seed)
         self.task = build_task(cfg)
