@@ -201,7 +201,7 @@ class Implicit(BackwardMode):
     ``torch.compile`` it stays None (a compiled backward runs no Python code).
     """
 
-    config_keys = ("solver",)
+    config_keys: ClassVar[tuple[str, ...]] = ("solver",)
     outputs_fixed_point = True
 
     def __init__(self, solver: Solver | None = None):
@@ -229,7 +229,7 @@ class NPG(BackwardMode):
     independent of k. The layer outputs h*.
     """
 
-    config_keys = ("k", "damping")
+    config_keys: ClassVar[tuple[str, ...]] = ("k", "damping")
     outputs_fixed_point = True
 
     def __init__(self, k: int = 5, damping: float = 0.5):
@@ -263,7 +263,7 @@ class UPG(BackwardMode):
     ``torch.no_grad`` it outputs h* and runs no extra steps.
     """
 
-    config_keys = ("k", "damping")
+    config_keys: ClassVar[tuple[str, ...]] = ("k", "damping")
 
     def __init__(self, k: int = 5, damping: float = 0.5):
         self.k = _check_k(k)
@@ -283,7 +283,7 @@ class JFB(UPG):
     """The one-step (Jacobian-free) gradient: UPG with k = 1, lambda = 1, i.e. A = I.
     The layer outputs F(h*) in training, and h* + (F(h*) - F(h*).detach()) in eval mode."""
 
-    config_keys = ()
+    config_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         super().__init__(k=1, damping=1.0)
