@@ -306,7 +306,7 @@ def test_without_jacobian_regularisation_the_loss_is_the_cross_entropy(text_dir,
     batch = next(iter(DataLoader(task.train_set, batch_size=4)))
     result = task.step(task.model, batch, torch.device("cpu"), 1)
     assert "jac_penalty" not in result.sums
-    assert float(result.loss.detach()) == pytest.approx(result.sums["loss"] / result.count, rel=1e-6)
+    assert float(result.loss.detach()) == pytest.approx(float(result.sums["loss"]) / result.count, rel=1e-6)
 
 
 def test_lm_table_runs_end_to_end_at_a_tiny_budget(text_dir, tmp_path, capsys):

@@ -224,6 +224,11 @@ class Trainer:
             if after_step is not None:
                 after_step()
 
+        # Host syncs on every step: the DEQ layer's own (named in deq.py; none with check_every=None) and the
+        # task's copy of the batch to the device (from the loader's pageable memory a CUDA copy waits for the
+        # queued work; a pinned loader with non_blocking copies would lift it). Rare ones are named where they
+        # are (the guard's first update of a parameter, the monitor's measured steps). The metric sums, the
+        # guard's code and the meter stay on the device until _flush, once per log_every steps.
         for done, batch in enumerate(batches, start + 1):
             t0 = time.perf_counter()
             with self._autocast():
