@@ -35,7 +35,7 @@ def python_blocks() -> list:
     params = []
     for path in doc_files():
         text = path.read_text()
-        for i, m in enumerate(BLOCK.finditer(text)):
+        for m in BLOCK.finditer(text):
             line = text.count("\n", 0, m.start()) + 1
             name = f"{path.relative_to(ROOT)}:{line}"
             marks = [pytest.mark.skip(reason="fenced as python no-run")] if "no-run" in m.group(1) else []

@@ -206,16 +206,17 @@ def test_corrupted_or_mismatched_checkpoint(finished_run, capsys):
 # ---- the guard on the device -------------------------------------------------------------------
 
 
-def _poison(trainer, bad_steps, how=float("nan"), tensors=False):
-    """Make the loss of the given steps non-finite; with ``tensors``, the task's sums become tensors."""
+def _poison(trainer, bad_steps, how=float("nan"), floats=False):
+    """Make the loss of the given steps non-finite; with ``floats``, the task's sums (device tensors)
+    become host floats, read on every step."""
     original = trainer.task.step
 
     def step(model, batch, device, global_step):
         result = original(model, batch, device, global_step)
         if global_step in bad_steps:
             result.loss = result.loss * how
-        if tensors:
-            result.sums = {k: torch.tensor(v, dtype=torch.float64) for k, v in result.sums.items()}
+        if floats:
+            result.sums = {k: float(v) for k, v in result.sums.items()}
         return result
 
     trainer.task.step = step
@@ -225,10 +226,10 @@ def test_the_logging_interval_and_tensor_sums_change_nothing(tmp_path):
     """Host reads every step with float sums, or every 7 steps with tensor sums: the same weights and
     metrics, with bad steps at a parameter's first update (decided on the host) and later (on the device)."""
     runs = []
-    for name, every, tensors in (("a", 1, False), ("b", 7, True)):
+    for name, every, floats in (("a", 1, True), ("b", 7, False)):
         cfg = TrainConfig.from_sources(None, [*TINY, "epochs=1", f"out_dir={tmp_path / name}"])
         trainer = Trainer(cfg, log_every=every)
-        _poison(trainer, {0, 5}, tensors=tensors)
+        _poison(trainer, {0, 5}, floats=floats)
         runs.append((trainer, trainer.fit()))
     (a, sa), (b, sb) = runs
     assert sa["skipped_steps"] == sb["skipped_steps"] == 2 and sa["steps"] == sb["steps"] == 640 // 32 - 2

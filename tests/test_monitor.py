@@ -132,7 +132,7 @@ def test_backward_modes_and_state_are_restored_after_an_error():
     snap = _snapshot(model)
 
     def failing():
-        loss = loss_fn()  # a forward in training mode: BatchNorm statistics move, dropout draws
+        loss_fn()  # a forward in training mode: BatchNorm statistics move, dropout draws
         assert isinstance(model.deq.backward_mode, pg.BackwardMode) and model.deq.backward_mode is not mode
         raise RuntimeError("boom")
 

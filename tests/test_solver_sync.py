@@ -127,7 +127,7 @@ def test_no_host_sync_without_checks(monkeypatch):
         raise AssertionError("host sync inside a solve with check_every=None")
 
     with torch.no_grad():
-        for name, make in MAKERS.items():
+        for make in MAKERS.values():
             solver = make(max_iter=12, tol=1e-9, check_every=None)
             for method in ("tolist", "item", "__bool__"):
                 monkeypatch.setattr(torch.Tensor, method, refuse)

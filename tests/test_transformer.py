@@ -258,9 +258,10 @@ def test_jacobian_penalty_enters_the_loss_and_the_metrics(text_dir, tmp_path):
     task.model.train()
     batch = next(iter(DataLoader(task.train_set, batch_size=4)))
     result = task.step(task.model, batch, torch.device("cpu"), 0)
-    ce = result.sums["loss"] / result.count
-    assert result.sums["jac_steps"] == 1 and result.sums["jac_penalty"] > 0
-    assert float(result.loss.detach()) == pytest.approx(ce + 0.5 * result.sums["jac_penalty"], rel=1e-5)
+    ce = float(result.sums["loss"]) / result.count
+    penalty = float(result.sums["jac_penalty"])
+    assert result.sums["jac_steps"] == 1 and penalty > 0
+    assert float(result.loss.detach()) == pytest.approx(ce + 0.5 * penalty, rel=1e-5)
 
     summary = train(cfg)
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
@@ -305,7 +306,7 @@ def test_without_jacobian_regularisation_the_loss_is_the_cross_entropy(text_dir,
     batch = next(iter(DataLoader(task.train_set, batch_size=4)))
     result = task.step(task.model, batch, torch.device("cpu"), 1)
     assert "jac_penalty" not in result.sums
-    assert float(result.loss.detach()) == pytest.approx(result.sums["loss"] / result.count, rel=1e-6)
+    assert float(result.loss.detach()) == pytest.approx(float(result.sums["loss"]) / result.count, rel=1e-6)
 
 
 def test_lm_table_runs_end_to_end_at_a_tiny_budget(text_dir, tmp_path, capsys):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 from ._checks import boolean, finite_float
 from .backward import UPG, _check_k
@@ -55,7 +55,7 @@ class AdaptivePhantom(UPG):
         residual_ema: weight of the past in the running mean of residuals.
     """
 
-    config_keys = (
+    config_keys: ClassVar[tuple[str, ...]] = (
         "k",
         "damping",
         "k_min",

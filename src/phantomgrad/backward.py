@@ -80,7 +80,8 @@ class BackwardMode(abc.ABC):
     outputs_fixed_point: ClassVar[bool] = False
     needs_inverse_jacobian: ClassVar[bool] = False  # SHINE: the forward solve keeps its inverse-Jacobian estimate
 
-    def check_solver(self, solver: Any) -> None:
+    # A hook with a do-nothing default (most modes take any solver), so deliberately not abstract.
+    def check_solver(self, solver: Any) -> None:  # noqa: B027
         """Refuse a forward solver this mode cannot work with (a one-line error); most modes take any."""
 
     @abc.abstractmethod
@@ -216,7 +217,7 @@ class Implicit(BackwardMode):
         True
     """
 
-    config_keys = ("solver",)
+    config_keys: ClassVar[tuple[str, ...]] = ("solver",)
     outputs_fixed_point = True
 
     def __init__(self, solver: Solver | None = None):
@@ -244,7 +245,7 @@ class NPG(BackwardMode):
     independent of k. The layer outputs h*.
     """
 
-    config_keys = ("k", "damping")
+    config_keys: ClassVar[tuple[str, ...]] = ("k", "damping")
     outputs_fixed_point = True
 
     def __init__(self, k: int = 5, damping: float = 0.5):
@@ -290,7 +291,7 @@ class UPG(BackwardMode):
         (True, True)
     """
 
-    config_keys = ("k", "damping")
+    config_keys: ClassVar[tuple[str, ...]] = ("k", "damping")
 
     def __init__(self, k: int = 5, damping: float = 0.5):
         self.k = _check_k(k)
@@ -310,7 +311,7 @@ class JFB(UPG):
     """The one-step (Jacobian-free) gradient: UPG with k = 1, lambda = 1, i.e. A = I.
     The layer outputs F(h*) in training, and h* + (F(h*) - F(h*).detach()) in eval mode."""
 
-    config_keys = ()
+    config_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         super().__init__(k=1, damping=1.0)

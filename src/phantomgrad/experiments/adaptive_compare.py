@@ -33,7 +33,7 @@ import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -207,25 +207,32 @@ def compile_speed(steps: int = 20, batch: int = 64) -> list[dict[str, Any]]:
             torch._dynamo.reset()
             solver = pg.Anderson(max_iter=12, tol=1e-3)
             y = torch.randint(0, 10, (batch,))
+            model: torch.nn.Module
+            layer: pg.DEQ
+            loss: Callable[[], torch.Tensor]
             if model_name == "mlp-256":
                 x = torch.randn(batch, 64)
                 layer, head = pg.DEQ(_MLPMap(), solver=solver, backward=make()), torch.nn.Linear(256, 10)
                 model = torch.nn.ModuleList([layer, head])
 
-                def loss(layer=layer, head=head, x=x, y=y):
+                def mlp_loss(layer=layer, head=head, x=x, y=y):
                     z, _ = layer(x, torch.zeros(batch, 256))
                     return torch.nn.functional.cross_entropy(head(z), y)
+
+                loss = mlp_loss
             else:
                 x = torch.randn(batch, 1, 28, 28)
-                model = MDEQ(
+                mdeq = MDEQ(
                     MDEQConfig.named("mdeq-tiny-28", in_channels=1, image_size=28, num_classes=10),
                     solver=solver,
                     backward=make(),
                 )
-                layer = model.deq
+                model, layer = mdeq, mdeq.deq
 
-                def loss(model=model, x=x, y=y):
+                def mdeq_loss(model=mdeq, x=x, y=y):
                     return torch.nn.functional.cross_entropy(model(x)[0], y)
+
+                loss = mdeq_loss
 
             fmap = layer.f
             variants = {"eager": fmap, "compiled": torch.compile(fmap)}
@@ -270,7 +277,8 @@ def compile_speed(steps: int = 20, batch: int = 64) -> list[dict[str, Any]]:
 
 def format_compile(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | backward | eager step (ms, median) | compiled F step (ms, median) | speed-up | first compiled steps (s) |",
+        "| model | backward | eager step (ms, median) | compiled F step (ms, median) | speed-up "
+        "| first compiled steps (s) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -366,7 +374,8 @@ def render(result: dict[str, Any]) -> str:
         yes = lambda flag: "yes" if flag else "no"  # noqa: E731
         for v in c["verdicts"]:
             lines.append(
-                f"- {v['row']} against the best fixed row ({v['best_fixed']}): accuracy reached {yes(v['accuracy_reached'])}, "
+                f"- {v['row']} against the best fixed row ({v['best_fixed']}): "
+                f"accuracy reached {yes(v['accuracy_reached'])}, "
                 f"CPU time not more {yes(v['cpu_time_not_more'])}, wall time not more {yes(v['wall_time_not_more'])}: "
                 f"**target met: {yes(v['target_met'])}**."
             )

@@ -73,7 +73,7 @@ class GraphTableConfig:
         )
 
     def methods(self) -> list[tuple[str, dict[str, Any]]]:
-        rows = [("Implicit", {"backward": "implicit"})]
+        rows: list[tuple[str, dict[str, Any]]] = [("Implicit", {"backward": "implicit"})]
         rows += [
             (f"UPG A_{{{self.k},{lam}}}", {"backward": "upg", "k": self.k, "damping": lam}) for lam in self.dampings
         ]

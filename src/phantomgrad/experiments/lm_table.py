@@ -191,6 +191,7 @@ def run_row(
     """Train one row with the trainer and collect its metrics."""
     from torch.utils.data import DataLoader
 
+    from phantomgrad.train.tasks import as_dataset
     from phantomgrad.train.trainer import Trainer
 
     cfg = row_config(row, budget, dataset, seed, threads, out_dir, data_dir)
@@ -199,7 +200,7 @@ def run_row(
     summary = trainer.fit()
     wall = time.perf_counter() - start
     m = summary["final_metrics"]
-    batch = next(iter(DataLoader(trainer.task.eval_sets["valid"], batch_size=budget.batch_size)))
+    batch = next(iter(DataLoader(as_dataset(trainer.task.eval_sets["valid"]), batch_size=budget.batch_size)))
     diag = diagnose(trainer.model, batch)
     steps = trainer.step
     return {
@@ -239,6 +240,8 @@ def recheck_row(run_dir: Path, threads: int | None = None) -> dict[str, Any]:
     from phantomgrad.train.checkpoint import load_checkpoint
     from phantomgrad.train.config import TrainConfig
     from phantomgrad.train.lm_task import build_lm_task, lm_metrics
+    from phantomgrad.train.meter import Meter
+    from phantomgrad.train.tasks import as_dataset
 
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
@@ -256,22 +259,17 @@ def recheck_row(run_dir: Path, threads: int | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {}
     with torch.no_grad():
         for split, dataset in task.eval_sets.items():
-            sums: dict[str, float] = {}
-            count, nstep, batches = 0, 0.0, 0
-            for batch in DataLoader(dataset, batch_size=max(cfg.batch_size, 256)):
-                step = task.step(task.model, batch, torch.device("cpu"), None)
-                for key, value in step.sums.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                count += step.count
-                nstep += float(step.info.nstep.float().mean())
-                batches += 1
-            metrics = lm_metrics(sums, count)
+            meter = Meter()  # sums in float64, in batch order; nstep: mean forward steps per batch
+            for batch in DataLoader(as_dataset(dataset), batch_size=max(cfg.batch_size, 256)):
+                meter.add(task.step(task.model, batch, torch.device("cpu"), None))
+            meter.flush()
+            metrics = meter.means(lm_metrics)
             result.update(
                 {
                     f"{split}_ppl": metrics["ppl"],
                     f"{split}_bpc": metrics["bpc"],
                     f"{split}_rel_residual": metrics["rel_residual"],
-                    f"{split}_nstep": nstep / max(batches, 1),
+                    f"{split}_nstep": metrics["nstep"],
                 }
             )
     return result
@@ -305,7 +303,8 @@ def add_relative_times(results: list[dict[str, Any]]) -> None:
 def format_table(results: list[dict[str, Any]]) -> str:
     """The Markdown table."""
     lines = [
-        "| model | valid ppl | valid bpc | test ppl | test bpc | s / step | time vs Implicit | speed-up | fwd steps | rho(J) at z* | bwd steps (conv.) |",
+        "| model | valid ppl | valid bpc | test ppl | test bpc | s / step | time vs Implicit | speed-up | fwd steps "
+        "| rho(J) at z* | bwd steps (conv.) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -313,7 +312,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
         bwd = f"{r['backward_nstep']:.1f} ({r['backward_converged']:.0%})" if "backward_nstep" in r else "-"
         lines.append(
             f"| {r['row']} | {r['valid_ppl']:.3f} | {r['valid_bpc']:.3f} | {r['test_ppl']:.3f} | {r['test_bpc']:.3f} | "
-            f"{r['seconds_per_step']:.3f} | {rel:.2f}x | {1 / rel:.2f}x | {r['forward_nstep']:.1f} | {r['radius']:.3f} | {bwd} |"
+            f"{r['seconds_per_step']:.3f} | {rel:.2f}x | {1 / rel:.2f}x | {r['forward_nstep']:.1f} | "
+            f"{r['radius']:.3f} | {bwd} |"
         )
     return "\n".join(lines)
 

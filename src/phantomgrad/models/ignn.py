@@ -84,8 +84,10 @@ def project_rows_l1(w: Tensor, radius: float) -> Tensor:
         raise ValueError(f"w must be a matrix, got shape {tuple(w.shape)}")
     a = w.abs()
     outside = a.sum(dim=1) > radius
-    if not bool(outside.any()):
+    if w.numel() == 0:
         return w.clone()
+    # No early return when every row is inside: asking would be a host sync on every optimiser step; rows
+    # inside keep w exactly (torch.where), and count >= 1 on every row since u_1 > u_1 - radius.
     u = a.sort(dim=1, descending=True).values
     excess = u.cumsum(dim=1) - radius
     j = torch.arange(1, w.shape[1] + 1, device=w.device, dtype=w.dtype)

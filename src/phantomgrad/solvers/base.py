@@ -24,8 +24,10 @@ def _check_damping(name: str, value: float) -> float:
 
 
 def _check_check_every(value: Any) -> int | None | Literal["auto"]:
-    if value is None or value == "auto" and isinstance(value, str):
-        return value
+    if value is None:
+        return None
+    if isinstance(value, str) and value == "auto":
+        return "auto"
     return positive_int("check_every (steps between the host's convergence checks; None never checks)", value)
 
 
@@ -34,7 +36,8 @@ def default_check_every(device: torch.device) -> int | None:
 
     On a CPU, reading a count back costs no more than the few reductions it needs (the
     "device" is the host) while every step saved by stopping early saves a whole evaluation of
-    F, so the host checks after every step (BENCHMARKS.md has the CPU measurement). On CUDA (and other accelerators) a check is a host sync that drains the launch
+    F, so the host checks after every step (BENCHMARKS.md has the CPU measurement). On CUDA
+    (and other accelerators) a check is a host sync that drains the launch
     queue, and a small F is launch-bound; without checks the solve never waits for the host
     and can be captured in a CUDA graph or compiled with ``fullgraph=True``, at the price of
     always running ``max_iter`` steps (converged samples are frozen, so the result is the
@@ -87,6 +90,17 @@ class SolverInfo:
             "nonfinite": int(self.nonfinite.sum()),
             "fallback": int(self.fallback.sum()),
         }
+
+
+def check_start_and_keep(z0: Tensor, keep: Sequence[int], limit: int, runs: str, bound: str) -> tuple[int, ...]:
+    """The kept steps as a tuple; a one-line error for a start that is not (batch, dim) or a kept
+    step past ``limit`` (``runs`` says how many steps the solve runs, ``bound`` names the limit)."""
+    if z0.dim() != 2:
+        raise ValueError(f"solvers work on flat states of shape (batch, dim), got shape {tuple(z0.shape)}")
+    steps = tuple(positive_int("keep (a step number)", t) for t in keep)
+    if any(t > limit for t in steps):
+        raise ValueError(f"keep asks for the state after step {max(steps)}, but {runs}; ask for steps <= {bound}")
+    return steps
 
 
 def residual_norms(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -276,14 +290,9 @@ class Solver(abc.ABC):
                 ``info.inverse_jacobian`` (Broyden only; others leave it None). It holds the
                 solver's history buffers, so memory is freed only when the info is.
         """
-        if z0.dim() != 2:
-            raise ValueError(f"solvers work on flat states of shape (batch, dim), got shape {tuple(z0.shape)}")
-        keep = tuple(positive_int("keep (a step number)", t) for t in keep)
-        if any(t > self.max_iter for t in keep):
-            raise ValueError(
-                f"keep asks for the state after step {max(keep)}, but the solve runs at most "
-                f"max_iter={self.max_iter} steps; ask for steps <= max_iter"
-            )
+        keep = check_start_and_keep(
+            z0, keep, self.max_iter, f"the solve runs at most max_iter={self.max_iter} steps", "max_iter"
+        )
         check_every = default_check_every(z0.device) if self.check_every == "auto" else self.check_every
         tracker = _Tracker(z0, self.tol, self.stop, self.trace, check_every, keep, self.max_iter)
         fallback = torch.zeros(z0.shape[0], dtype=torch.bool, device=z0.device)

@@ -164,7 +164,7 @@ class Broyden(Solver):
             s = torch.where(tracker.active[:, None], s, 0.0)
         if tracker.keeping_now:
             tracker.keep_state(z + s)
-        for n in range(1, self.max_iter):
+        for _ in range(1, self.max_iter):
             if not tracker.any_active:
                 break
             # Samples that stopped are frozen by masks unless the host knows every sample iterates.

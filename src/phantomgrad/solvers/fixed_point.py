@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._checks import boolean, positive_int
-from .base import CheckEvery, FlatFn, Solver, SolverInfo, _check_damping, residual_norms
+from .base import CheckEvery, FlatFn, Solver, SolverInfo, _check_damping, check_start_and_keep, residual_norms
 
 
 class FixedPoint(Solver):
@@ -84,14 +84,7 @@ class Unrolled(Solver):
     ) -> tuple[Tensor, SolverInfo]:
         """``depth`` evaluations of F from ``z0``; ``keep`` returns z_t for each requested t (as
         :meth:`Solver.solve`); there is no inverse-Jacobian estimate (``keep_inverse`` is ignored)."""
-        if z0.dim() != 2:
-            raise ValueError(f"solvers work on flat states of shape (batch, dim), got shape {tuple(z0.shape)}")
-        keep = tuple(positive_int("keep (a step number)", t) for t in keep)
-        if any(t > self.depth for t in keep):
-            raise ValueError(
-                f"keep asks for the state after step {max(keep)}, but Unrolled runs depth={self.depth} "
-                "steps; ask for steps <= depth"
-            )
+        keep = check_start_and_keep(z0, keep, self.depth, f"Unrolled runs depth={self.depth} steps", "depth")
         boolean("keep_inverse", keep_inverse)
         trace: list[Tensor] | None = [] if self.trace else None
         states: dict[int, Tensor] = {}

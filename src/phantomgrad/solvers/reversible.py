@@ -93,7 +93,9 @@ class _Inputs(TorchFunctionMode):
 def _graph_counter() -> int:
     """The sequence number the next autograd node will get, less one (numbers grow per thread)."""
     with torch.enable_grad():
-        return (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr()
+        node = (torch.zeros((), requires_grad=True) * 1).grad_fn
+        assert node is not None  # a product with a tensor that requires grad always records a node
+        return node._sequence_nr()
 
 
 def _check_complete(out: Tensor, start: Tensor, inputs: list[Tensor], before: int) -> None:

@@ -50,10 +50,9 @@ def build_fallback_solver(cfg: TrainConfig) -> pg.Solver | None:
     """A damped, patient solver to retry a forward solve that produced non-finite values."""
     if cfg.fallback_solver is None:
         return None
-    if cfg.fallback_solver == "fixed_point":
-        return pg.FixedPoint(damping=0.5, max_iter=2 * cfg.solver_max_iter, tol=cfg.solver_tol, stop=cfg.solver_stop)
+    damped = {"damping": 0.5} if cfg.fallback_solver == "fixed_point" else {}
     return pg.make_solver(
-        cfg.fallback_solver, max_iter=2 * cfg.solver_max_iter, tol=cfg.solver_tol, stop=cfg.solver_stop
+        cfg.fallback_solver, **damped, max_iter=2 * cfg.solver_max_iter, tol=cfg.solver_tol, stop=cfg.solver_stop
     )
 
 

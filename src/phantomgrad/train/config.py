@@ -246,7 +246,11 @@ def describe_keys() -> str:
     choices it allows, generated from the fields (the text of ``phantomgrad train --help``)."""
     lines = []
     for f in dataclasses.fields(TrainConfig):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            assert f.default_factory is not dataclasses.MISSING  # every key has a default
+            default = f.default_factory()
         meta = f.metadata
         text = f"  {f.name} ({_type_name(f.name)}, default {_yaml_value(default)}): {meta['help']}"
         if meta.get("within") is not None:

@@ -21,14 +21,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import builders, registry
 from .config import ConfigError, TrainConfig
-from .tasks import StepResult, Task, mean_loss_accuracy
+from .tasks import StepResult, Task, classification_step, mean_loss_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def build_graph_task(cfg: TrainConfig) -> Task:
     return _tu_task(cfg, arch)
 
 
-def _model(cfg: TrainConfig, arch, in_features: int, num_classes: int, level: str, rho: float):
+def _model(cfg: TrainConfig, arch, in_features: int, num_classes: int, level: Literal["graph", "node"], rho: float):
     from phantomgrad.models.ignn import IGNN
 
     return IGNN(
@@ -162,9 +163,7 @@ def _tu_task(cfg: TrainConfig, arch) -> Task:
     def step(model, batch, device, global_step: int | None) -> StepResult:
         x, adj, node_graph, y = (t.to(device) for t in batch)
         logits, info = model(x, adj, node_graph, num_graphs=len(y))
-        loss = F.cross_entropy(logits, y)
-        correct = float((logits.argmax(1) == y).sum())
-        return StepResult(loss, {"loss": float(loss.detach()) * len(y), "correct": correct}, len(y), info)
+        return classification_step(F.cross_entropy(logits, y), logits, y, info)
 
     return Task(
         "graph",
@@ -236,17 +235,18 @@ def _chains_task(cfg: TrainConfig, arch) -> Task:
         rho,
     )
     on_device: dict[torch.device, tuple] = {}
+    splits_on_device: dict[tuple[torch.device, str], Tensor] = {}
 
     def step(model, split: str, device, global_step: int | None) -> StepResult:
         if device not in on_device:
             on_device[device] = (data.x.to(device), adj.to(device), data.y.to(device))
         x, a, y = on_device[device]
-        idx = getattr(data, f"{split}_idx").to(device)
+        if (device, split) not in splits_on_device:  # copied once: a copy from the host may wait for the device
+            splits_on_device[device, split] = getattr(data, f"{split}_idx").to(device)
+        idx = splits_on_device[device, split]
         logits, info = model(x, a)
         logits, target = logits[idx], y[idx]
-        loss = F.cross_entropy(logits, target)
-        correct = float((logits.argmax(1) == target).sum())
-        return StepResult(loss, {"loss": float(loss.detach()) * len(idx), "correct": correct}, len(idx), info)
+        return classification_step(F.cross_entropy(logits, target), logits, target, info)
 
     return Task(
         "graph",

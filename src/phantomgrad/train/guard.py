@@ -25,7 +25,7 @@ and a bad one drops the state it created.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -86,13 +86,18 @@ class StepGuard:
             v for p in stepped for v in self.optimizer.state.get(p, {}).values() if isinstance(v, Tensor)
         ]
         with torch.no_grad():
-            saved = torch._foreach_mul(tensors, 1.0) if tensors else []  # one multi-tensor kernel: exact copies
+            saved = torch._foreach_mul(tensors, 1.0) if tensors else ()  # one multi-tensor kernel: exact copies
         apply()
         with torch.no_grad():
             return self._settle(code, stepped, new, tensors, saved)
 
     def _settle(
-        self, code: Tensor, stepped: list[Tensor], new: list[Tensor], tensors: list[Tensor], saved: list[Tensor]
+        self,
+        code: Tensor,
+        stepped: Sequence[Tensor],
+        new: Sequence[Tensor],
+        tensors: list[Tensor],
+        saved: tuple[Tensor, ...],
     ) -> Tensor:
         if stepped:  # max |p| is NaN or inf when any entry is
             largest = torch.stack(torch._foreach_norm([p.detach() for p in stepped], float("inf"))).max()

@@ -9,7 +9,7 @@ from torch.utils.data import Subset
 from ..swap import pretraining
 from . import builders
 from .config import ConfigError, TrainConfig
-from .tasks import StepResult, Task, mean_loss_accuracy
+from .tasks import StepResult, Task, classification_step, mean_loss_accuracy
 
 
 def build_image_task(cfg: TrainConfig) -> Task:
@@ -31,6 +31,7 @@ def build_image_task(cfg: TrainConfig) -> Task:
     folders = [d for d in (train_set, test_set) if hasattr(d, "unreadable")]  # image folders skip unreadable files
     train_set = _subset(train_set, subsets["train"], "train_subset")
     test_set = _subset(test_set, subsets["test"], "test_subset")
+    assert cfg.model is not None  # TrainConfig resolves an unset model to the task's default
     try:
         model_cfg = MDEQConfig.named(
             cfg.model,
@@ -52,9 +53,7 @@ def build_image_task(cfg: TrainConfig) -> Task:
                 logits, info = model(x)
         else:
             logits, info = model(x)
-        loss = F.cross_entropy(logits, y)
-        correct = float((logits.argmax(1) == y).sum())
-        return StepResult(loss, {"loss": float(loss.detach()) * len(y), "correct": correct}, len(y), info)
+        return classification_step(F.cross_entropy(logits, y), logits, y, info)
 
     def finalize(sums: dict[str, float], count: int) -> dict[str, float]:
         """Loss and accuracy; plus ``unreadable_files`` (both splits' image files that could not be

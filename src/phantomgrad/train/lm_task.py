@@ -41,10 +41,11 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..swap import pretraining
@@ -199,16 +200,17 @@ def build_lm_task(cfg: TrainConfig) -> Task:
     model = DEQTransformer(model_cfg, solver=builders.build_solver(cfg), backward=builders.build_backward(cfg))
     vocab = corpus.vocab_size
 
-    def step(model: DEQTransformer, batch, device: torch.device, global_step: int | None) -> StepResult:
+    def step(model: nn.Module, batch, device: torch.device, global_step: int | None) -> StepResult:
         """One batch of (B, L) inputs and targets; global_step is None in evaluation.
 
         The forward goes through ``model(...)`` (which may be a DistributedDataParallel
-        wrapper); the penalty and the radius use the wrapped model's methods."""
+        wrapper); the penalty and the radius use the wrapped model's methods. The metric sums are
+        device tensors (no host sync; the trainer's Meter reads them once per logging interval),
+        products with the token count formed in float64 as the host floats would be."""
         inp, tgt = batch[0].to(device), batch[1].to(device)
-        training = global_step is not None
-        inner = getattr(model, "module", model)
+        inner = cast(DEQTransformer, getattr(model, "module", model))  # this task's model, maybe DDP-wrapped
         out = None
-        if training and global_step < cfg.pretrain_steps:
+        if global_step is not None and global_step < cfg.pretrain_steps:
             with pretraining(model, cfg.pretrain_depth, cfg.solver_tol, cfg.solver_stop):
                 logits, info = model(inp)
         else:
@@ -216,19 +218,23 @@ def build_lm_task(cfg: TrainConfig) -> Task:
             logits, info = out.logits, out.info
         loss = F.cross_entropy(logits.reshape(-1, vocab), tgt.reshape(-1))
         n = tgt.numel()
-        sums = {"loss": float(loss.detach()) * n, "rel_residual": float(info.rel_residual.float().mean()) * n}
-        if training:  # the same keys on every training step, so every epoch has the same columns
+        sums: dict[str, float | Tensor] = {
+            "loss": loss.detach().double() * n,
+            "rel_residual": info.rel_residual.detach().float().mean().double() * n,
+        }
+        if global_step is not None:  # training: the same keys on every step, so every epoch has the same columns
             sums.update(radius_steps=0.0, spectral_radius=0.0)
             if out is not None and global_step % RADIUS_EVERY == 0:
                 radius = inner.spectral_radius(out, iters=RADIUS_ITERS)
-                sums.update(radius_steps=1.0, spectral_radius=float(radius.mean()))
-        if training and cfg.jac_reg_freq > 0:
+                sums.update(radius_steps=1.0, spectral_radius=radius.detach().mean())
+        if global_step is not None and cfg.jac_reg_freq > 0:
             sums.update(jac_steps=0.0, jac_penalty=0.0)
+            # _draw reads a CPU generator: no device sync
             if out is not None and _draw(cfg.seed, global_step) < cfg.jac_reg_freq:
                 penalty = inner.jacobian_penalty(out)
                 if cfg.jac_reg_weight > 0:
                     loss = loss + cfg.jac_reg_weight * penalty
-                sums.update(jac_steps=1.0, jac_penalty=float(penalty.detach()))
+                sums.update(jac_steps=1.0, jac_penalty=penalty.detach())
         return StepResult(loss, sums, n, info)
 
     log.info(

@@ -146,7 +146,8 @@ class GradientMonitor:
         if not every:
             every = DEFAULT_EVERY
             log.info(
-                "backward=adaptive needs gradient measurements: monitoring every %d steps (set monitor_every to change)",
+                "backward=adaptive needs gradient measurements: monitoring every %d steps "
+                "(set monitor_every to change)",
                 every,
             )
         solver = pg.make_solver(cfg.backward_solver, max_iter=cfg.backward_max_iter, tol=cfg.backward_tol, stop="rel")

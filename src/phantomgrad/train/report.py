@@ -41,6 +41,17 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 METRICS_PLOT = "report_metrics.png"
 FORWARD_PLOT = "report_forward.png"
+# the gradient monitor's columns summarised in the report (mean, min, max, last), in table order
+_QUALITY_KEYS = (
+    "cosine",
+    "cosine_deq",
+    "norm_ratio",
+    "norm_ratio_deq",
+    "spectral_radius",
+    "reference_converged",
+    "scale",
+    "k",
+)
 
 
 def write_report(out_dir: Path, env: dict[str, Any]) -> dict[str, Any] | None:
@@ -110,7 +121,7 @@ def _forward_section(run_dir: Path) -> dict[str, Any] | None:
     per_epoch = hist.get("epochs", {})
     nstep: Counter = Counter()
     residual = [0] * (len(hist["residual_log10_edges"]) + 1)
-    totals = Counter()
+    totals: Counter[str] = Counter()
     for e in per_epoch.values():
         nstep.update({int(k): v for k, v in e["nstep"].items()})
         residual = [a + b for a, b in zip(residual, e["residual"])]
@@ -154,19 +165,7 @@ def _gradient_section(run_dir: Path) -> dict[str, Any] | None:
     return {
         "points": len(trace),
         "every": int(trace[1]["step"] - trace[0]["step"]) if len(trace) > 1 else None,
-        **{
-            key: stats(key)
-            for key in (
-                "cosine",
-                "cosine_deq",
-                "norm_ratio",
-                "norm_ratio_deq",
-                "spectral_radius",
-                "reference_converged",
-                "scale",
-                "k",
-            )
-        },
+        **{key: stats(key) for key in _QUALITY_KEYS},
         "monitor_seconds": seconds,
         "monitor_share": seconds / train_seconds if train_seconds else None,
         "trace": TRACE_FILE,
@@ -200,7 +199,8 @@ def _markdown(report: dict[str, Any], run_dir: Path) -> str:
         acc = summary.get("test_accuracy")
         lines += [
             f"- test accuracy (final epoch, no selection): {acc:.4f}" if acc is not None else "- test accuracy: n/a",
-            f"- epochs {summary.get('epochs')}, optimiser steps {summary.get('steps')}, skipped steps {summary.get('skipped_steps')}",
+            f"- epochs {summary.get('epochs')}, optimiser steps {summary.get('steps')}, "
+            f"skipped steps {summary.get('skipped_steps')}",
             f"- training time {summary.get('train_seconds', math.nan):.1f} s "
             f"(median {summary.get('seconds_per_epoch', math.nan):.1f} s per epoch; "
             f"backward share {summary.get('backward_share', math.nan):.0%})",
@@ -275,7 +275,8 @@ def _markdown(report: dict[str, Any], run_dir: Path) -> str:
             ),
             f"- mean forward steps {_fmt(fwd['nstep_mean'])}; histogram (steps: samples) "
             + ", ".join(f"{k}: {v}" for k, v in fwd["nstep_histogram"].items()),
-            f"- not converged to the solver tolerance: {fwd['not_converged']} samples ({_fmt(fwd['not_converged_share'])})",
+            f"- not converged to the solver tolerance: {fwd['not_converged']} samples "
+            f"({_fmt(fwd['not_converged_share'])})",
             f"- fallback solver used: {fwd['fallback']} samples; non-finite: {fwd['nonfinite']} samples; "
             f"steps skipped by the divergence guard: {report['skipped_steps']}",
             "",
@@ -294,16 +295,7 @@ def _markdown(report: dict[str, Any], run_dir: Path) -> str:
             "| quantity | mean | min | max | last |",
             "|---|---|---|---|---|",
         ]
-        for key in (
-            "cosine",
-            "cosine_deq",
-            "norm_ratio",
-            "norm_ratio_deq",
-            "spectral_radius",
-            "reference_converged",
-            "scale",
-            "k",
-        ):
+        for key in _QUALITY_KEYS:
             s = gq[key]
             if s:
                 lines.append(f"| {key} | {_fmt(s['mean'])} | {_fmt(s['min'])} | {_fmt(s['max'])} | {_fmt(s['last'])} |")

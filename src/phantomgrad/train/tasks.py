@@ -8,7 +8,7 @@ tasks register a builder in :data:`phantomgrad.train.registry.TASKS`: ``build(cf
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -18,12 +18,28 @@ from . import registry
 from .config import TrainConfig
 
 
+class SizedDataset(Protocol):
+    """A map-style dataset: a length and indexing, all the trainer's DataLoaders, samplers and
+    ``Subset`` use (a torch ``Dataset`` with ``__len__``, or a plain list of samples)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
+def as_dataset(data: SizedDataset) -> Dataset:
+    """``data`` as torch's stubs type the input of DataLoader, samplers and Subset: they only index
+    map-style data and take its length, so a plain list of samples serves as well as a Dataset."""
+    return cast(Dataset, data)
+
+
 @dataclass
 class StepResult:
     """One batch: the loss to backpropagate, metric sums over the batch, and the solver info."""
 
     loss: Tensor
-    sums: dict[str, float]  # e.g. {"loss": sum of losses, "correct": n correct}
+    # e.g. {"loss": sum of losses, "correct": n correct}; tensors stay on the device until the Meter reads them
+    sums: dict[str, float | Tensor]
     count: int  # samples (or tokens) the sums run over
     info: Any = None
 
@@ -42,8 +58,8 @@ class Task:
 
     name: str
     model: nn.Module
-    train_set: Dataset
-    eval_sets: dict[str, Dataset]
+    train_set: SizedDataset
+    eval_sets: Mapping[str, SizedDataset]
     step: Callable[[nn.Module, Any, torch.device, int | None], StepResult]
     finalize: Callable[[dict[str, float], int], dict[str, float]]
     collate: Callable | None = None
@@ -60,3 +76,13 @@ def mean_loss_accuracy(sums: dict[str, float], count: int) -> dict[str, float]:
     """Classification metrics from sums of losses and of correct predictions."""
     n = max(count, 1)
     return {"loss": sums.get("loss", 0.0) / n, "accuracy": sums.get("correct", 0.0) / n}
+
+
+def classification_step(loss: Tensor, logits: Tensor, target: Tensor, info: Any) -> StepResult:
+    """The :class:`StepResult` of a classification batch: the summed loss and the count of correct
+    predictions as device tensors (no host sync; the :class:`~phantomgrad.train.meter.Meter`
+    reads them once per logging interval). The loss sum is formed in float64, as the product of
+    the host float ``float(loss) * n`` would be, so the sums do not depend on where they are read."""
+    n = len(target)
+    correct = (logits.argmax(1) == target).sum()
+    return StepResult(loss, {"loss": loss.detach().double() * n, "correct": correct}, n, info)

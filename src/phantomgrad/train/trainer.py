@@ -67,7 +67,7 @@ from .metrics import MetricsWriter
 from .report import write_report
 from .rundir import RunLock, writing
 from .stop import GracefulStop
-from .tasks import build_task
+from .tasks import as_dataset, build_task
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,8 @@ class Trainer:
         self.device = torch.device("cuda", self.dist.local_rank) if device.type == "cuda" else device
         if cfg.batch_size % self.dist.world_size:
             raise ConfigError(
-                f"batch_size={cfg.batch_size} (the global batch) must be divisible by the {self.dist.world_size} processes"
+                f"batch_size={cfg.batch_size} (the global batch) must be divisible by the "
+                f"{self.dist.world_size} processes"
             )
         torch.manual_seed(cfg.seed)
         self.task = build_task(cfg)
@@ -167,7 +168,7 @@ class Trainer:
         batches, and the processes of a distributed run split each global batch; ``start``
         batches of the epoch are left out (a run resumed in the middle of an epoch)."""
         sampler: Any = DistributedSampler(
-            self.task.train_set,
+            as_dataset(self.task.train_set),
             num_replicas=self.dist.world_size,
             rank=self.dist.rank,
             shuffle=True,
@@ -177,7 +178,7 @@ class Trainer:
         if start:
             sampler = list(sampler)[start * self.local_batch :]
         return DataLoader(
-            self.task.train_set, batch_size=self.local_batch, sampler=sampler, collate_fn=self.task.collate
+            as_dataset(self.task.train_set), batch_size=self.local_batch, sampler=sampler, collate_fn=self.task.collate
         )
 
     def _autocast(self) -> Any:
@@ -223,6 +224,11 @@ class Trainer:
             if after_step is not None:
                 after_step()
 
+        # Host syncs on every step: the DEQ layer's own (named in deq.py; none with check_every=None) and the
+        # task's copy of the batch to the device (from the loader's pageable memory a CUDA copy waits for the
+        # queued work; a pinned loader with non_blocking copies would lift it). Rare ones are named where they
+        # are (the guard's first update of a parameter, the monitor's measured steps). The metric sums, the
+        # guard's code and the meter stay on the device until _flush, once per log_every steps.
         for done, batch in enumerate(batches, start + 1):
             t0 = time.perf_counter()
             with self._autocast():
@@ -327,9 +333,10 @@ class Trainer:
         each process takes every world_size-th sample and the sums are reduced."""
         self.net.eval()
         out: dict[str, float] = {}
-        for split, dataset in self.task.eval_sets.items():
+        for split, data in self.task.eval_sets.items():
+            dataset = as_dataset(data)
             if self.dist.enabled:
-                dataset = Subset(dataset, range(self.dist.rank, len(dataset), self.dist.world_size))
+                dataset = Subset(dataset, range(self.dist.rank, len(data), self.dist.world_size))
             meter = Meter()
             for batch in DataLoader(dataset, batch_size=max(self.local_batch, 256), collate_fn=self.task.collate):
                 with self._autocast():
@@ -393,6 +400,7 @@ class Trainer:
                     if epoch
                     else "no checkpoint was written yet"
                 )
+                assert writer is not None  # opened above on the main process
                 with writing(f"out_dir {self.out_dir}", keep):
                     writer.write(row)
                 self._save()
