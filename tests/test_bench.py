@@ -264,9 +264,9 @@ def test_bench_runs_the_deq_transformer_on_token_ids(capsys):
 
 def test_modes_and_solvers_come_from_the_registries(monkeypatch):
     from phantomgrad.backward import UPG
-    from phantomgrad.modes import BACKWARD_MODES
     from phantomgrad.experiments.bench import mode_names, solver_names
     from phantomgrad.experiments.bench.measure import variants_of
+    from phantomgrad.modes import BACKWARD_MODES
     from phantomgrad.solvers import SOLVERS
 
     assert {m.partition("-")[0] for m in MODES} == set(BACKWARD_MODES)

@@ -26,7 +26,7 @@ UNSET = "default"  # check_every not passed: the solver's own default
 BACKWARD_SOLVERS: tuple[str, ...] = ("broyden", "fixed_point")  # the backward solves of the default mode list
 
 
-def _takes(cls: type, name: str) -> bool:
+def takes(cls: type, name: str) -> bool:
     """Whether ``cls(name=...)`` is accepted: declared by its ``__init__`` or, through ``**kwargs``,
     by a base class's."""
     for klass in cls.__mro__:
@@ -42,14 +42,14 @@ def _takes(cls: type, name: str) -> bool:
 
 def solver_names() -> tuple[str, ...]:
     """The registered solvers that iterate to a tolerance (their constructor takes ``max_iter`` and ``tol``)."""
-    return tuple(n for n, cls in SOLVERS.items() if _takes(cls, "max_iter") and _takes(cls, "tol"))
+    return tuple(n for n, cls in SOLVERS.items() if takes(cls, "max_iter") and takes(cls, "tol"))
 
 
 def mode_names(backward_solvers: tuple[str, ...] = BACKWARD_SOLVERS) -> tuple[str, ...]:
     """Every bench mode, in registry order."""
     names: list[str] = []
     for name, cls in BACKWARD_MODES.items():
-        if _takes(cls, "solver"):
+        if takes(cls, "solver"):
             names += [f"{name}-{s}" for s in backward_solvers]
         else:
             names.append(name)
@@ -68,8 +68,8 @@ def check_mode(mode: str) -> None:
     cls = BACKWARD_MODES.get(name)
     if cls is None:
         raise ValueError(f"unknown backward mode {mode!r}; choose from {list(mode_names())}")
-    if _takes(cls, "solver") != (solver is not None) or (solver is not None and solver not in solver_names()):
-        hint = [f"{name}-{s}" for s in solver_names()] if _takes(cls, "solver") else [name]
+    if takes(cls, "solver") != (solver is not None) or (solver is not None and solver not in solver_names()):
+        hint = [f"{name}-{s}" for s in solver_names()] if takes(cls, "solver") else [name]
         raise ValueError(f"unknown backward mode {mode!r}; write it as one of {hint}")
 
 
@@ -115,9 +115,9 @@ def make_solver(
         "memory": cfg.broyden_memory or max_iter,
         "m": cfg.anderson_m,
     }
-    kwargs = {key: val for key, val in options.items() if _takes(cls, key)}
+    kwargs = {key: val for key, val in options.items() if takes(cls, key)}
     if check_every != UNSET:
-        if not _takes(cls, "check_every"):
+        if not takes(cls, "check_every"):
             raise ValueError(f"solver {name!r} has no check_every option in this version of phantomgrad")
         kwargs["check_every"] = check_every
     return cls(**kwargs)
@@ -143,7 +143,7 @@ def backward_mode(cfg: BenchConfig, v: Variant) -> pg.BackwardMode:
     name, solver = split_mode(v.mode)
     cls = BACKWARD_MODES[name]
     options: dict[str, Any] = {"k": v.k, "damping": v.damping}
-    kwargs = {key: val for key, val in options.items() if _takes(cls, key)}
+    kwargs = {key: val for key, val in options.items() if takes(cls, key)}
     if solver is not None:
         kwargs["solver"] = make_solver(cfg, solver, v.backward_iter, cfg.backward_tol, "rel", v.check_every)
     return cls(**kwargs)
@@ -205,6 +205,7 @@ def floor_vjps(mode: pg.BackwardMode, k: int, vjps: int | None) -> tuple[float, 
 
 __all__ = [
     "UNSET",
+    "takes",
     "Variant",
     "variant",
     "solver_names",
