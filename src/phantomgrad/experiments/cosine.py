@@ -284,6 +284,7 @@ class MethodsConfig:
     in_dim: int = 32  # synthetic: input size
     lipschitz: float = 0.9  # synthetic: ||W||_2
     solver: str = "broyden"  # the forward solver of every method (a mode that refuses it gets one it accepts)
+    # Broyden keeps as many updates as it takes steps (TorchDEQ's default, as in the bench)
     solver_iter: int = 30
     solver_tol: float = 1e-6
     k: int = 5  # UPG, NPG, AdaptivePhantom (its starting k)
@@ -318,7 +319,7 @@ def methods() -> list[Method]:
 
 def _build_solver(cfg: MethodsConfig, name: str, max_iter: int, tol: float) -> pg.Solver:
     cls = SOLVERS[name]
-    options = {"max_iter": max_iter, "tol": tol, "stop": "rel", "beta": cfg.beta}
+    options = {"max_iter": max_iter, "tol": tol, "stop": "rel", "beta": cfg.beta, "memory": max_iter}
     return cls(**{key: val for key, val in options.items() if takes(cls, key)})
 
 
@@ -521,6 +522,7 @@ def compare_methods(cfg: MethodsConfig) -> dict:
                 row[key] = sum(r[key] for r in runs) / len(runs)
             row["forward_converged"] = all(r["forward_converged"] for r in runs)
             row["forward_rel_residual"] = max(r["forward_rel_residual"] for r in runs)
+            row["trials"] = [{k: r[k] for k in ("cosine", "rel_error", "forward_rel_residual")} for r in runs]
             rows.append(row)
     return {"config": asdict(cfg), "reference": reference, "rows": rows}
 
