@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import logging
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -411,22 +413,42 @@ def _tensors(obj: object) -> list[torch.Tensor]:
 class SavedBytes:
     """Bytes of the tensors autograd saves for backward inside the ``with`` block
     (``torch.autograd.graph.saved_tensors_hooks``), each storage counted once, leaving out
-    the storages of ``existing`` tensors (parameters, the injection: kept anyway)."""
+    the storages of ``existing`` tensors (parameters, the injection: kept anyway).
+
+    ``total`` counts every tensor saved, ``retained`` only those still alive when read (a graph
+    built and dropped inside the block, such as a probe evaluation, no longer holds its tensors)."""
 
     def __init__(self, existing: list[torch.Tensor]):
         self.skip = {t.untyped_storage().data_ptr() for t in existing}
         self.storages: dict[int, int] = {}
+        self.refs: dict[int, list[weakref.ref]] = {}
+        self.dropped = 0  # bytes of saved storages freed since (their address may be reused)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in self.skip:
-            self.storages[storage.data_ptr()] = storage.nbytes()
-        return t
+        ptr = storage.data_ptr()
+        if ptr not in self.skip:
+            if ptr in self.refs and all(r() is None for r in self.refs[ptr]):  # a new storage at a freed address
+                self.dropped += self.storages[ptr]
+                self.refs[ptr] = []
+            self.storages[ptr] = storage.nbytes()
+        # the graph keeps what the hook returns: a detached alias, as the tensor itself (an output of
+        # the node that saves it) would make a cycle through C++ that outlives the graph
+        saved = t.detach()
+        if ptr not in self.skip:
+            self.refs.setdefault(ptr, []).append(weakref.ref(saved))
+        return saved
 
     @property
     def total(self) -> int:
-        return sum(self.storages.values())
+        return self.dropped + sum(self.storages.values())
+
+    @property
+    def retained(self) -> int:
+        gc.collect()  # a saved output and its graph form a reference cycle
+        alive = [ptr for ptr, refs in self.refs.items() if any(r() is not None for r in refs)]
+        return sum(self.storages[ptr] for ptr in alive)
 
     def __enter__(self) -> SavedBytes:
         self._hooks.__enter__()
@@ -438,7 +460,8 @@ class SavedBytes:
 
 def _step(task: _Task, solver: pg.Solver, mode: pg.BackwardMode, seed: int, counter: FCounter | None = None):
     """One forward and backward of the task under (solver, mode); returns (grad of F's params,
-    bytes saved for backward by the DEQ layer, bytes of an inverse-Jacobian estimate kept for it, info)."""
+    (bytes saved for backward by the DEQ layer, of which still held when it returns), bytes of an
+    inverse-Jacobian estimate kept for the backward, info)."""
     mode.check_solver(solver)
     task.deq.solver, task.deq.backward_mode = solver, mode
     task.block.zero_grad()
@@ -447,6 +470,7 @@ def _step(task: _Task, solver: pg.Solver, mode: pg.BackwardMode, seed: int, coun
     params = [p for p in task.block.parameters() if p.requires_grad]
     with SavedBytes(params + _tensors(u) + _tensors(z0)) as saved:
         z, info = task.deq(u, z0)
+    saved_bytes = (saved.total, saved.retained)
     held = 0
     if mode.needs_inverse_jacobian and info.inverse_jacobian is not None:  # held by the backward's closure
         held = sum(t.untyped_storage().nbytes() for t in vars(info.inverse_jacobian).values() if torch.is_tensor(t))
@@ -455,7 +479,7 @@ def _step(task: _Task, solver: pg.Solver, mode: pg.BackwardMode, seed: int, coun
     task.loss(z).backward()
     grad = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params]).double()
     task.block.zero_grad()
-    return grad, saved.total, held, info
+    return grad, saved_bytes, held, info
 
 
 def compare_methods(cfg: MethodsConfig) -> dict:
@@ -506,7 +530,8 @@ def compare_methods(cfg: MethodsConfig) -> dict:
                         "f_forward": counter.calls.get("forward", 0),
                         "f_backward": counter.calls.get("backward", 0),
                         "vjp_backward": counter.vjp,
-                        "saved_bytes": saved,
+                        "saved_bytes": saved[0],
+                        "retained_bytes": saved[1],
                         "held_bytes": held,
                         "forward_converged": bool(info.converged.all()),
                         "forward_rel_residual": float(info.rel_residual.max()),
@@ -518,7 +543,7 @@ def compare_methods(cfg: MethodsConfig) -> dict:
             cos = [r["cosine"] for r in runs]
             row.update(cosine_mean=sum(cos) / len(cos), cosine_min=min(cos))
             row["rel_error_max"] = max(r["rel_error"] for r in runs)
-            for key in ("f_forward", "f_backward", "vjp_backward", "saved_bytes", "held_bytes"):
+            for key in ("f_forward", "f_backward", "vjp_backward", "saved_bytes", "retained_bytes", "held_bytes"):
                 row[key] = sum(r[key] for r in runs) / len(runs)
             row["forward_converged"] = all(r["forward_converged"] for r in runs)
             row["forward_rel_residual"] = max(r["forward_rel_residual"] for r in runs)
@@ -531,11 +556,11 @@ def format_methods(result: dict) -> str:
     """The comparison as a Markdown table (means over the trials; counts per training step)."""
     lines = [
         "| model | method | cosine (mean / min) | max rel. error | forward residual | F evals fwd | F evals bwd "
-        "| VJPs bwd | saved for backward (KiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| VJPs bwd | saved for backward (KiB) | still held after forward (KiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        kib = f"{r['saved_bytes'] / 1024:.1f}"
+        kib = f"{r['saved_bytes'] / 1024:.1f} | {r['retained_bytes'] / 1024:.1f}"
         if r["held_bytes"]:
             kib += f" + {r['held_bytes'] / 1024:.1f} estimate"
         lines.append(
