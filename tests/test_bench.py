@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from phantomgrad.experiments.bench import (
     Runner,
     build_problem,
     measure_memory,
+    solver_names,
     variant,
 )
 
@@ -79,7 +81,7 @@ def test_bench_command_writes_tables_plot_and_json(tmp_path, capsys):
         assert -1.0 <= r["cosine"] <= 1.0 + 1e-9
     implicit = next(r for r in res["rows"] if r["mode"] == "implicit-broyden")
     assert implicit["cosine"] > 0.999  # the same gradient as the tightly solved reference
-    assert {s["solver"] for s in res["solvers"]} == {"fixed_point", "anderson", "broyden"}
+    assert {s["solver"] for s in res["solvers"]} == set(solver_names())  # every registered solver that iterates
     assert [(r["mode"], r["k"]) for r in res["sweep_k"]] == [("upg", 1), ("npg", 1), ("upg", 2), ("npg", 2)]
     assert len(res["sweep_K"]) == 6
     assert set(res["floors"]) >= {"f_ms", "vjp_state_ms", "vjp_full_ms"}
@@ -264,12 +266,12 @@ def test_bench_runs_the_deq_transformer_on_token_ids(capsys):
 
 def test_modes_and_solvers_come_from_the_registries(monkeypatch):
     from phantomgrad.backward import UPG
-    from phantomgrad.modes import BACKWARD_MODES
     from phantomgrad.experiments.bench import mode_names, solver_names
     from phantomgrad.experiments.bench.measure import variants_of
+    from phantomgrad.modes import BACKWARD_MODES
     from phantomgrad.solvers import SOLVERS
 
-    assert {m.partition("-")[0] for m in MODES} == set(BACKWARD_MODES)
+    assert {m.partition("@")[0].partition("-")[0] for m in MODES} == set(BACKWARD_MODES)
     assert set(solver_names()) <= set(SOLVERS) and {"fixed_point", "anderson", "broyden"} <= set(solver_names())
 
     class Halfway(UPG):  # a new mode: one class and one registry entry
@@ -361,6 +363,9 @@ def test_a_mode_the_bench_cannot_build_gets_an_na_row(monkeypatch, tmp_path):
         def __init__(self, table):
             self.table = table
 
+        def attach(self, fn, z_star, info):
+            return z_star
+
     monkeypatch.setitem(BACKWARD_MODES, "needs_data", NeedsData)
     code = main(
         TINY_SYNTHETIC
@@ -382,3 +387,35 @@ def test_a_mode_the_bench_cannot_build_gets_an_na_row(monkeypatch, tmp_path):
     rows = json.loads((tmp_path / "n.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["JFB", "needs_data"]
     assert "table" in rows[1]["na"] and "na" not in rows[0]
+
+
+def test_every_method_has_a_row_shine_with_broyden_and_reversible_with_backprop():
+    from phantomgrad.experiments.bench.torchdeq import unsupported
+    from phantomgrad.modes import BACKWARD_MODES
+
+    assert "shine" in MODES and "backprop@reversible" in MODES
+    assert {m.partition("@")[0].partition("-")[0] for m in MODES} == set(BACKWARD_MODES)
+    cfg = BenchConfig(model="synthetic", solver="anderson")
+    shine = variant(cfg, "shine")
+    assert shine.solver == "broyden" and "broyden forward" in shine.label  # never silently Anderson
+    assert variant(cfg, "upg").solver is None  # a mode that accepts the run's solver keeps it
+    rev = variant(cfg, "backprop@reversible")
+    assert rev.solver == "reversible" and "reversible forward" in rev.label
+    assert "SHINE" in unsupported(cfg, replace(shine, lib="torchdeq"))
+    assert "reversible" in unsupported(cfg, replace(rev, lib="torchdeq"))
+
+
+def test_shine_asked_to_run_with_anderson_is_refused_not_run():
+    cfg = BenchConfig(model="synthetic", dim=8, batch=4, modes=("shine@anderson",), repeats=1, warmup=0)
+    runner = Runner(cfg, build_problem(cfg))
+    with pytest.raises(ValueError, match="Broyden"):
+        runner.probe(variant(cfg, "shine@anderson"))
+
+
+def test_shine_and_reversible_rows_measure_their_own_solver():
+    cfg, runner = _runner(model="synthetic", dim=8, batch=4, solver="anderson", solver_iter=20, dtype="float64")
+    solver, mode = runner.solver_and_mode(variant(cfg, "shine"))
+    assert type(solver).__name__ == "Broyden" and type(mode).__name__ == "SHINE"
+    counts, grad = runner.probe(variant(cfg, "backprop@reversible"))
+    assert counts["f_forward"] > 0 and counts["f_backward_calls"] > 0  # the reversal evaluates F again
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

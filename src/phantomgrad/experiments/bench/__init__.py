@@ -6,7 +6,9 @@ CIFAR size, or a DEQ transformer language model on random tokens) and one forwar
 solver shared by every mode:
 
 * per backward mode (every mode of ``phantomgrad.modes.BACKWARD_MODES``; a mode with a
-  backward solve, as Implicit, once per backward solver, Broyden and fixed point): the
+  backward solve, as Implicit, once per backward solver, Broyden and fixed point; a mode that
+  refuses the run's forward solver, as SHINE all but Broyden, with the first solver it accepts,
+  named in its row; and ``backprop@reversible``, Backprop through the reversible solver): the
   forward, the backward and the whole training step (stem -> DEQ -> head -> cross-entropy
   -> backward -> SGD step), and inside them the DEQ layer's own forward and backward (timed
   with autograd hooks on the layer's output and on the injection, so the head's and stem's

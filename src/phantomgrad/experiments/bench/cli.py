@@ -56,7 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="host-check interval of phantomgrad's solvers: an integer, 'none' (never: every solve runs its "
         "max_iter steps without a host sync) or 'default' (the solver's own; default %(default)s)",
     )
-    arg("--modes", default=",".join(d.modes), help="comma-separated backward modes (default all: %(default)s)")
+    arg(
+        "--modes",
+        default=",".join(d.modes),
+        help="comma-separated backward modes, <mode>[-<backward solver>][@<forward solver>] (default all: %(default)s)",
+    )
     arg("--k", type=int, default=d.k, help="UPG/NPG steps (default %(default)s)")
     arg("--damping", type=float, default=d.damping, help="UPG/NPG lambda (default %(default)s)")
     arg(

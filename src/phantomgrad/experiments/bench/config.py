@@ -45,6 +45,7 @@ class BenchConfig:
     stop: str = "rel"
     broyden_memory: int | None = None  # None: as many slots as steps, TorchDEQ's default
     anderson_m: int = 5
+    reversible_beta: float = 0.5  # the reversible solver's relaxation (the backprop@reversible row)
     check_every: int | str | None = UNSET  # every phantomgrad solve's host-check interval; "default": not passed
     modes: tuple[str, ...] = MODES
     k: int = 5

@@ -101,7 +101,7 @@ def _time_rounds(runner: Runner, variants: list[Variant], repeats: int, warmup: 
 
 
 def _describe(v: Variant) -> dict[str, Any]:
-    keys = ("k", "damping", "backward_iter", "solver_iter", "check_every", "compiled")
+    keys = ("k", "damping", "backward_iter", "solver_iter", "check_every", "compiled", "solver")
     return {"lib": v.lib, "mode": v.mode, "label": v.label, **{k: getattr(v, k) for k in keys}}
 
 

@@ -4,8 +4,13 @@ The backward modes are :data:`phantomgrad.modes.BACKWARD_MODES` and the solvers
 :data:`phantomgrad.solvers.SOLVERS`; nothing here lists their names. A mode whose class
 takes a ``solver`` (a backward solve, as ``Implicit``) gives one bench mode per backward
 solver, named ``<mode>-<solver>`` (``implicit-broyden``, ``implicit-fixed_point``); every
-other mode gives one bench mode named as in the registry. Objects are built from the bench's
-options by keyword, passing only the keywords a class's constructor takes.
+other mode gives one bench mode named as in the registry. ``<mode>@<solver>`` runs a mode with
+another forward solver than the run's: :data:`PAIRED` lists the pairs measured by default
+(``backprop@reversible``: RevDEQ's exact gradient with memory independent of the steps). A mode
+whose ``check_solver`` refuses the run's forward solver (SHINE needs Broyden's inverse-Jacobian
+estimate) gets the first registered solver it accepts, and its row is labelled with that solver:
+no mode is silently run with a solver it refuses. Objects are built from the bench's options by
+keyword, passing only the keywords a class's constructor takes.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ if TYPE_CHECKING:
 
 UNSET = "default"  # check_every not passed: the solver's own default
 BACKWARD_SOLVERS: tuple[str, ...] = ("broyden", "fixed_point")  # the backward solves of the default mode list
+PAIRED: tuple[str, ...] = ("backprop@reversible",)  # modes measured with their own forward solver too
 
 
-def _takes(cls: type, name: str) -> bool:
+def takes(cls: type, name: str) -> bool:
     """Whether ``cls(name=...)`` is accepted: declared by its ``__init__`` or, through ``**kwargs``,
     by a base class's."""
     for klass in cls.__mro__:
@@ -42,24 +48,31 @@ def _takes(cls: type, name: str) -> bool:
 
 def solver_names() -> tuple[str, ...]:
     """The registered solvers that iterate to a tolerance (their constructor takes ``max_iter`` and ``tol``)."""
-    return tuple(n for n, cls in SOLVERS.items() if _takes(cls, "max_iter") and _takes(cls, "tol"))
+    return tuple(n for n, cls in SOLVERS.items() if takes(cls, "max_iter") and takes(cls, "tol"))
 
 
 def mode_names(backward_solvers: tuple[str, ...] = BACKWARD_SOLVERS) -> tuple[str, ...]:
     """Every bench mode, in registry order."""
     names: list[str] = []
     for name, cls in BACKWARD_MODES.items():
-        if _takes(cls, "solver"):
+        if takes(cls, "solver"):
             names += [f"{name}-{s}" for s in backward_solvers]
         else:
             names.append(name)
-    return tuple(names)
+    paired = [m for m in PAIRED if split_mode(m)[0] in BACKWARD_MODES and forward_name(m) in SOLVERS]
+    return tuple(names + paired)
 
 
 def split_mode(mode: str) -> tuple[str, str | None]:
-    """``"implicit-broyden"`` -> ``("implicit", "broyden")``; ``"upg"`` -> ``("upg", None)``."""
-    name, _, solver = mode.partition("-")
+    """``"implicit-broyden"`` -> ``("implicit", "broyden")``; ``"upg"`` -> ``("upg", None)``;
+    a forward solver (``"backprop@reversible"``) is left out (see :func:`forward_name`)."""
+    name, _, solver = mode.partition("@")[0].partition("-")
     return name, solver or None
+
+
+def forward_name(mode: str) -> str | None:
+    """The forward solver a bench mode names: ``"backprop@reversible"`` -> ``"reversible"``, else None."""
+    return mode.partition("@")[2] or None
 
 
 def check_mode(mode: str) -> None:
@@ -68,8 +81,11 @@ def check_mode(mode: str) -> None:
     cls = BACKWARD_MODES.get(name)
     if cls is None:
         raise ValueError(f"unknown backward mode {mode!r}; choose from {list(mode_names())}")
-    if _takes(cls, "solver") != (solver is not None) or (solver is not None and solver not in solver_names()):
-        hint = [f"{name}-{s}" for s in solver_names()] if _takes(cls, "solver") else [name]
+    forward = forward_name(mode)
+    if forward is not None and forward not in solver_names():
+        raise ValueError(f"unknown forward solver in {mode!r}; write <mode>@<one of {list(solver_names())}>")
+    if takes(cls, "solver") != (solver is not None) or (solver is not None and solver not in solver_names()):
+        hint = [f"{name}-{s}" for s in solver_names()] if takes(cls, "solver") else [name]
         raise ValueError(f"unknown backward mode {mode!r}; write it as one of {hint}")
 
 
@@ -90,6 +106,7 @@ class Variant:
     solver_iter: int
     check_every: int | str | None = UNSET
     compiled: bool = False
+    solver: str | None = None  # the forward solver; None: the run's
 
     @property
     def label(self) -> str:
@@ -97,9 +114,29 @@ class Variant:
 
 
 def variant(cfg: BenchConfig, mode: str, lib: str = "phantomgrad", **over: Any) -> Variant:
-    """The variant of ``mode`` with the run's settings, some of them replaced by ``over``."""
+    """The variant of ``mode`` with the run's settings, some of them replaced by ``over``. Its forward
+    solver is the one ``mode`` names (``@solver``), else the run's if the mode accepts it, else the
+    first registered solver the mode accepts (SHINE: Broyden)."""
     v = Variant(lib, mode, cfg.k, cfg.damping, cfg.backward_iter, cfg.solver_iter, cfg.check_every)
-    return replace(v, **over)
+    v = replace(v, **over)
+    if v.solver is None:
+        v = replace(v, solver=forward_name(mode) or _accepted_solver(cfg, v))
+    return v
+
+
+def _accepted_solver(cfg: BenchConfig, v: Variant) -> str | None:
+    """None when the mode of ``v`` accepts the run's solver, else the first registered one it accepts."""
+    try:
+        mode = backward_mode(cfg, v)
+    except (TypeError, ValueError):  # the row will say why
+        return None
+    for name in (cfg.solver, *solver_names()):
+        try:
+            mode.check_solver(make_solver(cfg, name, v.solver_iter, cfg.solver_tol, cfg.stop))
+        except ValueError:
+            continue
+        return None if name == cfg.solver else name
+    return None
 
 
 def make_solver(
@@ -114,10 +151,11 @@ def make_solver(
         "stop": stop,
         "memory": cfg.broyden_memory or max_iter,
         "m": cfg.anderson_m,
+        "beta": cfg.reversible_beta,
     }
-    kwargs = {key: val for key, val in options.items() if _takes(cls, key)}
+    kwargs = {key: val for key, val in options.items() if takes(cls, key)}
     if check_every != UNSET:
-        if not _takes(cls, "check_every"):
+        if not takes(cls, "check_every"):
             raise ValueError(f"solver {name!r} has no check_every option in this version of phantomgrad")
         kwargs["check_every"] = check_every
     return cls(**kwargs)
@@ -130,10 +168,11 @@ def forward_solver(
     max_iter: int | None = None,
     tol: float | None = None,
 ) -> pg.Solver:
-    """The forward solver of variant ``v`` (the run's solver, ``v.solver_iter`` steps)."""
+    """The forward solver of variant ``v`` (its own or the run's solver, ``v.solver_iter`` steps)."""
     check_every = v.check_every if v is not None else cfg.check_every
     steps = max_iter or (v.solver_iter if v is not None else cfg.solver_iter)
-    return make_solver(cfg, name or cfg.solver, steps, cfg.solver_tol if tol is None else tol, cfg.stop, check_every)
+    name = name or (v.solver if v is not None else None) or cfg.solver
+    return make_solver(cfg, name, steps, cfg.solver_tol if tol is None else tol, cfg.stop, check_every)
 
 
 def backward_mode(cfg: BenchConfig, v: Variant) -> pg.BackwardMode:
@@ -143,7 +182,7 @@ def backward_mode(cfg: BenchConfig, v: Variant) -> pg.BackwardMode:
     name, solver = split_mode(v.mode)
     cls = BACKWARD_MODES[name]
     options: dict[str, Any] = {"k": v.k, "damping": v.damping}
-    kwargs = {key: val for key, val in options.items() if _takes(cls, key)}
+    kwargs = {key: val for key, val in options.items() if takes(cls, key)}
     if solver is not None:
         kwargs["solver"] = make_solver(cfg, solver, v.backward_iter, cfg.backward_tol, "rel", v.check_every)
     return cls(**kwargs)
@@ -160,6 +199,8 @@ def label(v: Variant) -> str:
     else:
         own = getattr(mode, "label", None)
         text = own() if callable(own) else _default_label(v, mode)
+    if v.solver is not None:
+        text += f", {v.solver} forward"
     if v.compiled:
         text += ", compiled"
     if v.check_every != UNSET:
@@ -205,12 +246,15 @@ def floor_vjps(mode: pg.BackwardMode, k: int, vjps: int | None) -> tuple[float, 
 
 __all__ = [
     "UNSET",
+    "takes",
     "Variant",
     "variant",
     "solver_names",
     "mode_names",
     "check_mode",
     "split_mode",
+    "forward_name",
+    "PAIRED",
     "make_solver",
     "forward_solver",
     "backward_mode",

@@ -50,7 +50,9 @@ class Runner:
     def solver_and_mode(self, v: Variant) -> tuple[pg.Solver, pg.BackwardMode]:
         """Variant v's forward solver and backward mode (built once, reused every step)."""
         if v not in self._pg:
-            self._pg[v] = (forward_solver(self.cfg, v), backward_mode(self.cfg, v))
+            solver, mode = forward_solver(self.cfg, v), backward_mode(self.cfg, v)
+            mode.check_solver(solver)  # e.g. SHINE with another solver than Broyden: refused, never run
+            self._pg[v] = (solver, mode)
         return self._pg[v]
 
     def _deq(self, v: Variant, u: Any, z0: State) -> tuple[State, Any]:

@@ -41,7 +41,7 @@ def import_torchdeq() -> Callable[..., nn.Module]:
 
 def unsupported(cfg: BenchConfig, v: Variant, solver: str | None = None) -> str | None:
     """Why TorchDEQ cannot run variant ``v`` (None when it can)."""
-    solver = solver or cfg.solver
+    solver = solver or v.solver or cfg.solver
     if solver not in SOLVER_NAMES:
         return f"TorchDEQ has no {solver} solver"
     if v.compiled:
@@ -63,7 +63,7 @@ def unsupported(cfg: BenchConfig, v: Variant, solver: str | None = None) -> str 
 def make_torchdeq(cfg: BenchConfig, v: Variant, solver: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """TorchDEQ's DEQ layer for variant ``v``, and the solver kwargs to pass per call."""
     get_deq = import_torchdeq()
-    solver = solver or cfg.solver
+    solver = solver or v.solver or cfg.solver
     reason = unsupported(cfg, v, solver)
     if reason:
         raise ValueError(reason)
