@@ -37,7 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
     "train": ("phantomgrad.train.command", "train an implicit model (default: MDEQ on digits with UPG A_{5,0.5})"),
     "ablate": ("phantomgrad.experiments.ablate", "the paper's Table 1 and Fig. 3 at CPU scale on Fashion-MNIST"),
-    "cosine": ("phantomgrad.experiments.cosine", "the paper's Fig. 1: cosine of UPG/NPG to the exact gradient vs k"),
+    "cosine": (
+        "phantomgrad.experiments.cosine",
+        "the paper's Fig. 1 (cosine of UPG/NPG to the exact gradient vs k) and every gradient method compared",
+    ),
     "bench": (
         "phantomgrad.experiments.bench",
         "time and memory of every backward mode (the paper's Table 2), optionally against TorchDEQ",

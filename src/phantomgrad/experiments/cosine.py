@@ -29,7 +29,7 @@ import time
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import nn
@@ -321,7 +321,7 @@ def methods() -> list[Method]:
 
 def _build_solver(cfg: MethodsConfig, name: str, max_iter: int, tol: float) -> pg.Solver:
     cls = SOLVERS[name]
-    options = {"max_iter": max_iter, "tol": tol, "stop": "rel", "beta": cfg.beta, "memory": max_iter}
+    options: dict[str, Any] = {"max_iter": max_iter, "tol": tol, "stop": "rel", "beta": cfg.beta, "memory": max_iter}
     return cls(**{key: val for key, val in options.items() if takes(cls, key)})
 
 
@@ -351,7 +351,7 @@ class _Task:
     deq: pg.DEQ
     block: nn.Module
     prepare: Callable[[], tuple]
-    loss: Callable[[object], torch.Tensor]
+    loss: Callable[[Any], torch.Tensor]  # z: a tensor or a tuple of tensors
 
 
 def _task(cfg: MethodsConfig, model: str, trial: int) -> _Task:
@@ -391,7 +391,8 @@ def _warm_up(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: 
     ~0.1 after 100 Broyden steps); a few training steps make F contract, so an exact gradient exists."""
     if steps == 0:
         return
-    net.deq.solver, net.deq.backward_mode = pg.Anderson(max_iter=20, tol=1e-4), pg.UPG(k=5, damping=0.5)
+    deq = cast(pg.DEQ, net.deq)
+    deq.solver, deq.backward_mode = pg.Anderson(max_iter=20, tol=1e-4), pg.UPG(k=5, damping=0.5)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     net.train()
     for _ in range(steps):
