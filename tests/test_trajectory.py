@@ -155,3 +155,31 @@ def test_states_are_checked_where_they_enter():
 def test_a_mode_whose_gradient_belongs_to_h_star_refuses_states():
     with pytest.raises(ValueError, match="belongs to h"):
         pg.DEQ(TanhLayer(), solver=pg.Broyden(max_iter=12), backward=pg.SHINE(), return_states=(4,))
+
+
+def test_the_trainer_puts_a_loss_on_each_trajectory_state(tmp_path):
+    """trajectory_states=[2, 4]: the image task's loss is CE(final) + weight * (CE(z_2) + CE(z_4)), and
+    the gradient of that sum reaches the weights (checked against the model's own list of logits)."""
+    import torch.nn.functional as F
+
+    from phantomgrad.train.config import ConfigError, TrainConfig
+    from phantomgrad.train.tasks import build_task
+
+    small = ["arch.channels=[8,8]", "arch.head_channels=[4,4]", "arch.final_channels=16", "solver_max_iter=6"]
+    cfg = TrainConfig.from_sources(None, small + ["trajectory_states=[2, 4]", "trajectory_weight=0.5", "seed=0"])
+    task = build_task(cfg)
+    x, y = torch.stack([task.train_set[i][0] for i in range(8)]), torch.tensor([task.train_set[i][1] for i in range(8)])
+    torch.manual_seed(1)
+    result = task.step(task.model.train(), (x, y), torch.device("cpu"), 0)
+    torch.manual_seed(1)
+    logits, _ = task.model(x, states=(2, 4))
+    assert len(logits) == 3
+    expected = F.cross_entropy(logits[2], y) + 0.5 * (F.cross_entropy(logits[0], y) + F.cross_entropy(logits[1], y))
+    assert torch.allclose(result.loss, expected)
+    params = [p for p in task.model.parameters() if p.requires_grad]
+    g1 = torch.autograd.grad(result.loss, params, allow_unused=True)
+    g2 = torch.autograd.grad(expected, params, allow_unused=True)
+    assert all((a is None and b is None) or torch.allclose(a, b) for a, b in zip(g1, g2))
+    for bad in ("trajectory_states=[4, 2]", "trajectory_states=[7]", "trajectory_states=[0]"):
+        with pytest.raises(ConfigError, match="trajectory_states"):
+            TrainConfig.from_sources(None, small + [bad])

@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Sequence, cast
+from typing import Any, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -364,12 +364,19 @@ class MDEQ(nn.Module):
         """The equilibrium map F."""
         return cast(MDEQBlock, self.deq.f)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, DEQInfo]:
+    def forward(self, x: Tensor, states: Sequence[int] | None = None) -> tuple[Any, DEQInfo]:
         """``(logits, info)`` for images x (see the class docstring). Pretraining, F as a
         weight-tied stack trained by backprop, is this forward with the DEQ's solve and gradient
-        swapped: ``with pg.pretraining(model, depth): logits, info = model(x)``."""
+        swapped: ``with pg.pretraining(model, depth): logits, info = model(x)``.
+
+        With ``states=(4, 8)`` (trajectory supervision) it returns a list of logits instead: the
+        head applied to the states after 4 and 8 solver steps and to the final state, each state
+        carrying the backward mode's gradient made there (see ``pg.DEQ.forward``)."""
         with self.forward_context():
             u, z0 = self.prepare(x)
+            if states:
+                zs, info = self.deq(u, z0, states=states)
+                return [self.head(z) for z in zs], info
             z, info = self.deq(u, z0)
             return self.head(z), info
 

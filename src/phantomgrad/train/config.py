@@ -68,8 +68,8 @@ def _key(
     choices it allows (``choices(task) -> names``, read from the registries; ``per_task``: they
     depend on the task). Validation and ``phantomgrad train --help`` read this metadata."""
     meta = {"help": help, "within": within, "choices": choices, "per_task": per_task, "hint": hint}
-    if isinstance(default, dict):
-        return field(default_factory=dict, metadata=meta)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=type(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -125,6 +125,10 @@ class TrainConfig:
     backward_solver: str = _key("broyden", "solver of implicit's backward linear system", choices=_solvers)
     backward_max_iter: int = _key(20, "backward solver steps at most (implicit)", within=AT_LEAST_ONE)
     backward_tol: float = _key(1e-4, "backward solver relative tolerance (implicit)", within=POSITIVE)
+    trajectory_states: list = _key(
+        [], "solver steps whose states also get the loss (trajectory supervision, image task), e.g. [4, 8]"
+    )
+    trajectory_weight: float = _key(1.0, "weight of each trajectory state's loss", within=NON_NEGATIVE)
     pretrain_steps: int = _key(0, "first N steps train F as a weight-tied stack (unrolled)", within=NON_NEGATIVE)
     pretrain_depth: int = _key(6, "depth of the unrolled stack while pretraining", within=AT_LEAST_ONE)
     jac_reg_weight: float = _key(
@@ -191,6 +195,8 @@ class TrainConfig:
                     )
                 where = f" for task={self.task}" if meta.get("per_task") else ""
                 _choice(f.name, value, options, where)
+            if f.name == "trajectory_states":
+                _check_steps(f.name, value, self.solver_max_iter, self.task)
             within = meta.get("within")
             if within is not None and value not in within:
                 finite = " and finite" if isinstance(value, float) and within.high == math.inf else ""
@@ -318,10 +324,25 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value
         if typ is dict and isinstance(value, dict):
             return dict(value)
+        if typ is list and isinstance(value, list):
+            return list(value)
         if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
     raise ConfigError(f"{key} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def _check_steps(key: str, steps: list, max_iter: int, task: str) -> None:
+    """Solver steps: increasing integers in [1, solver_max_iter]; trajectory supervision is the image task's."""
+    if not steps:
+        return
+    if task != "image":
+        raise ConfigError(f"{key} is supported by task=image only (got task={task}); remove it")
+    ok = all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= max_iter for t in steps)
+    if not ok or list(steps) != sorted(set(steps)):
+        raise ConfigError(
+            f"{key} must be increasing solver steps in [1, solver_max_iter={max_iter}], e.g. [4, 8]; got {steps!r}"
+        )
 
 
 def _choice(key: str, value: Any, options: tuple[str, ...], where: str = "") -> None:

@@ -51,6 +51,11 @@ def build_image_task(cfg: TrainConfig) -> Task:
         if global_step is not None and global_step < cfg.pretrain_steps:
             with pretraining(model, cfg.pretrain_depth, cfg.solver_tol, cfg.solver_stop):
                 logits, info = model(x)
+        elif global_step is not None and cfg.trajectory_states:  # trajectory supervision: a loss on each state
+            all_logits, info = model(x, states=tuple(cfg.trajectory_states))
+            *earlier, logits = all_logits
+            loss = F.cross_entropy(logits, y) + cfg.trajectory_weight * sum(F.cross_entropy(e, y) for e in earlier)
+            return classification_step(loss, logits, y, info)
         else:
             logits, info = model(x)
         return classification_step(F.cross_entropy(logits, y), logits, y, info)
