@@ -64,6 +64,15 @@ TABLE1_FULL_ROWS: tuple[Row, ...] = (
     ("UPG A_{9,0.5} + dropout", ("backward=upg", "k=9", "damping=0.5", "dropout=0.1")),
 )
 
+# The methods that came before and after the paper, as extra rows of the CPU-scale table (same setting
+# and seeds as docs/results/ablate): SHINE needs a Broyden forward (12 steps, as Anderson's); the
+# reversible solver counts F evaluations, two per coupled step, so 24 of them make 12 steps.
+TABLE1_METHOD_ROWS: tuple[Row, ...] = (
+    ("SHINE (Broyden forward)", ("backward=shine", "solver=broyden")),
+    ("JFB", ("backward=jfb",)),
+    ("Reversible + Backprop", ("solver=reversible", "solver_max_iter=24", "backward=backprop")),
+)
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -106,6 +115,19 @@ BUDGETS = {
         rows=TABLE1_FULL_ROWS,
         reference="Implicit",
         eval_every=1,
+    ),
+    # docs/results/ablate_methods: the cpu budget's setting and seeds for TABLE1_METHOD_ROWS
+    # (no Implicit row: compare with docs/results/ablate's, same setting and seeds).
+    "cpu_methods": Budget(
+        train_subset=8000,
+        test_subset=None,
+        epochs=2,
+        seeds=(0, 1, 2),
+        pretrain_steps=0,
+        ks=(5,),
+        dampings=(0.5,),
+        rows=TABLE1_METHOD_ROWS,
+        reference="",
     ),
     # For tests: seconds.
     "tiny": Budget(
@@ -351,7 +373,7 @@ def format_table1(rows: list[dict[str, Any]], budget: Budget) -> str:
         "|---|---|---|---|---|" + ("---|---|---|" if full else ""),
     ]
     for r in rows:
-        ratio = f"{r['time_vs_implicit']:.2f}x" if r["time_vs_implicit"] is not None else "n/a (no Implicit row yet)"
+        ratio = f"{r['time_vs_implicit']:.2f}x" if r["time_vs_implicit"] is not None else "n/a (no Implicit row in this table)"
         line = (
             f"| {r['row']} | {100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f} | "
             f"{ratio} ({r['train_seconds_mean']:.0f} s) | {r['mean_forward_steps']:.1f} | "
