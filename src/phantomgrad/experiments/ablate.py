@@ -470,7 +470,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(BUDGETS),
         default="cpu",
         help="cpu: docs/results/ablate (8,000 images, 2 epochs); full: docs/results/table1_full "
-        "(60,000 images, 6 epochs, hours); tiny: seconds",
+        "(60,000 images, 6 epochs, hours); cpu_methods: SHINE, JFB, reversible rows at cpu scale "
+        "(docs/results/ablate_methods); tiny: seconds",
     )
     parser.add_argument(
         "--out",
