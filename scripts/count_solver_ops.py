@@ -6,12 +6,14 @@ Counts top-level aten operators (those not called from inside another one) and l
 and allocations (slice, select, unsqueeze, transpose, ...), which launch no kernel: a proxy for
 the kernels a step launches on a GPU. The per-step figure is the difference between solves of 30
 and 20 steps, divided by 10, minus F's own operators. The problem never converges (tol=1e-30), so
-every step does the same work.
+every step does the same work. The last column, ``fused=True``, counts each kernel that inductor
+generated for the compiled bookkeeping as one operator (it profiles them by name).
 """
 
 from __future__ import annotations
 
 import torch
+import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile
 
 import phantomgrad as pg
@@ -54,7 +56,8 @@ def kernel_ops(run) -> int:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     events = sorted(
-        (e for e in prof.events() if e.name.startswith("aten::")), key=lambda e: (e.time_range.start, -e.time_range.end)
+        (e for e in prof.events() if e.name.startswith("aten::") or "_fused_" in e.name),
+        key=lambda e: (e.time_range.start, -e.time_range.end),
     )
     count, end = 0, -1
     for e in events:
@@ -65,6 +68,7 @@ def kernel_ops(run) -> int:
 
 
 def main() -> None:
+    torch._inductor.config.cpp.enable_kernel_profile = True  # name inductor's CPU kernels in the profile
     torch.manual_seed(0)
     w, x = torch.randn(64, 64) * 0.05, torch.randn(8, 64)
 
@@ -73,28 +77,32 @@ def main() -> None:
 
     f_ops = kernel_ops(lambda: fn(x))
     rows = [
-        ("FixedPoint", lambda n, ce: pg.FixedPoint(max_iter=n, tol=1e-30, check_every=ce), False),
-        ("Anderson(m=5)", lambda n, ce: pg.Anderson(m=5, max_iter=n, tol=1e-30, check_every=ce), False),
-        ("Broyden(memory=5)", lambda n, ce: pg.Broyden(memory=5, max_iter=n, tol=1e-30, check_every=ce), False),
+        ("FixedPoint", lambda n, ce, fu: pg.FixedPoint(max_iter=n, tol=1e-30, check_every=ce, fused=fu), False),
+        ("Anderson(m=5)", lambda n, ce, fu: pg.Anderson(m=5, max_iter=n, tol=1e-30, check_every=ce, fused=fu), False),
+        (
+            "Broyden(memory=5)",
+            lambda n, ce, fu: pg.Broyden(memory=5, max_iter=n, tol=1e-30, check_every=ce, fused=fu),
+            False,
+        ),
         (
             "Broyden(memory=5), keep_inverse",
-            lambda n, ce: pg.Broyden(memory=5, max_iter=n, tol=1e-30, check_every=ce),
+            lambda n, ce, fu: pg.Broyden(memory=5, max_iter=n, tol=1e-30, check_every=ce, fused=fu),
             True,
         ),
     ]
     print(f"F: {f_ops} operators per call")
-    print(f"{'solver':34s} {'check_every=1':>14s} {'check_every=None':>17s}")
+    print(f"{'solver':34s} {'check_every=1':>14s} {'check_every=None':>17s} {'None, fused=True':>17s}")
     for name, make, keep_inverse in rows:
         per_step = []
-        for check_every in (1, None):
+        for check_every, fused in ((1, False), (None, False), (None, True)):
             counts = {}
             for n in (20, 30):
-                solver = make(n, check_every)
+                solver = make(n, check_every, fused)
                 with torch.no_grad():
                     solver.solve(fn, torch.zeros(8, 64), keep_inverse=keep_inverse)  # warm-up
                     counts[n] = kernel_ops(lambda: solver.solve(fn, torch.zeros(8, 64), keep_inverse=keep_inverse))
             per_step.append((counts[30] - counts[20]) / 10 - f_ops)
-        print(f"{name:34s} {per_step[0]:14.1f} {per_step[1]:17.1f}")
+        print(f"{name:34s} {per_step[0]:14.1f} {per_step[1]:17.1f} {per_step[2]:17.1f}")
 
 
 if __name__ == "__main__":

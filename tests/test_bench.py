@@ -330,6 +330,31 @@ def test_sync_free_and_compiled_rows(tmp_path):
     assert compiled["cosine"] == pytest.approx(sync_free["cosine"], abs=1e-6)
 
 
+def test_fused_rows_and_solver_table(tmp_path):
+    # --fused adds a row per mode whose solvers (forward and Implicit's backward) have fused=True,
+    # and fused rows to the forward-solver table for the solvers that take it
+    code = main(
+        TINY_SYNTHETIC
+        + ["--modes", "upg,implicit-broyden", "--solver-iter", "6", "--fused", "--sync-free", "--no-memory"]
+        + ["--out", str(tmp_path), "--json", str(tmp_path / "f.json")]
+    )
+    assert code == 0
+    result = json.loads((tmp_path / "f.json").read_text())
+    rows = {r["label"]: r for r in result["rows"]}
+    fused = rows["UPG A_{5,0.5}, fused, check_every=None"]
+    assert fused["fused"] is True and fused["f_forward"] == 6 + 5
+    assert fused["cosine"] == pytest.approx(rows["UPG A_{5,0.5}, check_every=None"]["cosine"], abs=1e-5)
+    assert "Implicit (broyden, 30), fused, check_every=None" in rows
+    libs = {(s["solver"], s["lib"]) for s in result["solvers"]}
+    assert {("anderson", "phantomgrad, fused"), ("broyden", "phantomgrad, fused")} <= libs
+    assert ("reversible", "phantomgrad, fused") not in libs  # no fused option there
+    cfg, runner = _runner(model="synthetic", dim=8, batch=4, fused=True, modes=("implicit-broyden",))
+    solver, mode = runner.solver_and_mode(variant(cfg, "implicit-broyden", fused=True))
+    assert solver.fused and mode.solver.fused
+    with pytest.raises(ValueError, match="no fused option"):
+        BenchConfig(model="synthetic", solver="reversible", fused=True)
+
+
 def test_sync_free_implicit_runs_every_backward_step():
     cfg, runner = _runner(model="synthetic", dim=8, batch=4, solver_iter=40, backward_iter=40, backward_tol=1e-4)
     early = runner.count(variant(cfg, "implicit-fixed_point"))

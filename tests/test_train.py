@@ -10,7 +10,7 @@ import phantomgrad as pg
 from conftest import train_killed_in_epoch
 from phantomgrad.cli import main
 from phantomgrad.train.checkpoint import CheckpointError, load_checkpoint
-from phantomgrad.train.config import TrainConfig
+from phantomgrad.train.config import ConfigError, TrainConfig
 from phantomgrad.train.trainer import train
 
 TINY = [
@@ -50,6 +50,21 @@ def test_train_command_writes_metrics_checkpoint_summary(tmp_path, capsys):
 def test_every_backward_mode_trains(tmp_path, backward):
     summary = train(_cfg(tmp_path, "epochs=1", f"backward={backward}", "backward_max_iter=5"))
     assert summary["test_accuracy"] is not None and summary["train_seconds"] > 0
+
+
+def test_solver_fused_trains_like_the_unfused_solver(tmp_path):
+    # the same run with the solvers' bookkeeping compiled: the same losses up to float32 rounding of the norms
+    from phantomgrad.train.builders import build_backward, build_solver
+
+    cfg = _cfg(tmp_path / "f", "epochs=1", "solver_fused=true", "backward=implicit", "backward_solver=anderson")
+    assert build_solver(cfg).fused and build_backward(cfg).solver.fused
+    train(cfg)
+    train(_cfg(tmp_path / "p", "epochs=1", "backward=implicit", "backward_solver=anderson"))
+    fused, plain = (next(csv.DictReader((tmp_path / d / "metrics.csv").open())) for d in ("f", "p"))
+    for key in ("train_loss", "test_loss"):
+        assert float(fused[key]) == pytest.approx(float(plain[key]), rel=1e-3)
+    with pytest.raises(ConfigError, match="no fused"):
+        build_solver(_cfg(tmp_path, "solver=reversible", "solver_fused=true"))
 
 
 def test_learning_happens(tmp_path):

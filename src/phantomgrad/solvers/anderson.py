@@ -58,7 +58,7 @@ class Anderson(Solver):
         m: history size (number of stored differences), >= 1.
         ridge: relative Tikhonov regularisation of the small system, >= 0.
         mixing: the damping of the plain step, in (0, 1].
-        max_iter, tol, stop, trace, check_every: as in :class:`Solver`.
+        max_iter, tol, stop, trace, check_every, fused: as in :class:`Solver`.
 
     Examples:
         >>> import torch, phantomgrad as pg
@@ -83,8 +83,9 @@ class Anderson(Solver):
         stop: Literal["rel", "abs"] = "rel",
         trace: bool = False,
         check_every: CheckEvery = "auto",
+        fused: bool = False,
     ):
-        super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every)
+        super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every, fused=fused)
         self.m = positive_int("m (Anderson history size)", m)
         self.ridge = nonneg_float("ridge", ridge)
         self.mixing = _check_damping("mixing", mixing)

@@ -112,7 +112,7 @@ class Broyden(Solver):
 
     Args:
         memory: the number of rank-one updates kept, >= 1.
-        max_iter, tol, stop, trace, check_every: as in :class:`Solver`.
+        max_iter, tol, stop, trace, check_every, fused: as in :class:`Solver`.
 
     Examples:
         >>> import torch, phantomgrad as pg
@@ -135,8 +135,9 @@ class Broyden(Solver):
         stop: Literal["rel", "abs"] = "rel",
         trace: bool = False,
         check_every: CheckEvery = "auto",
+        fused: bool = False,
     ):
-        super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every)
+        super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every, fused=fused)
         self.memory = positive_int("memory (Broyden's number of stored updates)", memory)
 
     def _iterate(self, fn, z, tracker, fallback):

@@ -39,8 +39,9 @@ class FixedPoint(Solver):
         stop: Literal["rel", "abs"] = "rel",
         trace: bool = False,
         check_every: CheckEvery = "auto",
+        fused: bool = False,
     ):
-        super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every)
+        super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every, fused=fused)
         self.damping = _check_damping("damping", damping)
 
     def _iterate(self, fn, z, tracker, fallback):

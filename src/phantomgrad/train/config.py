@@ -112,6 +112,9 @@ class TrainConfig:
     solver_max_iter: int = _key(20, "forward solver steps at most", within=AT_LEAST_ONE)
     solver_tol: float = _key(1e-3, "forward solver tolerance on the residual", within=POSITIVE)
     solver_stop: str = _key("rel", "rel: ||F(z)-z|| / ||F(z)|| <= tol; abs: ||F(z)-z|| <= tol", choices=_stops)
+    solver_fused: bool = _key(
+        False, "run each solver step's bookkeeping as one torch.compile'd function (fixed_point, anderson, broyden)"
+    )
     # gradient
     backward: str = _key("upg", "backward mode: how the gradient of the DEQ is made", choices=_backward_modes)
     k: int = _key(5, "phantom-gradient steps (upg, npg, adaptive)", within=AT_LEAST_ONE)

@@ -82,6 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="add a row for every mode whose training step runs its forward and loss under torch.compile "
         "(check_every=none with --sync-free)",
     )
+    arg(
+        "--fused",
+        action="store_true",
+        help="add a row for every mode whose solvers run their per-step bookkeeping fused (fused=True; "
+        "check_every=none with --sync-free) and fused rows to the forward-solver table",
+    )
     arg("--compile-backend", default=d.compile_backend, help="torch.compile backend (default %(default)s)")
     arg("--compile-mode", default=d.compile_mode, help="torch.compile mode, e.g. reduce-overhead (default none)")
     arg("--repeats", type=int, default=d.repeats, help="timed rounds (default %(default)s)")
@@ -133,6 +139,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         backward_tol=args.backward_tol,
         sync_free=args.sync_free,
         compiled=args.compiled,
+        fused=args.fused,
         compile_backend=args.compile_backend,
         compile_mode=args.compile_mode,
         repeats=args.repeats,

@@ -56,6 +56,7 @@ class BenchConfig:
     compiled: bool = False  # add a row per phantomgrad mode whose step runs under torch.compile
     compile_backend: str = "inductor"
     compile_mode: str | None = None  # e.g. "reduce-overhead" (CUDA graphs on CUDA)
+    fused: bool = False  # add a row per phantomgrad mode whose solvers run fused bookkeeping (fused=True)
     repeats: int = 5
     warmup: int = 1
     threads: int = 2
@@ -108,6 +109,8 @@ class BenchConfig:
         forward_solver(self)  # the solver options are valid (check_every exists where asked for)
         if self.sync_free:  # the solver can run without host checks
             make_solver(self, self.solver, self.solver_iter, self.solver_tol, self.stop, None)
+        if self.fused:  # the solver has fused bookkeeping
+            make_solver(self, self.solver, self.solver_iter, self.solver_tol, self.stop, fused=True)
 
 
 __all__ = ["BenchConfig", "MODELS", "MODES"]

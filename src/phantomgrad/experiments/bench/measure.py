@@ -14,16 +14,20 @@ from typing import Any
 
 import torch
 
+from phantomgrad.solvers import SOLVERS
+
 from .config import BenchConfig
 from .instruments import FCounter, FTimer
 from .memory import measure_memory
-from .modes import UNSET, Variant, backward_mode, floor_vjps, make_solver, solver_names, variant
+from .modes import UNSET, Variant, backward_mode, floor_vjps, make_solver, solver_names, takes, variant
 from .problem import build_problem
 from .runner import Runner
 from .stats import median, paired_ratio, pick, quiet_mask, spread
 from .targets import evaluate_targets
 from .torchdeq import call as torchdeq_call
 from .torchdeq import import_torchdeq, unsupported
+
+FUSED_LIB = "phantomgrad, fused"  # the solver table's rows of phantomgrad's solvers with fused=True
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +105,7 @@ def _time_rounds(runner: Runner, variants: list[Variant], repeats: int, warmup: 
 
 
 def _describe(v: Variant) -> dict[str, Any]:
-    keys = ("k", "damping", "backward_iter", "solver_iter", "check_every", "compiled", "solver")
+    keys = ("k", "damping", "backward_iter", "solver_iter", "check_every", "compiled", "solver", "fused")
     return {"lib": v.lib, "mode": v.mode, "label": v.label, **{k: getattr(v, k) for k in keys}}
 
 
@@ -157,6 +161,9 @@ def variants_of(cfg: BenchConfig) -> tuple[list[Variant], list[dict[str, Any]]]:
         if cfg.compiled:
             sync_free = cfg.sync_free or cfg.check_every is None
             variants.append(variant(cfg, mode, compiled=True, check_every=None if sync_free else cfg.check_every))
+        if cfg.fused:
+            check_every = None if cfg.sync_free else cfg.check_every
+            variants.append(variant(cfg, mode, fused=True, check_every=check_every))
     return variants, na
 
 
@@ -265,10 +272,11 @@ def _solve_alone(cfg: BenchConfig, runner: Runner, lib: str, solver: str, u: Any
     """One forward solve with ``solver`` under no_grad, in eval mode (no backward work)."""
     p = runner.p
     with torch.no_grad():
-        if lib == "phantomgrad":
+        if lib.startswith("phantomgrad"):
             deq = p.deq
             deq.eval()
-            deq.solver = make_solver(cfg, solver, cfg.solver_iter, cfg.solver_tol, cfg.stop, cfg.check_every)
+            fused = lib == FUSED_LIB
+            deq.solver = make_solver(cfg, solver, cfg.solver_iter, cfg.solver_tol, cfg.stop, cfg.check_every, fused)
             deq(u, z0)
             deq.train()
         else:
@@ -282,7 +290,8 @@ def _solve_alone(cfg: BenchConfig, runner: Runner, lib: str, solver: str, u: Any
 def _solver_libs(cfg: BenchConfig, solver: str) -> list[str]:
     probe = variant(cfg, "jfb", check_every=UNSET)
     has_td = cfg.compare == "torchdeq" and unsupported(cfg, probe, solver) is None
-    return ["phantomgrad"] + (["torchdeq"] if has_td else [])
+    fused = cfg.fused and takes(SOLVERS[solver], "fused")
+    return ["phantomgrad"] + ([FUSED_LIB] if fused else []) + (["torchdeq"] if has_td else [])
 
 
 def profile_variants(cfg: BenchConfig, runner: Runner, variants: list[Variant], out_dir: Path) -> None:
@@ -300,7 +309,7 @@ def profile_variants(cfg: BenchConfig, runner: Runner, variants: list[Variant], 
             runner.step(v)
         runner.restore()
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-        tag = "_compiled" if v.compiled else "_sync_free" if v.check_every is None else ""
+        tag = "_compiled" if v.compiled else "_fused" if v.fused else "_sync_free" if v.check_every is None else ""
         (out_dir / f"profile_{v.lib}_{v.mode}{tag}.txt").write_text(
             f"{v.lib} {v.label}: one training step\n\n{table}\n"
         )

@@ -82,7 +82,7 @@ def worker(spec_json: str) -> int:
     runner = Runner(cfg, build_problem(cfg))
     if v.lib == "torchdeq":
         runner.torchdeq(v)  # import and build outside the measured window
-    if v.compiled:
+    if v.compiled or v.fused:
         runner.step(v)  # compile outside the measured window
         runner.restore()
     _rss_reset()

@@ -95,7 +95,8 @@ class Variant:
 
     ``check_every`` is the solvers' host-check interval (``"default"``: not passed, the
     solver's own default; None: the host never looks, every solve runs ``max_iter`` steps);
-    ``compiled`` times the training step's forward and loss under ``torch.compile``.
+    ``compiled`` times the training step's forward and loss under ``torch.compile``;
+    ``fused`` builds phantomgrad's solvers with ``fused=True`` (compiled per-step bookkeeping).
     """
 
     lib: str  # "phantomgrad" or "torchdeq"
@@ -107,6 +108,7 @@ class Variant:
     check_every: int | str | None = UNSET
     compiled: bool = False
     solver: str | None = None  # the forward solver; None: the run's
+    fused: bool = False
 
     @property
     def label(self) -> str:
@@ -140,10 +142,17 @@ def _accepted_solver(cfg: BenchConfig, v: Variant) -> str | None:
 
 
 def make_solver(
-    cfg: BenchConfig, name: str, max_iter: int, tol: float, stop: str, check_every: int | str | None = UNSET
+    cfg: BenchConfig,
+    name: str,
+    max_iter: int,
+    tol: float,
+    stop: str,
+    check_every: int | str | None = UNSET,
+    fused: bool = False,
 ) -> pg.Solver:
     """A registered solver with the bench's options: Broyden keeps ``cfg.broyden_memory`` slots
-    (as many as steps when None, TorchDEQ's default), Anderson ``cfg.anderson_m``."""
+    (as many as steps when None, TorchDEQ's default), Anderson ``cfg.anderson_m``; ``fused`` passes
+    ``fused=True`` (an error for a solver without it)."""
     cls = SOLVERS[name]
     options: dict[str, Any] = {
         "max_iter": max_iter,
@@ -158,7 +167,15 @@ def make_solver(
         if not takes(cls, "check_every"):
             raise ValueError(f"solver {name!r} has no check_every option in this version of phantomgrad")
         kwargs["check_every"] = check_every
+    if fused:
+        if not takes(cls, "fused"):
+            raise ValueError(f"solver {name!r} has no fused option; fused bookkeeping is for {_fusable()}")
+        kwargs["fused"] = True
     return cls(**kwargs)
+
+
+def _fusable() -> list[str]:
+    return [name for name in solver_names() if takes(SOLVERS[name], "fused")]
 
 
 def forward_solver(
@@ -172,7 +189,8 @@ def forward_solver(
     check_every = v.check_every if v is not None else cfg.check_every
     steps = max_iter or (v.solver_iter if v is not None else cfg.solver_iter)
     name = name or (v.solver if v is not None else None) or cfg.solver
-    return make_solver(cfg, name, steps, cfg.solver_tol if tol is None else tol, cfg.stop, check_every)
+    fused = v is not None and v.fused
+    return make_solver(cfg, name, steps, cfg.solver_tol if tol is None else tol, cfg.stop, check_every, fused)
 
 
 def backward_mode(cfg: BenchConfig, v: Variant) -> pg.BackwardMode:
@@ -184,7 +202,15 @@ def backward_mode(cfg: BenchConfig, v: Variant) -> pg.BackwardMode:
     options: dict[str, Any] = {"k": v.k, "damping": v.damping}
     kwargs = {key: val for key, val in options.items() if takes(cls, key)}
     if solver is not None:
-        kwargs["solver"] = make_solver(cfg, solver, v.backward_iter, cfg.backward_tol, "rel", v.check_every)
+        kwargs["solver"] = make_solver(
+            cfg,
+            solver,
+            v.backward_iter,
+            cfg.backward_tol,
+            "rel",
+            v.check_every,
+            v.fused and takes(SOLVERS[solver], "fused"),
+        )
     return cls(**kwargs)
 
 
@@ -193,7 +219,7 @@ def label(v: Variant) -> str:
     from its fields (``UPG A_{5,0.5}``, ``Implicit (broyden, 30)``, ``Backprop (30)``, ``JFB``),
     then the row's check_every or compilation."""
     try:
-        mode = backward_mode(_default_config(), replace(v, check_every=UNSET))
+        mode = backward_mode(_default_config(), replace(v, check_every=UNSET, fused=False))
     except (TypeError, ValueError):  # a mode the bench cannot build: its row says why, under its name
         text = v.mode
     else:
@@ -203,6 +229,8 @@ def label(v: Variant) -> str:
         text += f", {v.solver} forward"
     if v.compiled:
         text += ", compiled"
+    if v.fused:
+        text += ", fused"
     if v.check_every != UNSET:
         text += f", check_every={v.check_every}"
     return text
