@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from phantomgrad.cli import main
 
 
@@ -44,3 +46,24 @@ def test_ablate_tiny_writes_table_plot_and_json(tmp_path, capsys):
 def test_ablate_rejects_a_bad_override(tmp_path, capsys):
     assert main(["ablate", "--budget", "tiny", "--out", str(tmp_path), "epoch=3"]) == 2
     assert "did you mean 'epochs'" in capsys.readouterr().err
+
+
+def test_table_rows_show_finished_seeds_and_compare_times_on_shared_seeds():
+    from dataclasses import replace
+
+    from phantomgrad.experiments.ablate import BUDGETS, _table1_rows, format_table1
+
+    budget = replace(BUDGETS["full"], seeds=(0, 1))
+
+    def run(acc, secs):
+        keys = ("seconds_per_epoch", "spectral_radius", "mean_forward_steps", "eval_rel_residual")
+        return {"test_accuracy": acc, "train_seconds": secs, "epochs": 6, **{k: 1.0 for k in keys}}
+
+    # Implicit (row 0) finished seed 0 only; UPG (row 1) seeds 0 and 1; NPG (row 2) nothing yet
+    results = {(0, 0): run(0.90, 100.0), (1, 0): run(0.91, 80.0), (1, 1): run(0.93, 60.0)}
+    rows = {r["row"]: r for r in _table1_rows(budget, results)}
+    assert list(rows) == ["Implicit", "UPG A_{5,0.5}"]
+    assert rows["Implicit"]["seeds"] == [0] and rows["UPG A_{5,0.5}"]["seeds"] == [0, 1]
+    assert rows["UPG A_{5,0.5}"]["accuracy_mean"] == pytest.approx(0.92)
+    assert rows["UPG A_{5,0.5}"]["time_vs_implicit"] == pytest.approx(0.8)  # seed 0 against seed 0, not 70/100
+    assert "| 0, 1 |" in format_table1(list(rows.values()), budget)
