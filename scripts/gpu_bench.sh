@@ -11,6 +11,10 @@
 #   bash scripts/gpu_bench.sh [OUT_DIR]              # on a GPU
 #   bash scripts/gpu_bench.sh --device cpu --tiny    # the same path at toy sizes on a CPU, in about a minute
 #
+# Then, in the same device session: `python scripts/gpu_sync_check.py --json OUT_DIR/sync.json` (about a
+# minute: no host sync inside the DEQ layer under torch.cuda.set_sync_debug_mode("error"), and the UPG step
+# captured with mode="reduce-overhead"); add `--fused` for the fused solver bookkeeping.
+#
 # TorchDEQ: used when importable; otherwise installed without its dependencies (so torch stays as it
 # is) from a wheel in .vendor/ (fetch it once where pip has a network: `pip download --no-deps -d .vendor
 # torchdeq==0.1.0`, and carry .vendor to the GPU machine), else from the index; without it the runs go
@@ -24,7 +28,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --device) device="$2"; shift 2 ;;
     --tiny) tiny=1; shift ;;
-    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,21p "$0"; exit 0 ;;
     *) out_arg="$1"; shift ;;
   esac
 done
