@@ -52,6 +52,22 @@ def tanh_layer():
     return TanhLayer()
 
 
+def tiny_overrides(*, train_subset: int = 192, backward_max_iter: int = 4) -> list[str]:
+    """``phantomgrad train`` overrides for a run of seconds: a small MDEQ on a digits subset, one thread."""
+    return [
+        "arch.channels=[8,8]",
+        "arch.head_channels=[4,8]",
+        "arch.final_channels=32",
+        "batch_size=64",
+        "solver_max_iter=6",
+        f"backward_max_iter={backward_max_iter}",
+        "progress=false",
+        "threads=1",
+        f"data_options.train_subset={train_subset}",
+        "data_options.test_subset=64",
+    ]
+
+
 def train_killed_in_epoch(cfg, epoch: int = 1) -> None:
     """Run ``train(cfg)`` as if the process were killed when epoch ``epoch`` (0-based) starts: the
     checkpoints of the epochs before it are on disk, nothing of it is. Trainer is left unpatched."""

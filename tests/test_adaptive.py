@@ -11,24 +11,13 @@ import pytest
 import torch
 
 import phantomgrad as pg
-from conftest import TanhLayer, train_killed_in_epoch
+from conftest import TanhLayer, tiny_overrides, train_killed_in_epoch
 from phantomgrad.adaptive import AdaptivePhantom
 from phantomgrad.train import builders
 from phantomgrad.train.config import ConfigError, TrainConfig
 from phantomgrad.train.trainer import train
 
-TINY = [
-    "arch.channels=[8,8]",
-    "arch.head_channels=[4,8]",
-    "arch.final_channels=32",
-    "batch_size=64",
-    "solver_max_iter=6",
-    "backward_max_iter=4",
-    "progress=false",
-    "threads=1",
-    "data_options.train_subset=192",
-    "data_options.test_subset=64",
-]
+TINY = tiny_overrides()
 
 
 def test_low_cosines_raise_k_up_to_k_max_and_leave_damping_alone():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import phantomgrad as pg
-from conftest import TanhLayer
+from conftest import TanhLayer, tiny_overrides
 from phantomgrad.monitor import capture_rng_state, gradient_quality
 from phantomgrad.train.config import TrainConfig
 from phantomgrad.train.context import RunContext
@@ -22,18 +22,7 @@ from phantomgrad.train.monitor_callback import GradientMonitor
 from phantomgrad.train.trainer import train
 
 D = torch.float64
-TINY = [
-    "arch.channels=[8,8]",
-    "arch.head_channels=[4,8]",
-    "arch.final_channels=32",
-    "batch_size=64",
-    "solver_max_iter=6",
-    "backward_max_iter=5",
-    "progress=false",
-    "threads=1",
-    "data_options.train_subset=192",
-    "data_options.test_subset=64",
-]
+TINY = tiny_overrides(backward_max_iter=5)
 
 
 class Classifier(nn.Module):

@@ -9,22 +9,12 @@ import pytest
 import torch
 import yaml
 
+from conftest import tiny_overrides
 from phantomgrad.cli import main
 from phantomgrad.train.config import TrainConfig
 from phantomgrad.train.trainer import train
 
-TINY = [
-    "arch.channels=[8,8]",
-    "arch.head_channels=[4,8]",
-    "arch.final_channels=32",
-    "batch_size=64",
-    "solver_max_iter=6",
-    "backward_max_iter=4",
-    "progress=false",
-    "threads=1",
-    "data_options.train_subset=160",
-    "data_options.test_subset=64",
-]
+TINY = tiny_overrides(train_subset=160)
 REPORT_FILES = [
     "report.json",
     "report.md",
