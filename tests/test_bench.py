@@ -444,3 +444,17 @@ def test_shine_and_reversible_rows_measure_their_own_solver():
     counts, grad = runner.probe(variant(cfg, "backprop@reversible"))
     assert counts["f_forward"] > 0 and counts["f_backward_calls"] > 0  # the reversal evaluates F again
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_conv_cell_model_runs_every_phantomgrad_mode_it_names(tmp_path):
+    # the residual conv cell of a new user's first DEQ: (B, C, H, W) states, GroupNorm, two convs
+    code = main(
+        ["bench", "--model", "conv-cell", "--batch", "2", "--image-size", "8", "--solver-iter", "3"]
+        + ["--backward-iter", "3", "--modes", "upg,jfb,implicit-fixed_point", "--repeats", "1", "--warmup", "0"]
+        + ["--no-memory", "--no-cosine", "--out", str(tmp_path), "--json", str(tmp_path / "c.json")]
+    )
+    assert code == 0
+    result = json.loads((tmp_path / "c.json").read_text())
+    rows = {r["label"]: r for r in result["rows"]}
+    assert rows["UPG A_{5,0.5}"]["f_forward"] == 3 + 5 and rows["JFB"]["vjp_backward"] == 1
+    assert all(r["step_ms"] > 0 for r in rows.values())

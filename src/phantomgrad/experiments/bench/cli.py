@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg = parser.add_argument
     arg("--model", choices=MODELS, default=d.model, help="model (default %(default)s)")
     arg("--batch", type=int, default=d.batch, help="batch size (default %(default)s)")
-    arg("--image-size", type=int, default=d.image_size, help="mdeq-tiny image size (default %(default)s)")
+    arg("--image-size", type=int, default=d.image_size, help="mdeq-tiny and conv-cell image size (default %(default)s)")
     arg("--dim", type=int, default=d.dim, help="synthetic state size (default %(default)s)")
     arg("--seq-len", type=int, default=d.seq_len, help="deq-transformer tokens per sequence (default %(default)s)")
     arg("--solver", choices=solver_names(), default=d.solver, help="forward solver of every mode (default %(default)s)")

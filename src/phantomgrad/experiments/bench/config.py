@@ -8,7 +8,7 @@ import torch
 
 from .modes import UNSET, check_mode, forward_solver, make_solver, mode_names, solver_names
 
-MODELS: tuple[str, ...] = ("mdeq-tiny", "synthetic", "deq-transformer-small", "deq-transformer")
+MODELS: tuple[str, ...] = ("mdeq-tiny", "synthetic", "deq-transformer-small", "deq-transformer", "conv-cell")
 MODES: tuple[str, ...] = mode_names()  # every registered backward mode (see .modes)
 
 _POSITIVE = (
@@ -34,7 +34,7 @@ class BenchConfig:
 
     model: str = "mdeq-tiny"
     batch: int = 32
-    image_size: int = 32  # mdeq-tiny: H = W
+    image_size: int = 32  # mdeq-tiny, conv-cell: H = W
     dim: int = 64  # synthetic: state size
     in_dim: int = 32  # synthetic: input size
     seq_len: int = 64  # deq-transformer*: tokens per sequence

@@ -44,6 +44,53 @@ class SyntheticModel(nn.Module):
         return self.stem(x), x.new_zeros(x.shape[0], self.dim)
 
 
+class ConvCell(nn.Module):
+    """A residual conv cell as a new user writes one, the map of the DEQ chapter of the "Deep Implicit
+    Layers" tutorial (Kolter, Duvenaud, Johnson, NeurIPS 2020), on (B, C, H, W) states:
+
+    F(z, u) = GN(relu(z + GN(u + conv2(GN(relu(conv1(z))))))), two 3x3 convs, GroupNorm of 8 groups.
+    """
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1, bias=False)
+        self.norm1, self.norm2, self.norm3 = (
+            nn.GroupNorm(8, hidden),
+            nn.GroupNorm(8, channels),
+            nn.GroupNorm(8, channels),
+        )
+        for conv in (self.conv1, self.conv2):
+            conv.weight.data.normal_(0, 0.01)
+
+    def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        y = self.norm1(torch.relu(self.conv1(z)))
+        return self.norm3(torch.relu(z + self.norm2(u + self.conv2(y))))
+
+
+class ConvCellModel(nn.Module):
+    """images -> 3x3 conv stem (u) -> DEQ of :class:`ConvCell` (48 channels, state 48 x H x W) -> pool -> logits."""
+
+    channels = 48
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, self.channels, 3, padding=1, bias=True), nn.BatchNorm2d(self.channels))
+        self.deq = pg.DEQ(ConvCell(self.channels, 64))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(self.channels, num_classes))
+
+    @property
+    def block(self) -> nn.Module:
+        return cast(nn.Module, self.deq.f)
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        u = self.stem(x)
+        return u, torch.zeros_like(u)
+
+
 @dataclass
 class Problem:
     """A model (see the module docstring), a batch and its labels."""
@@ -87,6 +134,10 @@ def build_problem(cfg: BenchConfig) -> Problem:
         model = SyntheticModel(cfg.dim, cfg.in_dim, classes, gen)
         x = torch.randn(cfg.batch, cfg.in_dim, generator=gen)
         y = torch.randint(0, classes, (cfg.batch,), generator=gen)
+    elif cfg.model == "conv-cell":
+        model = ConvCellModel(classes)
+        x = torch.randn(cfg.batch, 3, cfg.image_size, cfg.image_size, generator=gen)
+        y = torch.randint(0, classes, (cfg.batch,), generator=gen)
     elif cfg.model.startswith("deq-transformer"):
         from phantomgrad.models.transformer import DEQTransformer, TransformerConfig
 
@@ -104,4 +155,4 @@ def build_problem(cfg: BenchConfig) -> Problem:
     return Problem(cfg.model, model, x, y.to(device))
 
 
-__all__ = ["Problem", "SyntheticModel", "build_problem", "State"]
+__all__ = ["ConvCell", "ConvCellModel", "Problem", "SyntheticModel", "build_problem", "State"]
