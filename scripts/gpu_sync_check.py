@@ -8,7 +8,8 @@
    layer's forward and the whole backward pass run under ``torch.cuda.set_sync_debug_mode("error")``:
    any host sync there raises and is reported with the operation that made it. On a CPU there is no
    such mode; ``Tensor.item``, ``tolist``, ``__bool__`` and ``nonzero`` are made to raise instead (the
-   ways Python code reads a device value).
+   ways Python code reads a device value; a sync inside an operator, such as boolean-mask indexing or
+   ``.cpu()``, only CUDA's mode sees).
 2. Capture. The forward and loss of a UPG step are compiled whole with ``torch.compile(fullgraph=True,
    mode="reduce-overhead")`` (CUDA graphs on CUDA; ``backend="aot_eager"`` on a CPU), and the loss and
    gradients are compared with the eager step; on CUDA the median step times of both are printed.
