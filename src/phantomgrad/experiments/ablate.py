@@ -29,9 +29,7 @@ import logging
 import platform
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, cast
 
@@ -41,6 +39,8 @@ import phantomgrad as pg
 from phantomgrad.models.mdeq import MDEQ
 from phantomgrad.train.config import TrainConfig
 from phantomgrad.train.trainer import Trainer
+
+from .jobs import run_jobs
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def _epoch_curves(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def run_one(overrides: list[str], radius_batch: int = 64, threads: int | None = None) -> dict[str, Any]:
+def run_one(overrides: list[str], threads: int | None = None, radius_batch: int = 64) -> dict[str, Any]:
     """Train one configuration; add the spectral radius of dF/dh at h* on a test batch, the
     per-epoch curves and, for Implicit, how its backward solves went.
 
@@ -261,31 +261,6 @@ def run_one(overrides: list[str], radius_batch: int = 64, threads: int | None = 
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     tmp.replace(done)
     return summary
-
-
-def _worker_init() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s [%(process)d]: %(message)s")
-
-
-def run_jobs(
-    jobs: list[tuple[Any, list[str]]], n_jobs: int, threads: int, on_done: Any = None
-) -> dict[Any, dict[str, Any]]:
-    """Run ``(key, overrides)`` jobs, ``n_jobs`` at a time in separate processes (one thread
-    each) or in this process when ``n_jobs`` is 1; ``on_done(results)`` after each finishes."""
-    results: dict[Any, dict[str, Any]] = {}
-    if n_jobs <= 1:
-        for key, overrides in jobs:
-            results[key] = run_one(overrides)
-            if on_done:
-                on_done(results)
-        return results
-    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-        futures = {pool.submit(run_one, overrides, 64, threads): key for key, overrides in jobs}
-        for fut in as_completed(futures):
-            results[futures[fut]] = fut.result()
-            if on_done:
-                on_done(results)
-    return results
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -346,7 +321,7 @@ def run_table1(
             slug = name.split(" ")[0].lower() + f"-{i}-s{seed}"
             jobs.append(((i, seed), _overrides(budget, list(extra), seed, out_dir / slug, base)))
     results = run_jobs(
-        jobs, n_jobs, threads, on_done=(lambda res: on_rows(_table1_rows(budget, res))) if on_rows else None
+        run_one, jobs, n_jobs, threads, on_done=(lambda res: on_rows(_table1_rows(budget, res))) if on_rows else None
     )
     return _table1_rows(budget, results)
 

@@ -40,6 +40,7 @@ class TrainingInterrupted(TrainError):
     def __init__(self, signum: int, checkpoint: Path | None, detail: str = ""):
         self.signum = signum
         self.checkpoint = checkpoint
+        self.detail = detail
         self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
         name = signal.Signals(signum).name
         if checkpoint is None:
@@ -47,6 +48,10 @@ class TrainingInterrupted(TrainError):
         else:
             where = f"resume with --resume and out_dir={checkpoint.parent} (checkpoint {checkpoint}{detail})"
         super().__init__(f"training interrupted by {name}; {where}")
+
+    def __reduce__(self) -> tuple[type, tuple[int, Path | None, str]]:
+        # pickled by its own arguments, so that it crosses a process boundary (``phantomgrad ablate --jobs``)
+        return type(self), (self.signum, self.checkpoint, self.detail)
 
 
 __all__ = ["TrainError", "DivergenceError", "RunDirError", "TrainingInterrupted"]
