@@ -14,9 +14,10 @@ The reported accuracy is each run's final-epoch test accuracy (no selection on t
 Budgets: ``cpu`` (the committed docs/results/ablate: 8,000 images, 2 epochs), ``full`` (all
 60,000 training images, 6 epochs, rows Implicit | UPG A_{5,0.5} | NPG A_{5,0.5} | JFB |
 UPG A_{9,0.5} + dropout: docs/results/table1_full) and ``tiny`` (tests). Every run keeps its
-own directory under ``--out``: a run with a checkpoint resumes from its last finished epoch, a
-finished run (``result.json``) is read back, so an interrupted experiment continues where it
-stopped; ``--jobs N`` trains N runs side by side, one thread each.
+own directory under ``--out``: a run with a checkpoint resumes from it (mid-epoch after a
+signal), a finished run (``result.json``) is read back, so an interrupted experiment continues
+where it stopped; ``--jobs N`` trains N runs side by side, one thread each. Ctrl-C or SIGTERM stops
+every run with a checkpoint and exits 130 or 143 (:mod:`phantomgrad.experiments.jobs`).
 """
 
 from __future__ import annotations
