@@ -73,3 +73,15 @@ def test_sigterm_stops_every_run_with_a_checkpoint(tmp_path):
     for i in (0, 1):  # each interrupted run wrote a checkpoint to resume from
         assert (tmp_path / f"run{i}" / "checkpoint.pt").exists()
     assert not (tmp_path / "run2" / "checkpoint.pt").exists()  # the third never started
+
+
+def test_fig3_interrupted_says_to_rerun_ablate(monkeypatch, tmp_path):
+    from phantomgrad.experiments import ablate
+
+    def interrupted(overrides, threads=None):
+        raise TrainingInterrupted(signal.SIGINT, tmp_path / "checkpoint.pt")
+
+    monkeypatch.setattr(ablate, "run_one", interrupted)
+    with pytest.raises(RunsInterrupted, match="run the same command again") as caught:
+        ablate.run_fig3(ablate.BUDGETS["tiny"], tmp_path, [])
+    assert caught.value.exit_code == 130 and caught.value.finished == 0

@@ -39,9 +39,10 @@ import torch
 import phantomgrad as pg
 from phantomgrad.models.mdeq import MDEQ
 from phantomgrad.train.config import TrainConfig
+from phantomgrad.train.errors import TrainingInterrupted
 from phantomgrad.train.trainer import Trainer
 
-from .jobs import run_jobs
+from .jobs import RunsInterrupted, run_jobs
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +337,10 @@ def run_fig3(budget: Budget, out_dir: Path, base: list[str]) -> list[dict[str, A
     for mode, k, lam in points:
         log.info("fig 3: %s k=%d lambda=%.2f", mode, k, lam)
         extra = [f"backward={mode.lower()}", f"k={k}", f"damping={lam}"]
-        summary = run_one(_overrides(budget, extra, seed, out_dir / f"{mode.lower()}-k{k}-l{lam}", base))  # resumes
+        try:
+            summary = run_one(_overrides(budget, extra, seed, out_dir / f"{mode.lower()}-k{k}-l{lam}", base))  # resumes
+        except TrainingInterrupted as err:  # rerunning ablate resumes it (not `train --resume`)
+            raise RunsInterrupted(err.signum, len(results), len(points)) from None
         results.append(
             {
                 "mode": mode,
