@@ -23,7 +23,20 @@ from .config import BenchConfig
 State = Any  # a Tensor or a tuple of Tensors
 
 
-class SyntheticModel(nn.Module):
+class _StemDEQHead(nn.Module):
+    """What the small bench models share: ``stem`` -> ``deq`` -> ``head``, F at ``block``, no forward context."""
+
+    deq: pg.DEQ
+
+    @property
+    def block(self) -> nn.Module:
+        return cast(nn.Module, self.deq.f)
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+class SyntheticModel(_StemDEQHead):
     """x -> Linear (the injection u) -> DEQ of h = tanh(W h + U u + b), ||W||_2 = 0.9 -> Linear -> logits."""
 
     def __init__(self, dim: int, in_dim: int, num_classes: int, generator: torch.Generator):
@@ -32,13 +45,6 @@ class SyntheticModel(nn.Module):
         self.stem = nn.Linear(in_dim, in_dim)
         self.deq = pg.DEQ(TanhMap(dim, in_dim, 0.9, generator=generator, dtype=torch.float32))
         self.head = nn.Linear(dim, num_classes)
-
-    @property
-    def block(self) -> nn.Module:
-        return cast(nn.Module, self.deq.f)
-
-    def forward_context(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
 
     def prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.stem(x), x.new_zeros(x.shape[0], self.dim)
@@ -68,7 +74,7 @@ class ConvCell(nn.Module):
         return self.norm3(torch.relu(z + self.norm2(u + self.conv2(y))))
 
 
-class ConvCellModel(nn.Module):
+class ConvCellModel(_StemDEQHead):
     """images -> 3x3 conv stem (u) -> DEQ of :class:`ConvCell` (48 channels, state 48 x H x W) -> pool -> logits."""
 
     channels = 48
@@ -78,13 +84,6 @@ class ConvCellModel(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, self.channels, 3, padding=1, bias=True), nn.BatchNorm2d(self.channels))
         self.deq = pg.DEQ(ConvCell(self.channels, 64))
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(self.channels, num_classes))
-
-    @property
-    def block(self) -> nn.Module:
-        return cast(nn.Module, self.deq.f)
-
-    def forward_context(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
 
     def prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
         u = self.stem(x)
