@@ -333,7 +333,7 @@ def run_fig3(budget: Budget, out_dir: Path, base: list[str]) -> list[dict[str, A
     seed = budget.seeds[0]
     points = [("UPG", k, 0.5) for k in budget.ks] + [("NPG", k, 0.5) for k in budget.ks]
     points += [("UPG", 5, lam) for lam in budget.dampings if ("UPG", 5, lam) not in points]
-    results = []
+    results: list[dict[str, Any]] = []
     for mode, k, lam in points:
         log.info("fig 3: %s k=%d lambda=%.2f", mode, k, lam)
         extra = [f"backward={mode.lower()}", f"k={k}", f"damping={lam}"]
