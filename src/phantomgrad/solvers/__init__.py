@@ -31,6 +31,8 @@ Modules: ``base`` (SolverInfo, the bookkeeping, the Solver base class), ``fixed_
 
 from __future__ import annotations
 
+import inspect
+
 from .anderson import Anderson
 from .base import FlatFn, Solver, SolverInfo, _check_damping, default_check_every
 from .broyden import Broyden, BroydenInverse
@@ -55,9 +57,15 @@ def make_solver(name: str, **kwargs) -> Solver:
     return cls(**kwargs)
 
 
+def fusable() -> list[str]:
+    """The names in ``SOLVERS`` whose solver takes ``fused=True`` (compiled per-step bookkeeping)."""
+    return [name for name, cls in SOLVERS.items() if "fused" in inspect.signature(cls).parameters]
+
+
 __all__ = [
     "SOLVERS",
     "make_solver",
+    "fusable",
     "Solver",
     "SolverInfo",
     "FixedPoint",

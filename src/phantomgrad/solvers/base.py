@@ -222,8 +222,8 @@ class _Tracker:
         state = (z, fz, self.active, self.best_abs, self.best_rel, self.nstep)
         rel = self.stop == "rel"
         if self.fused:
-            # one compiled function: a few fused kernels instead of about 18 launches (inlined
-            # when the caller is itself being compiled)
+            # one compiled function: one generated kernel instead of 17 operators (inlined when
+            # the caller is itself being compiled)
             step = _fused_step if torch.compiler.is_compiling() else _compiled_fused_step()
             g, _, _, crit, better, active, self.best_abs, self.best_rel, self.nstep, best_z = step(
                 *state, self.best_z, self.tol, rel
@@ -310,10 +310,11 @@ class Solver(abc.ABC):
             every value. ``"auto"`` (default): 1 on CPU, None on CUDA and other accelerators
             (:func:`default_check_every` gives the reason).
         fused: run each step's bookkeeping (the residual F(z) - z, both norms, the stopping and
-            best-iterate masks, the best iterate) as one ``torch.compile``'d function, fused into a
-            few kernels instead of about 18 (on a GPU, fewer launches; on a CPU, fewer passes over
-            memory). Compiles on the first solve (seconds; needs a working inductor: a C++
-            compiler on CPU, Triton on CUDA) and again for a new shape or dtype. Results equal
+            best-iterate masks, the best iterate) as one ``torch.compile``'d function, one generated
+            kernel instead of 17 operators: fewer kernel launches on a GPU (not measured yet); on
+            a CPU it measured no faster (BENCHMARKS.md). Compiles on the first solve (seconds;
+            needs a working inductor: a C++ compiler on CPU, Triton on CUDA) and again for a new
+            shape or dtype. Results equal
             the unfused ones up to the rounding of the norms' sums (float reductions in another
             order). FixedPoint, Anderson and Broyden take it.
     """

@@ -7,7 +7,7 @@ import inspect
 import torch
 
 import phantomgrad as pg
-from phantomgrad.solvers import SOLVERS
+from phantomgrad.solvers import fusable
 
 from . import registry
 from .config import ConfigError, TrainConfig
@@ -17,14 +17,9 @@ def _fused(cfg: TrainConfig, name: str) -> dict[str, bool]:
     """``{"fused": True}`` with ``solver_fused: true`` (a ConfigError for a solver without it), else nothing."""
     if not cfg.solver_fused:
         return {}
-    if "fused" not in _takes(name):
-        fusable = [n for n in SOLVERS if "fused" in _takes(n)]
-        raise ConfigError(f"solver_fused: true, but solver {name!r} has no fused bookkeeping; use one of {fusable}")
+    if name not in fusable():
+        raise ConfigError(f"solver_fused: true, but solver {name!r} has no fused bookkeeping; use one of {fusable()}")
     return {"fused": True}
-
-
-def _takes(name: str) -> set[str]:
-    return set(inspect.signature(SOLVERS[name]).parameters)
 
 
 def build_solver(cfg: TrainConfig) -> pg.Solver:
@@ -44,7 +39,7 @@ def build_backward(cfg: TrainConfig) -> pg.BackwardMode:
     kwargs = {key: getattr(cfg, key) for key in keys if key not in solver_keys and hasattr(cfg, key)}
     if any(key in solver_keys for key in keys):
         # solver_fused also fuses Implicit's backward solve where that solver can
-        fused = {"fused": True} if cfg.solver_fused and "fused" in _takes(cfg.backward_solver) else {}
+        fused = {"fused": True} if cfg.solver_fused and cfg.backward_solver in fusable() else {}
         kwargs["solver"] = pg.make_solver(
             cfg.backward_solver, max_iter=cfg.backward_max_iter, tol=cfg.backward_tol, stop="rel", **fused
         )

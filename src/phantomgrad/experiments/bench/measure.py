@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from phantomgrad.solvers import SOLVERS
+from phantomgrad.solvers import fusable
 
 from .config import BenchConfig
 from .instruments import FCounter, FTimer
 from .memory import measure_memory
-from .modes import UNSET, Variant, backward_mode, floor_vjps, make_solver, solver_names, takes, variant
+from .modes import UNSET, Variant, backward_mode, floor_vjps, make_solver, solver_names, variant
 from .problem import build_problem
 from .runner import Runner
 from .stats import median, paired_ratio, pick, quiet_mask, spread
@@ -290,7 +290,7 @@ def _solve_alone(cfg: BenchConfig, runner: Runner, lib: str, solver: str, u: Any
 def _solver_libs(cfg: BenchConfig, solver: str) -> list[str]:
     probe = variant(cfg, "jfb", check_every=UNSET)
     has_td = cfg.compare == "torchdeq" and unsupported(cfg, probe, solver) is None
-    fused = cfg.fused and takes(SOLVERS[solver], "fused")
+    fused = cfg.fused and solver in fusable()
     return ["phantomgrad"] + ([FUSED_LIB] if fused else []) + (["torchdeq"] if has_td else [])
 
 

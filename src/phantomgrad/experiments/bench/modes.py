@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import phantomgrad as pg
 from phantomgrad.modes import BACKWARD_MODES
-from phantomgrad.solvers import SOLVERS
+from phantomgrad.solvers import SOLVERS, fusable
 
 if TYPE_CHECKING:
     from .config import BenchConfig
@@ -168,14 +168,10 @@ def make_solver(
             raise ValueError(f"solver {name!r} has no check_every option in this version of phantomgrad")
         kwargs["check_every"] = check_every
     if fused:
-        if not takes(cls, "fused"):
-            raise ValueError(f"solver {name!r} has no fused option; fused bookkeeping is for {_fusable()}")
+        if name not in fusable():
+            raise ValueError(f"solver {name!r} has no fused option; fused bookkeeping is for {fusable()}")
         kwargs["fused"] = True
     return cls(**kwargs)
-
-
-def _fusable() -> list[str]:
-    return [name for name in solver_names() if takes(SOLVERS[name], "fused")]
 
 
 def forward_solver(
@@ -209,7 +205,7 @@ def backward_mode(cfg: BenchConfig, v: Variant) -> pg.BackwardMode:
             cfg.backward_tol,
             "rel",
             v.check_every,
-            v.fused and takes(SOLVERS[solver], "fused"),
+            v.fused and solver in fusable(),
         )
     return cls(**kwargs)
 
