@@ -14,13 +14,13 @@ import logging
 import multiprocessing
 import os
 import signal
-import threading
 from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from types import FrameType
 from typing import Any, Callable
 
 from phantomgrad.train.errors import TrainError, TrainingInterrupted
+from phantomgrad.train.stop import SignalHandlers
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +78,13 @@ def _signal_workers(signum: int) -> None:
                 pass
 
 
-class _ForwardSignals:
+class _ForwardSignals(SignalHandlers):
     """While active (main thread only), SIGINT and SIGTERM to this process are passed to the workers,
     and ``stopped`` is set so that no further job starts."""
 
     def __init__(self, stopped: Any) -> None:
+        super().__init__()
         self.stopped = stopped
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_ForwardSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:

@@ -13,26 +13,26 @@ import logging
 import signal
 import threading
 from types import FrameType
-from typing import Callable
+from typing import Callable, TypeVar
 
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class GracefulStop:
-    """Context manager installing the handlers (in the main thread only; elsewhere it does nothing).
+_Handlers = TypeVar("_Handlers", bound="SignalHandlers")
 
-    Args:
-        at_once: builds the exception raised on the second signal.
-    """
 
-    def __init__(self, at_once: Callable[[int], BaseException]):
-        self.at_once = at_once
+class SignalHandlers:
+    """Context manager: while active, SIGINT and SIGTERM call :meth:`_handle` (installed in the main
+    thread only; elsewhere it does nothing); the previous handlers come back on exit. ``signum`` is
+    the first signal received, None before."""
+
+    def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "GracefulStop":
+    def __enter__(self: _Handlers) -> _Handlers:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -42,6 +42,21 @@ class GracefulStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        raise NotImplementedError
+
+
+class GracefulStop(SignalHandlers):
+    """The trainer's handlers: the first signal sets ``signum``, the second raises ``at_once(signum)``.
+
+    Args:
+        at_once: builds the exception raised on the second signal.
+    """
+
+    def __init__(self, at_once: Callable[[int], BaseException]):
+        super().__init__()
+        self.at_once = at_once
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
