@@ -2,15 +2,18 @@
 the wheel, installed into a fresh virtual environment with no repository on the path, runs
 ``phantomgrad --version``, the README's ten-line example and a tiny ``phantomgrad train``.
 
-The environment reuses the installed torch (``--system-site-packages``); the test checks that
-``phantomgrad`` is imported from the environment, not from the repository. It runs in the
-default suite (under a minute).
+The environment reuses the torch of the interpreter running the tests: a ``.pth`` file in the new
+environment lists that interpreter's site-packages directories. ``venv --system-site-packages`` is
+not enough: started from a virtualenv (or a conda environment), it exposes the *base* interpreter's
+packages, which need not hold torch. The test checks that ``phantomgrad`` is imported from the
+environment, not from the repository. It runs in the default suite (under a minute).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +28,24 @@ def run(args, cwd, env, timeout=300) -> subprocess.CompletedProcess:
     done = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(map(str, args))} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     return done
+
+
+def running_site_packages() -> list[str]:
+    """The site-packages directories of the interpreter running the tests (system, virtualenv or conda)."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
+
+
+def share_site_packages(python: Path, env: dict[str, str], cwd: Path) -> None:
+    """Let the environment of ``python`` import what the running interpreter has installed (torch and the
+    other dependencies), after its own packages: plain path lines in a ``.pth`` file. Plain lines do not run
+    the ``.pth`` files of those directories, so the repository's editable install stays invisible there."""
+    own = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=cwd, env=env)
+    target = Path(own.stdout.strip())
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "_running_interpreter.pth").write_text("\n".join(running_site_packages()) + "\n")
 
 
 def test_wheel_installs_and_runs(tmp_path):
@@ -42,9 +63,10 @@ def test_wheel_installs_and_runs(tmp_path):
     assert wheels[0].name == f"phantomgrad-{version}-py3-none-any.whl"
 
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], cwd=tmp_path, env=env)
+    run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path, env=env)
     bindir = venv / ("Scripts" if os.name == "nt" else "bin")
     python = bindir / "python"
+    share_site_packages(python, env, tmp_path)
     run(
         [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", wheels[0]],
         cwd=tmp_path,
