@@ -10,6 +10,7 @@ that structure into flat states (B, D) for the solver and unpacks the result.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, cast
@@ -133,6 +134,11 @@ def _all_finite(z: Any) -> bool:
     return True
 
 
+# The defaults of pg.DEQ's signature (copied per layer): the Anderson forward and UPG A_{5,0.5} of the paper.
+_DEFAULT_SOLVER = Anderson(max_iter=30, tol=1e-4)
+_DEFAULT_BACKWARD = UPG(k=5, damping=0.5)
+
+
 class DEQ(nn.Module):
     """A deep equilibrium layer.
 
@@ -176,8 +182,11 @@ class DEQ(nn.Module):
     reads the residuals for its warnings on every call. With a sync-free solver
     (``check_every=None``; ``"auto"`` on CUDA) it reads nothing on the host: a non-finite
     input is flagged in ``info.nonfinite`` by the solve instead of refused, and the warnings
-    read the device once every ``warn_interval`` calls. Under ``torch.compile`` the warnings
-    are skipped, so a sync-free layer compiles as one graph (``fullgraph=True``).
+    read the device once every ``warn_interval`` calls. Under ``torch.compile``
+    (``torch.compiler.is_compiling()``) the layer takes the sync-free path by itself, whatever
+    the solver's ``check_every``: no input checks, no warnings, and no ``fallback`` solve
+    (deciding on it needs a host read; ``info.nonfinite`` flags the samples instead), so
+    ``torch.compile(model)`` with default arguments traces the layer without a graph break.
 
     Examples:
         >>> import torch, phantomgrad as pg
@@ -196,11 +205,18 @@ class DEQ(nn.Module):
         torch.Size([6, 6])
     """
 
+    #: The advice that ends the not-converged warning, in the caller's syntax: ``phantomgrad train``
+    #: sets one that names its own keys (``solver_max_iter=``, ...) instead of Python arguments.
+    not_converged_hint: str = (
+        "Raise max_iter, try pg.Anderson/pg.Broyden or make f more contractive; "
+        "pg.DEQ(..., warn_not_converged=False) silences this"
+    )
+
     def __init__(
         self,
         f: Callable[..., State],
-        solver: Solver | None = None,
-        backward: BackwardMode | None = None,
+        solver: Solver | None = _DEFAULT_SOLVER,
+        backward: BackwardMode | None = _DEFAULT_BACKWARD,
         warn_not_converged: bool = True,
         fallback: Solver | None = None,
         warn_interval: int = 1000,
@@ -210,15 +226,14 @@ class DEQ(nn.Module):
         if not callable(f):
             raise TypeError(f"f must be callable as f(z, x), got {type(f).__name__}")
         self.f = f  # registered as a submodule when it is a Module
-        self.solver = solver if solver is not None else Anderson(max_iter=30, tol=1e-4)
-        self.backward_mode = backward if backward is not None else UPG(k=5, damping=0.5)
+        # the defaults shown in the signature are copied, so that no two layers share (and mutate) one object
+        self.solver = copy.copy(_DEFAULT_SOLVER) if solver is None or solver is _DEFAULT_SOLVER else solver
+        self.backward = copy.copy(_DEFAULT_BACKWARD) if backward is None or backward is _DEFAULT_BACKWARD else backward
         if not isinstance(self.solver, Solver):
             raise TypeError(f"solver must be a phantomgrad solver such as pg.Anderson(), got {self.solver!r}")
-        if not isinstance(self.backward_mode, BackwardMode):
-            raise TypeError(
-                f"backward must be a phantomgrad backward mode such as pg.UPG(), got {self.backward_mode!r}"
-            )
-        self.backward_mode.check_solver(self.solver)
+        if not isinstance(self.backward, BackwardMode):
+            raise TypeError(f"backward must be a phantomgrad backward mode such as pg.UPG(), got {self.backward!r}")
+        self.backward.check_solver(self.solver)
         self.warn_not_converged = boolean("warn_not_converged", warn_not_converged)
         self.warn_interval = positive_int("warn_interval", warn_interval)
         self.return_states = self._check_states(return_states, "return_states")
@@ -230,8 +245,17 @@ class DEQ(nn.Module):
             )
         self.fallback = fallback
 
+    @property
+    def backward_mode(self) -> BackwardMode:
+        """The backward mode, :attr:`backward` (this older name stays an alias, for reading and setting)."""
+        return self.backward
+
+    @backward_mode.setter
+    def backward_mode(self, mode: BackwardMode) -> None:
+        self.backward = mode
+
     def extra_repr(self) -> str:
-        return f"solver={self.solver!r}, backward={self.backward_mode!r}"
+        return f"solver={self.solver!r}, backward={self.backward!r}"
 
     def forward(self, x: Any, z0: State, states: Sequence[int] | None = None) -> tuple[Any, DEQInfo]:
         """Solve z* = f(z*, x) from ``z0`` and attach the backward mode's gradient.
@@ -273,7 +297,10 @@ class DEQ(nn.Module):
             torch.promote_types(z0_flat.dtype, torch.float32) if z0_flat.is_floating_point() else z0_flat.dtype
         )
         z0_flat = z0_flat.to(state_dtype)
-        sync_free = self._sync_free(z0_flat.device)
+        # Under torch.compile the layer reads nothing on the host (no input checks, fallback or warnings),
+        # so that a compiled model has no graph break here whatever its solver's check_every.
+        compiling = torch.compiler.is_compiling()
+        sync_free = compiling or self._sync_free(z0_flat.device)
         if not sync_free:  # host syncs; a sync-free layer leaves non-finite inputs to info.nonfinite instead
             if not _all_finite(z0):
                 raise ValueError("z0 contains NaN or Inf; start the solve from a finite state (e.g. zeros)")
@@ -310,16 +337,16 @@ class DEQ(nn.Module):
             return packer.pack(out).to(state_dtype)
 
         wants_grad = torch.is_grad_enabled()  # eval mode too: only no_grad/inference_mode skip backward work
-        mode = self.backward_mode
+        mode = self.backward
         with (
             contextlib.nullcontext() if wants_grad and mode.differentiates_solver else torch.no_grad(),
             torch.autocast(device_type, enabled=False),
         ):
             z_star, sinfo = self.solver.solve(fn, z0_flat, keep=steps, keep_inverse=mode.needs_inverse_jacobian)
-            if self.fallback is not None and bool(sinfo.nonfinite.any()):  # host sync, only with a fallback
+            if self.fallback is not None and not compiling and bool(sinfo.nonfinite.any()):  # host sync (fallback)
                 z_star, sinfo = self._fall_back(fn, z0_flat, z_star, sinfo)
         info = DEQInfo(**vars(sinfo))
-        if not torch.compiler.is_compiling():  # host-side health checks stay out of compiled graphs
+        if not compiling:  # host-side health checks stay out of compiled graphs
             self._report(info, sync_free)
         points = [*cast(list[Tensor], info.states), z_star] if steps else [z_star]  # kept: keep=steps asked
         if wants_grad:
@@ -336,9 +363,9 @@ class DEQ(nn.Module):
         if isinstance(states, (int, Tensor)) or not isinstance(states, Sequence):
             raise TypeError(f"{name} must be a sequence of solver steps such as (4, 8), got {states!r}")
         steps = tuple(positive_int(f"{name} (a solver step)", t) for t in states)
-        if steps and self.backward_mode.needs_inverse_jacobian:
+        if steps and self.backward.needs_inverse_jacobian:
             raise ValueError(
-                f"{name}: {type(self.backward_mode).__name__}'s inverse-Jacobian estimate belongs to h*, not to "
+                f"{name}: {type(self.backward).__name__}'s inverse-Jacobian estimate belongs to h*, not to "
                 "earlier states; use another backward mode (e.g. pg.UPG()) for trajectory supervision"
             )
         if steps and max(steps) > self.solver.max_iter:
@@ -408,13 +435,13 @@ class DEQ(nn.Module):
         self._quiet_until = call + self.warn_interval
         log.warning(
             "DEQ forward solve missed its tolerance: mean %s residual %.3g >= 10 x tol=%.3g (%d of %d samples "
-            "not converged, at most %d steps). Raise max_iter, try pg.Anderson/pg.Broyden or make f more "
-            "contractive; pg.DEQ(..., warn_not_converged=False) silences this (next warning in >= %d calls).",
+            "not converged, at most %d steps). %s (next warning in >= %d calls).",
             getattr(solver, "stop", "rel"),
             mean_res,
             tol,
             int((~info.converged).sum()),
             info.converged.numel(),
             int(info.nstep.max()),
+            self.not_converged_hint,
             self.warn_interval,
         )

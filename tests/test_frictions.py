@@ -1,0 +1,46 @@
+"""The frictions a new user hit (issue 23): each one that can regress, pinned here.
+
+The layer's backward mode is ``deq.backward`` (``backward_mode`` stays an alias), and its
+signature shows the real defaults rather than None.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+
+import phantomgrad as pg
+from conftest import TanhLayer
+
+
+def test_the_backward_mode_is_deq_backward_and_backward_mode_is_an_alias():
+    mode = pg.NPG(k=3, damping=0.5)
+    deq = pg.DEQ(TanhLayer(), backward=mode)
+    assert deq.backward is mode and deq.backward_mode is mode
+    other = pg.JFB()
+    deq.backward_mode = other  # the old name still sets it (swap.py, the bench and users' code do)
+    assert deq.backward is other
+    deq.backward = mode
+    assert deq.backward_mode is mode
+    assert "backward=NPG(" in repr(deq)
+    assert copy.deepcopy(deq).backward is not mode  # a plain attribute: deep-copied with the layer
+
+
+def test_the_signature_shows_the_real_defaults_and_layers_do_not_share_them():
+    params = inspect.signature(pg.DEQ).parameters
+    assert repr(params["solver"].default).startswith("Anderson(") and "max_iter=30" in repr(params["solver"].default)
+    assert repr(params["backward"].default) == repr(pg.UPG(k=5, damping=0.5))
+    a, b = pg.DEQ(TanhLayer()), pg.DEQ(TanhLayer(), solver=None, backward=None)  # None still means the default
+    assert repr(a.solver) == repr(b.solver) == repr(params["solver"].default)
+    assert a.solver is not b.solver and a.solver is not params["solver"].default
+    a.solver.max_iter = 3  # mutating one layer's solver leaves the others and the default alone
+    assert b.solver.max_iter == 30 and params["solver"].default.max_iter == 30
+    assert a.backward is not params["backward"].default
+
+
+def test_the_layer_still_solves_with_its_defaults():
+    x = torch.randn(3, 4, dtype=torch.float64)
+    z, info = pg.DEQ(TanhLayer())(x, torch.zeros(3, 6, dtype=torch.float64))
+    assert z.shape == (3, 6) and bool(info.converged.all())
