@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ._checks import boolean, positive_int
 from .backward import UPG, BackwardMode
+from .init import initial_state, relative_distance
 from .solvers import Anderson, Solver, SolverInfo, default_check_every
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,15 @@ State = Tensor | tuple[Tensor, ...]
 @dataclass
 class DEQInfo(SolverInfo):
     """The forward solve's :class:`SolverInfo`, plus ``backward``: the backward solve's
-    info for ``pg.Implicit`` (filled in when backward runs, else None)."""
+    info for ``pg.Implicit`` (filled in when backward runs, else None); ``fixed_point``: the
+    solver's h*, detached, with z's structure (what a :class:`~phantomgrad.FixedPointCache`
+    stores; UPG returns h_k in training); ``init_loss``: with ``init=g``, the scalar
+    mean_b ||g(x_b) - sg(z*_b)||^2 / ||sg(z*_b)||^2 that trains g and reaches g's parameters only
+    (:mod:`phantomgrad.init`), else None."""
 
     backward: SolverInfo | None = None
+    fixed_point: Any = None
+    init_loss: Tensor | None = None
 
 
 class _Packer:
@@ -161,6 +168,10 @@ class DEQ(nn.Module):
         return_states: trajectory supervision: solver steps t (1 <= t <= ``solver.max_iter``)
             after which the layer also returns the state, each with its own phantom gradient
             (see ``forward``'s ``states``); the default () returns the final state alone.
+        init: a learned initial state (SkipDEQ; HyperDEQ's initialiser): ``init(x)``, a module
+            or callable, returns a state with z's structure. ``deq(x)`` without z0 starts the
+            solve there (detached); ``info.init_loss`` is the auxiliary loss that trains it
+            (add it to the loss). See :mod:`phantomgrad.init`.
 
     The solver's state is kept in at least float32: under ``torch.autocast`` F may compute
     in bfloat16, but its output is cast back, so iterates and residuals stay float32.
@@ -221,6 +232,7 @@ class DEQ(nn.Module):
         fallback: Solver | None = None,
         warn_interval: int = 1000,
         return_states: Sequence[int] = (),
+        init: Callable[[Any], State] | None = None,
     ):
         super().__init__()
         if not callable(f):
@@ -244,6 +256,9 @@ class DEQ(nn.Module):
                 f"fallback must be a phantomgrad solver such as pg.FixedPoint(damping=0.5), got {fallback!r}"
             )
         self.fallback = fallback
+        if init is not None and not callable(init):
+            raise TypeError(f"init must be a module or callable returning the initial state, got {init!r}")
+        self.init = init  # registered as a submodule when it is a Module
 
     @property
     def backward_mode(self) -> BackwardMode:
@@ -257,7 +272,9 @@ class DEQ(nn.Module):
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, backward={self.backward!r}"
 
-    def forward(self, x: Any, z0: State, states: Sequence[int] | None = None) -> tuple[Any, DEQInfo]:
+    def forward(
+        self, x: Any, z0: State | Callable[[State | None], State] | None = None, states: Sequence[int] | None = None
+    ) -> tuple[Any, DEQInfo]:
         """Solve z* = f(z*, x) from ``z0`` and attach the backward mode's gradient.
 
         Args:
@@ -265,7 +282,9 @@ class DEQ(nn.Module):
                 tensor, a tuple, a dict, ...). Gradients reach it.
             z0: the starting state: a tensor or a tuple of tensors with the batch on
                 dimension 0; ``f(z, x)`` must return this structure and these shapes. No
-                gradient reaches it.
+                gradient reaches it. None: start at ``init(x)`` (the layer needs ``init``).
+                A start provider ``z0(default) -> state`` (e.g. ``FixedPointCache.start``)
+                is called with ``init(x)`` detached (None without ``init``).
             states: trajectory supervision for this call (default: the layer's
                 ``return_states``): solver steps t whose states are returned too.
 
@@ -291,7 +310,10 @@ class DEQ(nn.Module):
                 the message names what the layer passed to f (chained from f's error).
         """
         steps = self.return_states if states is None else self._check_states(states, "states")
+        z0, guess = initial_state(self.init, x, z0)  # guess: init(x), None without init
         packer = _Packer(z0)
+        if guess is not None:
+            packer.check(guess, "init(x)")
         z0_flat = packer.pack(z0).detach()
         state_dtype = (
             torch.promote_types(z0_flat.dtype, torch.float32) if z0_flat.is_floating_point() else z0_flat.dtype
@@ -346,6 +368,9 @@ class DEQ(nn.Module):
             if self.fallback is not None and not compiling and bool(sinfo.nonfinite.any()):  # host sync (fallback)
                 z_star, sinfo = self._fall_back(fn, z0_flat, z_star, sinfo)
         info = DEQInfo(**vars(sinfo))
+        info.fixed_point = packer.unpack(z_star.detach())
+        if guess is not None:
+            info.init_loss = relative_distance(packer.pack(guess), z_star)
         if not compiling:  # host-side health checks stay out of compiled graphs
             self._report(info, sync_free)
         points = [*cast(list[Tensor], info.states), z_star] if steps else [z_star]  # kept: keep=steps asked
