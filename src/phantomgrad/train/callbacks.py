@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .context import RunContext
+from .health import EquilibriumHealth
 from .monitor_callback import GradientMonitor
 from .recorder import RunRecorder
 
@@ -35,9 +36,10 @@ class Callback(Protocol):
 
 
 def default_callbacks(cfg: "TrainConfig", model: nn.Module, device: torch.device) -> list[Any]:
-    """The callbacks of every run: the forward-solve recorder for the report, and the gradient-quality
+    """The callbacks of every run: the forward-solve recorder for the report, equilibrium health
+    (backward convergence, spectral radius; :mod:`.health`), and the gradient-quality
     monitor when ``monitor_every`` is set or the backward mode is adaptive (it needs measurements)."""
-    callbacks: list[Any] = [RunRecorder()]
+    callbacks: list[Any] = [RunRecorder(), EquilibriumHealth(cfg.radius_every)]
     if cfg.monitor_every or cfg.backward == "adaptive":
         callbacks.append(GradientMonitor.from_config(cfg, model, device))
     return callbacks

@@ -162,6 +162,11 @@ class TrainConfig:
         0, "every N steps compare the phantom gradient with the exact one (0: off)", within=NON_NEGATIVE
     )
     monitor_rescale: bool = _key(False, "rescale the phantom gradient by the monitored norm ratio")
+    radius_every: int = _key(
+        1,
+        "every N epochs estimate the spectral radius of dF/dh at h* on a training batch (0: off)",
+        within=NON_NEGATIVE,
+    )
     # run
     seed: int = _key(0, "seed of the weights, the data order and dropout")
     device: str = _key("auto", "auto: cuda when a GPU is visible, else cpu", choices=lambda task: registry.DEVICES)

@@ -254,7 +254,7 @@ def build_lm_task(cfg: TrainConfig) -> Task:
         step,
         lm_metrics,
         progress_keys=("loss", "bpc"),
-        extra={"corpus": corpus, "data_options": options},
+        extra={"corpus": corpus, "data_options": options, "jacobian_penalty": "task"},  # added by step itself
     )
 
 

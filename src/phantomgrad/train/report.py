@@ -260,6 +260,7 @@ def _markdown(report: dict[str, Any], run_dir: Path) -> str:
         ]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in report["epochs"]] + [""]
+    lines += _health_lines(report["epochs"])
     fwd = report["forward"]
     if fwd:
         lines += [
@@ -325,6 +326,33 @@ def _markdown(report: dict[str, Any], run_dir: Path) -> str:
     ]
     lines += ["## Files", ""] + [f"- `{name}`" for name in report["files"]] + [""]
     return "\n".join(lines)
+
+
+def _health_lines(epochs: list[dict[str, Any]]) -> list[str]:
+    """The equilibrium-health table (:mod:`.health`): per epoch and split, mean forward steps, the
+    converged fraction and the final relative residual; the backward solve's (Implicit) and rho(dF/dh)."""
+    if not epochs:
+        return []
+    cols = [c for c in epochs[0] if c == "epoch" or c.endswith(_HEALTH_SUFFIXES)]
+    cols += [c for e in epochs for c in e if c.endswith(_HEALTH_SUFFIXES) and c not in cols]  # later columns
+    if len(cols) < 2:
+        return []
+    return [
+        "## Equilibrium health",
+        "",
+        "Per epoch and split: mean forward steps (`nstep`), fraction of samples whose forward solve met its "
+        "tolerance (`converged`), mean final relative residual (`residual`); `bwd_*` the same for Implicit's "
+        "backward solve; `spectral_radius` the power-iteration estimate of rho(dF/dh) at h* on a training batch "
+        "(above 1: F is not a contraction there).",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+        *("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in epochs),
+        "",
+    ]
+
+
+_HEALTH_SUFFIXES = ("_nstep", "_converged", "_residual", "_spectral_radius")
 
 
 def _plot_metrics(epochs: list[dict[str, Any]], path: Path) -> None:

@@ -16,6 +16,8 @@ from torch.utils.data import Dataset
 
 from . import registry
 from .config import TrainConfig
+from .health import with_health
+from .jacreg import with_jacobian_penalty
 
 
 class SizedDataset(Protocol):
@@ -68,8 +70,9 @@ class Task:
 
 
 def build_task(cfg: TrainConfig) -> Task:
-    """The task ``cfg.task`` built for ``cfg`` (a validated config names a registered task and dataset)."""
-    return registry.TASKS[cfg.task].build(cfg)
+    """The task ``cfg.task`` built for ``cfg`` (a validated config names a registered task and dataset),
+    with the Jacobian penalty of ``jac_reg_*`` and the equilibrium-health sums added to its steps."""
+    return with_health(with_jacobian_penalty(registry.TASKS[cfg.task].build(cfg), cfg))
 
 
 def mean_loss_accuracy(sums: dict[str, float], count: int) -> dict[str, float]:

@@ -1,0 +1,112 @@
+"""Equilibrium health in every run: converged fractions, residuals, the backward solve's and the spectral
+radius per epoch in metrics.csv, the summary and the report; the figures are those of the solves."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+import phantomgrad as pg
+from conftest import TanhLayer, tiny_overrides
+from phantomgrad.train.config import TrainConfig
+from phantomgrad.train.health import BACKWARD_KEYS, FORWARD_KEYS, _sums, with_health
+from phantomgrad.train.tasks import StepResult, Task
+from phantomgrad.train.trainer import train
+
+TINY = tiny_overrides(train_subset=128)
+
+
+def _rows(out_dir):
+    return list(csv.DictReader((out_dir / "metrics.csv").open()))
+
+
+@pytest.mark.parametrize("backward", ["upg", "implicit"])
+def test_health_columns_appear_in_metrics_summary_and_report(backward, tmp_path):
+    summary = train(TrainConfig.from_sources(None, TINY + ["epochs=2", f"backward={backward}", f"out_dir={tmp_path}"]))
+    rows = _rows(tmp_path)
+    for r in rows:
+        for key in ("train_converged", "train_residual", "test_converged", "test_residual", "test_nstep"):
+            assert 0 <= float(r[key]) and math.isfinite(float(r[key])), key
+        assert 0 <= float(r["train_converged"]) <= 1
+        assert float(r["train_spectral_radius"]) > 0  # radius_every=1: every epoch
+        assert ("train_bwd_converged" in r) == (backward == "implicit")
+    if backward == "implicit":
+        assert all(0 <= float(r["train_bwd_converged"]) <= 1 and float(r["train_bwd_residual"]) > 0 for r in rows)
+    assert summary["final_metrics"]["test_converged"] == pytest.approx(float(rows[-1]["test_converged"]))
+    md = (tmp_path / "report.md").read_text()
+    assert "## Equilibrium health" in md and "train_spectral_radius" in md
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert "train_converged" in report["epochs"][0]
+
+
+def test_converged_fraction_follows_the_solver_budget(tmp_path):
+    loose = train(
+        TrainConfig.from_sources(
+            None, TINY + ["solver_max_iter=40", "solver_tol=0.5", "radius_every=0", f"out_dir={tmp_path / 'a'}"]
+        )
+    )
+    tight = train(
+        TrainConfig.from_sources(
+            None, TINY + ["solver_max_iter=1", "solver_tol=1e-9", "radius_every=0", f"out_dir={tmp_path / 'b'}"]
+        )
+    )
+    assert loose["final_metrics"]["train_converged"] == 1.0 and loose["final_metrics"]["test_converged"] == 1.0
+    assert tight["final_metrics"]["train_converged"] == 0.0 and tight["final_metrics"]["test_converged"] == 0.0
+    assert tight["final_metrics"]["train_residual"] > loose["final_metrics"]["train_residual"]
+    assert "train_spectral_radius" not in _rows(tmp_path / "a")[0]  # radius_every=0: not measured
+
+
+def test_sums_are_those_of_the_solves():
+    f = TanhLayer()
+    deq = pg.DEQ(f, solver=pg.Anderson(max_iter=3, tol=1e-6), backward=pg.Implicit(pg.Broyden(max_iter=2, tol=1e-12)))
+    x = torch.randn(5, 4, dtype=torch.float64)
+    z, info = deq(x, torch.zeros(5, 6, dtype=torch.float64))
+    z.sum().backward()
+    for keys, solve in ((FORWARD_KEYS, info), (BACKWARD_KEYS, info.backward)):
+        sums = _sums([solve], keys)
+        assert sums is not None
+        assert sums[keys[0]] == 5.0
+        assert float(sums[keys[1]]) == float(solve.converged.sum())
+        assert float(sums[keys[2]]) == pytest.approx(float(solve.rel_residual.sum()))
+    # a task's finalize turns the sums into fractions and means; a step without solver info adds nothing
+    task = Task("t", torch.nn.Linear(1, 1), [], {}, lambda *a: StepResult(torch.zeros(()), {}, 1), lambda s, c: {})
+    wrapped = with_health(task)
+    assert wrapped.step(None, None, torch.device("cpu"), 0).sums == {}
+    out = wrapped.finalize({"solve_samples": 4.0, "solve_converged": 1.0, "solve_residual": 2.0}, 4)
+    assert out == {"converged": 0.25, "residual": 0.5}
+
+
+def test_spectral_radius_is_that_of_the_jacobian_at_h_star(tmp_path):
+    """The callback's estimate on a linear F z = W z + x is the spectral radius of W."""
+    from phantomgrad.train.context import RunContext
+    from phantomgrad.train.distributed import DistInfo
+    from phantomgrad.train.health import EquilibriumHealth
+
+    w = torch.randn(6, 6, dtype=torch.float64)
+    w = 0.7 * w / torch.linalg.eigvals(w).abs().max()
+    w = w + w.T  # symmetric: power iteration converges to |lambda|_max
+    rho = float(torch.linalg.eigvalsh(w).abs().max())
+    w = w * 0.8 / rho
+
+    class Linear(torch.nn.Module):
+        def forward(self, z, x):
+            return z @ w.T + x
+
+    deq = pg.DEQ(Linear(), solver=pg.Anderson(max_iter=50, tol=1e-10))
+    x = torch.randn(4, 6, dtype=torch.float64)
+
+    def recompute(batch):
+        z, _ = deq(batch, torch.zeros(4, 6, dtype=torch.float64))
+        return z.sum()
+
+    cfg = TrainConfig(epochs=1)
+    ctx = RunContext(tmp_path, deq, torch.device("cpu"), cfg, DistInfo(), False, recompute_loss=recompute)
+    health = EquilibriumHealth(radius_every=1, radius_iters=200)
+    health.last_batch = x
+    row: dict = {}
+    health.on_epoch_end(ctx, row)
+    assert row["train_spectral_radius"] == pytest.approx(0.8, rel=1e-6)
