@@ -11,6 +11,7 @@ import importlib.metadata
 
 from .adaptive import AdaptivePhantom
 from .backward import JFB, NPG, UPG, Backprop, BackwardMode, Implicit
+from .cache import FixedPointCache
 from .deq import DEQ, DEQInfo
 from .modes import BACKWARD_MODES, make_backward
 from .monitor import GradientQuality, gradient_quality
@@ -52,4 +53,5 @@ __all__ = [
     "swap",
     "pretraining",
     "deq_layers",
+    "FixedPointCache",
 ]
