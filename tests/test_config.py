@@ -42,7 +42,9 @@ def test_file_then_overrides(tmp_path):
         ("lr=fast", "lr must be float"),
         ("backward=upgg", "did you mean 'upg'"),
         ("solver=newton", "solver must be one of"),
-        ("progress=maybe", "progress must be bool"),
+        ("progress=maybe", "progress must be true, false or auto"),
+        ("backward=shine", "backward=shine does not work with solver=anderson; use solver=broyden"),
+        ("arch.pretrain_depth=3", "arch.pretrain_depth=3 is not used by task=image: no code reads it"),
         ("epochs", "key=value"),
     ],
 )
@@ -151,6 +153,31 @@ def test_every_registered_name_is_accepted():
             for model in registry.models(task):
                 TrainConfig(task=task, dataset=dataset, model=model)
     for mode in registry.backward_modes():
-        TrainConfig(backward=mode)
+        TrainConfig(backward=mode, solver=registry.solvers_for_mode(mode)[0])
     for solver in registry.solver_names():
         TrainConfig(solver=solver, backward_solver=solver, fallback_solver=solver)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["pretrain_steps=3"], r"pretrain_steps=3 is not used by task=graph \(it applies to task=image or task=lm\)"),
+        (["pretrain_depth=3"], "pretrain_depth=3 is not used by task=graph"),
+        (["trajectory_weight=2"], r"trajectory_weight=2.0 is not used by task=graph \(it applies to task=image\)"),
+        (["precision=bf16"], "precision=bf16 is not supported by task=graph: .*; leave precision at fp32"),
+    ],
+)
+def test_keys_the_graph_task_does_not_act_on_are_refused_with_one_line(overrides, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        TrainConfig.from_sources(None, ["task=graph", "dataset=chains", *overrides])
+    assert "\n" not in str(err.value)
+    TrainConfig.from_sources(None, ["task=graph", "dataset=chains", "pretrain_depth=6"])  # the default is no error
+
+
+def test_trajectory_weight_is_refused_on_the_language_model_task():
+    with pytest.raises(ConfigError, match="trajectory_weight=0.5 is not used by task=lm"):
+        TrainConfig.from_sources(None, ["task=lm", "dataset=bible", "trajectory_weight=0.5"])
+
+
+def test_shine_with_broyden_is_accepted():
+    assert TrainConfig.from_sources(None, ["backward=shine", "solver=broyden"]).solver == "broyden"

@@ -44,3 +44,33 @@ def test_the_layer_still_solves_with_its_defaults():
     x = torch.randn(3, 4, dtype=torch.float64)
     z, info = pg.DEQ(TanhLayer())(x, torch.zeros(3, 6, dtype=torch.float64))
     assert z.shape == (3, 6) and bool(info.converged.all())
+
+
+def _tiny_run(tmp_path, name, *extra):
+    from conftest import tiny_overrides
+
+    from phantomgrad.train.config import TrainConfig
+    from phantomgrad.train.trainer import train
+
+    overrides = [o for o in tiny_overrides(train_subset=64) if not o.startswith("progress=")]
+    cfg = TrainConfig.from_sources(None, [*overrides, "epochs=1", f"out_dir={tmp_path / name}", *extra])
+    return train(cfg)
+
+
+def test_under_phantomgrad_train_the_warnings_name_cli_keys_and_a_key_silences_them(tmp_path, caplog, capsys):
+    """The layer's not-converged advice speaks the CLI's syntax under the trainer (issue 25 item 4), and
+    progress=auto (the default) draws no bar when stderr is not a terminal (here: pytest's capture)."""
+    caplog.set_level("WARNING", logger="phantomgrad.deq")
+    _tiny_run(tmp_path, "loud", "solver_max_iter=1", "solver_tol=1e-9")
+    texts = [r.getMessage() for r in caplog.records if r.name == "phantomgrad.deq"]
+    assert texts and all("solver_max_iter=" in t and "jac_reg_weight=" in t for t in texts)
+    assert all("warn_not_converged=false silences this" in t and "pg." not in t for t in texts)
+    assert "epoch 1/1" not in capsys.readouterr().err  # progress=auto: no bar off a terminal
+    caplog.clear()
+    _tiny_run(tmp_path, "quiet", "solver_max_iter=1", "solver_tol=1e-9", "warn_not_converged=false")
+    assert not [r for r in caplog.records if r.name == "phantomgrad.deq"]
+
+
+def test_progress_true_still_draws_the_bar_off_a_terminal(tmp_path, capsys):
+    _tiny_run(tmp_path, "bar", "progress=true")
+    assert "epoch 1/1" in capsys.readouterr().err

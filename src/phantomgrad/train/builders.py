@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
 
 import phantomgrad as pg
+from phantomgrad.monitor import deq_modules
 from phantomgrad.solvers import fusable
 
 from . import registry
@@ -68,6 +70,35 @@ def build_fallback_solver(cfg: TrainConfig) -> pg.Solver | None:
     return pg.make_solver(
         cfg.fallback_solver, **damped, max_iter=2 * cfg.solver_max_iter, tol=cfg.solver_tol, stop=cfg.solver_stop
     )
+
+
+def cli_not_converged_hint() -> str:
+    """The advice of the layer's not-converged warning in ``phantomgrad train``'s own syntax: the keys
+    to change and the key that silences it (``warm_start=`` where the config has that key)."""
+    keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    start = ", start closer with warm_start=learned" if "warm_start" in keys else ""
+    return (
+        "Raise solver_max_iter=, try solver=broyden, make F more contractive with jac_reg_weight="
+        f"{start}; warn_not_converged=false silences this"
+    )
+
+
+def configure_layers(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """What the trainer sets on every DEQ layer of ``model``: the fallback solver, and the not-converged
+    warning on or off (``warn_not_converged``) with its advice in CLI syntax."""
+    fallback = build_fallback_solver(cfg)
+    for layer in deq_modules(model):
+        layer.fallback = fallback
+        layer.warn_not_converged = cfg.warn_not_converged
+        layer.not_converged_hint = cli_not_converged_hint()
+
+
+def progress_disabled(cfg: TrainConfig, is_main: bool) -> bool | None:
+    """tqdm's ``disable``: True off the main process or with ``progress=false``; None with ``progress=auto``
+    (tqdm then disables the bar when stderr is not a terminal, so a log file gets no carriage returns)."""
+    if not is_main or cfg.progress is False:
+        return True
+    return None if cfg.progress == "auto" else False
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

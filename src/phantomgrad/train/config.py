@@ -172,7 +172,8 @@ class TrainConfig:
     device: str = _key("auto", "auto: cuda when a GPU is visible, else cpu", choices=lambda task: registry.DEVICES)
     threads: int | None = _key(None, "CPU threads of torch (null: torch's default)", within=AT_LEAST_ONE)
     out_dir: str | None = _key(None, "run directory (null: runs/<dataset>-<backward>-<date-time>)")
-    progress: bool = _key(True, "show a progress bar")
+    progress: bool | str = _key("auto", "progress bar: true, false, or auto (shown only when stderr is a terminal)")
+    warn_not_converged: bool = _key(True, "warn when the forward solve misses its tolerance by 10x (false: silence)")
     tensorboard: bool = _key(False, "also log to TensorBoard (needs the tensorboard package)")
     eval_every: int = _key(1, "evaluate every N epochs (and always at the end)", within=AT_LEAST_ONE)
     log_every: int | None = _key(
@@ -205,10 +206,42 @@ class TrainConfig:
                 _choice(f.name, value, options, where)
             if f.name == "trajectory_states":
                 _check_steps(f.name, value, self.solver_max_iter, self.task)
+            if f.name == "progress" and value not in (True, False, "auto"):
+                raise ConfigError(f"progress must be true, false or auto, got {value!r}")
             within = meta.get("within")
             if within is not None and value not in within:
                 finite = " and finite" if isinstance(value, float) and within.high == math.inf else ""
                 raise ConfigError(f"{f.name} must be {within}{finite}, got {value!r}{meta.get('hint', '')}")
+
+        self._refuse_keys_the_task_ignores()
+        self._check_mode_takes_solver()
+
+    def _refuse_keys_the_task_ignores(self) -> None:
+        """A key the task does not act on (its registry entry's ``refuses``), set away from its default, is an error."""
+        for entry, reason in registry.TASKS[self.task].refuses.items():
+            key, _, bad = entry.partition("=")
+            outer, _, inner = key.partition(".")
+            value = getattr(self, outer)
+            if inner:  # an entry of a mapping (arch.pretrain_depth): refused when present
+                if not isinstance(value, dict) or inner not in value:
+                    continue
+                value = value[inner]
+            elif (str(value) != bad) if bad else value == _default(key):
+                continue
+            others = [t for t, e in registry.TASKS.items() if t != self.task and key not in e.refuses]
+            where = f" (it applies to task={' or task='.join(others)})" if others and not bad and not inner else ""
+            fix = f"leave {key} at {_yaml_value(_default(key))}" if bad else "remove it"
+            verb = "is not supported by" if bad else "is not used by"
+            raise ConfigError(f"{key}={_yaml_value(value)} {verb} task={self.task}{where}: {reason}; {fix}")
+
+    def _check_mode_takes_solver(self) -> None:
+        """backward= and solver= that cannot work together (e.g. SHINE needs Broyden's estimate), in CLI syntax."""
+        takes = registry.solvers_for_mode(self.backward)
+        if self.solver not in takes:
+            raise ConfigError(
+                f"backward={self.backward} does not work with solver={self.solver}; "
+                f"use solver={' or solver='.join(takes)}"
+            )
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
@@ -242,6 +275,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _default(key: str) -> Any:
+    """The default value of a key of :class:`TrainConfig`."""
+    f = TrainConfig.__dataclass_fields__[key]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    assert f.default_factory is not dataclasses.MISSING  # every key has a default
+    return f.default_factory()
 
 
 def _type_name(key: str) -> str:

@@ -18,7 +18,7 @@ import importlib
 import inspect
 import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -41,6 +41,9 @@ class TaskEntry:
     default_model: the model when the config names none.
     headline: the metrics the end-of-run summary leads with (from the test split).
     family: what its models are, for messages ("a DEQ transformer").
+    refuses: the config keys this task does not act on, each with the reason: ``"key"`` refuses any
+        value but the default, ``"key=value"`` that value, ``"arch.key"`` an entry of ``arch``.
+        Validation refuses them with one line (exit 2 in the CLI) instead of ignoring them.
     """
 
     builder: str
@@ -48,6 +51,7 @@ class TaskEntry:
     default_model: str
     headline: tuple[str, ...]
     family: str
+    refuses: dict[str, str] = field(default_factory=dict)
 
     def build(self, cfg: "TrainConfig") -> Any:
         module, function = self.builder.split(":")
@@ -61,6 +65,7 @@ TASKS: dict[str, TaskEntry] = {
         "mdeq-tiny",
         ("accuracy",),
         "an MDEQ",
+        {"arch.pretrain_depth": "no code reads it; the unrolled stack's depth is the top-level key pretrain_depth"},
     ),
     "lm": TaskEntry(
         "phantomgrad.train.lm_task:build_lm_task",
@@ -68,8 +73,21 @@ TASKS: dict[str, TaskEntry] = {
         "deq-transformer",
         ("ppl", "bpc"),
         "a DEQ transformer",
+        {"trajectory_weight": "trajectory supervision (trajectory_states) is the image task's"},
     ),
-    "graph": TaskEntry("phantomgrad.train.graph_task:build_graph_task", ("ignn",), "ignn", ("accuracy",), "an IGNN"),
+    "graph": TaskEntry(
+        "phantomgrad.train.graph_task:build_graph_task",
+        ("ignn",),
+        "ignn",
+        ("accuracy",),
+        "an IGNN",
+        {
+            "pretrain_steps": "the IGNN has no unrolled pretraining",
+            "pretrain_depth": "the IGNN has no unrolled pretraining",
+            "trajectory_weight": "trajectory supervision (trajectory_states) is the image task's",
+            "precision=bf16": "the IGNN's sparse adjacency products have no bfloat16 backward in torch",
+        },
+    ),
 }
 
 
@@ -111,6 +129,24 @@ def backward_modes() -> dict[str, type[BackwardMode]]:
 
         modes["adaptive"] = AdaptivePhantom
     return modes
+
+
+def solvers_for_mode(mode: str) -> tuple[str, ...]:
+    """The forward solvers (of :func:`solver_names`) that backward mode ``mode`` works with: those
+    whose default instance its ``check_solver`` accepts (SHINE: Broyden alone)."""
+    cls = backward_modes()[mode]
+    try:
+        instance = cls()
+    except TypeError:  # a mode without defaults for every argument: it says nothing about solvers here
+        return solver_names()
+    takes = []
+    for name in solver_names():
+        try:
+            instance.check_solver(SOLVERS[name]())
+        except ValueError:
+            continue
+        takes.append(name)
+    return tuple(takes)
 
 
 # The config keys that make up an Implicit-style backward solver, and the keyword they fill.

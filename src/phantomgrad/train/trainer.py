@@ -123,9 +123,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.task = build_task(cfg)
         self.model = self.task.model.to(self.device)
-        fallback = builders.build_fallback_solver(cfg)
-        for layer in deq_modules(self.model):
-            layer.fallback = fallback
+        builders.configure_layers(cfg, self.model)  # fallback solver, not-converged warning in CLI syntax
         if self.dist.enabled and any(
             isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()
         ):
@@ -212,7 +210,7 @@ class Trainer:
             initial=start,
             desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
             leave=False,
-            disable=not (self.cfg.progress and self.dist.is_main),
+            disable=builders.progress_disabled(self.cfg, self.dist.is_main),
             dynamic_ncols=True,
         )
         after_step = getattr(self.model, "after_optimizer_step", None)
