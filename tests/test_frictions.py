@@ -48,7 +48,6 @@ def test_the_layer_still_solves_with_its_defaults():
 
 def _tiny_run(tmp_path, name, *extra):
     from conftest import tiny_overrides
-
     from phantomgrad.train.config import TrainConfig
     from phantomgrad.train.trainer import train
 
