@@ -46,6 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "time and memory of every backward mode (the paper's Table 2), optionally against TorchDEQ",
     ),
     "report": ("phantomgrad.train.report", "render a run's report (JSON + Markdown with plots) from its directory"),
+    "evaluate": ("phantomgrad.experiments.evaluate", "a run's test accuracy at several solver budgets (vs F evals)"),
     "adaptive-compare": (
         "phantomgrad.experiments.adaptive_compare",
         "AdaptivePhantom vs fixed UPG (Table 1 rows) and SGD gradient rescaling on Fashion-MNIST",
