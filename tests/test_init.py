@@ -153,3 +153,60 @@ def test_sync_free_layer_with_init_compiles_as_one_graph():
     z_c, info_c = torch.compile(deq, backend="aot_eager", fullgraph=True)(x)
     assert torch.allclose(z_e, z_c, atol=1e-5)
     assert torch.allclose(info_e.init_loss, info_c.init_loss, atol=1e-5)
+
+
+# ---- the models: a given z0, and an init head as an option ------------------------------------------
+
+
+def _tiny_mdeq(**overrides):
+    from phantomgrad.models.mdeq import MDEQ, MDEQConfig
+
+    torch.manual_seed(0)
+    cfg = MDEQConfig.named("mdeq-tiny", in_channels=1, image_size=8, num_classes=10, **overrides)
+    return MDEQ(cfg, solver=pg.Anderson(max_iter=6, tol=1e-3), backward=pg.UPG(3, 0.5))
+
+
+def test_mdeq_starts_from_a_given_z0_or_its_init_head():
+    model = _tiny_mdeq(init_head=True)
+    model.deq.warn_not_converged = False
+    x = torch.randn(4, 1, 8, 8)
+    logits, info = model(x)
+    assert info.init_loss is not None and info.init_loss.ndim == 0
+    z_star = info.fixed_point
+    c0, c1 = model.config.channels
+    assert [tuple(z.shape) for z in z_star] == [(4, c0, 8, 8), (4, c1, 4, 4)]
+    model.zero_grad()
+    info.init_loss.backward()
+    head = {id(p) for p in model.deq.init.parameters()}
+    assert all((p.grad is not None) == (id(p) in head) for p in model.parameters())
+    with torch.no_grad():  # a given z0 (here: the fixed point itself) wins over the head: no step is needed
+        model.deq.solver = pg.Anderson(max_iter=6, tol=1.0)
+        _, again = model(x, z0=z_star)
+    assert int(again.nstep.max()) == 1
+    plain = _tiny_mdeq()
+    assert plain.deq.init is None
+    _, info = plain(x)
+    assert info.init_loss is None
+
+
+def test_transformer_and_ignn_take_a_z0():
+    from phantomgrad.models.ignn import IGNN
+    from phantomgrad.models.transformer import DEQTransformer, TransformerConfig
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig.named("deq-transformer-tiny", vocab_size=11, init_head=True)
+    lm = DEQTransformer(cfg, solver=pg.Anderson(max_iter=30, tol=1e-4)).eval()
+    tokens = torch.randint(0, 11, (2, 5))
+    with torch.no_grad():
+        out = lm(tokens, return_state=True)
+        assert out.info.init_loss is not None
+        z_star = out.info.fixed_point
+        _, again = lm(tokens, z0=z_star)
+        _, from_zero = lm(tokens, z0=torch.zeros_like(z_star))
+    assert again.nstep.float().mean() < from_zero.nstep.float().mean()
+    graph = IGNN(3, 2, 8, level="node", rho=1.0, solver=pg.FixedPoint(max_iter=300, tol=1e-8))
+    x, adj = torch.randn(4, 3), torch.eye(4) * 0.5
+    with torch.no_grad():
+        _, first = graph(x, adj)
+        _, second = graph(x, adj, z0=first.fixed_point)
+    assert int(second.nstep.max()) < int(first.nstep.max())

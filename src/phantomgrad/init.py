@@ -85,4 +85,17 @@ def initial_state(
     return z0, guess
 
 
-__all__ = ["detached", "detach_state", "relative_distance", "initial_state"]
+def model_start(z0: Any, zeros: State, layer: Any) -> Any:
+    """The ``z0`` a model passes to its DEQ ``layer`` when its own start would be ``zeros``: ``z0`` as
+    given (a state, or a start provider); None when ``z0`` is None and the layer has an ``init`` (the
+    solve starts at g(x)); ``zeros`` when neither; a start provider is called with ``zeros`` here
+    when the layer has no ``init`` (with one, the layer calls it with g(x))."""
+    has_init = getattr(layer, "init", None) is not None
+    if z0 is None:
+        return None if has_init else zeros
+    if not has_init and callable(z0) and not isinstance(z0, (Tensor, tuple, list)):
+        return z0(zeros)
+    return z0
+
+
+__all__ = ["detached", "detach_state", "relative_distance", "initial_state", "model_start"]

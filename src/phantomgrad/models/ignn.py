@@ -59,12 +59,13 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
 import phantomgrad as pg
+from phantomgrad.init import model_start
 
 # ----------------------------------------------------------------------------- projection
 
@@ -278,10 +279,12 @@ class IGNN(nn.Module):
         z0 = torch.zeros(1, x.shape[0], self.hidden, dtype=b.dtype, device=b.device)
         return (b, Adjacency(adj)), z0
 
-    def embed(self, x: Tensor, adj: Tensor) -> tuple[Tensor, pg.DEQInfo]:
-        """The equilibrium node states Z* (n, hidden) of node features ``x`` (n, p)."""
-        inputs, z0 = self.prepare(x, adj)
-        z, info = self.deq(inputs, z0)
+    def embed(self, x: Tensor, adj: Tensor, z0: Any = None) -> tuple[Tensor, pg.DEQInfo]:
+        """The equilibrium node states Z* (n, hidden) of node features ``x`` (n, p). ``z0``: where
+        the solve starts (None: zeros; a (1, n, hidden) state; or a start provider such as
+        :meth:`phantomgrad.FixedPointCache.start`)."""
+        inputs, zeros = self.prepare(x, adj)
+        z, info = self.deq(inputs, model_start(z0, zeros, self.deq))
         return z[0], info
 
     def readout(self, z: Tensor, batch: Tensor | None = None, num_graphs: int | None = None) -> Tensor:
@@ -297,11 +300,12 @@ class IGNN(nn.Module):
         return self.head(pooled)
 
     def forward(
-        self, x: Tensor, adj: Tensor, batch: Tensor | None = None, num_graphs: int | None = None
+        self, x: Tensor, adj: Tensor, batch: Tensor | None = None, num_graphs: int | None = None, z0: Any = None
     ) -> tuple[Tensor, pg.DEQInfo]:
-        """Logits per graph (level "graph": ``batch`` gives each node's graph) or per node."""
+        """Logits per graph (level "graph": ``batch`` gives each node's graph) or per node; ``z0``:
+        see :meth:`embed`."""
         with self.forward_context():
-            z, info = self.embed(x, adj)
+            z, info = self.embed(x, adj, z0)
             return self.readout(z, batch, num_graphs), info
 
     def extra_repr(self) -> str:

@@ -68,6 +68,7 @@ from torch.nn.utils.parametrizations import weight_norm as _torch_weight_norm
 
 from ..backward import BackwardMode
 from ..deq import DEQ, DEQInfo
+from ..init import model_start
 from ..nn.dropout import VariationalDropout2d
 from ..solvers import Solver
 from .mdeq_config import PRESETS, MDEQConfig, half_size
@@ -327,6 +328,34 @@ class MDEQHead(nn.Module):
         return self.classifier(y.mean(dim=(2, 3)))
 
 
+class MDEQInitHead(nn.Module):
+    """A learned initial state of MDEQ (SkipDEQ's explicit network, HyperDEQ's initialiser): from the
+    injection u_0 (B, c_0, H, W), a shared 3x3 conv -> GroupNorm -> ReLU, then per branch i an
+    average pool to that branch's size and a 1x1 conv to c_i channels:
+
+        g(u)_i = conv1x1_i(avgpool_{H_i x W_i}(ReLU(GN(conv3x3(u_0)))))
+
+    Two convs deep and about 1/(expansion * branches) of F's cost; trained by ``info.init_loss``
+    alone (the layer detaches u where it enters, so the stem is not bent towards it)."""
+
+    def __init__(self, channels: Sequence[int], num_groups: int):
+        super().__init__()
+        c0 = channels[0]
+        self.trunk = nn.Sequential(_conv3x3(c0, c0), nn.GroupNorm(num_groups, c0), nn.ReLU())
+        self.out = nn.ModuleList(nn.Conv2d(c0, c, kernel_size=1) for c in channels)
+
+    def forward(self, u: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+        u0 = u[0]
+        assert u0 is not None  # MDEQ injects the highest resolution
+        h = self.trunk(u0)
+        size = tuple(h.shape[-2:])
+        out = []
+        for conv in self.out:
+            out.append(conv(h if tuple(h.shape[-2:]) == size else F.adaptive_avg_pool2d(h, size)))
+            size = (half_size(size[0]), half_size(size[1]))
+        return tuple(out)
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -354,7 +383,9 @@ class MDEQ(nn.Module):
         self.config = config
         self.stem = MDEQStem(config.in_channels, config.channels, config.downsample_times, config.outer_norm)
         block = MDEQBlock(config.channels, config.expansion, config.num_groups, config.dropout, config.weight_norm)
-        self.deq = DEQ(block, solver=solver, backward=backward)  # F lives at self.deq.f (one copy in state_dict)
+        init = MDEQInitHead(config.channels, config.num_groups) if config.init_head else None
+        # F lives at self.deq.f (one copy in state_dict), the init head (arch.init_head) at self.deq.init
+        self.deq = DEQ(block, solver=solver, backward=backward, init=init)
         self.head = MDEQHead(
             config.channels, config.head_channels, config.final_channels, config.num_classes, config.outer_norm
         )
@@ -364,20 +395,25 @@ class MDEQ(nn.Module):
         """The equilibrium map F."""
         return cast(MDEQBlock, self.deq.f)
 
-    def forward(self, x: Tensor, states: Sequence[int] | None = None) -> tuple[Any, DEQInfo]:
+    def forward(self, x: Tensor, states: Sequence[int] | None = None, z0: Any = None) -> tuple[Any, DEQInfo]:
         """``(logits, info)`` for images x (see the class docstring). Pretraining, F as a
         weight-tied stack trained by backprop, is this forward with the DEQ's solve and gradient
         swapped: ``with pg.pretraining(model, depth): logits, info = model(x)``.
+
+        ``z0`` is where the solve starts: None for the model's own start (zeros, or the init
+        head's guess with ``init_head=True``), a tuple of per-branch states, or a start provider
+        ``z0(default) -> state`` such as :meth:`phantomgrad.FixedPointCache.start`.
 
         With ``states=(4, 8)`` (trajectory supervision) it returns a list of logits instead: the
         head applied to the states after 4 and 8 solver steps and to the final state, each state
         carrying the backward mode's gradient made there (see ``pg.DEQ.forward``)."""
         with self.forward_context():
-            u, z0 = self.prepare(x)
+            u, zeros = self.prepare(x)
+            start = model_start(z0, zeros, self.deq)
             if states:
-                zs, info = self.deq(u, z0, states=states)
+                zs, info = self.deq(u, start, states=states)
                 return [self.head(z) for z in zs], info
-            z, info = self.deq(u, z0)
+            z, info = self.deq(u, start)
             return self.head(z), info
 
     def forward_context(self) -> contextlib.AbstractContextManager:
@@ -413,8 +449,8 @@ class MDEQ(nn.Module):
         """The fixed point z* = F(z*, u) for images x, without gradients: ``(z*, u, info)``.
         For diagnostics such as ``pg.spectral_radius(model.block, z, u)``."""
         with torch.no_grad():
-            u, z0 = self.prepare(x)
-            z, info = self.deq(u, z0)
+            u, zeros = self.prepare(x)
+            z, info = self.deq(u, model_start(None, zeros, self.deq))
         return z, u, info
 
 
@@ -425,6 +461,7 @@ __all__ = [
     "MDEQBlock",
     "MDEQStem",
     "MDEQHead",
+    "MDEQInitHead",
     "ResidualBlock",
     "FuseUp",
     "FuseDown",

@@ -77,6 +77,9 @@ class MDEQConfig:
         outer_norm: normalisation in the stem and head (outside F): ``"batch"`` (MDEQ's) or
             ``"group"`` (GroupNorm: per sample, so results do not depend on how a batch is split
             over processes; used for exact one-process/many-process comparisons).
+        init_head: give the DEQ a learned initial state (:class:`~phantomgrad.models.mdeq.MDEQInitHead`,
+            two convs from the injection): the solve starts at its guess of z*, and
+            ``info.init_loss`` trains it (the trainer's ``warm_start=learned`` turns this on).
     """
 
     in_channels: int
@@ -92,6 +95,7 @@ class MDEQConfig:
     weight_norm: bool = True
     pretrain_depth: int = 10
     outer_norm: str = "batch"
+    init_head: bool = False
 
     def __post_init__(self) -> None:
         given: Any = self.image_size  # an int is accepted for a square image
@@ -126,6 +130,8 @@ class MDEQConfig:
             raise ValueError(f"MDEQConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.outer_norm not in ("batch", "group"):
             raise ValueError(f"MDEQConfig.outer_norm must be 'batch' or 'group', got {self.outer_norm!r}")
+        if not isinstance(self.init_head, bool):
+            raise ValueError(f"MDEQConfig.init_head must be true or false, got {self.init_head!r}")
         if self.downsample_times not in (0, 1, 2):
             raise ValueError(f"MDEQConfig.downsample_times must be 0, 1 or 2, got {self.downsample_times!r}")
 

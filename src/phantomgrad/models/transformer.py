@@ -72,6 +72,7 @@ from torch.nn.utils.parametrizations import weight_norm as _torch_weight_norm
 
 from ..backward import BackwardMode
 from ..deq import DEQ, DEQInfo
+from ..init import model_start
 from ..nn.seq_dropout import VariationalSeqDropout
 from ..regularize import jacobian_penalty as _jacobian_penalty
 from ..regularize import spectral_radius as _spectral_radius
@@ -106,6 +107,9 @@ class TransformerConfig:
         tie_weights: the output layer reuses the token embedding (logits = h E^T + c).
         final_norm: LayerNorm on z* before the output layer; None means on for PreLN
             and off for PostLN (whose z* is already a LayerNorm output).
+        init_head: give the DEQ a learned initial state (:class:`TransformerInitHead`, a
+            position-wise two-layer MLP of the injection): the solve starts at its guess of z*,
+            ``info.init_loss`` trains it (the trainer's ``warm_start=learned`` turns this on).
     """
 
     vocab_size: int
@@ -119,6 +123,7 @@ class TransformerConfig:
     weight_norm: bool = True
     tie_weights: bool = True
     final_norm: bool | None = None
+    init_head: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "max_len"):
@@ -136,7 +141,7 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.positions must be 'sinusoidal' or 'learned', got {self.positions!r}")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("weight_norm", "tie_weights"):
+        for name in ("weight_norm", "tie_weights", "init_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TransformerConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.final_norm is not None and not isinstance(self.final_norm, bool):
@@ -267,6 +272,19 @@ class LMOutput:
     injection: Tensor
 
 
+class TransformerInitHead(nn.Module):
+    """A learned initial state of the DEQ transformer: g(u) = W_2 GELU(W_1 u + b_1) + b_2 per
+    position, from the injection u (B, L, 3d) to a guess of z* (B, L, d). Position-wise, so it
+    sees no other token: it predicts the part of z* that the token and its position decide."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3 * d_model, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+
+    def forward(self, u: Tensor) -> Tensor:
+        return self.net(u)
+
+
 class DEQTransformer(nn.Module):
     """Weight-tied DEQ transformer language model (see the module docstring).
 
@@ -306,7 +324,8 @@ class DEQTransformer(nn.Module):
         self.drop_in = VariationalSeqDropout(config.dropout)
         self.inject = nn.Linear(d, 3 * d)
         block = TransformerBlock(d, config.n_heads, config.d_ff, config.norm, config.dropout, config.weight_norm)
-        self.deq = DEQ(block, solver=solver, backward=backward)  # F lives at self.deq.f
+        init = TransformerInitHead(d) if config.init_head else None
+        self.deq = DEQ(block, solver=solver, backward=backward, init=init)  # F at self.deq.f, init head at .init
         self.drop_out = VariationalSeqDropout(config.dropout)
         self.norm_out: nn.Module = nn.LayerNorm(d) if config.use_final_norm else nn.Identity()
         self.decoder: nn.Linear | None
@@ -381,21 +400,23 @@ class DEQTransformer(nn.Module):
         return u, z0
 
     # ---- forward -----------------------------------------------------------------------
-    def solve(self, tokens: Tensor) -> LMOutput:
-        """The full forward: logits, the solve's info, the state z and the injection u."""
+    def solve(self, tokens: Tensor, z0: Any = None) -> LMOutput:
+        """The full forward: logits, the solve's info, the state z and the injection u. ``z0``:
+        where the solve starts (None: zeros, or the init head's guess; a (B, L, d) state; or a
+        start provider such as :meth:`phantomgrad.FixedPointCache.start`)."""
         with self.forward_context():  # weight norm computed once per forward, reused by every F evaluation
-            u, z0 = self.prepare(tokens)
-            z, info = self.deq(u, z0)
+            u, zeros = self.prepare(tokens)
+            z, info = self.deq(u, model_start(z0, zeros, self.deq))
             logits = self.head(z)
         return LMOutput(logits, info, z, u)
 
-    def forward(self, tokens: Tensor, return_state: bool = False) -> tuple[Tensor, DEQInfo] | LMOutput:
+    def forward(self, tokens: Tensor, return_state: bool = False, z0: Any = None) -> tuple[Tensor, DEQInfo] | LMOutput:
         """``(logits, info)``; with ``return_state=True`` the :class:`LMOutput` of :meth:`solve`
         (a keyword rather than a method, so that it also goes through wrappers such as
         DistributedDataParallel). Pretraining, F as a weight-tied stack trained by backprop, is
         this forward with the DEQ's solve and gradient swapped:
-        ``with pg.pretraining(model, depth): logits, info = model(tokens)``."""
-        out = self.solve(tokens)
+        ``with pg.pretraining(model, depth): logits, info = model(tokens)``. ``z0``: see :meth:`solve`."""
+        out = self.solve(tokens, z0)
         return out if return_state else (out.logits, out.info)
 
     # ---- Jacobian regularisation and diagnostics ---------------------------------------
@@ -411,4 +432,13 @@ class DEQTransformer(nn.Module):
         return _spectral_radius(self.block, out.z.detach(), out.injection.detach(), iters=iters)
 
 
-__all__ = ["PRESETS", "TransformerConfig", "TransformerBlock", "DEQTransformer", "LMOutput", "sinusoids", "causal_mask"]
+__all__ = [
+    "PRESETS",
+    "TransformerConfig",
+    "TransformerBlock",
+    "TransformerInitHead",
+    "DEQTransformer",
+    "LMOutput",
+    "sinusoids",
+    "causal_mask",
+]
