@@ -46,13 +46,20 @@ def test_cosine_command_writes_csv_png_json(tmp_path, capsys):
         "--json",
         str(tmp_path / "s.json"),
     ]
-    code = main([*args, "--methods-on", "synthetic", "--batch", "4", "--threads", "1"])
+    code = main([*args, "--threads", "1"])
     assert code == 0
     assert (out / "cosine.csv").read_text().count("\n") == 1 + 2 * 3 * 3
     assert (out / "cosine.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "s.json").read_text())
     assert len(summary["rows"]) == 18
     assert "exact gradient check" in capsys.readouterr().out
+    assert not (out / "methods.json").exists()  # Fig. 1 alone: the methods study is its own command
+
+
+def test_methods_command_writes_the_table(tmp_path):
+    out = tmp_path / "methods"
+    code = main(["methods", "--models", "synthetic", "--batch", "4", "--dim", "8", "--trials", "1", "--out", str(out)])
+    assert code == 0
     rows = json.loads((out / "methods.json").read_text())["rows"]
     assert len(rows) == len(methods())
     assert "SHINE (broyden forward)" in (out / "methods.md").read_text()
@@ -61,8 +68,11 @@ def test_cosine_command_writes_csv_png_json(tmp_path, capsys):
 def test_cosine_command_rejects_bad_values(capsys):
     assert main(["cosine", "--lipschitz", "1.5"]) == 2
     assert "lipschitz" in capsys.readouterr().err
-    assert main(["cosine", "--methods-on", "resnet"]) == 2
-    assert "methods-on" in capsys.readouterr().err
+    assert main(["methods", "--models", "resnet"]) == 2
+    assert "--models: unknown" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # gone from cosine: argparse's usage error
+        main(["cosine", "--methods-on", "synthetic"])
+    assert usage.value.code == 2
 
 
 def test_methods_come_from_the_registries():

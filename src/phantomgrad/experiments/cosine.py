@@ -9,7 +9,7 @@ For UPG and NPG with k = 1..K and lambda in {0.5, 0.8, 1.0} we report the cosine
 between the phantom gradient (over W, U, b) and the exact one, averaged over
 ``trials`` random layers.
 
-Every method side by side (:func:`compare_methods`, ``phantomgrad cosine --methods-on``): each
+Every method side by side (:func:`compare_methods`, the command ``phantomgrad methods``): each
 backward mode of :data:`phantomgrad.modes.BACKWARD_MODES` with the run's forward solver (a mode
 that refuses it, as SHINE refuses all but Broyden, gets the first registered solver it accepts,
 named in its row), plus Reversible + Backprop (RevDEQ's exact gradient of the reversible
@@ -164,28 +164,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--out", type=Path, default=Path("runs/cosine"), help="directory for cosine.csv and cosine.png")
     parser.add_argument("--json", type=Path, default=None, help="also write a machine-readable summary here")
-    m = MethodsConfig()
     parser.add_argument(
-        "--methods-on",
-        default=",".join(m.models),
-        help="models on which every gradient method is compared (methods.md, methods.json in --out); "
-        f"comma-separated from {list(METHOD_MODELS)}, or 'none' (default %(default)s)",
-    )
-    parser.add_argument("--batch", type=int, default=m.batch, help="batch of the methods (default %(default)s)")
-    parser.add_argument(
-        "--solver-iter",
+        "--threads",
         type=int,
-        default=m.solver_iter,
-        help="forward solver steps (default %(default)s)",
+        default=1,
+        help="torch.set_num_threads (default %(default)s: the layer's products are too small to share; on a "
+        "loaded 2-core machine torch's default of 2 threads took 75 s instead of 9 s)",
     )
-    parser.add_argument(
-        "--mdeq-warmup",
-        type=int,
-        default=m.mdeq_warmup,
-        help="training steps of MDEQ-Tiny before the comparison (default %(default)s)",
-    )
-    parser.add_argument("--no-fig1", action="store_true", help="skip the UPG/NPG curves (Fig. 1)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -193,44 +178,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-k and --trials must be >= 1")
     if not 0 < args.lipschitz < 1:
         raise ValueError(f"--lipschitz must be in (0, 1) for a contraction, got {args.lipschitz}")
-    models = () if args.methods_on.strip().lower() == "none" else tuple(filter(None, args.methods_on.split(",")))
-    unknown = sorted(set(models) - set(METHOD_MODELS))
-    if unknown:
-        raise ValueError(f"--methods-on: unknown model(s) {unknown}; choose from {list(METHOD_MODELS)} or 'none'")
-    if min(args.batch, args.solver_iter) < 1 or args.mdeq_warmup < 0:
-        raise ValueError("--batch and --solver-iter must be >= 1 and --mdeq-warmup >= 0")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    code = 0 if args.no_fig1 else _run_fig1(args)
-    if models:
-        mcfg = MethodsConfig(
-            models=models,
-            batch=args.batch,
-            dim=args.dim,
-            lipschitz=args.lipschitz,
-            solver_iter=args.solver_iter,
-            trials=args.trials,
-            mdeq_warmup=args.mdeq_warmup,
-            seed=args.seed,
-        )
-        start = time.perf_counter()
-        methods_result = compare_methods(mcfg)
-        methods_result["seconds"] = time.perf_counter() - start
-        methods_result["machine"] = machine()
-        table = format_methods(methods_result)
-        print(table)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "methods.json").write_text(json.dumps(methods_result, indent=2))
-        (args.out / "methods.md").write_text(table + "\n")
-        print(f"wrote {args.out / 'methods.json'}, {args.out / 'methods.md'} in {methods_result['seconds']:.1f} s")
-        bad = [r for r in methods_result["reference"] if not r["converged"]]
-        if bad:
-            print(
-                f"warning: the exact gradient's solves did not reach ref_tol for {len(bad)} batch(es); see methods.json"
-            )
-    return code
+    return _run_fig1(args)
 
 
 def machine() -> dict:
