@@ -60,8 +60,8 @@ class TaskEntry:
 
 TASKS: dict[str, TaskEntry] = {
     "image": TaskEntry(
-        "phantomgrad.train.image_task:build_image_task",
-        "phantomgrad.models.mdeq:PRESETS",
+        "phantomgrad.train.mondeq_task:build_image_task",
+        "phantomgrad.train.mondeq_task:IMAGE_MODELS",
         "mdeq-tiny",
         ("accuracy",),
         "an MDEQ",
