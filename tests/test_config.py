@@ -74,7 +74,7 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     path = tmp_path / "ck.pt"
     save_checkpoint(path, {"epoch": 3, "values": [1, 2]})
     assert load_checkpoint(path)["epoch"] == 3
-    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "ck.pt.json"]  # no temporary file left behind
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupted"):

@@ -1,4 +1,4 @@
-"""``phantomgrad train [--config FILE] [--resume] [--json PATH] [key=value ...]``.
+"""``phantomgrad train [--config FILE] [--resume [auto]] [--json PATH] [key=value ...]``.
 
 Before anything is written the command checks what it will write (the run directory and the
 ``--json`` file): a path that is a file, a directory that cannot be written, a resume without a
@@ -26,12 +26,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=3 backward=implicit"
     )
     parser.add_argument("--config", type=Path, default=None, help="YAML or TOML config file (see configs/)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last checkpoint")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        action=_ResumeAction,
+        default=None,
+        metavar="auto",
+        help="continue the run in out_dir from its last checkpoint; --resume auto: continue it when out_dir holds "
+        "one, else start it (the default under torchrun, so that restarted workers resume)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the end-of-run summary here too")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         f"config keys (key=value overrides, or keys of the --config file):\n{describe_keys()}\n\n{EXIT_CODES_HELP}"
     )
+
+
+class _ResumeAction(argparse.Action):
+    """``--resume`` (True) or ``--resume auto``; ``--resume epochs=3`` is --resume then an override."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object, opt: object = None
+    ) -> None:
+        namespace.resume = True if value is None else value
+        if isinstance(value, str) and value != "auto":
+            if "=" not in value:
+                parser.error(f"--resume takes no value or 'auto', got {value!r}")
+            namespace.resume = True
+            if isinstance(getattr(namespace, "overrides", None), list):
+                namespace.overrides.append(value)  # in its place among the overrides (later ones win)
+            else:
+                namespace.resume_overrides = [value]
 
 
 # ---- pre-flight: every path the run will write, checked before it starts ----------------------
@@ -64,13 +89,13 @@ def check_writable_dir(path: Path, what: str) -> None:
         ) from None
 
 
-def preflight(cfg: TrainConfig, resume: bool, json_path: Path | None) -> None:
+def preflight(cfg: TrainConfig, resume: bool | str | None, json_path: Path | None) -> None:
     """The checks of the paths the run writes: out_dir (or the default runs/), --json, --resume."""
-    if resume and cfg.out_dir is None:
+    if resume is True and cfg.out_dir is None:
         raise ConfigError("--resume needs out_dir=... naming the run to continue")
     out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir is not None else DEFAULT_RUNS_DIR
     check_writable_dir(out_dir, "out_dir")
-    if resume and not (out_dir / "checkpoint.pt").is_file():
+    if resume is True and not any((out_dir / n).is_file() for n in ("checkpoint.pt", "checkpoint.prev.pt")):
         raise ConfigError(
             f"--resume: no checkpoint.pt in {out_dir}; train without --resume first, "
             "or point out_dir at the run to resume"
@@ -122,8 +147,8 @@ def format_summary(summary: dict, task: str = "image", dataset: str = "") -> str
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = TrainConfig.from_sources(args.config, args.overrides)
-    preflight(cfg, args.resume, args.json)
+    cfg = TrainConfig.from_sources(args.config, getattr(args, "resume_overrides", []) + args.overrides)
+    preflight(cfg, args.resume if args.resume is not None else cfg.resume, args.json)
 
     from .distributed import is_main_process
     from .trainer import train  # heavy imports only when training

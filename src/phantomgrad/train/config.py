@@ -181,6 +181,12 @@ class TrainConfig:
         "steps between host reads of metrics and the divergence guard (null: 1 on CPU, 50 on CUDA)",
         within=AT_LEAST_ONE,
     )
+    resume: bool | str | None = _key(
+        None, "continue out_dir's run: true, false, or auto (if it holds a checkpoint; null: auto under torchrun)"
+    )
+    dist_timeout: float | None = _key(
+        None, "seconds a collective may wait for a peer under torchrun (null: torch's 30 min)", within=POSITIVE
+    )
 
     def __post_init__(self) -> None:
         if self.model is None and self.task in registry.TASKS:
@@ -208,6 +214,8 @@ class TrainConfig:
                 _check_steps(f.name, value, self.solver_max_iter, self.task)
             if f.name == "progress" and value not in (True, False, "auto"):
                 raise ConfigError(f"progress must be true, false or auto, got {value!r}")
+            if f.name == "resume" and value not in (True, False, "auto"):
+                raise ConfigError(f"resume must be true, false or auto, got {value!r}")
             within = meta.get("within")
             if within is not None and value not in within:
                 finite = " and finite" if isinstance(value, float) and within.high == math.inf else ""

@@ -3,6 +3,12 @@
 ``torchrun --nproc-per-node N -m phantomgrad train ...`` sets RANK, WORLD_SIZE and
 LOCAL_RANK; :func:`init_distributed` then joins the process group (gloo on CPU, NCCL on
 GPU). Without those variables everything runs in one process and these helpers are no-ops.
+
+A restarted job reconnects: torchrun keeps one TCPStore across the restarts of its workers, so
+restarted gloo workers could read the addresses the dead attempt published there and fail in
+``connectFullMesh`` or hang (pytorch issue 167288). :func:`init_distributed` therefore hands
+``init_process_group`` a :class:`~torch.distributed.PrefixStore` keyed by
+``TORCHELASTIC_RESTART_COUNT`` over that store: each attempt reads and writes its own keys.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import gc
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -32,8 +39,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(use_cuda: bool) -> DistInfo:
-    """Join the process group torchrun describes in the environment (once per process)."""
+def init_distributed(use_cuda: bool, timeout: float | None = None) -> DistInfo:
+    """Join the process group torchrun describes in the environment (once per process).
+
+    ``timeout`` (seconds; None: torch's default, 30 minutes for gloo) bounds every collective and the
+    rendezvous, so a hung peer fails the job instead of hanging it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -41,8 +51,34 @@ def init_distributed(use_cuda: bool) -> DistInfo:
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        wait = timedelta(seconds=timeout) if timeout else None
+        store = attempt_store(info, wait)
+        if store is None:  # not started by torchrun: the env:// rendezvous as it is
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=wait)
+        else:
+            dist.init_process_group(
+                backend="nccl" if use_cuda else "gloo", store=store, rank=info.rank, world_size=world, timeout=wait
+            )
     return info
+
+
+def attempt_store(info: DistInfo, timeout: timedelta | None) -> dist.Store | None:
+    """The store of this restart attempt: a PrefixStore keyed by TORCHELASTIC_RESTART_COUNT over the
+    TCPStore at MASTER_ADDR:MASTER_PORT (torchrun's agent hosts it when it sets
+    TORCHELASTIC_USE_AGENT_STORE=True, else rank 0 does, as torch's env:// rendezvous would). None
+    outside torchrun."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if restart is None or not addr or not port:
+        return None
+    wait = timeout or timedelta(minutes=30)  # torch's default for gloo
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        base = dist.TCPStore(addr, int(port), info.world_size, is_master=False, timeout=wait)
+    else:
+        base = dist.TCPStore(
+            addr, int(port), info.world_size, is_master=info.rank == 0, timeout=wait, multi_tenant=True
+        )
+    return dist.PrefixStore(f"phantomgrad/attempt-{restart}", base)
 
 
 def broadcast_object(obj: Any, info: DistInfo) -> Any:

@@ -3,6 +3,9 @@ error as one line ``phantomgrad train: error: <message>`` and exits with that co
 
     2    bad input or environment (a run directory in use, a full disk)
     3    training diverged
+    75   another process of a torchrun job failed (a lost peer, a collective timeout, a failed
+         rendezvous): :class:`PeerFailure`; the checkpoint on disk is intact and the same command
+         resumes (75 is ``EX_TEMPFAIL``: try again)
     130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM; the message names the checkpoint to resume from
 
 (:class:`~phantomgrad.train.config.ConfigError` and
@@ -34,6 +37,14 @@ class RunDirError(TrainError, ValueError):
     exit_code = 2
 
 
+class PeerFailure(TrainError, RuntimeError):
+    """Another process of a torchrun job failed: the connection to a peer was lost, a collective
+    timed out (``dist_timeout``) or the rendezvous failed. Not this process's fault, nor phantomgrad's;
+    the message names the rank, what happened, the intact checkpoint and how to resume."""
+
+    exit_code = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure, running the command again continues
+
+
 class TrainingInterrupted(TrainError):
     """SIGINT or SIGTERM stopped training; ``checkpoint`` (when not None) resumes it with ``--resume``."""
 
@@ -54,4 +65,4 @@ class TrainingInterrupted(TrainError):
         return type(self), (self.signum, self.checkpoint, self.detail)
 
 
-__all__ = ["TrainError", "DivergenceError", "RunDirError", "TrainingInterrupted"]
+__all__ = ["TrainError", "DivergenceError", "RunDirError", "PeerFailure", "TrainingInterrupted"]

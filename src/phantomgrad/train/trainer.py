@@ -46,9 +46,9 @@ from tqdm import tqdm
 
 from phantomgrad.monitor import deq_modules
 
-from . import builders
+from . import builders, elastic
 from .callbacks import Callback, default_callbacks
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .context import RunContext
 from .distributed import (
@@ -82,6 +82,8 @@ RESUMABLE_CHANGES = {
     "threads",
     "max_bad_steps",
     "log_every",
+    "resume",
+    "dist_timeout",
 }
 # steps between host reads of the metrics and the guard: a sync costs nothing on a CPU (it ran the step itself)
 DEFAULT_LOG_EVERY = {"cpu": 1, "cuda": 50}
@@ -93,23 +95,23 @@ class Trainer:
     def __init__(
         self,
         cfg: TrainConfig,
-        resume: bool = False,
+        resume: bool | str | None = None,
         callbacks: list[Callback] | None = None,
         log_every: int | None = None,
     ):
         self.cfg = cfg
-        self.resume = resume
-        if resume and cfg.out_dir is None:
+        if resume is True and cfg.out_dir is None:
             raise ConfigError("--resume needs out_dir=... naming the run to continue")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = builders.resolve_device(cfg.device)
-        self.dist = init_distributed(device.type == "cuda")
+        self.dist = init_distributed(device.type == "cuda", getattr(cfg, "dist_timeout", None))
         quiet_other_ranks(self.dist)
-        # rank 0 names the run directory (a time stamp by default) and every process uses that name
-        default = Path("runs") / f"{cfg.dataset}-{cfg.backward}-{datetime.now():%Y%m%d-%H%M%S}"
+        # rank 0 names the run directory (a time stamp, or torchrun's run id) and every process uses that name
+        default = Path("runs") / elastic.default_run_name(cfg.dataset, cfg.backward, f"{datetime.now():%Y%m%d-%H%M%S}")
         self.out_dir = Path(broadcast_object(str(cfg.out_dir or default), self.dist))
-        if not resume and (self.out_dir / "checkpoint.pt").exists():
+        self.resume = resume = elastic.resolve_resume(resume, getattr(cfg, "resume", None), self.out_dir, self.dist)
+        if not resume and has_checkpoint(self.out_dir / "checkpoint.pt"):
             raise ConfigError(
                 f"out_dir {self.out_dir} already holds a run (checkpoint.pt); continue it with --resume, "
                 "or choose another out_dir (nothing was overwritten)"
@@ -200,7 +202,7 @@ class Trainer:
         self.net.train()
         partial, self._partial = self._partial, None
         start = partial["batch"] if partial else 0
-        meter = Meter.from_state(partial["meter"]) if partial else Meter()
+        meter = Meter.from_state(partial["meter"]) if partial and self.dist.is_main else Meter()  # sums of all ranks
         loader = self._train_loader(epoch, start)
         batches = iter(loader)  # draws a seed from the global RNG
         if partial:  # the RNG as it was at the interruption, after that draw
@@ -308,7 +310,8 @@ class Trainer:
         """Write a checkpoint that continues after batch ``done`` of the current epoch; raise."""
         self._flush(meter, bar)
         bar.close()
-        partial = {"batch": done, "meter": meter.state_dict(), "rng": _rng_state(), "lr": self._epoch_lr}
+        partial = {"batch": done, "meter": meter.reduce(self.dist, self.device).state_dict(), "rng": _rng_state()}
+        partial["lr"] = self._epoch_lr
         if done == self.steps_per_epoch:  # the last batch: nothing of the epoch is left but its end
             log.info("the epoch's last step was taken; stopping before its evaluation")
         path = self._save(partial) if self.dist.is_main else None
@@ -465,6 +468,8 @@ class Trainer:
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "history": self.history,
+                "world_size": self.dist.world_size,
+                "steps_per_epoch": self.steps_per_epoch,
             },
         )
         return path
@@ -494,6 +499,7 @@ class Trainer:
                 f"checkpoint in {self.out_dir} was made with a different config ({changes}); "
                 "resume with the same config or use a new out_dir"
             )
+        elastic.check_world_size(state, self.out_dir, self.dist.world_size, self.steps_per_epoch)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -532,15 +538,19 @@ def _set_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train(cfg: TrainConfig, resume: bool = False, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, resume: bool | str | None = None, callbacks: list[Callback] | None = None
+) -> dict[str, Any]:
     """Train as configured; returns the summary (also written to out_dir/summary.json).
 
     Under torchrun every process leaves the process group at the end, after the others (not
     on an error: a barrier there could wait for a peer that has died; torchrun stops them all).
     """
-    trainer = Trainer(cfg, resume=resume, callbacks=callbacks)
-    summary = trainer.fit()
-    info = trainer.dist
-    del trainer  # the DDP reducer must go before its process group (see shutdown_distributed)
-    shutdown_distributed(info)
+    with elastic.peer_failures() as watch:  # a peer's failure: one line, exit code 75 (see elastic.py)
+        trainer = Trainer(cfg, resume=resume, callbacks=callbacks)
+        watch.checkpoint = trainer.out_dir / "checkpoint.pt"
+        summary = trainer.fit()
+        info = trainer.dist
+        del trainer  # the DDP reducer must go before its process group (see shutdown_distributed)
+        shutdown_distributed(info)
     return summary
