@@ -24,9 +24,17 @@ Conventions shared by all solvers
 * When autograd is recording (``pg.Backprop``) the solvers stay differentiable:
   history buffers are written out of place.
 
-Modules: ``base`` (SolverInfo, the bookkeeping, the Solver base class), ``fixed_point``
-(FixedPoint, Unrolled), ``anderson``, ``broyden`` (Broyden and its BroydenInverse),
-``reversible`` (the reversible coupled iteration, exact gradient in O(1) memory).
+One loop
+--------
+:meth:`Solver.solve` is the only loop: a solver supplies ``init(loop, z0) -> (state, z)`` and
+``step(loop, state, z, fz, g) -> (state, z_next)`` (and optionally ``finish``), and the loop does
+the per-sample stopping, the best iterate, ``check_every``, the fused bookkeeping, the trace,
+``keep=`` and the :class:`SolverInfo`, the same for every solver (docs/adding_a_solver.md).
+
+Modules: ``base`` (the Solver base class and its loop), ``loop`` (the loop's bookkeeping),
+``info`` (SolverInfo), ``fixed_point`` (FixedPoint, Unrolled), ``anderson``, ``broyden`` (Broyden
+and its BroydenInverse), ``reversible`` (the reversible coupled iteration, exact gradient in O(1)
+memory).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from .anderson import Anderson
 from .base import FlatFn, Solver, SolverInfo, _check_damping, default_check_every
 from .broyden import Broyden, BroydenInverse
 from .fixed_point import FixedPoint, Unrolled
+from .loop import Loop
 from .reversible import Reversible
 
 SOLVERS: dict[str, type[Solver]] = {
@@ -75,6 +84,7 @@ __all__ = [
     "Reversible",
     "BroydenInverse",
     "FlatFn",
+    "Loop",
     "default_check_every",
     "_check_damping",
 ]

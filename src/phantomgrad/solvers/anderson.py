@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .._checks import nonneg_float, positive_int
-from .base import CheckEvery, Solver, _check_damping
+from .base import Solver, _check_damping
+from .loop import Loop
 
 
 def _write(buf: Tensor, slot: int, value: Tensor) -> Tensor:
@@ -30,6 +31,14 @@ def _write_diff(buf: Tensor, slot: int, a: Tensor, b: Tensor) -> Tensor:
     else:
         torch.sub(a, b, out=buf[:, slot])
     return buf
+
+
+@dataclass
+class _AndersonState:
+    G: Tensor  # (B, m+1, D): rows 0..m-1 the differences of the residuals by slot, row m the current one
+    dY: Tensor  # (B, m, D): the differences of the plain steps y_i by slot
+    y_prev: Tensor | None = None
+    n: int = 0  # steps taken
 
 
 class Anderson(Solver):
@@ -72,56 +81,45 @@ class Anderson(Solver):
         (True, True)
     """
 
-    def __init__(
-        self,
-        m: int = 5,
-        ridge: float = 1e-4,
-        mixing: float = 1.0,
-        *,
-        max_iter: int = 50,
-        tol: float = 1e-4,
-        stop: Literal["rel", "abs"] = "rel",
-        trace: bool = False,
-        check_every: CheckEvery = "auto",
-        fused: bool = False,
-    ):
-        super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every, fused=fused)
-        self.m = positive_int("m (Anderson history size)", m)
-        self.ridge = nonneg_float("ridge", ridge)
-        self.mixing = _check_damping("mixing", mixing)
+    m: int = 5
+    ridge: float = 1e-4
+    mixing: float = 1.0
 
-    def _iterate(self, fn, z, tracker, fallback):
-        batch, dim = z.shape
-        m = self.m
-        G = z.new_zeros(batch, m + 1, dim)  # rows 0..m-1: dG ring buffer; row m: the current residual
-        dY = z.new_zeros(batch, m, dim)
-        y_prev = None
-        tiny = torch.finfo(z.dtype).tiny
-        for n in range(self.max_iter):
-            fz = fn(z)
-            g = tracker.observe(z, fz)
-            if not tracker.any_active or n == self.max_iter - 1:
-                return
-            y = fz if self.mixing == 1.0 else torch.add(z, g, alpha=self.mixing)
-            if y_prev is not None:
-                slot = (n - 1) % m
-                G = _write_diff(G, slot, g, G[:, m])
-                dY = _write_diff(dY, slot, y, y_prev)
-            G = _write(G, m, g)
-            y_prev = y
-            used = min(n, m)
-            z_next = y
-            if used > 0:
-                prod = G @ G.transpose(1, 2)  # (B, m+1, m+1): Gram matrix and right-hand side at once
-                gram, rhs = prod[:, :used, :used], prod[:, :used, m:]  # the ring fills slots 0, 1, ... in order
-                diag = gram.diagonal(dim1=1, dim2=2)
-                scale = diag.sum(-1) / used
-                diag.add_((self.ridge * scale + tiny)[:, None])  # the ridge, in place: prod is this step's own
-                gamma, status = torch.linalg.solve_ex(gram, rhs)
-                # finite iff its largest |entry| is (NaN propagates through amax)
-                ok = (status == 0) & (torch.linalg.vector_norm(gamma, ord=math.inf, dim=(1, 2)) < math.inf)
-                gamma = torch.where(ok[:, None, None], gamma, 0.0)
-                fallback |= tracker.active > ok  # active and not ok (on bools, a > b is a & ~b)
-                # z_next = y - dY^T gamma, in one fused kernel
-                z_next = torch.baddbmm(y.unsqueeze(1), gamma.transpose(1, 2), dY[:, :used], alpha=-1).squeeze(1)
-            z = tracker.advance(z_next, z)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.m = positive_int("m (Anderson history size)", self.m)
+        self.ridge = nonneg_float("ridge", self.ridge)
+        self.mixing = _check_damping("mixing", self.mixing)
+
+    def init(self, loop: Loop, z0: Tensor) -> tuple[_AndersonState, Tensor]:
+        batch, dim = z0.shape
+        # G rows 0..m-1: the dG ring buffer; row m: the current residual
+        return _AndersonState(G=z0.new_zeros(batch, self.m + 1, dim), dY=z0.new_zeros(batch, self.m, dim)), z0
+
+    def step(
+        self, loop: Loop, state: _AndersonState, z: Tensor, fz: Tensor, g: Tensor
+    ) -> tuple[_AndersonState, Tensor]:
+        m, n = self.m, state.n
+        G, dY = state.G, state.dY
+        y = fz if self.mixing == 1.0 else torch.add(z, g, alpha=self.mixing)
+        if state.y_prev is not None:
+            slot = (n - 1) % m
+            G = _write_diff(G, slot, g, G[:, m])
+            dY = _write_diff(dY, slot, y, state.y_prev)
+        G = _write(G, m, g)
+        state.G, state.dY, state.y_prev, state.n = G, dY, y, n + 1
+        used = min(n, m)
+        if used == 0:
+            return state, y
+        prod = G @ G.transpose(1, 2)  # (B, m+1, m+1): Gram matrix and right-hand side at once
+        gram, rhs = prod[:, :used, :used], prod[:, :used, m:]  # the ring fills slots 0, 1, ... in order
+        diag = gram.diagonal(dim1=1, dim2=2)
+        scale = diag.sum(-1) / used
+        diag.add_((self.ridge * scale + torch.finfo(z.dtype).tiny)[:, None])  # the ridge, in place: prod is ours
+        gamma, status = torch.linalg.solve_ex(gram, rhs)
+        # finite iff its largest |entry| is (NaN propagates through amax)
+        ok = (status == 0) & (torch.linalg.vector_norm(gamma, ord=math.inf, dim=(1, 2)) < math.inf)
+        gamma = torch.where(ok[:, None, None], gamma, 0.0)
+        loop.fallback |= loop.active > ok  # active and not ok (on bools, a > b is a & ~b)
+        # z_next = y - dY^T gamma, in one fused kernel
+        return state, torch.baddbmm(y.unsqueeze(1), gamma.transpose(1, 2), dY[:, :used], alpha=-1).squeeze(1)

@@ -1,21 +1,20 @@
-"""What every solver shares: :class:`SolverInfo`, the per-sample bookkeeping and the :class:`Solver` base."""
+"""The :class:`Solver` base: the six common keywords, declared once, and the one loop, :meth:`Solver.solve`."""
 
 from __future__ import annotations
 
 import abc
-import functools
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+import dataclasses
+from dataclasses import KW_ONLY, dataclass
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 from torch import Tensor
+from typing_extensions import dataclass_transform
 
 from .._checks import boolean, in_range, one_of, positive_float, positive_int
+from .info import SolverInfo
+from .loop import FlatFn, Loop, check_start_and_keep, residual_norms
 
-if TYPE_CHECKING:
-    from .broyden import BroydenInverse
-
-FlatFn = Callable[[Tensor], Tensor]
 CheckEvery = int | None | Literal["auto"]
 
 
@@ -43,259 +42,21 @@ def default_check_every(device: torch.device) -> int | None:
     and can be captured in a CUDA graph or compiled with ``fullgraph=True``, at the price of
     always running ``max_iter`` steps (converged samples are frozen, so the result is the
     same). This choice on CUDA is not measured here; measure it for your F (BENCHMARKS.md).
+    Inside ``torch.compile`` (``torch.compiler.is_compiling()``) every solve takes ``None``.
     """
     return 1 if device.type == "cpu" else None
 
 
-@dataclass
-class SolverInfo:
-    """What a solve returns besides the state; every tensor field is per sample, shape (B,).
-
-    Attributes:
-        abs_residual, rel_residual: ||F(z) - z|| and ||F(z) - z|| / ||F(z)|| of the returned z (float64).
-        nstep: evaluations of F counted for the sample (it stops counting once the sample stops).
-        converged: the stopping criterion holds at the returned z.
-        nonfinite: a non-finite value was produced for the sample.
-        fallback: Anderson took a plain step because its small system was singular or not finite.
-        trace: with ``trace=True``, one (B,) tensor per step: the stopping criterion of each
-            sample's iterate, NaN for samples that had stopped. With ``check_every=None`` there
-            is one entry per step run (``max_iter``); otherwise the list ends at ``nstep.max()``.
-        states: with ``solve(..., keep=steps)``, for each requested step t the (B, D) state the
-            solve had after t evaluations of F (see :meth:`Solver.solve`).
-        inverse_jacobian: with ``solve(..., keep_inverse=True)``, Broyden's low-rank estimate of
-            (J_F - I)^{-1} at the returned state (:class:`~phantomgrad.solvers.broyden.BroydenInverse`);
-            None for solvers that keep no such estimate.
-    """
-
-    abs_residual: Tensor
-    rel_residual: Tensor
-    nstep: Tensor
-    converged: Tensor
-    nonfinite: Tensor
-    fallback: Tensor
-    trace: list[Tensor] | None = None
-    states: list[Tensor] | None = None
-    inverse_jacobian: BroydenInverse | None = None
-
-    @property
-    def all_converged(self) -> bool:
-        return bool(self.converged.all())  # host sync
-
-    def summary(self) -> dict[str, float]:
-        """Batch means as plain floats, for logs and progress bars (one host sync per field)."""
-        return {
-            "abs_residual": float(self.abs_residual.float().mean()),
-            "rel_residual": float(self.rel_residual.float().mean()),
-            "nstep": float(self.nstep.float().mean()),
-            "converged": float(self.converged.float().mean()),
-            "nonfinite": int(self.nonfinite.sum()),
-            "fallback": int(self.fallback.sum()),
-        }
-
-
-def check_start_and_keep(z0: Tensor, keep: Sequence[int], limit: int, runs: str, bound: str) -> tuple[int, ...]:
-    """The kept steps as a tuple; a one-line error for a start that is not (batch, dim) or a kept
-    step past ``limit`` (``runs`` says how many steps the solve runs, ``bound`` names the limit)."""
-    if z0.dim() != 2:
-        raise ValueError(f"solvers work on flat states of shape (batch, dim), got shape {tuple(z0.shape)}")
-    steps = tuple(positive_int("keep (a step number)", t) for t in keep)
-    if any(t > limit for t in steps):
-        raise ValueError(f"keep asks for the state after step {max(steps)}, but {runs}; ask for steps <= {bound}")
-    return steps
-
-
-def residual_norms(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """g = fz - z and the per-sample norms ||g||, ||g|| / ||fz|| (float64, no autograd on the norms)."""
-    g = fz - z
-    with torch.no_grad():
-        abs_res = torch.linalg.vector_norm(g, dim=1).double()
-        fz_norm = torch.linalg.vector_norm(fz, dim=1).double()
-        rel_res = abs_res / fz_norm.clamp_min(torch.finfo(torch.float64).tiny)
-    return g, abs_res, rel_res
-
-
-def _bookkeeping(
-    z: Tensor, fz: Tensor, active: Tensor, best_abs: Tensor, best_rel: Tensor, nstep: Tensor, tol: float, rel: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The arithmetic of one step of :class:`_Tracker`, without the best iterate (a pure function).
-
-    With g = F(z) - z, r_abs = ||g|| and r_rel = ||g|| / ||F(z)|| per sample, and c the stopping
-    criterion (r_rel for ``rel``, else r_abs): a sample that is active and whose iterate is finite
-    improves (``better``) where c < its best c so far; it stays active where, in addition,
-    c > ``tol``; ``nstep`` counts one more evaluation for every active sample.
-
-    Returns g, r_abs, r_rel, c, better, the new active mask, best r_abs, best r_rel and nstep.
-    """
-    g, abs_res, rel_res = residual_norms(z, fz)
-    with torch.no_grad():
-        crit, best_crit = (rel_res, best_rel) if rel else (abs_res, best_abs)
-        # rel_res = abs_res / (a positive number), so abs_res finite is the test (NaN fails it too)
-        ok = active & (abs_res < torch.inf)  # still iterating, and this iterate is finite
-        better = ok & (crit < best_crit)
-        best_abs = torch.where(better, abs_res, best_abs)
-        best_rel = torch.where(better, rel_res, best_rel)
-        nstep = nstep + active
-        # not converged; a non-finite sample stops too (info() tells the two apart)
-        still_active = ok & (crit > tol)
-    return g, abs_res, rel_res, crit, better, still_active, best_abs, best_rel, nstep
-
-
-def _fused_step(
-    z: Tensor,
-    fz: Tensor,
-    active: Tensor,
-    best_abs: Tensor,
-    best_rel: Tensor,
-    nstep: Tensor,
-    best_z: Tensor,
-    tol: float,
-    rel: bool,
-) -> tuple[Tensor, ...]:
-    """:func:`_bookkeeping` and the best iterate, z where ``better`` else the old best, in one function
-    for ``torch.compile`` to fuse (``fused=True``); returns _bookkeeping's values and the new best z."""
-    out = _bookkeeping(z, fz, active, best_abs, best_rel, nstep, tol, rel)
-    better = out[4]
-    return (*out, torch.where(better[:, None], z, best_z))
-
-
-@functools.cache
-def _compiled_fused_step() -> Callable[..., tuple[Tensor, ...]]:
-    """:func:`_fused_step` under ``torch.compile`` (compiled on first call, once per shape and dtype;
-    dynamic shapes after a second batch size)."""
-    return torch.compile(_fused_step, fullgraph=True)
-
-
-class _Tracker:
-    """Per-sample bookkeeping common to every solver: residuals, stopping, best iterate, kept states.
-
-    Everything is tracked on the device with masks. The host reads the number of samples still
-    iterating only every ``check_every`` evaluations of F (never with ``None``); between checks it
-    assumes some sample is still active, and the solvers mask every update so that a stopped
-    sample stays frozen. Extra steps after every sample stopped therefore change nothing.
-    """
-
-    def __init__(
-        self,
-        z0: Tensor,
-        tol: float,
-        stop: str,
-        keep_trace: bool,
-        check_every: int | None,
-        keep: Sequence[int],
-        max_iter: int,
-        fused: bool = False,
-    ):
-        batch = z0.shape[0]
-        device = z0.device
-        self.tol = tol
-        self.stop = stop
-        self.check_every = check_every
-        self.fused = fused
-        self.best_z = z0
-        self.best_abs = torch.full((batch,), float("inf"), device=device, dtype=torch.float64)
-        self.best_rel = torch.full_like(self.best_abs, float("inf"))
-        self.nstep = torch.zeros(batch, dtype=torch.long, device=device)
-        self.active = torch.ones(batch, dtype=torch.bool, device=device)
-        self.trace: list[Tensor] | None = [] if keep_trace else None
-        self.keep = tuple(keep)
-        self.max_iter = max_iter
-        self.states: list[Tensor | None] = [None] * len(self.keep)
-        self.keep_inverse = False  # solve(keep_inverse=True): the solver puts its estimate in inverse_jacobian
-        self.inverse_jacobian: BroydenInverse | None = None
-        self.evals = 0  # evaluations of F observed so far (a host counter)
-        # What the host knows: any_active is False only after a check found every sample stopped;
-        # all_active is True only while the last check found every sample iterating (then the
-        # solvers skip their masks), and both are refreshed at every check.
-        self.any_active = True
-        self.all_active = True
-
-    @property
-    def keeping_now(self) -> bool:
-        """Whether the state after this many evaluations was asked for (``solve(keep=...)``); the
-        state after the last evaluation is the returned one, filled in by :meth:`info`."""
-        return self.evals in self.keep and self.evals < self.max_iter
-
-    def observe(self, z: Tensor, fz: Tensor) -> Tensor:
-        """Record the residual of iterate ``z`` (with fn(z) = fz); return the residual fn(z) - z."""
-        self.evals += 1
-        check = self.check_every is not None and self.evals % self.check_every == 0
-        state = (z, fz, self.active, self.best_abs, self.best_rel, self.nstep)
-        rel = self.stop == "rel"
-        if self.fused:
-            # one compiled function: one generated kernel instead of 17 operators (inlined when
-            # the caller is itself being compiled)
-            step = _fused_step if torch.compiler.is_compiling() else _compiled_fused_step()
-            g, _, _, crit, better, active, self.best_abs, self.best_rel, self.nstep, best_z = step(
-                *state, self.best_z, self.tol, rel
-            )
-        else:
-            g, _, _, crit, better, active, self.best_abs, self.best_rel, self.nstep = _bookkeeping(
-                *state, self.tol, rel
-            )
-        if self.trace is not None:
-            self.trace.append(torch.where(self.active, crit, torch.nan))
-        n_better = None
-        if check:
-            with torch.no_grad():
-                n_better, n_active = torch.stack((better.sum(), active.sum())).tolist()  # host sync (check_every)
-            batch = better.shape[0]
-            self.all_active, self.any_active = n_active == batch, n_active > 0
-        else:
-            self.all_active = False
-        if self.fused:
-            self.best_z = best_z
-        elif n_better == better.shape[0]:  # every sample improved: keep a reference, copy nothing
-            self.best_z = z
-        elif n_better != 0:  # some did, or the host did not look
-            self.best_z = torch.where(better[:, None], z, self.best_z)
-        self.active = active
-        return g
-
-    def advance(self, z_next: Tensor, z: Tensor) -> Tensor:
-        """The next iterate: ``z_next`` for samples still iterating, ``z`` (frozen) for the others.
-
-        Also records it for ``solve(keep=...)`` when this step was asked for."""
-        if not self.all_active:
-            z_next = torch.where(self.active[:, None], z_next, z)
-        if self.keeping_now:
-            self.keep_state(z_next)
-        return z_next
-
-    def keep_state(self, z_next: Tensor) -> None:
-        """Store the state after ``self.evals`` evaluations: ``z_next`` where the sample iterates on,
-        its best iterate (what the solve returns for it) where it has stopped."""
-        state = torch.where(self.active[:, None], z_next, self.best_z)
-        for j, t in enumerate(self.keep):
-            if t == self.evals:
-                self.states[j] = state
-
-    def info(self, fallback: Tensor) -> SolverInfo:
-        crit = self.best_rel if self.stop == "rel" else self.best_abs
-        converged = crit <= self.tol
-        trace = self.trace
-        if trace is not None and self.check_every is not None:
-            trace = trace[: int(self.nstep.max())]  # host sync, only with trace=True
-        return SolverInfo(
-            abs_residual=self.best_abs,
-            rel_residual=self.best_rel,
-            nstep=self.nstep,
-            converged=converged,
-            # A sample stops when it converges or when an iterate is not finite; a sample that
-            # stopped unconverged therefore met a non-finite value (no per-step bookkeeping needed).
-            nonfinite=~(self.active | converged),
-            fallback=fallback,
-            trace=trace,
-            # steps not reached: every sample had stopped, so its state is the returned one
-            states=[self.best_z if s is None else s for s in self.states] if self.keep else None,
-            inverse_jacobian=self.inverse_jacobian,
-        )
-
-
+@dataclass_transform(field_specifiers=(dataclasses.field,))
+@dataclass(eq=False, repr=False)
 class Solver(abc.ABC):
-    """Base class of the fixed-point solvers: validates the common keywords and defines :meth:`solve`.
+    """Base class of the fixed-point solvers: the common keywords and the one loop, :meth:`solve`.
 
     A solver finds z with z = fn(z) for a batched map ``fn`` on flat states (B, D). A new solver
-    subclasses this and implements :meth:`_iterate`, and gets one entry in ``SOLVERS``.
+    subclasses this, declares its own options as annotated class attributes (every subclass is
+    made a dataclass: its signature shows its options, then these six keywords, with their
+    defaults; validate in ``__post_init__`` after ``super().__post_init__()``), implements
+    :meth:`init` and :meth:`step`, and gets one line in ``SOLVERS`` (docs/adding_a_solver.md).
 
     Args:
         max_iter: largest number of evaluations of the map.
@@ -308,7 +69,8 @@ class Solver(abc.ABC):
             the device, no host sync (the solve can be captured in a CUDA graph or traced by
             ``torch.compile(fullgraph=True)``). The returned state and info are the same for
             every value. ``"auto"`` (default): 1 on CPU, None on CUDA and other accelerators
-            (:func:`default_check_every` gives the reason).
+            (:func:`default_check_every` gives the reason), and None whenever the solve is being
+            compiled (``torch.compiler.is_compiling()``): no host read, no graph break.
         fused: run each step's bookkeeping (the residual F(z) - z, both norms, the stopping and
             best-iterate masks, the best iterate) as one ``torch.compile``'d function, one generated
             kernel instead of 17 operators: fewer kernel launches on a GPU (not measured yet); on
@@ -317,36 +79,67 @@ class Solver(abc.ABC):
             shape or dtype. Results equal
             the unfused ones up to the rounding of the norms' sums (float reductions in another
             order). FixedPoint, Anderson and Broyden take it.
+
+    Class attributes a solver may set (the loop and the tests' catalogue read them):
+        lockstep: every sample takes every step (no per-sample freezing, no best iterate); the
+            solve returns what :meth:`finish` makes of the last iterate.
+        evals_per_step: evaluations of F per step (the loop runs ``max_iter // evals_per_step`` steps).
+        linear_only: the solver solves z = fn(z) only for an affine fn (GMRES): a backward solver
+            of ``pg.Implicit``, not a forward solver of a DEQ.
     """
 
-    def __init__(
-        self,
-        *,
-        max_iter: int = 50,
-        tol: float = 1e-4,
-        stop: Literal["rel", "abs"] = "rel",
-        trace: bool = False,
-        check_every: CheckEvery = "auto",
-        fused: bool = False,
-    ):
-        self.max_iter = positive_int("max_iter", max_iter)
-        self.tol = positive_float("tol (use a small positive number such as 1e-6)", tol)
-        self.stop = one_of("stop", stop, ("rel", "abs"))
-        self.trace = boolean("trace", trace)
-        self.check_every = _check_check_every(check_every)
-        self.fused = boolean("fused", fused)
+    _: KW_ONLY
+    max_iter: int = 50
+    tol: float = 1e-4
+    stop: Literal["rel", "abs"] = "rel"
+    trace: bool = False
+    check_every: CheckEvery = "auto"
+    fused: bool = False
+
+    lockstep: ClassVar[bool] = False
+    evals_per_step: ClassVar[int] = 1
+    linear_only: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_iterate" in vars(cls) and "step" not in vars(cls):  # the old hook: solve runs _iterate instead
+            cls.step = Solver._no_step  # type: ignore[method-assign]
+        if "__init__" not in vars(cls):  # a dataclass: its options, then the common keywords
+            dataclass(eq=False, repr=False)(cls)
+
+    def __post_init__(self) -> None:
+        self.max_iter = positive_int("max_iter", self.max_iter)
+        self.tol = positive_float("tol (use a small positive number such as 1e-6)", self.tol)
+        self.stop = one_of("stop", self.stop, ("rel", "abs"))
+        self.trace = boolean("trace", self.trace)
+        self.check_every = _check_check_every(self.check_every)
+        self.fused = boolean("fused", self.fused)
 
     def __repr__(self) -> str:
-        keys = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        """The constructor's arguments (the common ones first), then anything else a subclass stored."""
+        fields = {f.name: f.init for f in dataclasses.fields(self)}
+        names = [k for k, init in fields.items() if init and k in vars(self)]
+        names += [k for k in vars(self) if k not in fields]
+        keys = ", ".join(f"{k}={getattr(self, k)!r}" for k in names)
         return f"{type(self).__name__}({keys})"
+
+    def _keep_limit(self) -> tuple[int, str, str]:
+        """The largest step ``keep`` may name, what the solve runs and the name of the limit."""
+        return self.max_iter, f"the solve runs at most max_iter={self.max_iter} steps", "max_iter"
 
     def solve(
         self, fn: FlatFn, z0: Tensor, *, keep: Sequence[int] = (), keep_inverse: bool = False
     ) -> tuple[Tensor, SolverInfo]:
         """Find z = fn(z) for a batch of flat states ``z0`` of shape (B, D).
 
-        Returns the iterate with the lowest residual seen for each sample, and its
-        :class:`SolverInfo`.
+        Returns the iterate with the lowest residual seen for each sample (a ``lockstep`` solver:
+        what its :meth:`finish` returns), and its :class:`SolverInfo`.
+
+        The loop, the same for every solver: ``state, z = init(loop, z0)``; then per step
+        ``fz = fn(z)``, the bookkeeping of :class:`~phantomgrad.solvers.loop.Loop` (residual,
+        stopping, best iterate, trace), and, unless the solve ends there, ``state, z_next =
+        step(loop, state, z, fz, g)`` with the stopped samples' z frozen; at the end
+        ``finish(loop, state, z, fz, g)``.
 
         Args:
             keep: step numbers t (1 <= t <= max_iter) whose states to return in ``info.states``,
@@ -359,25 +152,69 @@ class Solver(abc.ABC):
                 ``info.inverse_jacobian`` (Broyden only; others leave it None). It holds the
                 solver's history buffers, so memory is freed only when the info is.
         """
-        keep = check_start_and_keep(
-            z0, keep, self.max_iter, f"the solve runs at most max_iter={self.max_iter} steps", "max_iter"
+        limit, runs, bound = self._keep_limit()
+        keep = check_start_and_keep(z0, keep, limit, runs, bound)
+        check_every = self.check_every
+        if torch.compiler.is_compiling():  # no host read inside a compiled graph
+            check_every = None
+        elif check_every == "auto":
+            check_every = default_check_every(z0.device)
+        loop = Loop(
+            fn,
+            z0,
+            tol=self.tol,
+            stop=self.stop,
+            trace=self.trace,
+            check_every=check_every,
+            keep=keep,
+            max_iter=self.max_iter,
+            fused=self.fused,
+            lockstep=self.lockstep,
+            evals_per_step=self.evals_per_step,
+            keep_inverse=boolean("keep_inverse", keep_inverse),
         )
-        check_every = default_check_every(z0.device) if self.check_every == "auto" else self.check_every
-        tracker = _Tracker(z0, self.tol, self.stop, self.trace, check_every, keep, self.max_iter, self.fused)
-        fallback = torch.zeros(z0.shape[0], dtype=torch.bool, device=z0.device)
-        tracker.keep_inverse = boolean("keep_inverse", keep_inverse)
-        self._iterate(fn, z0, tracker, fallback)
-        return tracker.best_z, tracker.info(fallback)
+        if type(self)._iterate is not Solver._iterate:  # a solver written for the old hook: its own loop
+            self._iterate(fn, z0, loop, loop.fallback)
+            return loop.best_z, loop.info(loop.best_z)
+        state, z = self.init(loop, z0)
+        steps = self.max_iter // self.evals_per_step
+        for n in range(steps):
+            fz = loop.fn(z)
+            g = loop.observe(z, fz)
+            if not loop.any_active or n == steps - 1:
+                break
+            state, z_next = self.step(loop, state, z, fz, g)
+            z = loop.advance(z_next, z)
+        z_out = self.finish(loop, state, z, fz, g)
+        return z_out, loop.info(z_out)
+
+    def init(self, loop: Loop, z0: Tensor) -> tuple[Any, Tensor]:
+        """The solver's state before the first evaluation, and the first iterate to evaluate
+        (default: no state, ``z0``). ``loop.fn`` may be replaced here (e.g. to run without a graph)."""
+        return None, z0
 
     @abc.abstractmethod
-    def _iterate(self, fn: FlatFn, z: Tensor, tracker: _Tracker, fallback: Tensor) -> None:
-        """Run the iteration from ``z`` (B, D) for at most ``self.max_iter`` evaluations of ``fn``.
+    def step(self, loop: Loop, state: Any, z: Tensor, fz: Tensor, g: Tensor) -> tuple[Any, Tensor]:
+        """One step: from the iterate ``z`` just evaluated, fz = fn(z) and g = fz - z (the loop has
+        recorded them), the new state and the next iterate. The loop freezes the samples that
+        stopped (``loop.active``), so the step need not mask."""
 
-        The contract: pass every evaluated iterate to ``tracker.observe(z, fn(z))`` (it returns the
-        residual fn(z) - z and decides which samples stop); stop once ``tracker.any_active`` is
-        False; build each next iterate with ``tracker.advance(z_next, z)``, which freezes stopped
-        samples (or mask by ``tracker.active`` and call ``tracker.keep_state`` yourself). Set
-        ``fallback[i]`` where sample i took a safeguard step, and where ``tracker.keep_inverse`` is
-        True put an inverse-Jacobian estimate in ``tracker.inverse_jacobian``. The tracker returns the best
-        iterate, so this method returns nothing.
-        """
+    def _no_step(self, loop: Loop, state: Any, z: Tensor, fz: Tensor, g: Tensor) -> tuple[Any, Tensor]:
+        raise AssertionError("a solver with the old _iterate hook runs its own loop")  # pragma: no cover
+
+    def finish(self, loop: Loop, state: Any, z: Tensor, fz: Tensor, g: Tensor) -> Tensor:
+        """Called once after the last evaluation (the last iterate ``z``, fz, g); returns the state
+        the solve returns: by default the best iterate (``lockstep``: the last iterate). A solver
+        that keeps an inverse-Jacobian estimate puts it in ``loop.inverse_jacobian`` here."""
+        return loop.best_z
+
+    def _iterate(self, fn: FlatFn, z: Tensor, tracker: Loop, fallback: Tensor) -> None:
+        """The hook of solvers written before :meth:`init`/:meth:`step` (each wrote its own loop with
+        ``tracker.observe``/``tracker.advance``); still run for such a subclass. New solvers implement
+        :meth:`step` instead."""
+        raise NotImplementedError
+
+
+_Tracker = Loop  # the former name of the loop's bookkeeping
+
+__all__ = ["Solver", "SolverInfo", "FlatFn", "CheckEvery", "Loop", "default_check_every", "residual_norms"]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor
 
 from .._checks import positive_int
-from .base import CheckEvery, Solver
+from .base import Solver
+from .loop import Loop
 
 
 class BroydenInverse:
@@ -76,6 +78,17 @@ class BroydenInverse:
         return torch.stack([self.matvec(eye[i].expand(batch, dim)) for i in range(dim)], -1)
 
 
+@dataclass
+class _BroydenState:
+    P: Tensor  # (B, memory, memory): the Gram matrix of the stored steps, by slot
+    c: Tensor  # (B, memory): c_j of the factor (I + c_j s_{j+1} s_j^T), at the slot of s_j
+    rotations: Tensor  # (memory, memory): row r lists the slots oldest first when the oldest is in slot r
+    S: Tensor | None = None  # no-grad path: (B, memory, D) the stored steps by slot
+    steps: list[Tensor | None] = field(default_factory=list)  # autograd path: the stored steps by slot
+    s: Tensor | None = None  # the step taken from the last iterate (None before the first)
+    written: int = 0  # steps written to the ring
+
+
 class Broyden(Solver):
     """Limited-memory 'good' Broyden method on g(z) = F(z) - z.
 
@@ -126,164 +139,167 @@ class Broyden(Solver):
         (True, True)
     """
 
-    def __init__(
-        self,
-        memory: int = 20,
-        *,
-        max_iter: int = 50,
-        tol: float = 1e-4,
-        stop: Literal["rel", "abs"] = "rel",
-        trace: bool = False,
-        check_every: CheckEvery = "auto",
-        fused: bool = False,
-    ):
-        super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every, fused=fused)
-        self.memory = positive_int("memory (Broyden's number of stored updates)", memory)
+    memory: int = 20
 
-    def _iterate(self, fn, z, tracker, fallback):
-        batch, dim = z.shape
-        mem = self.memory
-        eps = torch.finfo(z.dtype).eps
-        fz = fn(z)
-        g = tracker.observe(z, fz)
-        # The autograd path only where a graph is being built (pg.Backprop): grad mode alone is
-        # not enough, e.g. Implicit's backward solve runs under enable_grad on VJPs without graphs.
-        differentiable = torch.is_grad_enabled() and g.requires_grad
-        steps: list[Tensor | None] = [None] * mem  # autograd path: the stored steps by slot
-        S = None if differentiable else z.new_zeros(batch, mem, dim)  # no-grad path: the stored steps by slot
-        P = z.new_zeros(batch, mem, mem)  # Gram matrix of the stored steps, by slot
-        c = z.new_zeros(batch, mem)  # c_j of the factor (I + c_j s_{j+1} s_j^T), at the slot of s_j
-        written = 0  # steps written to the ring so far
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.memory = positive_int("memory (Broyden's number of stored updates)", self.memory)
+
+    def init(self, loop: Loop, z0: Tensor) -> tuple[_BroydenState, Tensor]:
+        batch, mem = z0.shape[0], self.memory
         # rotations[r] = (r, r+1, ..., mem-1, 0, ..., r-1): the slots oldest first once the ring is full
-        ar = torch.arange(mem, device=z.device)
-        rotations = (ar[:, None] + ar[None, :]) % mem
+        ar = torch.arange(mem, device=z0.device)
+        state = _BroydenState(
+            P=z0.new_zeros(batch, mem, mem), c=z0.new_zeros(batch, mem), rotations=(ar[:, None] + ar[None, :]) % mem
+        )
+        return state, z0
+
+    def step(self, loop: Loop, state: _BroydenState, z: Tensor, fz: Tensor, g: Tensor) -> tuple[_BroydenState, Tensor]:
+        self._update(loop, state, g)
+        assert state.s is not None
+        return state, z + state.s  # the loop freezes the samples that stopped
+
+    def finish(self, loop: Loop, state: _BroydenState, z: Tensor, fz: Tensor, g: Tensor) -> Tensor:
+        if loop.keep_inverse:  # the estimate's newest factor needs the step after the last iterate
+            self._update(loop, state, g)
+            assert state.s is not None
+            if state.S is None:
+                ring = torch.stack([t if t is not None else torch.zeros_like(state.s) for t in state.steps], 1)
+            else:
+                ring = state.S
+            loop.inverse_jacobian = BroydenInverse(ring, state.c, state.s, loop.nstep - 1)
+        return loop.best_z
+
+    def _update(self, loop: Loop, state: _BroydenState, g: Tensor) -> None:
+        """The next step s from the residual g just observed (and, after the first, the update of H
+        with the step that led to it): state.s, the ring, its Gram matrix and the c's."""
+        batch, dim = g.shape
+        mem = self.memory
         # With keep_inverse, a stopped sample holds its factors and its next step (masked writes);
         # without, its step is zeroed (it stays in place) and its slots fill with identity factors.
-        hold = tracker.keep_inverse
-        s = g  # s_0 = -H_0 g_0 with H_0 = -I
-        if not (hold or tracker.all_active):
-            s = torch.where(tracker.active[:, None], s, 0.0)
-        if tracker.keeping_now:
-            tracker.keep_state(z + s)
-        for _ in range(1, self.max_iter):
-            if not tracker.any_active:
-                break
-            # Samples that stopped are frozen by masks unless the host knows every sample iterates.
-            masked = not tracker.all_active
-            took = tracker.active[:, None]  # the samples that take step s
-            hold_masked = hold and masked
-            z = torch.where(took, z + s, z) if hold_masked else z + s
-            fz = fn(z)
-            g = tracker.observe(z, fz)
+        hold = loop.keep_inverse
+        if state.s is None:
+            # The autograd path only where a graph is being built (pg.Backprop): grad mode alone is
+            # not enough, e.g. Implicit's backward solve runs under enable_grad on VJPs without graphs.
+            differentiable = torch.is_grad_enabled() and g.requires_grad
+            state.steps = [None] * mem  # autograd path: the stored steps by slot
+            state.S = None if differentiable else g.new_zeros(batch, mem, dim)  # no-grad path: the steps by slot
+            s = g  # s_0 = -H_0 g_0 with H_0 = -I
+            if not (hold or loop.all_active):
+                s = torch.where(loop.active[:, None], s, 0.0)
+            state.s = s
+            return
+        s, S, P, c, steps, rotations = state.s, state.S, state.P, state.c, state.steps, state.rotations
+        differentiable = S is None
+        eps = torch.finfo(g.dtype).eps
+        written = state.written  # steps written to the ring so far
+        # Samples that stopped are frozen by masks unless the host knew every sample iterated.
+        masked = not loop.prev_all_active
+        took = loop.prev_active[:, None]  # the samples that took step s
+        hold_masked = hold and masked
 
-            # w = H g with the q stored factors, oldest first: slots first, first + 1, ... (mod mem).
-            # Until the ring is full these are slots 0..q-1 (plain slices); afterwards a rotation,
-            # indexed with a row of `rotations` that already lives on z's device (a Python list as
-            # index would be copied to the GPU, and wait for it, several times per step).
-            q = min(written, mem)
-            first = (written - q) % mem  # the oldest stored step's slot
-            full = q == mem and first != 0
-            order_t = rotations[first] if full else None
+        # w = H g with the q stored factors, oldest first: slots first, first + 1, ... (mod mem).
+        # Until the ring is full these are slots 0..q-1 (plain slices); afterwards a rotation,
+        # indexed with a row of `rotations` that already lives on g's device (a Python list as
+        # index would be copied to the GPU, and wait for it, several times per step).
+        q = min(written, mem)
+        first = (written - q) % mem  # the oldest stored step's slot
+        full = q == mem and first != 0
+        order_t = rotations[first] if full else None
 
-            def by_order(t: Tensor, dim: int) -> Tensor:
-                return t.index_select(dim, order_t) if full else t.narrow(dim, 0, q)
+        def by_order(t: Tensor, dim: int) -> Tensor:
+            return t.index_select(dim, order_t) if order_t is not None else t.narrow(dim, 0, q)
 
-            if q == 0:
-                w = -g
-                dots_s = None
+        if q == 0:
+            w = -g
+            dots_s = None
+        else:
+            if S is None:
+                stored = [cast(Tensor, steps[(first + t) % mem]) for t in range(q)]  # all written
+                dots_g = torch.stack([(sk * g).sum(-1) for sk in stored], 1)  # s_k^T g, (B, q)
+                dots_s = torch.stack([(sk * s).sum(-1) for sk in stored], 1)  # s_k^T s, the new Gram row
             else:
-                if differentiable:
-                    stored = [steps[(first + t) % mem] for t in range(q)]
-                    dots_g = torch.stack([(sk * g).sum(-1) for sk in stored], 1)  # s_k^T g, (B, q)
-                    dots_s = torch.stack([(sk * s).sum(-1) for sk in stored], 1)  # s_k^T s, the new Gram row
+                rows = S if q == mem else S[:, :q]
+                # The layout of this skinny product matters: cuBLAS is much slower on it than on
+                # two matrix-vector products, while on CPU one product with a column-major (D x 2)
+                # operand is fastest (see BENCHMARKS.md and scripts/gpu_bmm_layouts.py).
+                if rows.is_cuda:
+                    prod = torch.cat((rows @ g.unsqueeze(-1), rows @ s.unsqueeze(-1)), -1)
                 else:
-                    rows = S if q == mem else S[:, :q]
-                    # The layout of this skinny product matters: cuBLAS is much slower on it than on
-                    # two matrix-vector products, while on CPU one product with a column-major (D x 2)
-                    # operand is fastest (see BENCHMARKS.md and scripts/gpu_bmm_layouts.py).
-                    if rows.is_cuda:
-                        prod = torch.cat((rows @ g.unsqueeze(-1), rows @ s.unsqueeze(-1)), -1)
-                    else:
-                        prod = rows @ torch.stack((g, s), 1).mT
-                    prod = by_order(prod, 1)  # (B, q, 2)
-                    dots_g, dots_s = prod[..., 0], prod[..., 1]
-                if hold_masked:  # a stopped sample solves with a zero right-hand side: w = -g, finite
-                    dots_g = torch.where(took, dots_g, 0.0)
-                cq = by_order(c, 1)
-                gram = by_order(by_order(P, 1), 2)
-                # (I - L) beta = -S^T g,  L[j, i] = c_i s_j^T s_{i+1} for i < j. The solver reads only
-                # the strictly lower triangle (unit diagonal), so it gets -L in columns 0..q-2 and
-                # whatever is above the diagonal, with no eye, tril or zero fill.
-                if q == 1:
-                    minus_low = gram  # 1 x 1: only the (implied) unit diagonal is used
-                else:  # the last column is above the diagonal: any values do
-                    minus_low = torch.cat((gram[:, :, 1:] * cq[:, None, : q - 1].neg(), gram[:, :, :1]), -1)
-                beta = torch.linalg.solve_triangular(
-                    minus_low, dots_g.neg().unsqueeze(-1), upper=False, unitriangular=True
-                )
-                e = cq * beta.squeeze(-1)  # coefficient of s_{j+1} for factor j; the newest multiplies s
-                if differentiable:
-                    w = -g + e[:, q - 1 : q] * s
-                    for j in range(q - 1):
-                        w = w + e[:, j : j + 1] * stored[j + 1]
-                else:
-                    if full:  # the coefficients scattered to the slots of s_{j+1}
-                        coef = z.new_zeros(batch, mem).index_copy_(1, order_t[1:], e[:, : q - 1])
-                        w = torch.baddbmm(g.unsqueeze(1), coef.unsqueeze(1), rows, beta=-1).squeeze(1)
-                    elif q > 1:  # s_{j+1} sits in slot j + 1: a slice, no scatter
-                        w = torch.baddbmm(g.unsqueeze(1), e[:, None, : q - 1], rows[:, 1:q], beta=-1).squeeze(1)
-                    else:
-                        w = -g
-                    w = torch.addcmul(w, s, e[:, q - 1 : q])
-
-            # the update with step s: skipped where the denominator is tiny or not finite
-            h_dg = w + s
-            denom = (s * h_dg).sum(-1, keepdim=True)
-            ss = (s * s).sum(-1, keepdim=True)
-            abs_denom = denom.abs()
-            good = (
-                took
-                & (abs_denom > eps * ss.sqrt() * torch.linalg.vector_norm(h_dg, dim=-1, keepdim=True))
-                & (abs_denom < math.inf)
-            )
-            if differentiable:  # divide by safe values: the unused branch of a where still gets a gradient
-                ss_, denom_ = torch.where(good, ss, 1.0), torch.where(good, denom, 1.0)
+                    prod = rows @ torch.stack((g, s), 1).mT
+                prod = by_order(prod, 1)  # (B, q, 2)
+                dots_g, dots_s = prod[..., 0], prod[..., 1]
+            if hold_masked:  # a stopped sample solves with a zero right-hand side: w = -g, finite
+                dots_g = torch.where(took, dots_g, 0.0)
+            cq = by_order(c, 1)
+            gram = by_order(by_order(P, 1), 2)
+            # (I - L) beta = -S^T g,  L[j, i] = c_i s_j^T s_{i+1} for i < j. The solver reads only
+            # the strictly lower triangle (unit diagonal), so it gets -L in columns 0..q-2 and
+            # whatever is above the diagonal, with no eye, tril or zero fill.
+            if q == 1:
+                minus_low = gram  # 1 x 1: only the (implied) unit diagonal is used
+            else:  # the last column is above the diagonal: any values do
+                minus_low = torch.cat((gram[:, :, 1:] * cq[:, None, : q - 1].neg(), gram[:, :, :1]), -1)
+            beta = torch.linalg.solve_triangular(minus_low, dots_g.neg().unsqueeze(-1), upper=False, unitriangular=True)
+            e = cq * beta.squeeze(-1)  # coefficient of s_{j+1} for factor j; the newest multiplies s
+            if S is None:
+                w = -g + e[:, q - 1 : q] * s
+                for j in range(q - 1):
+                    w = w + e[:, j : j + 1] * stored[j + 1]
             else:
-                ss_, denom_ = ss, denom
-            c_new = torch.where(good, ss_.reciprocal(), 0.0).squeeze(-1)
-            s_next = w * torch.where(good, ss_.neg() / denom_, -1.0)  # -H_{n+1} g
+                if order_t is not None:  # the coefficients scattered to the slots of s_{j+1}
+                    coef = g.new_zeros(batch, mem).index_copy_(1, order_t[1:], e[:, : q - 1])
+                    w = torch.baddbmm(g.unsqueeze(1), coef.unsqueeze(1), rows, beta=-1).squeeze(1)
+                elif q > 1:  # s_{j+1} sits in slot j + 1: a slice, no scatter
+                    w = torch.baddbmm(g.unsqueeze(1), e[:, None, : q - 1], rows[:, 1:q], beta=-1).squeeze(1)
+                else:
+                    w = -g
+                w = torch.addcmul(w, s, e[:, q - 1 : q])
 
-            # store s (it becomes s_j of the newest factor), its Gram row and c; a stopped sample
-            # keeps its stored steps and c (its estimate stays that of the point where it stopped)
-            slot = written % mem
-            if differentiable:
-                P, c = P.clone(), c.clone()
-                if hold_masked:
-                    old = steps[slot] if steps[slot] is not None else torch.zeros_like(s)
-                    steps[slot] = torch.where(took, s, old)
-                else:
-                    steps[slot] = s
+        # the update with step s: skipped where the denominator is tiny or not finite
+        h_dg = w + s
+        denom = (s * h_dg).sum(-1, keepdim=True)
+        ss = (s * s).sum(-1, keepdim=True)
+        abs_denom = denom.abs()
+        good = (
+            took
+            & (abs_denom > eps * ss.sqrt() * torch.linalg.vector_norm(h_dg, dim=-1, keepdim=True))
+            & (abs_denom < math.inf)
+        )
+        if differentiable:  # divide by safe values: the unused branch of a where still gets a gradient
+            ss_, denom_ = torch.where(good, ss, 1.0), torch.where(good, denom, 1.0)
+        else:
+            ss_, denom_ = ss, denom
+        c_new = torch.where(good, ss_.reciprocal(), 0.0).squeeze(-1)
+        s_next = w * torch.where(good, ss_.neg() / denom_, -1.0)  # -H_{n+1} g
+
+        # store s (it becomes s_j of the newest factor), its Gram row and c; a stopped sample
+        # keeps its stored steps and c (its estimate stays that of the point where it stopped)
+        slot = written % mem
+        if S is None:
+            P, c = P.clone(), c.clone()
+            if hold_masked:
+                old = steps[slot]
+                steps[slot] = torch.where(took, s, old if old is not None else torch.zeros_like(s))
             else:
-                S[:, slot] = torch.where(took, s, S[:, slot]) if hold_masked else s
-            if dots_s is not None:
-                if full:
-                    P[:, slot].index_copy_(1, order_t, dots_s)
-                    P[:, :, slot].index_copy_(1, order_t, dots_s)
-                else:
-                    P[:, slot, :q] = dots_s
-                    P[:, :q, slot] = dots_s
-            P[:, slot, slot] = ss.squeeze(-1)
-            c[:, slot] = torch.where(took.squeeze(-1), c_new, c[:, slot]) if hold_masked else c_new
-            written += 1
-            if hold:  # a sample that just stopped keeps s_next (its estimate's newest factor needs it)
-                s = torch.where(took, s_next, s) if masked else s_next
-            else:  # a sample that just stopped gets a zero step (the host may know all still iterate)
-                s = s_next if tracker.all_active else torch.where(tracker.active[:, None], s_next, 0.0)
-            if tracker.keeping_now:
-                tracker.keep_state(z + s)
-        if tracker.keep_inverse:
-            ring = torch.stack([t if t is not None else torch.zeros_like(s) for t in steps], 1) if differentiable else S
-            tracker.inverse_jacobian = BroydenInverse(ring, c, s, tracker.nstep - 1)
+                steps[slot] = s
+        else:
+            S[:, slot] = torch.where(took, s, S[:, slot]) if hold_masked else s
+        if dots_s is not None:
+            if order_t is not None:
+                P[:, slot].index_copy_(1, order_t, dots_s)
+                P[:, :, slot].index_copy_(1, order_t, dots_s)
+            else:
+                P[:, slot, :q] = dots_s
+                P[:, :q, slot] = dots_s
+        P[:, slot, slot] = ss.squeeze(-1)
+        c[:, slot] = torch.where(took.squeeze(-1), c_new, c[:, slot]) if hold_masked else c_new
+        state.written = written + 1
+        if hold:  # a sample that just stopped keeps s_next (its estimate's newest factor needs it)
+            s = torch.where(took, s_next, s) if masked else s_next
+        else:  # a sample that just stopped gets a zero step (the host may know all still iterate)
+            s = s_next if loop.all_active else torch.where(loop.active[:, None], s_next, 0.0)
+        state.s, state.P, state.c = s, P, c
 
 
 __all__ = ["Broyden", "BroydenInverse"]

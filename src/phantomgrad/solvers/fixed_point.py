@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from dataclasses import field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .._checks import boolean, positive_int
-from .base import CheckEvery, FlatFn, Solver, SolverInfo, _check_damping, check_start_and_keep, residual_norms
+from .._checks import positive_int
+from .base import CheckEvery, Solver, _check_damping
+from .loop import Loop
 
 
 class FixedPoint(Solver):
@@ -30,28 +32,15 @@ class FixedPoint(Solver):
         (True, True)
     """
 
-    def __init__(
-        self,
-        damping: float = 1.0,
-        *,
-        max_iter: int = 50,
-        tol: float = 1e-4,
-        stop: Literal["rel", "abs"] = "rel",
-        trace: bool = False,
-        check_every: CheckEvery = "auto",
-        fused: bool = False,
-    ):
-        super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every, fused=fused)
-        self.damping = _check_damping("damping", damping)
+    damping: float = 1.0
 
-    def _iterate(self, fn, z, tracker, fallback):
-        for n in range(self.max_iter):
-            fz = fn(z)
-            g = tracker.observe(z, fz)
-            if not tracker.any_active or n == self.max_iter - 1:
-                return
-            # z + 1 * (F(z) - z) is F(z): no arithmetic for the undamped step
-            z = tracker.advance(fz if self.damping == 1.0 else torch.add(z, g, alpha=self.damping), z)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.damping = _check_damping("damping", self.damping)
+
+    def step(self, loop: Loop, state: None, z: Tensor, fz: Tensor, g: Tensor) -> tuple[None, Tensor]:
+        # z + 1 * (F(z) - z) is F(z): no arithmetic for the undamped step
+        return None, fz if self.damping == 1.0 else torch.add(z, g, alpha=self.damping)
 
 
 class Unrolled(Solver):
@@ -70,51 +59,28 @@ class Unrolled(Solver):
         trace: keep the criterion of every layer's input in ``info.trace``.
     """
 
-    def __init__(self, depth: int, *, tol: float = 1e-4, stop: Literal["rel", "abs"] = "rel", trace: bool = False):
-        super().__init__(max_iter=positive_int("depth", depth), tol=tol, stop=stop, trace=trace, check_every=None)
+    depth: int
+    max_iter: int = field(default=1, init=False)  # set to depth
+    check_every: CheckEvery = field(default=None, init=False)  # never looks
+    fused: bool = field(default=False, init=False)
 
-    @property
-    def depth(self) -> int:
-        return self.max_iter
+    lockstep: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        self.depth = self.max_iter = positive_int("depth", self.depth)
+        super().__post_init__()
 
     def __repr__(self) -> str:
         return f"Unrolled(depth={self.depth}, tol={self.tol!r}, stop={self.stop!r}, trace={self.trace!r})"
 
-    def solve(
-        self, fn: FlatFn, z0: Tensor, *, keep: Sequence[int] = (), keep_inverse: bool = False
-    ) -> tuple[Tensor, SolverInfo]:
-        """``depth`` evaluations of F from ``z0``; ``keep`` returns z_t for each requested t (as
-        :meth:`Solver.solve`); there is no inverse-Jacobian estimate (``keep_inverse`` is ignored)."""
-        keep = check_start_and_keep(z0, keep, self.depth, f"Unrolled runs depth={self.depth} steps", "depth")
-        boolean("keep_inverse", keep_inverse)
-        trace: list[Tensor] | None = [] if self.trace else None
-        states: dict[int, Tensor] = {}
-        z = z0
-        for t in range(1, self.depth + 1):
-            prev, z = z, fn(z)
-            if trace is not None or t == self.depth:
-                _, abs_res, rel_res = residual_norms(prev, z)
-                if trace is not None:
-                    trace.append(rel_res if self.stop == "rel" else abs_res)
-            if t in keep:
-                states[t] = z
-        crit = rel_res if self.stop == "rel" else abs_res
-        finite = (abs_res + rel_res) < torch.inf
-        batch = z0.shape[0]
-        info = SolverInfo(
-            abs_residual=abs_res,
-            rel_residual=rel_res,
-            nstep=torch.full((batch,), self.depth, dtype=torch.long, device=z0.device),
-            converged=finite & (crit <= self.tol),
-            nonfinite=~finite,
-            fallback=torch.zeros(batch, dtype=torch.bool, device=z0.device),
-            trace=trace,
-            states=[states[t] for t in keep] if keep else None,
-        )
-        return z, info
+    def _keep_limit(self) -> tuple[int, str, str]:
+        return self.depth, f"Unrolled runs depth={self.depth} steps", "depth"
 
-    def _iterate(self, fn, z, tracker, fallback):  # pragma: no cover - solve is overridden
-        raise AssertionError("Unrolled.solve does not use the tracker")
+    def step(self, loop: Loop, state: None, z: Tensor, fz: Tensor, g: Tensor) -> tuple[None, Tensor]:
+        return None, fz
+
+    def finish(self, loop: Loop, state: None, z: Tensor, fz: Tensor, g: Tensor) -> Tensor:
+        return fz  # the last layer's output; info describes its input z
 
 
 __all__ = ["FixedPoint", "Unrolled"]

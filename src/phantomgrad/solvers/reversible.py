@@ -26,9 +26,10 @@ The start y_0 = z_0 is kept, so the last reversed step is evaluated at the exact
 whose Jacobian is huge there (MDEQ's group norms at z_0 = 0 amplify a 1e-15 error in the rebuilt
 z_0 to 1e-5 in F(z_0)) would otherwise spoil the gradient.
 
-Per-sample stopping. Every sample runs the same number of steps: the loop stops once every sample
-meets the tolerance (the host looks every ``check_every`` steps, as for every solver; ``None``
-runs all max_iter // 2 steps), so the reversal needs no per-sample bookkeeping.
+Per-sample stopping. Every sample runs the same number of steps (a ``lockstep`` solver of the one
+loop): the loop stops once every sample meets the tolerance (the host looks every ``check_every``
+steps, as for every solver; ``None`` runs all max_iter // 2 steps), so the reversal needs no
+per-sample bookkeeping.
 The returned state is the last y (its residual F(y) - y comes free with the step), not the best
 iterate seen, since the gradient is that of the last step.
 
@@ -38,22 +39,25 @@ backward pass evaluates it again at the rebuilt states.
 How the gradient reaches F's parameters and x: the solver is handed only the closure F, so it
 evaluates F(z_0) once under a TorchFunctionMode that records the tensors requiring grad that F
 reads without making them (its parameters, x, a cached weight), and passes them to the
-autograd Function as inputs; their gradients are the sums of the vector-Jacobian products at the
-rebuilt states. A walk of that evaluation's graph checks that no other path leads to a leaf, so a
-tensor F reads past torch's function dispatch is a one-line error, not a lost gradient.
+autograd Function that :meth:`Reversible.finish` attaches to the last iterate (the iteration
+itself runs in the one loop, with F evaluated without a graph); their gradients are the sums of
+the vector-Jacobian products at the rebuilt states. A walk of that evaluation's graph checks that
+no other path leads to a leaf, so a tensor F reads past torch's function dispatch is a one-line
+error, not a lost gradient.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Literal, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .._checks import boolean, in_range
-from .base import CheckEvery, FlatFn, Solver, SolverInfo, default_check_every
+from .._checks import in_range
+from .base import Solver
+from .loop import FlatFn, Loop
 
 MIN_GAP = 0.05  # smallest |1 - beta| accepted: the reversal divides by it once per step
 
@@ -131,20 +135,19 @@ def _check_complete(out: Tensor, start: Tensor, inputs: list[Tensor], before: in
 
 
 class _ReverseSolve(torch.autograd.Function):
-    """Runs the coupled iteration without a graph; its backward rebuilds the states step by step.
+    """Attaches the reversal to the last iterate of a solve run without a graph (the one loop, with
+    F evaluated under ``no_grad``): its backward rebuilds the states step by step.
 
-    Inputs: the solver, F, a list that receives the solve's info, the start z_0 (= y_0), F(z_0), and
+    Inputs: the solver, F, the number of coupled steps, the start z_0 (= y_0), the last y and z, and
     the tensors F reads (``inputs``), whose gradients are the sums over the steps of the
-    vector-Jacobian products at the rebuilt states.
+    vector-Jacobian products at the rebuilt states. The output is y (the value unchanged).
     """
 
     @staticmethod
-    def forward(ctx, solver, fn, store, z0, f0, *inputs):
-        y, z, info = solver._run(fn, z0, f0)
-        store.append(info)
-        ctx.solver, ctx.fn, ctx.steps = solver, fn, int(info.nstep[0]) // 2
+    def forward(ctx, solver, fn, steps, z0, y, z, *inputs):
+        ctx.solver, ctx.fn, ctx.steps = solver, fn, steps
         ctx.save_for_backward(z0, y, z, *inputs)
-        return y
+        return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -181,7 +184,15 @@ class _ReverseSolve(torch.autograd.Function):
             y = (y - b * fz) / a if n < steps - 1 else z0
             ay = a * ay
         # y_0 = z_0: the start's adjoint is the sum (the DEQ layer detaches z0, so it is usually unused)
-        return None, None, None, ay + az, None, *total
+        return None, None, None, ay + az, None, None, *total
+
+
+@dataclass
+class _ReversibleState:
+    z: Tensor  # the z chain (the loop iterates on y)
+    fn: FlatFn  # F itself (the loop may evaluate it without a graph)
+    start: Tensor  # z_0 = y_0
+    inputs: list[Tensor]  # the tensors F reads that need a gradient: the reversal is attached for them
 
 
 class Reversible(Solver):
@@ -212,90 +223,58 @@ class Reversible(Solver):
         True
     """
 
-    def __init__(
-        self,
-        beta: float = 0.5,
-        *,
-        max_iter: int = 50,
-        tol: float = 1e-4,
-        stop: Literal["rel", "abs"] = "rel",
-        trace: bool = False,
-        check_every: CheckEvery = "auto",
-    ):
-        super().__init__(max_iter=max_iter, tol=tol, stop=stop, trace=trace, check_every=check_every)
+    beta: float = 0.5
+    fused: bool = field(default=False, init=False)  # the lockstep bookkeeping has no fused form
+
+    lockstep: ClassVar[bool] = True
+    evals_per_step: ClassVar[int] = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.max_iter < 2:
             raise ValueError(
                 f"max_iter must be >= 2 for pg.Reversible (each step evaluates F twice), got {self.max_iter}"
             )
-        self.beta = _check_beta(beta)
+        self.beta = _check_beta(self.beta)
 
-    def solve(
-        self, fn: FlatFn, z0: Tensor, *, keep: Sequence[int] = (), keep_inverse: bool = False
-    ) -> tuple[Tensor, SolverInfo]:
-        """Run the coupled iteration from y_0 = z_0; returns the last y and its info (no
-        inverse-Jacobian estimate: ``keep_inverse`` is ignored; ``keep`` is not supported)."""
-        if z0.dim() != 2:
-            raise ValueError(f"solvers work on flat states of shape (batch, dim), got shape {tuple(z0.shape)}")
-        if tuple(keep):
+    def init(self, loop: Loop, z0: Tensor) -> tuple[_ReversibleState, Tensor]:
+        """F(z_0) (recording, where autograd records, the tensors F reads) and y_1 = (1 - beta) z_0 + beta F(z_0)."""
+        if loop.keep:
             raise ValueError(
                 "pg.Reversible does not return intermediate states (keep=...); use another solver for them"
             )
-        boolean("keep_inverse", keep_inverse)
+        fn = loop.fn
         z0 = z0.detach()
+        inputs: list[Tensor] = []
         if not torch.is_grad_enabled():
-            y, _, info = self._run(fn, z0, fn(z0))
-            return y, info
-        start = z0.requires_grad_()  # a fresh leaf: what F makes from it is told apart from its inputs
-        before = _graph_counter()
-        with _Inputs(start) as probe:  # F(z_0), recording which tensors F reads
-            f0 = fn(start)
-        z0 = z0.detach()
-        inputs = list(probe.found.values())
-        if not inputs:  # nothing F reads needs a gradient
-            y, _, info = self._run(fn, z0, f0.detach())
-            return y, info
-        _check_complete(f0, start, inputs, before)
-        store: list[SolverInfo] = []
-        y = _ReverseSolve.apply(self, fn, store, z0, f0.detach(), *inputs)
-        return y, store[0]
+            f0 = fn(z0)
+        else:
+            start = z0.detach().requires_grad_()  # a fresh leaf: what F makes from it is told apart from its inputs
+            before = _graph_counter()
+            with _Inputs(start) as probe:  # F(z_0), recording which tensors F reads
+                f0 = fn(start)
+            inputs = list(probe.found.values())
+            if inputs:  # the iteration runs without a graph; the reversal gives the gradient
+                _check_complete(f0, start, inputs, before)
+                loop.fn = torch.no_grad()(fn)
+            f0 = f0.detach()
+        b = self.beta
+        return _ReversibleState(z=z0, fn=fn, start=z0, inputs=inputs), (1.0 - b) * z0 + b * f0
 
-    def _iterate(self, fn, z, tracker, fallback):  # pragma: no cover - solve is overridden
-        raise AssertionError("Reversible.solve does not use the tracker")
-
-    def _run(self, fn: FlatFn, z0: Tensor, f0: Tensor) -> tuple[Tensor, Tensor, SolverInfo]:
-        """The coupled iteration from y_0 = z_0 (F(z_0) = f0 given), without a graph."""
+    def step(
+        self, loop: Loop, state: _ReversibleState, z: Tensor, fz: Tensor, g: Tensor
+    ) -> tuple[_ReversibleState, Tensor]:
+        """From y_n (``z`` here) and F(y_n): z_n = (1 - beta) z_{n-1} + beta F(y_n), then y_{n+1}."""
         b, a = self.beta, 1.0 - self.beta
-        check_every = default_check_every(z0.device) if self.check_every == "auto" else self.check_every
-        y = z = z0
-        fz = f0
-        trace: list[Tensor] | None = [] if self.trace else None
-        nonfinite = torch.zeros(z0.shape[0], dtype=torch.bool, device=z0.device)
-        for n in range(self.max_iter // 2):
-            if n > 0:
-                fz = fn(z)
-            y = a * y + b * fz
-            fy = fn(y)
-            z = a * z + b * fy
-            abs_res = torch.linalg.vector_norm(fy - y, dim=1).double()
-            rel_res = abs_res / torch.linalg.vector_norm(fy, dim=1).double().clamp_min(torch.finfo(torch.float64).tiny)
-            crit = rel_res if self.stop == "rel" else abs_res
-            nonfinite |= ~(abs_res + rel_res < math.inf)
-            if trace is not None:
-                trace.append(crit)
-            if check_every is not None and (n + 1) % check_every == 0:
-                if not bool(((crit > self.tol) & ~nonfinite).any()):  # host sync: stop once every sample is done
-                    break
-        steps = torch.full_like(nonfinite, 2 * (n + 1), dtype=torch.long)
-        info = SolverInfo(
-            abs_residual=abs_res,
-            rel_residual=rel_res,
-            nstep=steps,
-            converged=crit <= self.tol,
-            nonfinite=nonfinite,
-            fallback=torch.zeros_like(nonfinite),
-            trace=trace,
-        )
-        return y, z, info
+        state.z = a * state.z + b * fz
+        return state, a * z + b * loop.fn(state.z)
+
+    def finish(self, loop: Loop, state: _ReversibleState, z: Tensor, fz: Tensor, g: Tensor) -> Tensor:
+        """The last y; with ``pg.Backprop`` (tensors F reads need a gradient) it carries the reversal."""
+        if not state.inputs:
+            return z
+        z_last = (1.0 - self.beta) * state.z + self.beta * fz
+        return _ReverseSolve.apply(self, state.fn, loop.evals, state.start, z, z_last, *state.inputs)
 
 
 __all__ = ["Reversible", "MIN_GAP"]
