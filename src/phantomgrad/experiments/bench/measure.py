@@ -263,7 +263,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                 variant(cfg, "backprop", solver_iter=K),
             ]
         result.sweep_K = sweep(cfg, runner, sv)
-    result.targets = evaluate_targets(result)
+    result.targets = evaluate_targets(result.rows, result.solvers, result.sweep_k)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -15,17 +15,32 @@ keyword, passing only the keywords a class's constructor takes.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import phantomgrad as pg
 from phantomgrad.modes import BACKWARD_MODES
 from phantomgrad.solvers import SOLVERS, fusable
 
-if TYPE_CHECKING:
-    from .config import BenchConfig
+
+class BenchConfig(Protocol):
+    """The options of a bench run that this module reads (:class:`.config.BenchConfig` has them; the
+    config imports this module to validate its names, so this module names the fields, not the class)."""
+
+    solver: str
+    solver_iter: int
+    solver_tol: float
+    stop: str
+    broyden_memory: int | None
+    anderson_m: int
+    reversible_beta: float
+    check_every: int | str | None
+    k: int
+    damping: float
+    backward_iter: int
+    backward_tol: float
+
 
 UNSET = "default"  # check_every not passed: the solver's own default
 BACKWARD_SOLVERS: tuple[str, ...] = ("broyden", "fixed_point")  # the backward solves of the default mode list
@@ -215,7 +230,7 @@ def label(v: Variant) -> str:
     from its fields (``UPG A_{5,0.5}``, ``Implicit (broyden, 30)``, ``Backprop (30)``, ``JFB``),
     then the row's check_every or compilation."""
     try:
-        mode = backward_mode(_default_config(), replace(v, check_every=UNSET, fused=False))
+        mode = _mode_for_label(v)
     except (TypeError, ValueError):  # a mode the bench cannot build: its row says why, under its name
         text = v.mode
     else:
@@ -232,11 +247,15 @@ def label(v: Variant) -> str:
     return text
 
 
-@functools.lru_cache(maxsize=1)
-def _default_config() -> BenchConfig:
-    from .config import BenchConfig
-
-    return BenchConfig()
+def _mode_for_label(v: Variant) -> pg.BackwardMode:
+    """The mode of ``v`` built only to be named: its class, its k and damping, a default backward solver
+    (a label reads the mode's class and fields, never its solver's options)."""
+    name, solver = split_mode(v.mode)
+    cls = BACKWARD_MODES[name]
+    kwargs: dict[str, Any] = {key: val for key, val in {"k": v.k, "damping": v.damping}.items() if takes(cls, key)}
+    if solver is not None:
+        kwargs["solver"] = SOLVERS[solver]()
+    return cls(**kwargs)
 
 
 def _default_label(v: Variant, mode: pg.BackwardMode) -> str:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .stats import linear_fit, paired_ratio
-
-if TYPE_CHECKING:
-    from .measure import BenchResult
 
 
 def _find(rows: list[dict], mode: str, lib: str = "phantomgrad") -> dict | None:
@@ -26,8 +23,11 @@ def _find(rows: list[dict], mode: str, lib: str = "phantomgrad") -> dict | None:
     )
 
 
-def evaluate_targets(res: BenchResult) -> list[dict[str, Any]]:
-    """The issue's targets, each with its measured value and whether it is met."""
+def evaluate_targets(
+    rows: list[dict[str, Any]], solvers: list[dict[str, Any]], sweep_k: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The issue's targets, each with its measured value and whether it is met, from a bench result's
+    rows, forward-solver table and k sweep (plain data: this module does not import the measuring one)."""
     out: list[dict[str, Any]] = []
 
     def add(name: str, value: float, limit: float, kind: str, note: str = "") -> None:
@@ -36,7 +36,6 @@ def evaluate_targets(res: BenchResult) -> list[dict[str, Any]]:
         met = value <= limit if kind == "<=" else value >= limit
         out.append({"target": name, "value": value, "limit": limit, "kind": kind, "met": bool(met), "note": note})
 
-    rows = res.rows
     for mode, limit in (("upg", 1.2), ("npg", 1.2), ("implicit-fixed_point", 1.1), ("implicit-broyden", 1.5)):
         r = _find(rows, mode)
         if r:
@@ -47,12 +46,12 @@ def evaluate_targets(res: BenchResult) -> list[dict[str, Any]]:
                 "<=",
                 f"floor {r['floor_ms']:.1f} ms",
             )
-    solvers = {(s["lib"], s["solver"]): s for s in res.solvers}
-    if ("phantomgrad", "fixed_point") in solvers:
-        s = solvers[("phantomgrad", "fixed_point")]
+    by_solver = {(s["lib"], s["solver"]): s for s in solvers}
+    if ("phantomgrad", "fixed_point") in by_solver:
+        s = by_solver[("phantomgrad", "fixed_point")]
         add("FixedPoint time / its F evaluations", 1 + s["overhead_pct"] / 100, 1.1, "<=")
     for name in ("anderson", "broyden"):
-        a, b = solvers.get(("phantomgrad", name)), solvers.get(("torchdeq", name))
+        a, b = by_solver.get(("phantomgrad", name)), by_solver.get(("torchdeq", name))
         if a and b and b["overhead_ms"] > 0:
             add(f"{name} overhead beyond F: phantomgrad / TorchDEQ", a["overhead_ms"] / b["overhead_ms"], 0.5, "<=")
     upg, imp = _find(rows, "upg"), _find(rows, "implicit-broyden")
@@ -66,7 +65,7 @@ def evaluate_targets(res: BenchResult) -> list[dict[str, Any]]:
     npg, impf = _find(rows, "npg"), _find(rows, "implicit-fixed_point")
     if npg and impf and "step_mib" in npg and impf.get("step_mib"):
         add("peak memory: NPG / Implicit (fixed_point)", npg["step_mib"] / impf["step_mib"], 1.1, "<=")
-    upgs = [r for r in res.sweep_k if r["mode"] == "upg" and not math.isnan(r.get("step_mib", math.nan))]
+    upgs = [r for r in sweep_k if r["mode"] == "upg" and not math.isnan(r.get("step_mib", math.nan))]
     if len(upgs) >= 3:
         slope, _, r2 = linear_fit([r["k"] for r in upgs], [r["step_mib"] for r in upgs])
         add("UPG memory linear in k: R^2 of a line", r2, 0.98, ">=", f"slope {slope:.1f} MiB per step")
