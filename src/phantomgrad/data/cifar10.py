@@ -92,9 +92,10 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+    except Exception as e:  # bad bytes make the unpickler raise almost anything (OverflowError, RecursionError ...)
         raise ValueError(
-            f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); re-extract cifar-10-python.tar.gz"
+            f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {str(e).strip()[:200]}); "
+            "re-extract cifar-10-python.tar.gz"
         ) from e
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
         raise ValueError(
