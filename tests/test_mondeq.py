@@ -169,3 +169,31 @@ def test_the_image_task_trains_a_mondeq(tmp_path, caplog):
     assert summary["model"] == "mondeq"
     assert 0 <= summary["test_accuracy"] <= 1
     assert summary["final_metrics"]["train_converged"] > 0.5  # a monDEQ reaches its equilibrium
+
+
+@pytest.mark.parametrize("splitting", SPLITTINGS)
+def test_start_state_and_trajectory_states(splitting):
+    torch.manual_seed(0)
+    layer = _layer(splitting, alpha=0.4 if splitting == "forward_backward" else None)
+    layer.deq.solver = pg.Anderson(max_iter=300, tol=1e-12)
+    x = torch.randn(3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        z, info = layer(x)
+        # the trajectory: the states after 2 and 5 steps, then exactly the final state
+        zs, _ = layer(x, states=(2, 5))
+        assert len(zs) == 3 and all((t >= 0).all() for t in zs)
+        torch.testing.assert_close(zs[-1], z)
+        assert float((zs[0] - z).abs().max()) > float((zs[1] - z).abs().max())
+        # a start provider: started at the solve's own solution (the auxiliary state for PR) it stops at once
+        calls = []
+        u = layer.inject(x)
+        alpha = layer.step_size(u)
+        if splitting == "forward_backward":
+            state = z
+        else:
+            eye = torch.eye(5, dtype=torch.float64)
+            V = torch.linalg.inv(eye + alpha * (eye - layer.weight()))
+            state, _ = layer.deq((u, alpha, V), torch.zeros_like(u))
+        z2, info2 = layer(x, z0=lambda zeros: calls.append(zeros.shape) or state)
+    assert calls == [(3, 5)] and int(info2.nstep.max()) <= 1 < int(info.nstep.min())
+    torch.testing.assert_close(z2, z)
