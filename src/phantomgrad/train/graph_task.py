@@ -209,6 +209,11 @@ def _chains_task(cfg: TrainConfig, arch) -> Task:
     from phantomgrad.models.ignn import perron_bound
 
     opts = _options(ChainsOptions, dict(cfg.data_options), "data_options for chains")
+    if cfg.batch_size != TrainConfig.__dataclass_fields__["batch_size"].default:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is not used by dataset=chains: every step trains on the whole graph "
+            "(node classification); remove it"
+        )
     try:
         data = make_chains(
             opts.num_classes,

@@ -73,7 +73,10 @@ TASKS: dict[str, TaskEntry] = {
         "deq-transformer",
         ("ppl", "bpc"),
         "a DEQ transformer",
-        {"trajectory_weight": "trajectory supervision (trajectory_states) is the image task's"},
+        {
+            "trajectory_weight": "trajectory supervision (trajectory_states) is the image task's",
+            "radius_every": "the language-model task estimates the spectral radius itself, every epoch",
+        },
     ),
     "graph": TaskEntry(
         "phantomgrad.train.graph_task:build_graph_task",
