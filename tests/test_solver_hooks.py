@@ -273,5 +273,5 @@ def test_signatures_show_every_keyword(cls):
 def test_solver_is_an_abstract_base_class():
     with pytest.raises(TypeError, match="abstract"):
         pg.Solver()
-    assert set(SOLVERS) == {"fixed_point", "anderson", "broyden", "unrolled", "reversible"}
+    assert set(SOLVERS) == {"fixed_point", "anderson", "broyden", "unrolled", "reversible", "gmres"}
     assert all(issubclass(cls, pg.Solver) for cls in SOLVERS.values())

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import phantomgrad as pg
+from catalogue import SOLVER_ENTRIES
 from conftest import TanhLayer
-from phantomgrad.solvers import default_check_every
+from phantomgrad.solvers import SOLVERS, default_check_every
 
 F64 = torch.float64
 
@@ -252,3 +253,37 @@ def test_stopped_samples_are_never_moved(name, check_every, keep_inverse):
         n = int(info.nstep[i])
         for later in calls[n:]:
             assert _equal(later[i], calls[n - 1][i]), (i, n)
+
+
+@pytest.mark.parametrize("entry", SOLVER_ENTRIES, ids=repr)
+def test_a_solve_being_compiled_is_sync_free_with_no_graph_break(entry):
+    """Under torch.compile the solve takes the check_every=None path by itself (the default "auto"
+    would read the host on CPU): torch._dynamo.explain finds no graph break, for every solver."""
+    torch.manual_seed(0)
+    f = TanhLayer(dim=6, lipschitz=0.6, dtype=torch.float32)
+    x = torch.randn(3, 4)
+    solver = entry.make(max_iter=6, tol=1e-5)  # check_every left at its default
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda z: solver.solve(lambda h: f(h, x), z)[0])(torch.zeros(3, 6))
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("name", ["anderson", "broyden"])
+def test_a_compiled_solve_does_not_recompile_per_call(name):
+    torch.manual_seed(0)
+    f = TanhLayer(dim=6, lipschitz=0.6, dtype=torch.float32)
+    solver = SOLVERS[name](max_iter=8, tol=1e-5)
+    torch._dynamo.reset()
+    solve = torch.compile(lambda z, x: solver.solve(lambda h: f(h, x), z), backend="eager", fullgraph=True)
+    eager = []
+    for call in range(4):
+        x = torch.randn(3, 4)
+        if call == 1:  # from the second call on, a recompile is an error
+            torch._dynamo.config.error_on_recompile = True
+        try:
+            z, info = solve(torch.zeros(3, 6), x)
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+        eager.append(solver.solve(lambda h: f(h, x), torch.zeros(3, 6), keep=()))
+        z_eager, info_eager = eager[-1]
+        assert torch.allclose(z, z_eager, atol=1e-6) and torch.equal(info.converged, info_eager.converged)

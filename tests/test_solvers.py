@@ -1,30 +1,30 @@
+import inspect
 import math
 
 import pytest
 import torch
 
 import phantomgrad as pg
+from catalogue import BACKWARD_SOLVERS, PER_SAMPLE, SOLVER_ENTRIES, TO_TOLERANCE
 from conftest import TanhLayer
+from phantomgrad.solvers.loop import Loop
 
-SOLVERS = {
-    "fixed_point": lambda **kw: pg.FixedPoint(**kw),
-    "anderson": lambda **kw: pg.Anderson(**kw),
-    "broyden": lambda **kw: pg.Broyden(**kw),
-}
+# every registered solver that iterates a nonlinear map to a tolerance (GMRES is linear-only: tests/test_gmres.py)
+CONVERGING = [e for e in TO_TOLERANCE if not e.linear_only]
 
 
 def _flat_map(layer, x):
     return lambda z: layer(z, x)
 
 
-@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("entry", CONVERGING, ids=repr)
 @pytest.mark.parametrize("stop", ["rel", "abs"])
-def test_solver_reaches_tolerance_and_reports_true_residual(name, stop):
+def test_solver_reaches_tolerance_and_reports_true_residual(entry, stop):
     layer = TanhLayer(dim=10, lipschitz=0.8)
     x = torch.randn(5, 4, dtype=torch.float64)
     fn = _flat_map(layer, x)
     with torch.no_grad():
-        z, info = SOLVERS[name](max_iter=200, tol=1e-8, stop=stop).solve(fn, torch.zeros(5, 10, dtype=torch.float64))
+        z, info = entry.make(max_iter=200, tol=1e-8, stop=stop).solve(fn, torch.zeros(5, 10, dtype=torch.float64))
         true_abs = (fn(z) - z).norm(dim=1)
         true_rel = true_abs / fn(z).norm(dim=1)
     assert info.converged.all()
@@ -35,8 +35,8 @@ def test_solver_reaches_tolerance_and_reports_true_residual(name, stop):
     assert (info.nstep >= 1).all() and (info.nstep <= 200).all()
 
 
-@pytest.mark.parametrize("name", SOLVERS)
-def test_max_iter_is_honoured_exactly(name):
+@pytest.mark.parametrize("entry", BACKWARD_SOLVERS, ids=repr)
+def test_max_iter_is_honoured_exactly(entry):
     layer = TanhLayer(dim=10, lipschitz=0.95)
     x = torch.randn(3, 4, dtype=torch.float64)
     calls = []
@@ -46,7 +46,7 @@ def test_max_iter_is_honoured_exactly(name):
         return layer(z, x)
 
     with torch.no_grad():
-        _, info = SOLVERS[name](max_iter=7, tol=1e-30).solve(fn, torch.zeros(3, 10, dtype=torch.float64))
+        _, info = entry.make(max_iter=7, tol=1e-30).solve(fn, torch.zeros(3, 10, dtype=torch.float64))
     assert len(calls) == 7
     assert (info.nstep == 7).all()
     assert not info.converged.any()
@@ -89,10 +89,10 @@ def test_accelerated_solvers_need_fewer_steps_than_fixed_point():
     z0 = torch.zeros(8, 30, dtype=torch.float64)
     steps = {}
     with torch.no_grad():
-        for name, make in SOLVERS.items():
-            _, info = make(max_iter=500, tol=1e-8).solve(_flat_map(layer, x), z0)
-            assert info.converged.all(), name
-            steps[name] = info.nstep.double().mean().item()
+        for entry in PER_SAMPLE:
+            _, info = entry.make(max_iter=500, tol=1e-8).solve(_flat_map(layer, x), z0)
+            assert info.converged.all(), entry.name
+            steps[entry.name] = info.nstep.double().mean().item()
     assert steps["anderson"] < steps["fixed_point"]
     assert steps["broyden"] < steps["fixed_point"]
 
@@ -166,10 +166,50 @@ def test_trace_records_each_step():
         (dict(stop="relative"), "stop"),
     ],
 )
-@pytest.mark.parametrize("name", SOLVERS)
-def test_bad_solver_arguments(name, kwargs, match):
+@pytest.mark.parametrize("entry", TO_TOLERANCE, ids=repr)
+def test_bad_solver_arguments(entry, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        SOLVERS[name](**kwargs)
+        entry.cls(**kwargs)
+
+
+COMMON = {"max_iter": 50, "tol": 1e-4, "stop": "rel", "trace": False, "check_every": "auto", "fused": False}
+
+
+@pytest.mark.parametrize("entry", SOLVER_ENTRIES, ids=repr)
+def test_every_solver_is_init_and_step_on_the_one_loop(entry):
+    """No registered solver overrides solve; its signature shows its options and the common
+    keywords it takes, keyword-only, with their real defaults; fusable() reads fused from it."""
+    assert entry.cls.solve is pg.Solver.solve and entry.cls.step is not pg.Solver.step
+    assert "_iterate" not in vars(entry.cls)
+    params = inspect.signature(entry.cls).parameters
+    common = {k: p for k, p in params.items() if k in COMMON}
+    assert {"tol", "stop", "trace"} <= set(common)
+    for key, p in common.items():
+        assert p.kind is p.KEYWORD_ONLY and p.default == COMMON[key], key
+    assert not any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params.values())
+    assert entry.fusable == ("fused" in params)
+    solver = entry.make(max_iter=4, tol=1e-3)
+    assert repr(solver).startswith(f"{entry.cls.__name__}(")
+
+
+def test_a_new_solver_is_one_class_with_init_and_step():
+    """The smallest solver: its own option, the common keywords for free, the loop's bookkeeping."""
+
+    class Halfway(pg.Solver):
+        """z <- z + weight (F(z) - z)."""
+
+        weight: float = 0.5
+
+        def step(self, loop: Loop, state, z, fz, g):
+            return state, z + self.weight * g
+
+    params = inspect.signature(Halfway).parameters
+    assert list(params) == ["weight", *COMMON] and params["weight"].default == 0.5
+    layer = TanhLayer(dim=5, lipschitz=0.5)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    mine = Halfway(max_iter=200, tol=1e-10, check_every=None).solve(_flat_map(layer, x), torch.zeros(3, 5).double())
+    same = pg.FixedPoint(damping=0.5, max_iter=200, tol=1e-10).solve(_flat_map(layer, x), torch.zeros(3, 5).double())
+    assert torch.equal(mine[0], same[0]) and torch.equal(mine[1].nstep, same[1].nstep)
 
 
 @pytest.mark.parametrize("damping", [0.0, 1.5, -0.1])

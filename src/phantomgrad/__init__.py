@@ -17,7 +17,7 @@ from .modes import BACKWARD_MODES, make_backward
 from .monitor import GradientQuality, gradient_quality
 from .regularize import jacobian_penalty, spectral_radius
 from .shine import SHINE
-from .solvers import Anderson, Broyden, FixedPoint, Reversible, Solver, SolverInfo, Unrolled, make_solver
+from .solvers import GMRES, Anderson, Broyden, FixedPoint, Reversible, Solver, SolverInfo, Unrolled, make_solver
 from .swap import deq_layers, pretraining, swap
 
 try:
@@ -49,6 +49,7 @@ __all__ = [
     "jacobian_penalty",
     "spectral_radius",
     "Reversible",
+    "GMRES",
     "SHINE",
     "swap",
     "pretraining",

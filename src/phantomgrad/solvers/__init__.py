@@ -34,7 +34,7 @@ the per-sample stopping, the best iterate, ``check_every``, the fused bookkeepin
 Modules: ``base`` (the Solver base class and its loop), ``loop`` (the loop's bookkeeping),
 ``info`` (SolverInfo), ``fixed_point`` (FixedPoint, Unrolled), ``anderson``, ``broyden`` (Broyden
 and its BroydenInverse), ``reversible`` (the reversible coupled iteration, exact gradient in O(1)
-memory).
+memory), ``gmres`` (restarted GMRES for an affine fn: Implicit's backward solve).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from .anderson import Anderson
 from .base import FlatFn, Solver, SolverInfo, _check_damping, default_check_every
 from .broyden import Broyden, BroydenInverse
 from .fixed_point import FixedPoint, Unrolled
+from .gmres import GMRES
 from .loop import Loop
 from .reversible import Reversible
 
@@ -54,6 +55,7 @@ SOLVERS: dict[str, type[Solver]] = {
     "broyden": Broyden,
     "unrolled": Unrolled,
     "reversible": Reversible,
+    "gmres": GMRES,
 }
 
 
@@ -82,6 +84,7 @@ __all__ = [
     "Anderson",
     "Broyden",
     "Reversible",
+    "GMRES",
     "BroydenInverse",
     "FlatFn",
     "Loop",

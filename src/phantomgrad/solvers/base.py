@@ -136,7 +136,7 @@ class Solver(abc.ABC):
         what its :meth:`finish` returns), and its :class:`SolverInfo`.
 
         The loop, the same for every solver: ``state, z = init(loop, z0)``; then per step
-        ``fz = fn(z)``, the bookkeeping of :class:`~phantomgrad.solvers.loop.Loop` (residual,
+        ``fz = evaluate(loop, state, z)`` (fn(z)), the bookkeeping of :class:`~phantomgrad.solvers.loop.Loop` (residual,
         stopping, best iterate, trace), and, unless the solve ends there, ``state, z_next =
         step(loop, state, z, fz, g)`` with the stopped samples' z frozen; at the end
         ``finish(loop, state, z, fz, g)``.
@@ -179,7 +179,7 @@ class Solver(abc.ABC):
         state, z = self.init(loop, z0)
         steps = self.max_iter // self.evals_per_step
         for n in range(steps):
-            fz = loop.fn(z)
+            fz = self.evaluate(loop, state, z)
             g = loop.observe(z, fz)
             if not loop.any_active or n == steps - 1:
                 break
@@ -192,6 +192,11 @@ class Solver(abc.ABC):
         """The solver's state before the first evaluation, and the first iterate to evaluate
         (default: no state, ``z0``). ``loop.fn`` may be replaced here (e.g. to run without a graph)."""
         return None, z0
+
+    def evaluate(self, loop: Loop, state: Any, z: Tensor) -> Tensor:
+        """fn(z) for the iterate ``z`` (default: one evaluation, ``loop.fn(z)``). A solver that knows
+        it without evaluating (GMRES, by linearity) returns it here."""
+        return loop.fn(z)
 
     @abc.abstractmethod
     def step(self, loop: Loop, state: Any, z: Tensor, fz: Tensor, g: Tensor) -> tuple[Any, Tensor]:

@@ -204,7 +204,8 @@ class Reversible(Solver):
         tol, stop, trace, check_every: as for every solver; the residual is that of y_n, ||F(y_n) - y_n||.
 
     With ``pg.Backprop()`` the gradient is that of every step, by reversal (memory independent of
-    max_iter); with any other backward mode it is a plain solver.
+    max_iter); with any other backward mode it is a plain solver. Inside ``torch.compile`` the
+    reversal is not used: autograd stores the steps (memory grows with max_iter).
 
     Examples:
         >>> import torch, phantomgrad as pg
@@ -246,7 +247,9 @@ class Reversible(Solver):
         fn = loop.fn
         z0 = z0.detach()
         inputs: list[Tensor] = []
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # Inside torch.compile the probe (a TorchFunctionMode) cannot be traced: autograd records
+            # the steps instead (the same gradient up to rounding, memory growing with the steps).
             f0 = fn(z0)
         else:
             start = z0.detach().requires_grad_()  # a fresh leaf: what F makes from it is told apart from its inputs
