@@ -32,8 +32,9 @@ def test_health_columns_appear_in_metrics_summary_and_report(backward, tmp_path)
         for key in ("train_converged", "train_residual", "test_converged", "test_residual", "test_nstep"):
             assert 0 <= float(r[key]) and math.isfinite(float(r[key])), key
         assert 0 <= float(r["train_converged"]) <= 1
-        assert float(r["train_spectral_radius"]) > 0  # radius_every=1: every epoch
         assert ("train_bwd_converged" in r) == (backward == "implicit")
+    # radius_every=2 (the default): not measured in epoch 1, measured in epoch 2
+    assert math.isnan(float(rows[0]["train_spectral_radius"])) and float(rows[1]["train_spectral_radius"]) > 0
     if backward == "implicit":
         assert all(0 <= float(r["train_bwd_converged"]) <= 1 and float(r["train_bwd_residual"]) > 0 for r in rows)
     assert summary["final_metrics"]["test_converged"] == pytest.approx(float(rows[-1]["test_converged"]))
@@ -110,3 +111,29 @@ def test_spectral_radius_is_that_of_the_jacobian_at_h_star(tmp_path):
     row: dict = {}
     health.on_epoch_end(ctx, row)
     assert row["train_spectral_radius"] == pytest.approx(0.8, rel=1e-6)
+
+
+def test_the_radius_batch_is_cut_only_where_that_is_plain():
+    from dataclasses import dataclass
+
+    from phantomgrad.train.health import _head
+
+    x, y = torch.randn(40, 3), torch.arange(40)
+    cut = _head((x, y), 16)
+    assert isinstance(cut, tuple) and cut[0].shape == (16, 3) and cut[1].tolist() == list(range(16))
+    assert _head([x, y], 50)[0] is x  # not larger than n: whole
+    assert _head((x, torch.arange(7)), 16)[0] is x  # different first dimensions: whole
+    assert _head("train", 16) == "train"  # a graph split name: whole
+
+    @dataclass
+    class Batch:
+        inputs: torch.Tensor
+        targets: torch.Tensor
+        indices: torch.Tensor | None = None
+        start: object = None
+
+    b = _head(Batch(x, y, torch.arange(40)), 16)
+    assert b.inputs.shape == (16, 3) and b.indices.tolist() == list(range(16))
+    assert _head(Batch(x, y, None), 16).indices is None
+    started = Batch(x, y, None, start=lambda zeros: zeros)
+    assert _head(started, 16) is started  # a start state belongs to the whole batch

@@ -163,8 +163,8 @@ class TrainConfig:
     )
     monitor_rescale: bool = _key(False, "rescale the phantom gradient by the monitored norm ratio")
     radius_every: int = _key(
-        1,
-        "every N epochs estimate the spectral radius of dF/dh at h* on a training batch (0: off)",
+        2,
+        "every N epochs (and the last) estimate the spectral radius of dF/dh at h* on a training batch (0: off)",
         within=NON_NEGATIVE,
     )
     # run

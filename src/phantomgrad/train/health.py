@@ -10,8 +10,10 @@ every evaluation split (``metrics.csv``, the summary and the report):
     train_bwd_residual         Implicit only: mean final relative residual of the backward solve
     train_spectral_radius      every ``radius_every`` epochs: the power-iteration estimate of
                                rho(dF/dh) at h* (:func:`phantomgrad.spectral_radius`, ``RADIUS_ITERS``
-                               steps) on the epoch's last training batch, in eval mode, mean over
-                               its samples (max over the model's DEQ layers); NaN in other epochs
+                               steps) on the first ``RADIUS_SAMPLES`` samples of the epoch's last
+                               training batch (all of it where the batch cannot be cut, e.g. a
+                               graph), in eval mode, mean over the samples (max over the model's
+                               DEQ layers); NaN in other epochs
 
 The forward figures are sums the task's step leaves on the device (:func:`with_health` wraps it),
 the backward ones sums the callback adds after ``loss.backward()`` (:class:`EquilibriumHealth`,
@@ -39,6 +41,7 @@ if TYPE_CHECKING:  # tasks.build_task applies the wrapper
     from .tasks import StepResult, Task
 
 RADIUS_ITERS = 20  # power-iteration steps of the spectral-radius estimate
+RADIUS_SAMPLES = 16  # samples of the batch it is measured on (where the batch can be cut; its cost is linear in them)
 FORWARD_KEYS = ("solve_samples", "solve_converged", "solve_residual")
 BACKWARD_KEYS = ("bwd_samples", "bwd_converged", "bwd_residual")
 
@@ -89,6 +92,31 @@ def with_health(task: "Task") -> "Task":
     return dataclasses.replace(task, step=step, finalize=finalize)
 
 
+def _head(batch: Any, n: int) -> Any:
+    """The first ``n`` samples of ``batch`` where that is plain to see: a tuple or list of dense tensors
+    sharing their first dimension, or a dataclass batch (``inputs``, ``targets``, ``indices``) of such
+    tensors with no ``start`` state; any other batch whole."""
+    if isinstance(batch, (tuple, list)):
+        cut = _cut(list(batch), n)
+        return batch if cut is None else type(batch)(cut)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type) and getattr(batch, "start", None) is None:
+        fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+        tensors = {k: v for k, v in fields.items() if v is not None}
+        cut = _cut(list(tensors.values()), n)
+        if cut is not None:
+            return dataclasses.replace(batch, **dict(zip(tensors, cut)))
+    return batch
+
+
+def _cut(tensors: list[Any], n: int) -> list[Tensor] | None:
+    """Each tensor's first ``n`` rows, when all are dense tensors with the same first dimension > n."""
+    if not tensors or not all(isinstance(t, Tensor) and t.dim() and not t.is_sparse for t in tensors):
+        return None
+    if len({t.shape[0] for t in tensors}) != 1 or tensors[0].shape[0] <= n:
+        return None
+    return [t[:n] for t in tensors]
+
+
 class _Capture:
     """Forward hooks keeping (F, z*, x) of every DEQ layer call while open."""
 
@@ -112,7 +140,7 @@ class EquilibriumHealth:
     """Training callback: the backward solve's convergence on every step (Implicit), the spectral
     radius of dF/dh at h* every ``radius_every`` epochs (0: never). See the module docstring."""
 
-    def __init__(self, radius_every: int = 1, radius_iters: int = RADIUS_ITERS):
+    def __init__(self, radius_every: int = 2, radius_iters: int = RADIUS_ITERS):
         self.radius_every = radius_every
         self.radius_iters = radius_iters
         self.last_batch: Any = None
@@ -133,7 +161,7 @@ class EquilibriumHealth:
         batch, self.last_batch = self.last_batch, None
         if not due or batch is None or ctx.recompute_loss is None or ctx.step < ctx.config.pretrain_steps:
             return
-        row["train_spectral_radius"] = self.measure(ctx, batch)
+        row["train_spectral_radius"] = self.measure(ctx, _head(batch, RADIUS_SAMPLES))
 
     def measure(self, ctx: RunContext, batch: Any) -> float:
         """rho(dF/dh) at h* on ``batch`` in eval mode (dropout off, no statistics updated); the RNG
