@@ -37,6 +37,7 @@ def test_health_columns_appear_in_metrics_summary_and_report(backward, tmp_path)
     assert math.isnan(float(rows[0]["train_spectral_radius"])) and float(rows[1]["train_spectral_radius"]) > 0
     if backward == "implicit":
         assert all(0 <= float(r["train_bwd_converged"]) <= 1 and float(r["train_bwd_residual"]) > 0 for r in rows)
+        assert all(float(r["train_bwd_fallback"]) == 0 for r in rows)  # no fallback asked for
     assert summary["final_metrics"]["test_converged"] == pytest.approx(float(rows[-1]["test_converged"]))
     md = (tmp_path / "report.md").read_text()
     assert "## Equilibrium health" in md and "train_spectral_radius" in md
@@ -73,6 +74,7 @@ def test_sums_are_those_of_the_solves():
         assert sums[keys[0]] == 5.0
         assert float(sums[keys[1]]) == float(solve.converged.sum())
         assert float(sums[keys[2]]) == pytest.approx(float(solve.rel_residual.sum()))
+        assert (keys[3] in sums) == (keys is BACKWARD_KEYS)
     # a task's finalize turns the sums into fractions and means; a step without solver info adds nothing
     task = Task("t", torch.nn.Linear(1, 1), [], {}, lambda *a: StepResult(torch.zeros(()), {}, 1), lambda s, c: {})
     wrapped = with_health(task)

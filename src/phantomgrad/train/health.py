@@ -8,6 +8,9 @@ every evaluation split (``metrics.csv``, the summary and the report):
     <split>_residual           mean final relative residual ||F(z) - z|| / ||F(z)|| of the forward solve
     train_bwd_converged        Implicit only: fraction of samples whose backward solve met its tolerance
     train_bwd_residual         Implicit only: mean final relative residual of the backward solve
+    train_bwd_fallback         Implicit only: fraction of samples flagged in ``info.backward.fallback``
+                               (with ``pg.Implicit(fallback=...)``: those whose gradient fell back to the
+                               phantom one because their backward solve failed)
     train_spectral_radius      every ``radius_every`` epochs: the power-iteration estimate of
                                rho(dF/dh) at h* (:func:`phantomgrad.spectral_radius`, ``RADIUS_ITERS``
                                steps) on the first ``RADIUS_SAMPLES`` samples of the epoch's last
@@ -42,8 +45,8 @@ if TYPE_CHECKING:  # tasks.build_task applies the wrapper
 
 RADIUS_ITERS = 20  # power-iteration steps of the spectral-radius estimate
 RADIUS_SAMPLES = 16  # samples of the batch it is measured on (where the batch can be cut; its cost is linear in them)
-FORWARD_KEYS = ("solve_samples", "solve_converged", "solve_residual")
-BACKWARD_KEYS = ("bwd_samples", "bwd_converged", "bwd_residual")
+FORWARD_KEYS = ("solve_samples", "solve_converged", "solve_residual", "solve_fallback")
+BACKWARD_KEYS = ("bwd_samples", "bwd_converged", "bwd_residual", "bwd_fallback")
 
 
 def _infos(info: Any) -> list[Any]:
@@ -53,17 +56,20 @@ def _infos(info: Any) -> list[Any]:
     return [info] if hasattr(info, "converged") else []
 
 
-def _sums(infos: list[Any], keys: tuple[str, str, str]) -> dict[str, float | Tensor] | None:
+def _sums(infos: list[Any], keys: tuple[str, ...]) -> dict[str, float | Tensor] | None:
     """Sums of samples (a host number), converged samples and relative residuals (device tensors,
-    no host sync)."""
+    no host sync); for the backward, also the samples flagged in ``fallback``."""
     if not infos:
         return None
-    samples, converged, residual = keys
-    return {
+    samples, converged, residual, fallback = keys
+    out: dict[str, float | Tensor] = {
         samples: float(sum(i.converged.numel() for i in infos)),
         converged: torch.stack([i.converged.detach().double().sum() for i in infos]).sum(),
         residual: torch.stack([i.rel_residual.detach().double().sum() for i in infos]).sum(),
     }
+    if keys is BACKWARD_KEYS:
+        out[fallback] = torch.stack([i.fallback.detach().double().sum() for i in infos]).sum()
+    return out
 
 
 def with_health(task: "Task") -> "Task":
@@ -82,11 +88,13 @@ def with_health(task: "Task") -> "Task":
     def finalize(sums: dict[str, float], count: int) -> dict[str, float]:
         own = {k: sums[k] for k in FORWARD_KEYS + BACKWARD_KEYS if k in sums}
         out = inner_finalize({k: v for k, v in sums.items() if k not in own}, count)
-        for prefix, (samples, converged, residual) in (("", FORWARD_KEYS), ("bwd_", BACKWARD_KEYS)):
+        for prefix, (samples, converged, residual, fallback) in (("", FORWARD_KEYS), ("bwd_", BACKWARD_KEYS)):
             n = own.get(samples, 0.0)
             if n:
                 out[f"{prefix}converged"] = own.get(converged, 0.0) / n
                 out[f"{prefix}residual"] = own.get(residual, 0.0) / n
+                if fallback in own:
+                    out[f"{prefix}fallback"] = own[fallback] / n
         return out
 
     return dataclasses.replace(task, step=step, finalize=finalize)
