@@ -352,7 +352,7 @@ def _health_lines(epochs: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-_HEALTH_SUFFIXES = ("_nstep", "_converged", "_residual", "_spectral_radius")
+_HEALTH_SUFFIXES = ("_nstep", "_converged", "_residual", "_bwd_fallback", "_spectral_radius")
 
 
 def _plot_metrics(epochs: list[dict[str, Any]], path: Path) -> None:
