@@ -111,13 +111,13 @@ def classify(err: BaseException) -> str | None:
     if not isinstance(err, RuntimeError):  # gloo's and NCCL's errors are RuntimeErrors (DistError among them)
         return None
     if _LOST.search(text):
-        return "lost the connection to a peer process (it died, was killed or its node went away)"
+        return "lost the connection to a peer process, which died, was killed or lost its node"
     if _TIMEOUT.search(text) and (isinstance(err, dist.DistError) or "gloo" in text.lower()):
-        return "timed out waiting for a peer process in a collective (it hung or died; see dist_timeout)"
+        return "timed out waiting for a peer process in a collective: the peer hung or died (see dist_timeout)"
     if isinstance(err, (dist.DistStoreError, dist.DistNetworkError)) or (
         isinstance(err, dist.DistError) and _RENDEZVOUS.search(text)
     ):
-        return "could not reach its peers (the rendezvous or the TCPStore failed)"
+        return "could not reach its peers: the rendezvous or the TCPStore failed"
     return None
 
 
@@ -125,7 +125,8 @@ def peer_failure(err: BaseException, what: str, checkpoint: Path | None) -> Peer
     """The one-line error of a peer's failure, seen by this process (RANK and WORLD_SIZE from torchrun)."""
     rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
     detail = " ".join(str(err).split())
-    detail = re.sub(r"\[[^\]]*third_party[^\]]*\]\s*", "", detail)[:160]  # gloo's source location
+    detail = re.sub(r"\[[^\]]*third_party[^\]]*\]\s*", "", detail)  # gloo's source location
+    detail = detail.split(" This is typically caused by")[0][:160]  # torch's generic advice
     intact = describe_intact(checkpoint) if checkpoint is not None else "no run directory was chosen yet"
     if under_torchelastic():
         how = (

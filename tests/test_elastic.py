@@ -1,0 +1,276 @@
+"""Fault-tolerant torchrun jobs (gloo, 2 CPU processes): a killed worker restarted by torchrun resumes by
+itself, a peer's failure is one line with its own exit code, SIGTERM stops every rank at one step with one
+checkpoint, and a resume with another number of processes does what docs/reliability.md says."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from phantomgrad.train.checkpoint import load_checkpoint
+
+HERE = Path(__file__).parent
+
+# 1024 samples, global batch 64: 16 steps per epoch, about a second each epoch on one thread per process
+TINY = [
+    "dataset=digits",
+    "arch.channels=[8,8]",
+    "arch.head_channels=[4,4]",
+    "arch.final_channels=16",
+    "arch.outer_norm=group",
+    "batch_size=64",
+    "data_options.train_subset=1024",
+    "data_options.test_subset=64",
+    "solver=fixed_point",
+    "solver_max_iter=4",
+    "progress=false",
+    "threads=1",
+    "optimizer=sgd",
+    "lr=0.05",
+    "dist_timeout=60",
+]
+
+
+def _env():
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+
+
+def _torchrun(args, cwd, nproc=2, restarts=0):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "--max-restarts",
+        str(restarts),
+        "--monitor-interval",
+        "0.2",
+        *args,
+    ]
+    return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _train(args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "phantomgrad", "train", *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _children(pid):
+    """The pids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _worker(job, rank):
+    """The pid of the worker of ``rank`` (RANK in its environment) that torchrun ``job`` started."""
+    for pid in _children(job.pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return pid
+    return None
+
+
+def _wait_for(path, epoch, job, seconds=60):
+    """Until the checkpoint sidecar at ``path`` records ``epoch`` (or more) epochs done."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and job.poll() is None:
+        try:
+            if json.loads(path.read_text())["epoch"] >= epoch:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint of epoch {epoch} in {seconds} s")
+
+
+def _same_weights(a, b, atol=0.0):
+    return all(torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=atol, rtol=0) for k in a["model"])
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_by_torchrun_and_the_job_resumes_by_itself(tmp_path):
+    """SIGKILL rank 1 in epoch 2 under --max-restarts 1: the restarted workers reconnect (a PrefixStore per
+    restart), resume by themselves (resume=auto, the default under torchrun) and end with the weights of
+    the same job run without a fault."""
+    args = ["-m", "phantomgrad", "train", *TINY, "epochs=3"]
+    job = _torchrun([*args, f"out_dir={tmp_path / 'killed'}"], tmp_path, restarts=1)
+    _wait_for(tmp_path / "killed" / "checkpoint.pt.json", 1, job)
+    time.sleep(0.3)  # into epoch 2
+    victim = _worker(job, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err[-3000:]
+    assert "bug in phantomgrad" not in err
+    assert "resume=auto: continuing the run" in err
+    straight = _torchrun([*args, f"out_dir={tmp_path / 'straight'}"], tmp_path)
+    _, err2 = straight.communicate(timeout=120)
+    assert straight.returncode == 0, err2[-3000:]
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    assert b["epoch"] == 3 and b["step"] == a["step"]
+    assert _same_weights(a, b, atol=1e-6)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _workers(args, cwd):
+    """Two workers started by hand (RANK, WORLD_SIZE, MASTER_ADDR/PORT; torch's env:// rendezvous, no torchrun)."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = _env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        cmd = [sys.executable, "-m", "phantomgrad", "train", *args]
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_peers_failure_is_one_line_with_exit_code_75(tmp_path, fault):
+    """Rank 1 is SIGKILLed (a lost peer) or SIGSTOPped (a hung peer, found by dist_timeout=5): rank 0 ends with
+    one line that names its rank, what happened, the intact checkpoint and how to resume; exit code 75."""
+    out = tmp_path / "run"
+    rank0, rank1 = _workers([*TINY, "epochs=5", "dist_timeout=5", f"out_dir={out}"], tmp_path)
+    try:
+        _wait_for(out / "checkpoint.pt.json", 1, rank0)
+        rank1.send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        _, err = rank0.communicate(timeout=60)
+    finally:
+        rank1.kill()
+        rank1.communicate()
+    assert rank0.returncode == 75, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("phantomgrad train: error: rank 0 of 2 "), last
+    what = "lost the connection to a peer" if fault == "killed" else "timed out waiting for a peer"
+    assert what in last and "is intact" in last and "--resume auto" in last, last
+    assert "Traceback" not in err and "bug" not in err
+    epoch = json.loads((out / "checkpoint.pt.json").read_text())["epoch"]
+    assert f"epoch {epoch}" in last
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == epoch  # and it is
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_worker_stops_all_at_one_step_and_the_resume_continues_mid_epoch(tmp_path):
+    """SIGTERM to rank 1 alone: the ranks agree (an all-reduce of the stop flag), rank 0 writes one checkpoint
+    in the middle of epoch 2, both exit 143; the resume, with one process instead of two (the global batch,
+    the data order and the schedule are kept), ends where a two-process run without a stop ends."""
+    out = tmp_path / "stopped"
+    rank0, rank1 = _workers([*TINY, "epochs=2", f"out_dir={out}"], tmp_path)
+    _wait_for(out / "checkpoint.pt.json", 1, rank0)
+    time.sleep(0.3)
+    rank1.send_signal(signal.SIGTERM)
+    (_, err0), (_, err1) = rank0.communicate(timeout=60), rank1.communicate(timeout=60)
+    assert (rank0.returncode, rank1.returncode) == (143, 143), err0[-2000:] + err1[-2000:]
+    assert "training interrupted by SIGTERM" in err0.strip().splitlines()[-1]
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == 1 and 0 < state["partial_epoch"]["batch"] < 16 and state["world_size"] == 2
+    assert state["step"] == 16 + state["partial_epoch"]["batch"]
+    resumed = _train([*TINY, "epochs=2", f"out_dir={out}", "--resume", "auto"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming a run of 2 process(es) with 1" in resumed.stderr
+    straight = _torchrun(["-m", "phantomgrad", "train", *TINY, "epochs=2", f"out_dir={tmp_path / 'two'}"], tmp_path)
+    _, err = straight.communicate(timeout=120)
+    assert straight.returncode == 0, err[-3000:]
+    a, b = load_checkpoint(tmp_path / "two" / "checkpoint.pt"), load_checkpoint(out / "checkpoint.pt")
+    assert b["step"] == a["step"] == 32
+    assert _same_weights(a, b, atol=1e-4)  # one process vs two: float32 rounding of the gradient average
+    for key in ("train_loss", "train_accuracy", "test_accuracy"):  # the stopped epoch's metrics: all ranks' sums
+        assert b["history"][-1][key] == pytest.approx(a["history"][-1][key], rel=1e-4), key
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_job_writes_one_checkpoint_and_the_same_command_resumes(tmp_path):
+    """SIGTERM to torchrun (a scheduler's preemption): it passes the signal to its workers, which stop at one
+    step with a checkpoint; the same torchrun command line then resumes (resume=auto by default) and ends
+    with the weights of the run without the stop."""
+    args = ["-m", "phantomgrad", "train", *TINY, "epochs=2"]
+    job = _torchrun([*args, f"out_dir={tmp_path / 'stopped'}"], tmp_path)
+    _wait_for(tmp_path / "stopped" / "checkpoint.pt.json", 1, job)
+    time.sleep(0.3)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode != 0
+    assert "bug in phantomgrad" not in err
+    state = load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")
+    assert state["epoch"] == 1 and 0 < state["partial_epoch"]["batch"] < 16
+    again = _torchrun([*args, f"out_dir={tmp_path / 'stopped'}"], tmp_path)
+    straight = _torchrun([*args, f"out_dir={tmp_path / 'straight'}"], tmp_path)
+    for job in (again, straight):
+        _, err = job.communicate(timeout=120)
+        assert job.returncode == 0, err[-3000:]
+    a, b = (
+        load_checkpoint(tmp_path / "straight" / "checkpoint.pt"),
+        load_checkpoint(tmp_path / "stopped" / "checkpoint.pt"),
+    )
+    assert b["step"] == a["step"] == 32 and _same_weights(a, b, atol=1e-6)
+
+
+def test_a_world_size_change_that_would_change_the_schedule_is_refused(tmp_path):
+    from phantomgrad.train.checkpoint import CheckpointError
+    from phantomgrad.train.elastic import check_world_size
+
+    state = {"world_size": 2, "steps_per_epoch": 16}
+    check_world_size(state, tmp_path, 2, 16)
+    check_world_size(state, tmp_path, 4, 16)  # the same global batches: allowed
+    check_world_size({}, tmp_path, 3, 11)  # a checkpoint of an older version: not checked
+    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\) with 16 steps per epoch") as err:
+        check_world_size(state, tmp_path, 3, 17)
+    assert "\n" not in str(err.value) and "--nproc-per-node 2" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "message, what",
+    [
+        ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242", "lost"),
+        (
+            "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv",
+            "timed",
+        ),
+        ("Connection reset by peer", "lost"),
+        ("CUDA out of memory", None),
+        ("mat1 and mat2 shapes cannot be multiplied", None),
+    ],
+)
+def test_classify_names_a_peers_failure_and_nothing_else(message, what):
+    from phantomgrad.train.elastic import classify
+
+    for err in (RuntimeError(message), torch.distributed.DistBackendError(message)):
+        got = classify(err)
+        assert (got is None) if what is None else got.startswith(what), (message, got)
+    assert classify(ValueError("Connection reset by peer")) is None
