@@ -40,6 +40,15 @@ def test_evaluate_writes_the_accuracy_vs_compute_table(run_dir, tmp_path, capsys
     summary = json.loads((run_dir / "summary.json").read_text())
     assert rows[(6, 1e-3)]["accuracy"] == pytest.approx(summary["test_accuracy"])
     assert rows[(6, 1e-3)]["loss"] == pytest.approx(summary["final_metrics"]["test_loss"], rel=1e-5)
+    # the cheapest budget at the trained budget's accuracy, and what it saves
+    c = doc["cheapest_at_reference"]
+    assert c["reference"]["solver_max_iter"] == 6 and c["reference"]["solver_tol"] == 1e-3
+    assert c["cheapest"]["accuracy"] >= c["reference"]["accuracy"]
+    assert c["cheapest"]["f_evals"] == min(
+        r["f_evals"] for r in doc["rows"] if r["accuracy"] >= c["reference"]["accuracy"]
+    )
+    assert c["saving"] == pytest.approx(c["reference"]["f_evals"] / c["cheapest"]["f_evals"])
+    assert "fewer." in printed
 
 
 @pytest.mark.parametrize(

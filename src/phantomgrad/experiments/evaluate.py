@@ -17,6 +17,9 @@ Keys (comma-separated lists where a grid is meant):
     batch_size=256                evaluation batch; device=auto|cpu|cuda; threads=N
     out_dir=DIR                   where the files go (default: RUN_DIR/evaluate)
 
+The cheapest budget at the reference accuracy (that of the budget the run was trained with, where
+the grid has it) is named with its saving in F evaluations.
+
 Files: ``evaluate.json`` (every row and the setting), ``evaluate.md`` (the table) and
 ``evaluate.png`` (accuracy against mean F evaluations per sample, one line per tolerance).
 A run directory without ``config.yaml`` or checkpoint, or an unknown or bad key, ends with one
@@ -171,15 +174,46 @@ def run_grid(run_dir: Path, opts: EvalOptions) -> dict[str, Any]:
             budget = dataclasses.replace(cfg, solver_max_iter=max_iter, solver_tol=tol)
             rows.append(evaluate_budget(task, budget, device, opts.split, opts.batch_size))
             log.debug("solver_max_iter=%d solver_tol=%g: %s", max_iter, tol, rows[-1])
+    trained = {"solver_max_iter": cfg.solver_max_iter, "solver_tol": cfg.solver_tol}
     return {
         "run_dir": str(run_dir),
         "split": opts.split,
         "solver": cfg.solver,
         "solver_stop": cfg.solver_stop,
-        "trained_with": {"solver_max_iter": cfg.solver_max_iter, "solver_tol": cfg.solver_tol},
+        "trained_with": trained,
         "device": str(device),
         "rows": rows,
+        "cheapest_at_reference": cheapest(rows, trained),
     }
+
+
+def cheapest(rows: list[dict[str, Any]], trained: dict[str, Any]) -> dict[str, Any] | None:
+    """The budget with the fewest mean F evaluations whose accuracy is at least the reference's: the
+    row of the budget the run was trained with where the grid has it, else the row with the most F
+    evaluations. ``saving`` is the reference's F evaluations over its. None without an accuracy."""
+    if not rows or "accuracy" not in rows[0]:
+        return None
+    same = [r for r in rows if all(r[k] == v for k, v in trained.items())]
+    ref = same[0] if same else max(rows, key=lambda r: r["f_evals"])
+    best = min((r for r in rows if r["accuracy"] >= ref["accuracy"]), key=lambda r: r["f_evals"])
+    return {
+        "reference": {k: ref[k] for k in ("solver_max_iter", "solver_tol", "f_evals", "accuracy")},
+        "cheapest": {k: best[k] for k in ("solver_max_iter", "solver_tol", "f_evals", "accuracy")},
+        "saving": ref["f_evals"] / best["f_evals"],
+    }
+
+
+def _cheapest_line(doc: dict[str, Any]) -> str:
+    c = doc.get("cheapest_at_reference")
+    if not c:
+        return ""
+    ref, best = c["reference"], c["cheapest"]
+    return (
+        f"At least the reference accuracy {ref['accuracy']:.4f} (solver_max_iter={ref['solver_max_iter']}, "
+        f"solver_tol={ref['solver_tol']:g}: {ref['f_evals']:.3g} F evaluations per sample) with "
+        f"{best['f_evals']:.3g} (solver_max_iter={best['solver_max_iter']}, solver_tol={best['solver_tol']:g}): "
+        f"{c['saving']:.2f}x fewer."
+    )
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -236,6 +270,8 @@ def write(doc: dict[str, Any], out_dir: Path) -> None:
         "",
         table(doc),
         "",
+        _cheapest_line(doc),
+        "",
         f"![accuracy vs compute]({PLOT_FILE})",
         "",
     ]
@@ -264,8 +300,10 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(opts.out_dir) if opts.out_dir else Path(args.run_dir) / "evaluate"
     write(doc, out_dir)
     print(table(doc))
+    if doc["cheapest_at_reference"]:
+        print(_cheapest_line(doc))
     print(f"wrote {out_dir / MD_FILE}, {out_dir / JSON_FILE} and {out_dir / PLOT_FILE}")
     return 0
 
 
-__all__ = ["EvalOptions", "run_grid", "evaluate_budget", "table", "write"]
+__all__ = ["EvalOptions", "run_grid", "evaluate_budget", "cheapest", "table", "write"]
