@@ -5,6 +5,7 @@ import torch
 from torch.autograd.functional import jacobian
 
 import phantomgrad as pg
+from catalogue import BACKWARD_SOLVERS, EXACT, MODE_ENTRIES, PER_SAMPLE
 from conftest import TanhLayer, TupleLayer, forward_solver
 
 F64 = torch.float64
@@ -93,6 +94,40 @@ def test_implicit_equals_dense_formula():
     assert torch.allclose(grad, dense, rtol=1e-7, atol=1e-10)
 
 
+def _dense_implicit(layer, x, z0, w):
+    """J_theta^T (I - J_h^T)^{-1} w per sample at the fixed point, for F's parameters and x."""
+    z_star = _fixed_point(layer, x, z0)
+    eye = torch.eye(z_star.shape[1], dtype=F64)
+    g = torch.stack(
+        [torch.linalg.solve((eye - jacobian(lambda z: layer(z, x[i]), z_star[i])).T, w[i]) for i in range(len(x))]
+    )
+    layer.zero_grad()
+    xr = x.clone().requires_grad_()
+    (layer(z_star, xr) * g).sum().backward()
+    return torch.cat([p.grad.flatten() for p in layer.parameters()] + [xr.grad.flatten()])
+
+
+@pytest.mark.parametrize("entry", BACKWARD_SOLVERS, ids=repr)
+def test_implicit_with_every_backward_solver_equals_dense_formula(entry):
+    """Every registered solver that iterates to a tolerance (GMRES included) as Implicit's backward solve."""
+    layer, x, z0, w = _setup(lipschitz=0.8)
+    mode = pg.Implicit(entry.make(max_iter=400, tol=1e-12))
+    grad, info = _grads(layer, pg.DEQ(layer, solver=_tight(), backward=mode), x, z0, w)
+    assert info.backward.converged.all()
+    assert torch.allclose(grad, _dense_implicit(layer, x, z0, w), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("entry", EXACT, ids=repr)
+def test_every_exact_mode_gives_the_dense_implicit_gradient(entry):
+    """The catalogue's exact group, each built with its defaults, on a converged forward solve:
+    Eq. 4 to the default tolerances (Implicit's backward solve stops at 1e-6 relative)."""
+    layer, x, z0, w = _setup(lipschitz=0.6)
+    solver = pg.FixedPoint(max_iter=300, tol=1e-30) if entry.cls.differentiates_solver else _tight()
+    grad, _ = _grads(layer, pg.DEQ(layer, solver=solver, backward=entry.make()), x, z0, w)
+    dense = _dense_implicit(layer, x, z0, w)
+    assert (grad - dense).norm() <= 1e-5 * dense.norm()
+
+
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
 def test_implicit_is_exact_whatever_the_loss_scale(scale):
     layer, x, z0, w = _setup(lipschitz=0.9)
@@ -159,15 +194,18 @@ def test_phantom_gradients_approach_implicit_as_k_grows(mode):
     assert cosines[0] < cosines[-1]
 
 
-@pytest.mark.parametrize(
-    "mode", [pg.Implicit(), pg.UPG(3, 0.5), pg.NPG(3, 0.5), pg.JFB(), pg.Backprop()], ids=lambda m: type(m).__name__
-)
-@pytest.mark.parametrize("solver", [pg.FixedPoint, pg.Anderson, pg.Broyden])
+@pytest.mark.parametrize("mode", MODE_ENTRIES, ids=repr)
+@pytest.mark.parametrize("solver", PER_SAMPLE, ids=repr)
 def test_tuple_states_with_every_solver_and_mode(mode, solver):
     layer = TupleLayer()
     x = torch.randn(2, 4, dtype=F64, requires_grad=True)
     z0 = (torch.zeros(2, 4, dtype=F64), torch.zeros(2, 3, dtype=F64))
-    deq = pg.DEQ(layer, solver=solver(max_iter=100, tol=1e-10), backward=mode)
+    backward, forward = mode.make(), solver.make(max_iter=100, tol=1e-10)
+    try:
+        backward.check_solver(forward)
+    except ValueError:
+        pytest.skip(f"{mode.name} refuses {solver.name} as its forward solver")
+    deq = pg.DEQ(layer, solver=forward, backward=backward)
     (a, b), info = deq(x, z0)
     assert a.shape == (2, 4) and b.shape == (2, 3)
     assert info.converged.all()
@@ -192,8 +230,8 @@ def test_tuple_state_implicit_matches_backprop():
     assert torch.allclose(exact, implicit, rtol=1e-7, atol=1e-10)
 
 
-# the shared contract tests run on every registered mode, built with its defaults
-EVERY_MODE = [cls() for cls in pg.BACKWARD_MODES.values()]
+# the shared contract tests run on every registered mode (the catalogue), built with its defaults
+EVERY_MODE = [entry.make() for entry in MODE_ENTRIES]
 
 
 @pytest.mark.parametrize("mode", EVERY_MODE, ids=lambda m: type(m).__name__)
