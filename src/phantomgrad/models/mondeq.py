@@ -19,7 +19,9 @@ map with the same fixed points, so ``pg.Implicit`` is the exact monDEQ gradient)
 * forward-backward (``splitting="forward_backward"``):
   z <- relu((1 - alpha) z + alpha (W z + U x + b)); it converges for
   0 < alpha < 2 m / ||I - W||^2 (``alpha=None``: m / ||I - W||^2, recomputed at every forward,
-  exactly for the fully connected form, by power iteration for the convolutional one).
+  exactly for the fully connected form, by power iteration for the convolutional one). Its step
+  T(z) - z is about alpha times the natural residual relu(W z + U x + b) - z, so the solver's
+  tolerance on it is a tolerance on alpha times that residual: with a small alpha, set it smaller.
 * Peaceman-Rachford (``splitting="peaceman_rachford"``), on the auxiliary state u with z = relu(u):
   v = 2 relu(u) - u,  u <- 2 V (v + alpha (U x + b)) - v,  V = (I + alpha (I - W))^{-1}; it converges
   for every alpha > 0 (default 1). V is formed once per forward (fully connected form only).
