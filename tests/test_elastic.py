@@ -274,3 +274,37 @@ def test_classify_names_a_peers_failure_and_nothing_else(message, what):
         got = classify(err)
         assert (got is None) if what is None else got.startswith(what), (message, got)
     assert classify(ValueError("Connection reset by peer")) is None
+
+
+def test_each_restart_attempt_has_its_own_keys_in_torchruns_store(monkeypatch):
+    """The store handed to init_process_group is torchrun's TCPStore under the prefix of this attempt, so a
+    restarted worker never reads an address the dead attempt published."""
+    from datetime import timedelta
+
+    from phantomgrad.train.distributed import DistInfo, attempt_store
+
+    server = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timedelta(seconds=10))
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert attempt_store(DistInfo(0, 2), None) is None  # not under torchrun: torch's env:// rendezvous
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(server.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    server.set("rank_0", b"the dead attempt's address")
+    for restart in ("0", "1"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restart)
+        store = attempt_store(DistInfo(1, 2), timedelta(seconds=10))
+        store.set("rank_1", f"attempt {restart}".encode())
+        assert not store.check(["rank_0"])  # the other attempt's keys are not seen
+    assert server.get("phantomgrad/attempt-0/rank_1") == b"attempt 0"
+    assert server.get("phantomgrad/attempt-1/rank_1") == b"attempt 1"
+
+
+def test_the_default_run_directory_survives_a_restart(monkeypatch):
+    from phantomgrad.train.elastic import default_run_name
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert default_run_name("digits", "upg", "20260101-000000") == "digits-upg-20260101-000000"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job/42")  # --rdzv-id, the same in every attempt
+    assert default_run_name("digits", "upg", "20260101-000000") == "digits-upg-job_42"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # the static rendezvous: no id, keep the time stamp
+    assert default_run_name("digits", "upg", "20260101-000000") == "digits-upg-20260101-000000"

@@ -55,11 +55,14 @@ def restart_count() -> int:
 
 
 def default_run_name(dataset: str, backward: str, stamp: str) -> str:
-    """``<dataset>-<backward>-<stamp>``; under torchrun the run id replaces the time stamp, so that
-    the workers torchrun restarts find the directory their first attempt wrote."""
+    """``<dataset>-<backward>-<stamp>``; under torchrun the run id (``--rdzv-id``; a random one with
+    ``--standalone``) replaces the time stamp, so that the workers torchrun restarts find the directory
+    their first attempt wrote. The static rendezvous has no run id ("none"): the time stamp stays."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    if run_id:
+    if run_id and run_id != "none":
         stamp = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:36]
+    elif run_id:  # the static rendezvous has no run id: every job would share one directory
+        log.warning("torchrun's static rendezvous has no run id: name out_dir=... so that a restarted job resumes")
     return f"{dataset}-{backward}-{stamp}"
 
 
