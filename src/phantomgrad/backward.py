@@ -21,36 +21,40 @@ DEQ layer asks ``mode.differentiates_solver`` before solving.
 from __future__ import annotations
 
 import abc
+import contextlib
+import copy
+import dataclasses
+import logging
 from typing import Any, Callable, ClassVar
 
 import torch
+import torch._functorch.config as aot_config
 from torch import Tensor
 
 from ._checks import positive_int
-from .solvers import Broyden, Solver, _check_damping
+from .higher_order import implicit_output
+from .solvers import Broyden, Solver, SolverInfo, _check_damping, default_check_every
+
+log = logging.getLogger(__name__)
 
 FlatFn = Callable[[Tensor], Tensor]
 
 
-def _allow_repeated_vjps_under_compile() -> None:
-    """Let the backward of a torch.compile'd F run more than once (retain_graph=True).
+def keep_saved_tensors() -> contextlib.AbstractContextManager[Any]:
+    """The context in which the backward modes take several VJPs through one graph of F.
 
-    NPG and Implicit take several VJPs through one graph of F (and the gradient monitor does so
-    in any run). AOTAutograd by default compiles backward graphs that free ("donate") their
-    saved tensors and then refuses retain_graph=True, or, when the backward was first run
-    without it, would reuse freed buffers. Graphs compiled with ``donated_buffer`` off keep
-    their saved tensors, so it is turned off when phantomgrad is imported (a memory
-    optimisation of compiled backward passes is lost; nothing changes without torch.compile).
+    NPG, Implicit and SHINE take several VJPs through one graph of F (``retain_graph=True``).
+    Through a ``torch.compile``'d F, AOTAutograd refuses that while
+    ``torch._functorch.config.donated_buffer`` is on (it checks the setting when the compiled
+    backward runs; a backward first run with ``retain_graph=True`` is compiled without donated
+    buffers). The modes' backward passes therefore run inside
+    ``torch._functorch.config.patch(donated_buffer=False)``: the setting is scoped to them, and
+    importing phantomgrad changes no process-wide torch setting. Inside a graph that Dynamo is
+    tracing it is a no-op.
     """
-    try:
-        import torch._functorch.config as aot_config
-    except ImportError:
-        return
-    if getattr(aot_config, "donated_buffer", False):
-        aot_config.donated_buffer = False
-
-
-_allow_repeated_vjps_under_compile()
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return aot_config.patch(donated_buffer=False)
 
 
 def _check_k(k: int, name: str = "k (number of phantom-gradient steps)") -> int:
@@ -71,6 +75,10 @@ class BackwardMode(abc.ABC):
     * ``differentiates_solver``: the forward solve runs with autograd on (``Backprop``).
     * ``outputs_fixed_point``: ``attach`` returns a tensor whose value is z* (Implicit, NPG,
       Backprop); others (UPG's h_k) get the straight-through form in eval mode.
+    * ``exact``: the mode's gradient is the implicit gradient of Eq. 4 (to its solves' tolerance),
+      to first and second order (Implicit, Backprop); the tests' catalogue groups modes by it.
+      Modes that are not exact either differentiate their own graph to any order (UPG, JFB) or
+      refuse ``create_graph=True`` with a one-line error (NPG, SHINE, GDEQ).
 
     A new mode is one subclass plus one line in ``phantomgrad.modes.BACKWARD_MODES``.
     """
@@ -78,6 +86,7 @@ class BackwardMode(abc.ABC):
     config_keys: ClassVar[tuple[str, ...]] = ()
     differentiates_solver: ClassVar[bool] = False
     outputs_fixed_point: ClassVar[bool] = False
+    exact: ClassVar[bool] = False
     needs_inverse_jacobian: ClassVar[bool] = False  # SHINE: the forward solve keeps its inverse-Jacobian estimate
 
     # A hook with a do-nothing default (most modes take any solver), so deliberately not abstract.
@@ -120,26 +129,31 @@ class _RouteGradient(torch.autograd.Function):
     parameters and the input as J_theta^T (...) and J_x^T (...).
 
     ``transform(grad, vjp)`` gets ``vjp(v) = J_h^T v`` at z* (through the graph of
-    fz, which it reuses, so F is not evaluated again).
+    fz, which it reuses, so F is not evaluated again). The graph of fz is made at a detached
+    copy of z*, so the result is a first-order gradient only: under ``create_graph=True`` the
+    backward raises ``refuse`` (a one-line error naming the modes that differentiate further).
     """
 
     @staticmethod
-    def forward(ctx, fz: Tensor, z_req: Tensor, z_star: Tensor, transform):
+    def forward(ctx, fz: Tensor, z_req: Tensor, z_star: Tensor, transform, refuse: str):
         ctx.fz = fz  # an input, not an output: no reference cycle
         ctx.z_req = z_req
         ctx.transform = transform
+        ctx.refuse = refuse
         return z_star.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if torch.is_grad_enabled():  # True in a backward exactly when create_graph=True
+            raise RuntimeError(ctx.refuse)
         fz, z_req = ctx.fz, ctx.z_req
 
         def vjp(v: Tensor) -> Tensor:
             return torch.autograd.grad(fz, z_req, v, retain_graph=True)[0]
 
-        with torch.enable_grad():
+        with torch.enable_grad(), keep_saved_tensors():
             routed = ctx.transform(grad, vjp)
-        return routed, None, None, None
+        return routed, None, None, None, None
 
 
 class _RouteGradientRecomputed(torch.autograd.Function):
@@ -151,16 +165,19 @@ class _RouteGradientRecomputed(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, fz: Tensor, z_star: Tensor, fn: FlatFn, transform):
+    def forward(ctx, fz: Tensor, z_star: Tensor, fn: FlatFn, transform, refuse: str):
         ctx.save_for_backward(z_star)
         ctx.fn = fn
         ctx.transform = transform
+        ctx.refuse = refuse
         return z_star.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(ctx.refuse)
         (z_star,) = ctx.saved_tensors
-        with torch.enable_grad():
+        with torch.enable_grad(), keep_saved_tensors():
             z_req = z_star.detach().requires_grad_()
             fz = ctx.fn(z_req)
 
@@ -168,36 +185,90 @@ class _RouteGradientRecomputed(torch.autograd.Function):
                 return torch.autograd.grad(fz, z_req, v, retain_graph=True)[0]
 
             routed = ctx.transform(grad, vjp)
-        return routed, None, None, None
+        return routed, None, None, None, None
 
 
-def _route(fn: FlatFn, z_star: Tensor, transform) -> Tensor:
+COMPILED_SECOND_ORDER = (
+    "a second-order gradient (create_graph=True) through a compiled DEQ layer is not supported; "
+    "differentiate the eager layer, or use pg.UPG or pg.Backprop"
+)
+
+
+def _route(fn: FlatFn, z_star: Tensor, transform, refuse: str) -> Tensor:
     """z* with the gradient J_theta^T transform(dL/dh, vjp) (and J_x^T likewise), see :class:`_RouteGradient`.
 
     Eager: one evaluation of F at a fresh leaf for z*, whose graph serves both the VJPs with
     J_h and the one with J_theta. Under torch.compile: :class:`_RouteGradientRecomputed`
     (the backward then takes VJPs with ``torch.autograd.grad``, which Dynamo traces only with
-    ``torch._dynamo.config.trace_autograd_ops = True``).
+    ``torch._dynamo.config.trace_autograd_ops = True``). ``refuse`` is the error a backward
+    with ``create_graph=True`` raises: the gradient made here is of first order only.
     """
     if torch.compiler.is_compiling():
         with torch.enable_grad():
             fz = fn(z_star.detach())
-        return _RouteGradientRecomputed.apply(fz, z_star, fn, transform)
+        return _RouteGradientRecomputed.apply(fz, z_star, fn, transform, refuse)
     z_req = z_star.detach().requires_grad_()
     with torch.enable_grad():
         fz = fn(z_req)
-    return _RouteGradient.apply(fz, z_req, z_star, transform)
+    return _RouteGradient.apply(fz, z_req, z_star, transform, refuse)
+
+
+def _sync_free(solver: Any, device: torch.device) -> bool:
+    """Whether ``solver`` never reads the device from the host (``check_every=None``, or "auto" off the CPU)."""
+    check_every = getattr(solver, "check_every", 1)
+    if check_every == "auto":
+        check_every = default_check_every(device)
+    return check_every is None
+
+
+def neumann_vector(grad: Tensor, vjp: Callable[[Tensor], Tensor], k: int, lam: float) -> Tensor:
+    """lam (I + B^T + ... + (B^T)^{k-1}) grad with B^T u = lam J^T u + (1 - lam) u: k - 1 VJPs.
+
+    The vector A_{k,lambda}^T dL/dh that NPG passes on (Eq. 17); at an exact fixed point it is also
+    UPG's (backpropagation through k damped steps from h* = F(h*) meets J at h* in every step), and
+    with k = 1, lam = 1 it is JFB's dL/dh.
+    """
+    term = total = grad
+    for _ in range(k - 1):
+        term = torch.lerp(term, vjp(term), lam)  # lam * J^T term + (1 - lam) * term, one kernel
+        total = total + term
+    return total if lam == 1.0 else lam * total
+
+
+IMPLICIT_FALLBACKS = ("upg", "jfb")
+_DEFAULT_SOLVER = Broyden(max_iter=30, tol=1e-6, stop="rel")  # copied per instance: never used, never changed
 
 
 class Implicit(BackwardMode):
-    """The exact gradient by implicit differentiation (Eq. 4).
+    """The exact gradient by implicit differentiation (Eq. 4), exact to second order.
 
     Solves g = J_h^T g + dL/dh at h* with ``solver`` (vector-Jacobian products through
     one stored evaluation of F, so memory is O(1) in the number of solver steps), then
     passes J_theta^T g on. The default solver stops on a *relative* residual, so the
-    gradient stays exact whatever the scale of the loss. After backward,
-    ``info.backward`` holds the backward solve's :class:`SolverInfo` (its
-    ``converged`` says whether the gradient is exact to the tolerance); under
+    gradient stays exact whatever the scale of the loss.
+
+    Second order: with ``create_graph=True`` (gradient penalties, losses on input gradients,
+    Hessian-vector products) the gradient is itself differentiated exactly, by implicit
+    differentiation of the adjoint fixed point g = J^T g + v (see :mod:`phantomgrad.higher_order`;
+    it costs one more solve, with Jacobian-vector products, per second-order backward). A third
+    derivative is refused with a one-line error.
+
+    Args:
+        solver: the backward solver (its ``check_every=None`` keeps the backward sync-free).
+        fallback: for the samples whose backward solve did not converge, pass on a phantom
+            gradient instead: ``"upg"`` (A_{5,0.5}: 0.5 (I + B^T + ... + (B^T)^4) dL/dh, which is
+            UPG's gradient at an exact fixed point; four more VJPs), ``"jfb"`` (dL/dh, A = I) or
+            ``None`` (keep the unconverged solve). Chosen per sample with masks, no host sync
+            under ``check_every=None`` (with a host-checking solver the extra VJPs run only when
+            some sample failed: one host read). ``info.backward.fallback`` flags those samples.
+        warn_interval: calls of the backward between two warnings that the backward solve
+            missed its tolerance (logger ``phantomgrad.backward``): the batch mean of its
+            stopping residual is >= 10 x ``tol``. With a sync-free solver the residual is read
+            on the host only once every ``warn_interval`` backward calls.
+
+    After backward, ``info.backward`` holds the backward solve's :class:`SolverInfo` (its
+    ``converged`` and ``rel_residual`` say per sample whether the gradient is exact to the
+    tolerance; with a ``fallback``, its ``fallback`` says which samples fell back); under
     ``torch.compile`` it stays None (a compiled backward runs no Python code).
 
     Examples:
@@ -217,22 +288,81 @@ class Implicit(BackwardMode):
         True
     """
 
-    config_keys: ClassVar[tuple[str, ...]] = ("solver",)
+    config_keys: ClassVar[tuple[str, ...]] = ("solver", "fallback", "warn_interval")
     outputs_fixed_point = True
+    exact = True
 
-    def __init__(self, solver: Solver | None = None):
-        self.solver = solver if solver is not None else Broyden(max_iter=30, tol=1e-6, stop="rel")
+    def __init__(self, solver: Solver | None = _DEFAULT_SOLVER, fallback: str | None = None, warn_interval: int = 1000):
+        if solver is None or solver is _DEFAULT_SOLVER:
+            solver = copy.deepcopy(_DEFAULT_SOLVER)
+        if not isinstance(solver, Solver):
+            raise TypeError(f"solver must be a phantomgrad solver such as pg.Broyden(), got {solver!r}")
+        if fallback is not None and fallback not in IMPLICIT_FALLBACKS:
+            raise ValueError(f"unknown fallback {fallback!r}; choose one of {list(IMPLICIT_FALLBACKS)} or None")
+        self.solver = solver
+        self.fallback = fallback
+        self.warn_interval = positive_int("warn_interval", warn_interval)
+        self._calls = 0  # backward calls seen by the report
+        self._quiet_until = 0  # no warning before this call
 
-    def attach(self, fn, z_star, info):
-        solver = self.solver
+    def __repr__(self) -> str:
+        return f"Implicit(solver={self.solver!r}, fallback={self.fallback!r}, warn_interval={self.warn_interval})"
 
-        def transform(grad: Tensor, vjp) -> Tensor:
+    def _adjoint(self, info: Any):
+        solver, fallback = self.solver, self.fallback
+
+        def adjoint(grad: Tensor, vjp: Callable[[Tensor], Tensor]) -> Tensor:
             g, binfo = solver.solve(lambda y: vjp(y) + grad, grad)
+            sync_free = _sync_free(solver, grad.device)
+            if fallback is not None:
+                failed = ~binfo.converged
+                if sync_free or bool(failed.any()):  # host sync only where the solver reads the host anyway
+                    k, lam = (5, 0.5) if fallback == "upg" else (1, 1.0)
+                    g = torch.where(failed[:, None], neumann_vector(grad, vjp, k, lam), g)
+                binfo = dataclasses.replace(binfo, fallback=failed)
             if not torch.compiler.is_compiling():  # a compiled backward replays no Python side effects
                 info.backward = binfo
+                self._report(binfo, sync_free)
             return g
 
-        return _route(fn, z_star, transform)
+        return adjoint
+
+    def _report(self, binfo: SolverInfo, sync_free: bool) -> None:
+        """Warn (rate-limited) when the backward solve missed its tolerance by 10x or more.
+
+        Host sync: reads two numbers per backward call, or only every ``warn_interval`` calls when
+        the backward solver is sync-free (``check_every=None``).
+        """
+        call = self._calls
+        self._calls += 1
+        tol = getattr(self.solver, "tol", None)
+        if not tol or call < self._quiet_until or (sync_free and call % self.warn_interval):
+            return
+        stop = getattr(self.solver, "stop", "rel")
+        res = binfo.rel_residual if stop == "rel" else binfo.abs_residual
+        mean_res, failed = torch.stack((res.double().mean(), (~binfo.converged).sum().double())).tolist()  # sync
+        if not mean_res >= 10 * tol:  # NaN warns too
+            return
+        self._quiet_until = call + self.warn_interval
+        log.warning(
+            "DEQ backward solve (pg.Implicit) missed its tolerance: mean %s residual %.3g >= 10 x tol=%.3g "
+            "(%d of %d samples not converged, at most %d steps), so the gradient is not exact. Raise the backward "
+            "solver's max_iter, pass fallback='upg' or use a phantom gradient such as pg.UPG() (next warning in "
+            ">= %d backward calls).",
+            stop,
+            mean_res,
+            tol,
+            int(failed),
+            binfo.converged.numel(),
+            int(binfo.nstep.max()),
+            self.warn_interval,
+        )
+
+    def attach(self, fn, z_star, info):
+        adjoint = self._adjoint(info)
+        if torch.compiler.is_compiling():
+            return _route(fn, z_star, adjoint, COMPILED_SECOND_ORDER)
+        return implicit_output(fn, z_star, adjoint, self.solver, keep_saved_tensors)
 
 
 class NPG(BackwardMode):
@@ -243,10 +373,18 @@ class NPG(BackwardMode):
 
     k vector-Jacobian products in all (k - 1 with J_h^T, one with J_theta^T), memory
     independent of k. The layer outputs h*.
+
+    First order only: NPG prescribes a gradient, not a function whose derivative it is (its value
+    h* does not depend on theta the way the series says), so ``create_graph=True`` through it is
+    refused with a one-line error; pg.Implicit (exact) and pg.UPG (its own graph) differentiate further.
     """
 
     config_keys: ClassVar[tuple[str, ...]] = ("k", "damping")
     outputs_fixed_point = True
+    SECOND_ORDER: ClassVar[str] = (
+        "pg.NPG gives first-order gradients only (create_graph=True is not supported): use pg.Implicit for the "
+        "exact second-order gradient, or pg.UPG, whose unrolled graph differentiates to any order"
+    )
 
     def __init__(self, k: int = 5, damping: float = 0.5):
         self.k = _check_k(k)
@@ -254,15 +392,7 @@ class NPG(BackwardMode):
 
     def attach(self, fn, z_star, info):
         k, lam = self.k, self.damping
-
-        def transform(grad: Tensor, vjp) -> Tensor:
-            term = total = grad
-            for _ in range(k - 1):
-                term = torch.lerp(term, vjp(term), lam)  # lam * J^T term + (1 - lam) * term, one kernel
-                total = total + term
-            return lam * total
-
-        return _route(fn, z_star, transform)
+        return _route(fn, z_star, lambda grad, vjp: neumann_vector(grad, vjp, k, lam), self.SECOND_ORDER)
 
 
 class UPG(BackwardMode):
@@ -329,6 +459,7 @@ class Backprop(BackwardMode):
 
     differentiates_solver = True
     outputs_fixed_point = True
+    exact = True
 
     def attach(self, fn, z_star, info):  # the solver already built the graph
         return z_star

@@ -77,6 +77,10 @@ class SHINE(BackwardMode):
     config_keys: ClassVar[tuple[str, ...]] = ("refine", "refine_tol", "fallback", "max_gain")
     outputs_fixed_point: ClassVar[bool] = True
     needs_inverse_jacobian: ClassVar[bool] = True  # the layer solves with keep_inverse=True
+    SECOND_ORDER: ClassVar[str] = (
+        "pg.SHINE gives first-order gradients only (create_graph=True is not supported: Broyden's estimate has no "
+        "derivative): use pg.Implicit for the exact second-order gradient, or pg.UPG (its own graph, any order)"
+    )
 
     def __init__(
         self,
@@ -137,7 +141,7 @@ class SHINE(BackwardMode):
                 u, info.backward = refiner.solve(lambda v: vjp(v) + grad, u)
             return u
 
-        return _route(fn, z_star, transform)
+        return _route(fn, z_star, transform, self.SECOND_ORDER)
 
 
 __all__ = ["SHINE", "FALLBACKS"]

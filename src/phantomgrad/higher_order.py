@@ -1,0 +1,232 @@
+"""Exact second-order gradients of the implicit layer (``create_graph=True`` through ``pg.Implicit``).
+
+Notation: z*(theta) solves z* = F(z*, theta), where theta stands for every tensor F reads that
+needs a gradient (its parameters and the input x); J = dF/dz and F_theta = dF/dtheta at (z*, theta).
+
+First order (what :class:`_ImplicitFunction` does when ``create_graph`` is off): the incoming
+v = dL/dz* becomes
+
+    g = (I - J^T)^{-1} v,        dL/dtheta = F_theta^T g,
+
+with F_theta^T g taken through a graph of F made at a detached copy of z*. That graph knows nothing
+of z*'s own dependence on theta, so differentiating *it* again misses dz*/dtheta (and the
+derivative of the solve): it is right to first order only.
+
+Second order (``create_graph=True``). The backward then builds, as a graph, a function of
+(v, theta) whose value is F_theta^T g and whose derivative is the true one:
+
+* F is evaluated at the layer's *output* z (not at a detached copy). Differentiating z again
+  runs this same backward, so the path through z carries dz*/dtheta = (I - J)^{-1} F_theta.
+  While the partial derivative F_theta^T g is taken, that path is switched off (:class:`_Tie`):
+  the partial is taken at fixed z, as the formula says, and the path is switched on afterwards.
+* g is the output of :class:`_AdjointFunction`, the fixed point of phi(g) = J(z, theta)^T g + v.
+  Its own derivative is the implicit one of that fixed point: with a cotangent c on g,
+
+      c' = (I - d phi/dg)^{-T} c = (I - J)^{-1} c        (a solve with products J u),
+      d/dv: c',    d/d(z, theta): the partials of <J(z, theta)^T g, c'> at fixed g,
+
+  where J u is the vector-Jacobian product of the linear map g -> J^T g (a VJP of a VJP) and
+  the partials are second derivatives of F. The same backward solver solves both systems.
+
+The result is exact to second order whenever z* is the fixed point and both solves converge;
+a third derivative (``create_graph=True`` again on the second-order graph) is refused with a
+one-line error. F must read theta through torch operations (as for ``pg.Reversible``): the
+tensors F reads are recorded by a :class:`~torch.overrides.TorchFunctionMode` on the one
+evaluation of F that the first-order backward needs anyway, and a second-order backward checks
+that no other path leads from F's output to a tensor that needs a gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+FlatFn = Callable[[Tensor], Tensor]
+Adjoint = Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]
+Context = Callable[[], contextlib.AbstractContextManager[Any]]
+
+THIRD_ORDER = (
+    "pg.Implicit differentiates exactly to second order; a third derivative (create_graph=True on a "
+    "second-order gradient) is not supported: use pg.UPG or pg.Backprop, whose graphs differentiate to any order"
+)
+
+
+class _Reads(TorchFunctionMode):
+    """Collects the tensors needing a gradient that F reads but did not make (its parameters, x)."""
+
+    def __init__(self, start: Tensor):
+        super().__init__()
+        self.made = {id(start)}
+        self.alive = [start]  # keeps every id in ``made`` from being reused while the mode runs
+        self.found: dict[int, Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for arg in (*args, *kwargs.values()):
+            for t in arg if isinstance(arg, (tuple, list)) else (arg,):
+                if isinstance(t, Tensor) and t.requires_grad and id(t) not in self.made:
+                    self.found.setdefault(id(t), t)
+        out = func(*args, **kwargs)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor):
+                self.made.add(id(t))
+                self.alive.append(t)
+        return out
+
+
+def _unseen_reads(out: Tensor, start: Tensor, reads: list[Tensor]) -> bool:
+    """True when some path of ``out``'s graph reaches a leaf needing a gradient other than ``start``
+    and ``reads`` without passing through one of ``reads`` (F read a tensor the probe did not see)."""
+    leaves = {id(start)} | {id(t) for t in reads if t.grad_fn is None}
+    stops = {(id(t.grad_fn), t.output_nr) for t in reads if t.grad_fn is not None}
+    seen: set[int] = set()
+    todo = [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf
+            if id(node.variable) not in leaves:
+                return True
+            continue
+        todo.extend(nxt for nxt, nr in node.next_functions if nxt is not None and (id(nxt), nr) not in stops)
+    return False
+
+
+class _Switch:
+    """Whether a :class:`_Tie` passes gradients on (off while a partial derivative is taken)."""
+
+    on = False
+
+
+class _Tie(torch.autograd.Function):
+    """The identity, whose backward passes the gradient on only while its switch is on."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, switch: _Switch) -> Tensor:
+        ctx.switch = switch
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (grad if ctx.switch.on else None), None
+
+
+class _Spec:
+    """What the autograd functions share: F, the adjoint solve, the backward solver, the backward's context."""
+
+    def __init__(self, fn: FlatFn, adjoint: Adjoint, solver: Any, fz: Tensor, start: Tensor, context: Context):
+        self.fn, self.adjoint, self.solver, self.context = fn, adjoint, solver, context
+        self.fz, self.start = fz, start  # F at a detached leaf for z*, made in the forward
+        self.read_ids: set[int] = set()  # ids of the tensors F read in the forward (alive: they are inputs)
+
+
+def _vjp_at(out: Tensor, at: Tensor) -> Callable[[Tensor], Tensor]:
+    return lambda v: torch.autograd.grad(out, at, v, retain_graph=True)[0]
+
+
+class _ImplicitFunction(torch.autograd.Function):
+    """Outputs z*; its backward is the implicit gradient, exact to second order (module docstring).
+
+    Inputs: the shared :class:`_Spec`, z*, and the tensors F reads (``reads``), which receive
+    their gradients from here only under ``create_graph`` (otherwise through ``spec.fz``'s graph).
+    """
+
+    @staticmethod
+    def forward(ctx, spec: _Spec, fz: Tensor, z_star: Tensor, *reads: Tensor) -> Tensor:
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)  # a switched-off _Tie sends None: nothing to do, no recursion
+        out = z_star.clone()
+        ctx.save_for_backward(out, *reads)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None):
+        spec = ctx.spec
+        if grad is None:
+            return None, None, None, *(None for _ in ctx.saved_tensors[1:])
+        if not torch.is_grad_enabled():  # first order: route g through the forward's graph of F
+            with torch.enable_grad(), spec.context():
+                g = spec.adjoint(grad, _vjp_at(spec.fz, spec.start))
+            return None, g, None, *(None for _ in ctx.saved_tensors[1:])
+        out, *reads = ctx.saved_tensors  # ``out`` carries this node: differentiating it recurses here
+        if _unseen_reads(spec.fz, spec.start, reads):
+            raise RuntimeError(
+                "pg.Implicit cannot take a second-order gradient here: F reads a tensor that needs a gradient "
+                "past torch's function dispatch; let F read its parameters and inputs through torch operations"
+            )
+        switch = _Switch()
+        z = _Tie.apply(out, switch)
+        with spec.context(), _Reads(z) as probe:
+            fz = spec.fn(z)
+        if set(probe.found) != spec.read_ids:  # e.g. F's parameters were swapped back since the forward
+            raise RuntimeError(
+                "pg.Implicit's second-order backward evaluates F again, and F reads other tensors now than in the "
+                "forward; run the backward while F reads what it read in the forward (e.g. inside the same "
+                "reparametrisation)"
+            )
+        with spec.context():
+            g = _AdjointFunction.apply(spec, grad, z, *reads)
+            grads = torch.autograd.grad(fz, reads, g, create_graph=True, allow_unused=True)  # partials at fixed z
+        switch.on = True  # from now on, differentiating F(z) follows z back to theta
+        return None, None, None, *grads
+
+
+class _AdjointFunction(torch.autograd.Function):
+    """g with g = J(z, theta)^T g + v, differentiable once: the implicit derivative of that fixed point.
+
+    The forward keeps the graph of J(z, theta)^T g in (z, theta, g), made at detached copies of z
+    and g, for its backward: F is not evaluated again, so the backward sees the very tensors the
+    forward read.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: _Spec, v: Tensor, z: Tensor, *reads: Tensor) -> Tensor:
+        with torch.enable_grad(), spec.context():
+            start = z.detach().requires_grad_()
+            fz = spec.fn(start)
+            g = spec.adjoint(v, _vjp_at(fz, start)).detach()
+            g_leaf = g.requires_grad_()
+            ctx.jtg = torch.autograd.grad(fz, start, g_leaf, create_graph=True)[0]  # J^T g, a graph
+        ctx.spec, ctx.start, ctx.g_leaf = spec, start, g_leaf
+        ctx.save_for_backward(*reads)
+        return g.detach()
+
+    @staticmethod
+    def backward(ctx, c: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(THIRD_ORDER)
+        reads = ctx.saved_tensors
+        jtg, start = ctx.jtg, ctx.start
+        with torch.enable_grad(), ctx.spec.context():
+            jvp = _vjp_at(jtg, ctx.g_leaf)  # u -> J u: the map g -> J^T g is linear, its transpose is J
+            c_adj, _ = ctx.spec.solver.solve(lambda u: jvp(u) + c, c)  # (I - J)^{-1} c
+            grads = torch.autograd.grad(jtg, [start, *reads], c_adj, allow_unused=True)
+        return None, c_adj, *grads
+
+
+def implicit_output(
+    fn: FlatFn, z_star: Tensor, adjoint: Adjoint, solver: Any, context: Context = contextlib.nullcontext
+) -> Tensor:
+    """z* carrying the implicit gradient g = ``adjoint(v, vjp)`` ~ (I - J^T)^{-1} v, exact to second order.
+
+    ``adjoint(v, vjp)`` solves g = J^T g + v given ``vjp(u) = J^T u`` (it may record the solve's
+    info and apply a per-sample fallback); ``solver`` solves the transposed system (I - J) c' = c
+    of the second-order backward; the backward passes run inside ``context()``. One evaluation of
+    F, at a detached leaf for z*, recording which tensors F reads (Python work per operation of F).
+    """
+    start = z_star.detach().requires_grad_()
+    with torch.enable_grad(), _Reads(start) as probe:
+        fz = fn(start)
+    reads = list(probe.found.values())
+    spec = _Spec(fn, adjoint, solver, fz, start, context)
+    spec.read_ids = set(probe.found)
+    return _ImplicitFunction.apply(spec, fz, z_star, *reads)
+
+
+__all__ = ["implicit_output", "THIRD_ORDER"]
