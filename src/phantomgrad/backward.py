@@ -311,9 +311,10 @@ class Implicit(BackwardMode):
     def _adjoint(self, info: Any):
         solver, fallback = self.solver, self.fallback
 
-        def adjoint(grad: Tensor, vjp: Callable[[Tensor], Tensor]) -> Tensor:
+        def adjoint(grad: Tensor, vjp: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor | None]:
             g, binfo = solver.solve(lambda y: vjp(y) + grad, grad)
             sync_free = _sync_free(solver, grad.device)
+            failed = None
             if fallback is not None:
                 failed = ~binfo.converged
                 if sync_free or bool(failed.any()):  # host sync only where the solver reads the host anyway
@@ -323,7 +324,7 @@ class Implicit(BackwardMode):
             if not torch.compiler.is_compiling():  # a compiled backward replays no Python side effects
                 info.backward = binfo
                 self._report(binfo, sync_free)
-            return g
+            return g, failed
 
         return adjoint
 
@@ -361,7 +362,7 @@ class Implicit(BackwardMode):
     def attach(self, fn, z_star, info):
         adjoint = self._adjoint(info)
         if torch.compiler.is_compiling():
-            return _route(fn, z_star, adjoint, COMPILED_SECOND_ORDER)
+            return _route(fn, z_star, lambda grad, vjp: adjoint(grad, vjp)[0], COMPILED_SECOND_ORDER)
         return implicit_output(fn, z_star, adjoint, self.solver, keep_saved_tensors)
 
 

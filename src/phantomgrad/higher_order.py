@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 FlatFn = Callable[[Tensor], Tensor]
-Adjoint = Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]
+Adjoint = Callable[[Tensor, Callable[[Tensor], Tensor]], tuple[Tensor, Tensor | None]]
 Context = Callable[[], contextlib.AbstractContextManager[Any]]
 
 THIRD_ORDER = (
@@ -152,7 +152,7 @@ class _ImplicitFunction(torch.autograd.Function):
             return None, None, None, *(None for _ in ctx.saved_tensors[1:])
         if not torch.is_grad_enabled():  # first order: route g through the forward's graph of F
             with torch.enable_grad(), spec.context():
-                g = spec.adjoint(grad, _vjp_at(spec.fz, spec.start))
+                g, _ = spec.adjoint(grad, _vjp_at(spec.fz, spec.start))
             return None, g, None, *(None for _ in ctx.saved_tensors[1:])
         out, *reads = ctx.saved_tensors  # ``out`` carries this node: differentiating it recurses here
         if _unseen_reads(spec.fz, spec.start, reads):
@@ -190,7 +190,14 @@ class _AdjointFunction(torch.autograd.Function):
         with torch.enable_grad(), spec.context():
             start = z.detach().requires_grad_()
             fz = spec.fn(start)
-            g = spec.adjoint(v, _vjp_at(fz, start)).detach()
+            g, fell_back = spec.adjoint(v, _vjp_at(fz, start))
+            if fell_back is not None and bool(fell_back.any()):  # host sync, second order only
+                raise RuntimeError(
+                    f"pg.Implicit's backward solve did not converge for {int(fell_back.sum())} samples, which fell "
+                    "back to a phantom gradient, and a phantom gradient has no exact second derivative; raise the "
+                    "backward solver's max_iter, or pass fallback=None"
+                )
+            g = g.detach()
             g_leaf = g.requires_grad_()
             ctx.jtg = torch.autograd.grad(fz, start, g_leaf, create_graph=True)[0]  # J^T g, a graph
         ctx.spec, ctx.start, ctx.g_leaf = spec, start, g_leaf
@@ -213,10 +220,11 @@ class _AdjointFunction(torch.autograd.Function):
 def implicit_output(
     fn: FlatFn, z_star: Tensor, adjoint: Adjoint, solver: Any, context: Context = contextlib.nullcontext
 ) -> Tensor:
-    """z* carrying the implicit gradient g = ``adjoint(v, vjp)`` ~ (I - J^T)^{-1} v, exact to second order.
+    """z* carrying the implicit gradient g ~ (I - J^T)^{-1} v, exact to second order.
 
-    ``adjoint(v, vjp)`` solves g = J^T g + v given ``vjp(u) = J^T u`` (it may record the solve's
-    info and apply a per-sample fallback); ``solver`` solves the transposed system (I - J) c' = c
+    ``adjoint(v, vjp)`` solves g = J^T g + v given ``vjp(u) = J^T u`` and returns g and the mask of
+    samples that fell back to another gradient (or None; it may also record the solve's info);
+    ``solver`` solves the transposed system (I - J) c' = c
     of the second-order backward; the backward passes run inside ``context()``. One evaluation of
     F, at a detached leaf for z*, recording which tensors F reads (Python work per operation of F).
     """
