@@ -135,3 +135,13 @@ def test_a_revisited_sample_restarts_at_its_fixed_point():
         _, second = deq(x, cache.fill(idx, torch.zeros(N, D, dtype=torch.float64)))
     assert float(first.nstep.float().mean()) > 5
     assert second.nstep.max() == 1 and bool(second.converged.all())
+
+
+def test_indices_survive_a_dataloader_over_a_subset():
+    """torch's Subset has __getitems__, which a DataLoader prefers: Indexed must not forward it."""
+    from torch.utils.data import Subset
+
+    data = Indexed(Subset(TensorImageDataset(torch.randn(N, 1, 2, 2), torch.arange(N)), list(range(5, 15))))
+    batch = next(iter(DataLoader(data, batch_size=4, collate_fn=BatchCollate())))
+    assert batch.indices.tolist() == [0, 1, 2, 3] and batch.targets.tolist() == [5, 6, 7, 8]
+    assert batch.inputs.shape == (4, 1, 2, 2)

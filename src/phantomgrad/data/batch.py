@@ -68,7 +68,8 @@ class Indexed(Dataset):
     """``dataset`` whose items carry their index: a tuple item ``(a, b)`` becomes ``(a, b, i)``,
     any other item ``x`` becomes ``(x, i)``; ``i`` is a plain int in ``range(len(dataset))``
     (a negative index is read from the end, as Python does). Item ``[0]`` is unchanged for tuple
-    items, so code that reads ``dataset[i][0]`` keeps working."""
+    items, so code that reads ``dataset[i][0]`` keeps working. (It forwards no attributes of the
+    wrapped dataset: a DataLoader would take the wrapped ``__getitems__`` and lose the indices.)"""
 
     def __init__(self, dataset: Any):
         self.dataset: Any = dataset.dataset if isinstance(dataset, Indexed) else dataset
@@ -84,11 +85,6 @@ class Indexed(Dataset):
         i %= n
         item = self.dataset[i]
         return (*item, i) if isinstance(item, tuple) else (item, i)
-
-    def __getattr__(self, name: str) -> Any:  # e.g. an image folder's ``unreadable`` list
-        if name == "dataset":  # not set yet (unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
 
 def _pair(collated: Any) -> tuple[Any, Any]:

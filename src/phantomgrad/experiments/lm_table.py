@@ -164,7 +164,7 @@ def diagnose(model, batch, radius_iters: int = 20) -> dict[str, float]:
     backward's solver steps and convergence, on ``batch`` = (inputs, targets)."""
     import phantomgrad as pg
 
-    inp, tgt = batch
+    inp, tgt = batch[0], batch[1]  # a default-collated batch of the task's dataset also holds the indices
     model.eval()
     out = model.solve(inp)
     result = {

@@ -138,6 +138,14 @@ class TrainConfig:
         0.0, "weight of the Jacobian penalty at the fixed point (models that support it)", within=NON_NEGATIVE
     )
     jac_reg_freq: float = _key(0.0, "probability of adding the Jacobian penalty on a step", within=FRACTION)
+    warm_start: str = _key(
+        "none",
+        "where training solves start: learned (an init head's guess of z*), reuse (each sample's last z*), both",
+        choices=_fixed("none", "learned", "reuse", "learned+reuse"),
+    )
+    warm_start_weight: float = _key(
+        1.0, "weight of the init head's loss ||g(x) - z*||^2 / ||z*||^2 (warm_start=learned)", within=NON_NEGATIVE
+    )
     # optimisation
     epochs: int = _key(12, "passes over the training set", within=AT_LEAST_ONE)
     batch_size: int = _key(64, "samples per step (the global batch under torchrun)", within=AT_LEAST_ONE)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.batch import Batch, BatchCollate, Indexed
 from . import builders, registry
 from .config import ConfigError, TrainConfig
 from .tasks import StepResult, Task, classification_step, mean_loss_accuracy
@@ -161,18 +162,22 @@ def _tu_task(cfg: TrainConfig, arch) -> Task:
     )
 
     def step(model, batch, device, global_step: int | None) -> StepResult:
-        x, adj, node_graph, y = (t.to(device) for t in batch)
-        logits, info = model(x, adj, node_graph, num_graphs=len(y))
+        """A :class:`~phantomgrad.data.batch.Batch` of graphs (or collate_graphs' 4-tuple)."""
+        if not isinstance(batch, Batch):
+            batch = Batch(tuple(batch[:3]), batch[3])
+        x, adj, node_graph = (t.to(device) for t in batch.inputs)
+        y = batch.targets.to(device)
+        logits, info = model(x, adj, node_graph, num_graphs=len(y), z0=batch.start)
         return classification_step(F.cross_entropy(logits, y), logits, y, info)
 
     return Task(
         "graph",
         model,
-        train_set,
-        {"test": test_set},
+        Indexed(train_set),  # items (graph, index)
+        {"test": Indexed(test_set)},
         step,
         mean_loss_accuracy,
-        collate=collate_graphs,
+        collate=BatchCollate(collate_graphs, _graphs_and_labels),
         progress_keys=("loss", "accuracy"),
         extra={
             "dataset": name,
@@ -180,6 +185,7 @@ def _tu_task(cfg: TrainConfig, arch) -> Task:
             "n_folds": opts.n_folds,
             "rho": rho,
             "accuracy_selection": "final epoch on the test fold (nothing selected on it)",
+            "reuse": False,  # one DEQ sample per batch of graphs: no per-graph state to reuse
         },
     )
 
@@ -202,6 +208,15 @@ class _Split(torch.utils.data.Dataset):
 
 def _first(items: list[str]) -> str:
     return items[0]
+
+
+def _graphs_and_labels(collated: tuple) -> tuple[tuple, Tensor]:
+    """collate_graphs' (x, adj, node_graph, y) as (inputs, targets)."""
+    return tuple(collated[:3]), collated[3]
+
+
+def _split_only(split: str) -> tuple[str, None]:
+    return split, None
 
 
 def _chains_task(cfg: TrainConfig, arch) -> Task:
@@ -242,25 +257,28 @@ def _chains_task(cfg: TrainConfig, arch) -> Task:
     on_device: dict[torch.device, tuple] = {}
     splits_on_device: dict[tuple[torch.device, str], Tensor] = {}
 
-    def step(model, split: str, device, global_step: int | None) -> StepResult:
+    def step(model, batch, device, global_step: int | None) -> StepResult:
+        """A :class:`~phantomgrad.data.batch.Batch` naming a split (or the split's name): the whole graph
+        is one DEQ sample, index 0."""
+        split, z0 = (batch.inputs, batch.start) if isinstance(batch, Batch) else (batch, None)
         if device not in on_device:
             on_device[device] = (data.x.to(device), adj.to(device), data.y.to(device))
         x, a, y = on_device[device]
         if (device, split) not in splits_on_device:  # copied once: a copy from the host may wait for the device
             splits_on_device[device, split] = getattr(data, f"{split}_idx").to(device)
         idx = splits_on_device[device, split]
-        logits, info = model(x, a)
+        logits, info = model(x, a, z0=z0)
         logits, target = logits[idx], y[idx]
         return classification_step(F.cross_entropy(logits, target), logits, target, info)
 
     return Task(
         "graph",
         model,
-        _Split("train"),
-        {"valid": _Split("valid"), "test": _Split("test")},
+        Indexed(_Split("train")),
+        {"valid": Indexed(_Split("valid")), "test": Indexed(_Split("test"))},
         step,
         mean_loss_accuracy,
-        collate=_first,
+        collate=BatchCollate(_first, _split_only),
         progress_keys=("loss", "accuracy"),
         extra={
             "dataset": "chains",

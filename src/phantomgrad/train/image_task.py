@@ -6,10 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
+from ..data.batch import BatchCollate, Indexed, as_batch
 from ..swap import pretraining
 from . import builders
 from .config import ConfigError, TrainConfig
 from .tasks import StepResult, Task, classification_step, mean_loss_accuracy
+from .warm_start import arch_with_init_head
 
 
 def build_image_task(cfg: TrainConfig) -> Task:
@@ -39,25 +41,28 @@ def build_image_task(cfg: TrainConfig) -> Task:
             image_size=spec.size,
             num_classes=spec.num_classes,
             dropout=cfg.dropout,
-            **cfg.arch,
+            **arch_with_init_head(cfg, cfg.arch),
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"bad arch options for {cfg.model}: {err}") from None
     model = MDEQ(model_cfg, solver=builders.build_solver(cfg), backward=builders.build_backward(cfg))
 
     def step(model, batch, device, global_step: int | None) -> StepResult:
-        """global_step is the optimiser step about to be taken, or None in evaluation."""
-        x, y = batch[0].to(device), batch[1].to(device)
+        """One :class:`~phantomgrad.data.batch.Batch` (or an (images, labels) pair); global_step is the
+        optimiser step about to be taken, or None in evaluation. The solve starts at ``batch.start``
+        (None: the model's own start; the warm start sets it)."""
+        batch = as_batch(batch)
+        x, y, z0 = batch.inputs.to(device), batch.targets.to(device), batch.start
         if global_step is not None and global_step < cfg.pretrain_steps:
             with pretraining(model, cfg.pretrain_depth, cfg.solver_tol, cfg.solver_stop):
                 logits, info = model(x)
         elif global_step is not None and cfg.trajectory_states:  # trajectory supervision: a loss on each state
-            all_logits, info = model(x, states=tuple(cfg.trajectory_states))
+            all_logits, info = model(x, states=tuple(cfg.trajectory_states), z0=z0)
             *earlier, logits = all_logits
             loss = F.cross_entropy(logits, y) + cfg.trajectory_weight * sum(F.cross_entropy(e, y) for e in earlier)
             return classification_step(loss, logits, y, info)
         else:
-            logits, info = model(x)
+            logits, info = model(x, z0=z0)
         return classification_step(F.cross_entropy(logits, y), logits, y, info)
 
     def finalize(sums: dict[str, float], count: int) -> dict[str, float]:
@@ -69,7 +74,16 @@ def build_image_task(cfg: TrainConfig) -> Task:
             metrics["unreadable_files"] = float(unreadable)
         return metrics
 
-    return Task("image", model, train_set, {"test": test_set}, step, finalize, progress_keys=("loss", "accuracy"))
+    return Task(
+        "image",
+        model,
+        Indexed(train_set),  # items (image, label, index): every batch knows its samples
+        {"test": Indexed(test_set)},
+        step,
+        finalize,
+        collate=BatchCollate(),
+        progress_keys=("loss", "accuracy"),
+    )
 
 
 def _subset(dataset, size, key: str):

@@ -48,10 +48,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ..data.batch import BatchCollate, Indexed, as_batch
 from ..swap import pretraining
 from . import builders
 from .config import ConfigError, TrainConfig
 from .tasks import StepResult, Task
+from .warm_start import arch_with_init_head
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +187,7 @@ def build_lm_task(cfg: TrainConfig) -> Task:
             "raise the token counts, or check that the corpus files are complete"
         ) from None
 
-    arch = {"dropout": cfg.dropout, **cfg.arch}
+    arch = {"dropout": cfg.dropout, **arch_with_init_head(cfg, cfg.arch)}
     try:
         model_cfg = TransformerConfig.named(cfg.model, vocab_size=corpus.vocab_size, **arch)
     except TypeError as err:
@@ -201,20 +203,22 @@ def build_lm_task(cfg: TrainConfig) -> Task:
     vocab = corpus.vocab_size
 
     def step(model: nn.Module, batch, device: torch.device, global_step: int | None) -> StepResult:
-        """One batch of (B, L) inputs and targets; global_step is None in evaluation.
+        """One :class:`~phantomgrad.data.batch.Batch` of (B, L) inputs and targets (or the pair);
+        global_step is None in evaluation; the solve starts at ``batch.start`` (None: the model's own).
 
         The forward goes through ``model(...)`` (which may be a DistributedDataParallel
         wrapper); the penalty and the radius use the wrapped model's methods. The metric sums are
         device tensors (no host sync; the trainer's Meter reads them once per logging interval),
         products with the token count formed in float64 as the host floats would be."""
-        inp, tgt = batch[0].to(device), batch[1].to(device)
+        batch = as_batch(batch)
+        inp, tgt = batch.inputs.to(device), batch.targets.to(device)
         inner = cast(DEQTransformer, getattr(model, "module", model))  # this task's model, maybe DDP-wrapped
         out = None
         if global_step is not None and global_step < cfg.pretrain_steps:
             with pretraining(model, cfg.pretrain_depth, cfg.solver_tol, cfg.solver_stop):
                 logits, info = model(inp)
         else:
-            out = model(inp, return_state=True)
+            out = model(inp, return_state=True, z0=batch.start)
             logits, info = out.logits, out.info
         loss = F.cross_entropy(logits.reshape(-1, vocab), tgt.reshape(-1))
         n = tgt.numel()
@@ -249,10 +253,11 @@ def build_lm_task(cfg: TrainConfig) -> Task:
     return Task(
         "lm",
         model,
-        train_set,
-        eval_sets,
+        Indexed(train_set),  # items (input, target, chunk index)
+        {name: Indexed(chunks) for name, chunks in eval_sets.items()},
         step,
         lm_metrics,
+        collate=BatchCollate(),
         progress_keys=("loss", "bpc"),
         extra={"corpus": corpus, "data_options": options, "jacobian_penalty": "task"},  # added by step itself
     )

@@ -18,6 +18,7 @@ from . import registry
 from .config import TrainConfig
 from .health import with_health
 from .jacreg import with_jacobian_penalty
+from .warm_start import with_warm_start
 
 
 class SizedDataset(Protocol):
@@ -67,12 +68,15 @@ class Task:
     collate: Callable | None = None
     progress_keys: tuple[str, ...] = ("loss",)
     extra: dict[str, Any] = field(default_factory=dict)
+    callbacks: list[Any] = field(default_factory=list)  # the trainer adds them to its own (e.g. the warm start)
 
 
 def build_task(cfg: TrainConfig) -> Task:
     """The task ``cfg.task`` built for ``cfg`` (a validated config names a registered task and dataset),
-    with the Jacobian penalty of ``jac_reg_*`` and the equilibrium-health sums added to its steps."""
-    return with_health(with_jacobian_penalty(registry.TASKS[cfg.task].build(cfg), cfg))
+    with the warm start of ``warm_start``, the Jacobian penalty of ``jac_reg_*`` and the
+    equilibrium-health sums added to its steps."""
+    task = with_warm_start(registry.TASKS[cfg.task].build(cfg), cfg)
+    return with_health(with_jacobian_penalty(task, cfg))
 
 
 def mean_loss_accuracy(sums: dict[str, float], count: int) -> dict[str, float]:

@@ -149,6 +149,7 @@ class Trainer:
         self.steps_per_epoch = len(self._train_loader(0))
         self.scheduler = builders.build_scheduler(cfg, self.optimizer, cfg.epochs * self.steps_per_epoch)
         self.callbacks: list[Callback] = list(callbacks or []) + default_callbacks(cfg, self.model, self.device)
+        self.callbacks += self.task.callbacks  # e.g. the warm start's fixed-point cache, saved with the checkpoint
         self.epoch = 0  # epochs completed
         self.step = 0  # training steps taken (every batch; the summary's steps leave out the skipped ones)
         self.skipped = 0  # steps skipped by the divergence guard

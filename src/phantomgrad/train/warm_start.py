@@ -1,0 +1,144 @@
+"""Warm starts of the forward solve in training: ``warm_start = none | learned | reuse | learned+reuse``.
+
+* ``learned``: the model is built with its init head (``arch.init_head``: MDEQ's
+  :class:`~phantomgrad.models.mdeq.MDEQInitHead`, the DEQ transformer's
+  :class:`~phantomgrad.models.transformer.TransformerInitHead`), so every solve, in training and
+  in evaluation, starts at the head's guess g(u) of z* instead of zeros; the training loss gets
+  ``warm_start_weight * info.init_loss`` (:mod:`phantomgrad.init`: it reaches the head only).
+* ``reuse``: a :class:`~phantomgrad.FixedPointCache` of the training set. A training batch
+  starts each of its samples from the fixed point it was solved to at its last visit (samples
+  not seen yet from the init head's guess, or zeros); after the step, the solver's h* of each
+  sample is stored (float16, on the CPU). Keyed by the index each batch carries
+  (:class:`~phantomgrad.data.batch.Batch`), so it holds under shuffling; under torchrun each
+  process caches the samples its sampler gave it (see the cache's docstring). Evaluation neither
+  reads nor writes it: test figures are those of the model's own start (what inference costs).
+* ``learned+reuse``: both; the head is trained on every batch and starts the samples not cached.
+
+Resume: the cache is saved with the checkpoint (this object is a stateful callback of the
+trainer), so a resumed run starts every sample where the uninterrupted run would (bit-exact;
+under torchrun only rank 0's cache is saved, the other ranks rebuild theirs). Pretraining steps
+(``pretrain_steps``) neither read nor write the cache. Language models: the chunks are shuffled
+and each is modelled on its own (``lm_task``), so the previous segment's state would belong to
+another sequence; the cache gives each chunk its own last state instead. Graph classification
+(IGNN on mutag/tu) solves a whole batch of graphs as one DEQ sample whose make-up changes every
+epoch, so it has nothing to reuse per graph and refuses ``reuse``; the transductive ``chains``
+graph is one sample and reuses it.
+
+The train metrics get ``init_loss`` (mean over samples, learned) and ``reused`` (the fraction of
+samples that started from the cache, reuse).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..cache import FixedPointCache
+from ..data.batch import Batch
+from .config import ConfigError, TrainConfig
+
+if TYPE_CHECKING:
+    from .tasks import StepResult, Task
+
+WARM_STARTS = ("none", "learned", "reuse", "learned+reuse")
+SUM_KEYS = ("init_loss", "reused")
+
+
+def learned(cfg: TrainConfig) -> bool:
+    """Whether ``cfg`` asks for a learned initial state (the model builders then set ``init_head``)."""
+    return "learned" in cfg.warm_start
+
+
+def arch_with_init_head(cfg: TrainConfig, arch: dict[str, Any]) -> dict[str, Any]:
+    """``arch`` with ``init_head: true`` added when ``warm_start`` is learned (an explicit
+    ``arch.init_head`` wins)."""
+    return {"init_head": True, **arch} if learned(cfg) else dict(arch)
+
+
+class WarmStart:
+    """The trainer's warm start (see the module docstring); a callback only for its checkpoint state."""
+
+    def __init__(self, cache: FixedPointCache | None):
+        self.cache = cache
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cache": self.cache.state_dict() if self.cache is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.cache is not None and state.get("cache") is not None:
+            self.cache.load_state_dict(state["cache"])
+
+
+def _has_init(model: nn.Module) -> bool:
+    from ..monitor import deq_modules
+
+    return any(getattr(layer, "init", None) is not None for layer in deq_modules(model))
+
+
+def with_warm_start(task: "Task", cfg: TrainConfig) -> "Task":
+    """``task`` with the warm start of ``cfg`` in its training step; ``task`` itself for ``none``.
+
+    Raises:
+        ConfigError: ``learned`` for a model without an init head, or ``reuse`` for a task whose
+            DEQ sample is not one sample of its dataset (graph classification).
+    """
+    if cfg.warm_start == "none":
+        return task
+    want_init = learned(cfg)
+    reuse = "reuse" in cfg.warm_start
+    if want_init and not _has_init(task.model):
+        raise ConfigError(
+            f"warm_start={cfg.warm_start}: model {cfg.model!r} has no init head (MDEQ and the DEQ transformer have "
+            "one); use warm_start=reuse or none"
+        )
+    if reuse and task.extra.get("reuse") is False:
+        raise ConfigError(
+            f"warm_start={cfg.warm_start}: {task.name} on {cfg.dataset} solves a whole batch of graphs as one DEQ "
+            "sample, so there is no per-sample state to reuse; use warm_start=none (or dataset=chains)"
+        )
+    cache = FixedPointCache(len(task.train_set)) if reuse else None
+    state = WarmStart(cache)
+    inner_step, inner_finalize = task.step, task.finalize
+
+    def step(model: nn.Module, batch: Any, device: torch.device, global_step: int | None) -> "StepResult":
+        training = global_step is not None and global_step >= cfg.pretrain_steps
+        use_cache = cache is not None and training and isinstance(batch, Batch) and batch.indices is not None
+        if use_cache:
+            assert cache is not None and isinstance(batch, Batch) and batch.indices is not None
+            found = cache.found(batch.indices)  # on the CPU: no device sync
+            batch.start = cache.start(batch.indices)
+        try:
+            result = inner_step(model, batch, device, global_step)
+        finally:
+            if use_cache:
+                batch.start = None
+        if not training:
+            return result
+        info = result.info
+        if use_cache:
+            assert cache is not None and isinstance(batch, Batch) and batch.indices is not None
+            if info is not None and getattr(info, "fixed_point", None) is not None:
+                cache.store(batch.indices, info.fixed_point)  # a device-to-host copy (a sync on a GPU)
+            result.sums["reused"] = float(found.sum()) * result.count / max(len(batch.indices), 1)
+        init_loss = getattr(info, "init_loss", None) if want_init else None
+        if want_init:
+            result.sums["init_loss"] = 0.0
+            if init_loss is not None:
+                result.loss = result.loss + cfg.warm_start_weight * init_loss
+                result.sums["init_loss"] = init_loss.detach().double() * result.count
+        return result
+
+    def finalize(sums: dict[str, float], count: int) -> dict[str, float]:
+        own = {k: sums[k] for k in SUM_KEYS if k in sums}
+        out = inner_finalize({k: v for k, v in sums.items() if k not in own}, count)
+        for key, value in own.items():
+            out[key] = value / max(count, 1)
+        return out
+
+    return dataclasses.replace(task, step=step, finalize=finalize, callbacks=[*task.callbacks, state])
+
+
+__all__ = ["WARM_STARTS", "WarmStart", "with_warm_start", "arch_with_init_head", "learned"]
