@@ -12,7 +12,7 @@ import phantomgrad as pg
 
 
 def test_every_mode_is_registered_once_and_reachable_by_name():
-    assert set(pg.BACKWARD_MODES) == {"implicit", "upg", "npg", "jfb", "backprop", "adaptive", "shine"}
+    assert set(pg.BACKWARD_MODES) == {"implicit", "upg", "npg", "jfb", "backprop", "adaptive", "shine", "gdeq"}
     assert pg.BACKWARD_MODES["adaptive"] is pg.AdaptivePhantom
     assert len(set(pg.BACKWARD_MODES.values())) == len(pg.BACKWARD_MODES)
     for name, cls in pg.BACKWARD_MODES.items():

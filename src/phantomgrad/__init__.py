@@ -13,6 +13,7 @@ from .adaptive import AdaptivePhantom
 from .backward import JFB, NPG, UPG, Backprop, BackwardMode, Implicit
 from .cache import FixedPointCache
 from .deq import DEQ, DEQInfo
+from .gdeq import GDEQ
 from .modes import BACKWARD_MODES, make_backward
 from .monitor import GradientQuality, gradient_quality
 from .regularize import jacobian_penalty, spectral_radius
@@ -51,6 +52,7 @@ __all__ = [
     "Reversible",
     "GMRES",
     "SHINE",
+    "GDEQ",
     "swap",
     "pretraining",
     "deq_layers",

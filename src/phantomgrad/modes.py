@@ -14,6 +14,7 @@ from typing import Any
 
 from .adaptive import AdaptivePhantom
 from .backward import JFB, NPG, UPG, Backprop, BackwardMode, Implicit
+from .gdeq import GDEQ
 from .shine import SHINE
 
 BACKWARD_MODES: dict[str, type[BackwardMode]] = {
@@ -24,6 +25,7 @@ BACKWARD_MODES: dict[str, type[BackwardMode]] = {
     "backprop": Backprop,
     "adaptive": AdaptivePhantom,
     "shine": SHINE,
+    "gdeq": GDEQ,
 }
 
 
