@@ -82,12 +82,19 @@ def with_warm_start(task: "Task", cfg: TrainConfig) -> "Task":
     """``task`` with the warm start of ``cfg`` in its training step; ``task`` itself for ``none``.
 
     Raises:
-        ConfigError: ``learned`` for a model without an init head, or ``reuse`` for a task whose
-            DEQ sample is not one sample of its dataset (graph classification).
+        ConfigError: ``learned`` for a model without an init head, ``reuse`` for a task whose
+            DEQ sample is not one sample of its dataset (graph classification), or a
+            ``warm_start_weight`` without ``learned`` (it would weigh nothing).
     """
+    want_init = learned(cfg)
+    default_weight = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "warm_start_weight")
+    if not want_init and cfg.warm_start_weight != default_weight:
+        raise ConfigError(
+            f"warm_start_weight={cfg.warm_start_weight:g} weighs the init head's loss, which only warm_start=learned "
+            f"or learned+reuse adds (warm_start={cfg.warm_start}); drop it or set warm_start"
+        )
     if cfg.warm_start == "none":
         return task
-    want_init = learned(cfg)
     reuse = "reuse" in cfg.warm_start
     if want_init and not _has_init(task.model):
         raise ConfigError(
