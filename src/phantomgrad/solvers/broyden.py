@@ -176,7 +176,7 @@ class Broyden(Solver):
         batch, dim = g.shape
         mem = self.memory
         # With keep_inverse, a stopped sample holds its factors and its next step (masked writes);
-        # without, its step is zeroed (it stays in place) and its slots fill with identity factors.
+        # without, its history runs on unread (the loop keeps its iterate and best iterate).
         hold = loop.keep_inverse
         if state.s is None:
             # The autograd path only where a graph is being built (pg.Backprop): grad mode alone is
@@ -184,10 +184,7 @@ class Broyden(Solver):
             differentiable = torch.is_grad_enabled() and g.requires_grad
             state.steps = [None] * mem  # autograd path: the stored steps by slot
             state.S = None if differentiable else g.new_zeros(batch, mem, dim)  # no-grad path: the steps by slot
-            s = g  # s_0 = -H_0 g_0 with H_0 = -I
-            if not (hold or loop.all_active):
-                s = torch.where(loop.active[:, None], s, 0.0)
-            state.s = s
+            state.s = g  # s_0 = -H_0 g_0 with H_0 = -I (the loop freezes a sample that stopped)
             return
         s, S, P, c, steps, rotations = state.s, state.S, state.P, state.c, state.steps, state.rotations
         differentiable = S is None
@@ -295,11 +292,10 @@ class Broyden(Solver):
         P[:, slot, slot] = ss.squeeze(-1)
         c[:, slot] = torch.where(took.squeeze(-1), c_new, c[:, slot]) if hold_masked else c_new
         state.written = written + 1
-        if hold:  # a sample that just stopped keeps s_next (its estimate's newest factor needs it)
-            s = torch.where(took, s_next, s) if masked else s_next
-        else:  # a sample that just stopped gets a zero step (the host may know all still iterate)
-            s = s_next if loop.all_active else torch.where(loop.active[:, None], s_next, 0.0)
-        state.s, state.P, state.c = s, P, c
+        if hold and masked:  # a sample that had stopped keeps its s (its estimate's newest factor needs it)
+            s_next = torch.where(took, s_next, s)
+        # without keep_inverse a stopped sample's steps are never read: the loop freezes its iterate
+        state.s, state.P, state.c = s_next, P, c
 
 
 __all__ = ["Broyden", "BroydenInverse"]
