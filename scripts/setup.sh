@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -c constraints.txt torch==2.13.0
-python -m pip install -q -c constraints.txt -e ".[test,images,graphs,docs]"
+python -m pip install -q -c constraints.txt -e ".[test,images,graphs,docs,lightning]"
 # Real data that installs offline (see docs/data.md). Best effort: without root or
 # apt the loaders say how to install it and the tests that need it are skipped.
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -15,6 +15,8 @@ from torch import nn
 
 import phantomgrad as pg
 from conftest import TanhLayer, TupleLayer
+from phantomgrad.modes import BACKWARD_MODES
+from phantomgrad.solvers import SOLVERS
 
 
 class MLPMap(nn.Module):
@@ -204,3 +206,90 @@ def test_sync_free_layer_leaves_non_finite_inputs_to_the_device_flag():
     assert info.nonfinite.tolist() == [False, True, False]
     with pytest.raises(ValueError, match="NaN or Inf"):
         pg.DEQ(layer, solver=pg.FixedPoint(max_iter=5, check_every=1))(x, torch.zeros(3, 6, dtype=F64))
+
+
+# ---- torch.compile(model) with default arguments: every registered backward mode -----------------------------
+
+# Modes that still break the graph under torch.compile with default arguments in torch 2.13, and why. The
+# test below asserts that each of these does break (so the list cannot go stale) and that every other does not.
+BREAKS_WITH_DEFAULTS = {
+    "npg": "its backward's torch.autograd.grad is traced by Dynamo only with trace_autograd_ops=True",
+    "implicit": "its backward's torch.autograd.grad is traced by Dynamo only with trace_autograd_ops=True",
+    "shine": "deciding on its fallback reads (~converged | fallback).any() on the host",
+}
+
+
+def _default_layer(name: str, f):
+    """pg.DEQ(f, backward=Mode()) with every default; a mode that refuses the default solver (SHINE) gets the
+    first registered solver it accepts, with that solver's defaults."""
+    mode = BACKWARD_MODES[name]()
+    try:
+        return pg.DEQ(f, backward=mode)
+    except ValueError:
+        for cls in SOLVERS.values():
+            try:
+                return pg.DEQ(f, solver=cls(), backward=mode)
+            except (TypeError, ValueError):
+                continue
+    raise AssertionError(f"no registered solver works with {name}")
+
+
+class _CountGraphs:
+    """A torch.compile backend that runs each graph Dynamo captured as is and counts them: one graph for a
+    call means no graph break (what torch._dynamo.explain's count says), at a quarter of explain's cost."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.mark.parametrize("name", sorted(BACKWARD_MODES))
+def test_default_layer_compiles_without_graph_breaks_and_matches_eager(name):
+    """The layer with every default (Anderson, check_every="auto": host checks in eager) in a training step
+    under torch.compile: one graph (no break) for every mode but those listed with the reason, and the eager
+    outputs, info and float64 gradients (Dynamo's graphs run by the eager backend, gradients through them)."""
+    torch.manual_seed(7)
+    layer, x, z0 = _problem(False)
+    deq = _default_layer(name, layer)
+    eager = _run(deq, layer, x, z0)
+    torch._dynamo.reset()
+    counter = _CountGraphs()
+    compiled = _run(torch.compile(deq, backend=counter), layer, x, z0)
+    if name in BREAKS_WITH_DEFAULTS:
+        assert counter.graphs > 1, f"{name} no longer breaks the graph: remove it from BREAKS_WITH_DEFAULTS"
+    else:
+        assert counter.graphs == 1, f"{name}: {counter.graphs} graphs, {counter.graphs - 1} graph break(s)"
+    (outs_e, info_e, grads_e), (outs_c, info_c, grads_c) = eager, compiled
+    for a, b in zip(outs_e + grads_e, outs_c + grads_c, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+    assert torch.equal(info_e.nstep, info_c.nstep) and torch.equal(info_e.converged, info_c.converged)
+
+
+def test_a_model_around_the_layer_compiles_as_one_graph():
+    """The issue's case: a small model (injection, DEQ with default arguments, head) under torch.compile(model)
+    counted 17-21 graph breaks; now none, and no recompilation on the second call."""
+    torch.manual_seed(8)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.head = nn.Linear(8, 8), nn.Linear(16, 3)
+            self.deq = pg.DEQ(MLPMap())
+
+        def forward(self, x):
+            z, info = self.deq(self.stem(x), torch.zeros(x.shape[0], 16))
+            return self.head(z), info
+
+    model = Model()
+    x = torch.randn(6, 8)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x)[0].sum().backward()
+        compiled(torch.randn(6, 8))[0].sum().backward()  # the same shapes: no recompile
