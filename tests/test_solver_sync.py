@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import phantomgrad as pg
-from catalogue import SOLVER_ENTRIES
+from catalogue import PER_SAMPLE, SOLVER_ENTRIES
 from conftest import TanhLayer
 from phantomgrad.solvers import SOLVERS, default_check_every
 
@@ -19,6 +19,9 @@ MAKERS = {
     "anderson": lambda **kw: pg.Anderson(m=3, **kw),
     "broyden": lambda **kw: pg.Broyden(memory=4, **kw),
 }
+# and, with its defaults, every other registered forward solver that stops per sample (the catalogue's;
+# GMRES, linear-only, is tested on affine maps in tests/test_gmres.py)
+MAKERS.update({e.name: e.make for e in PER_SAMPLE if e.name not in MAKERS})
 
 
 def _problem(batch: int):
