@@ -9,6 +9,8 @@ Exit codes (the error contract of every command):
 * 1: a bug in phantomgrad: the traceback is shown, with a line saying where to report it;
 * 2: bad input or environment (config, data, files, checkpoints): one line naming the problem and the fix;
 * 3: training diverged (one line);
+* 75: another process of a torchrun job failed (a lost peer, a collective timeout, a failed rendezvous;
+  one line naming the rank and the intact checkpoint; the same command resumes; 75 is EX_TEMPFAIL);
 * 130 / 143: interrupted by SIGINT / SIGTERM (one line).
 
 An exception that carries an integer ``exit_code`` attribute ends the command with that code and
@@ -26,11 +28,12 @@ import traceback
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_PEER_FAILED = 75  # phantomgrad.train.errors.PeerFailure; EX_TEMPFAIL of sysexits.h: running it again continues
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; 143 = 128 + SIGTERM
 EXIT_CODES_HELP = (
     "exit codes: 0 done; 1 a bug in phantomgrad (traceback shown, please report it); 2 bad input or "
     "environment (config, data, files, checkpoints; one line, nothing written); 3 training diverged; "
-    "130/143 interrupted by SIGINT/SIGTERM"
+    "75 a peer process of a torchrun job failed (the same command resumes); 130/143 interrupted by SIGINT/SIGTERM"
 )
 
 COMMANDS: dict[str, tuple[str, str]] = {
