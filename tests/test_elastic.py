@@ -311,3 +311,42 @@ def test_the_default_run_directory_survives_a_restart(monkeypatch):
     assert default_run_name("digits", "upg", "20260101-000000") == "digits-upg-job_42"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # the static rendezvous: no id, keep the time stamp
     assert default_run_name("digits", "upg", "20260101-000000") == "digits-upg-20260101-000000"
+
+
+def test_resume_modes(tmp_path, monkeypatch):
+    """--resume / resume=: True and False as given; auto follows out_dir; None is auto under torchrun only."""
+    from phantomgrad.train.checkpoint import save_checkpoint
+    from phantomgrad.train.config import ConfigError
+    from phantomgrad.train.distributed import DistInfo
+    from phantomgrad.train.elastic import resolve_resume
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    one = DistInfo()
+    assert resolve_resume(None, None, tmp_path, one) is False
+    assert resolve_resume(None, "auto", tmp_path, one) is False  # nothing to resume: a new run
+    assert resolve_resume(True, None, tmp_path, one) is True
+    save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1})
+    assert resolve_resume(None, "auto", tmp_path, one) is True
+    assert resolve_resume(False, "auto", tmp_path, one) is False  # the flag wins over the config key
+    assert resolve_resume(None, None, tmp_path, one) is False
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    assert resolve_resume(None, None, tmp_path, one) is True  # torchrun: auto by default
+    (tmp_path / "checkpoint.pt").unlink()  # only the previous checkpoint is left: still a run to resume
+    save_checkpoint(tmp_path / "other.pt", {"epoch": 1})
+    (tmp_path / "other.pt").rename(tmp_path / "checkpoint.prev.pt")
+    assert resolve_resume(None, "auto", tmp_path, one) is True
+    with pytest.raises(ConfigError, match="true, false or auto"):
+        resolve_resume("sometimes", None, tmp_path, one)
+
+
+def test_the_command_line_takes_resume_auto(tmp_path, monkeypatch):
+    import phantomgrad.train.command as command
+    from phantomgrad.cli import main
+
+    seen = {}
+    monkeypatch.setattr(command, "run", lambda args: seen.update(vars(args)) or 0)
+    assert main(["train", "--resume", "auto", "epochs=2"]) == 0 and seen["resume"] == "auto"
+    assert main(["train", "--resume", "epochs=3", "lr=0.1"]) == 0 and seen["resume"] is True
+    assert seen["resume_overrides"] + seen["overrides"] == ["epochs=3", "lr=0.1"]
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", "sometimes"])
