@@ -350,3 +350,39 @@ def test_the_command_line_takes_resume_auto(tmp_path, monkeypatch):
     assert seen["resume_overrides"] + seen["overrides"] == ["epochs=3", "lr=0.1"]
     with pytest.raises(SystemExit):
         main(["train", "--resume", "sometimes"])
+
+
+def test_peer_failures_turns_only_a_peers_failure_into_exit_code_75(tmp_path, monkeypatch, capsys):
+    import phantomgrad.train.command as command
+    from phantomgrad.cli import main
+    from phantomgrad.train.checkpoint import save_checkpoint
+    from phantomgrad.train.elastic import peer_failures
+    from phantomgrad.train.errors import DivergenceError, PeerFailure
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 4, "step": 120})
+    with pytest.raises(PeerFailure) as caught:
+        with peer_failures() as watch:
+            watch.checkpoint = tmp_path / "checkpoint.pt"
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:9")
+    text = str(caught.value)
+    assert text.startswith("rank 1 of 2 lost the connection to a peer process") and "third_party" not in text
+    assert "(epoch 4, step 120) is intact" in text and "--resume auto" in text
+    for other in (DivergenceError("training diverged: timed out"), ValueError("Connection reset by peer")):
+        with pytest.raises(type(other)):
+            with peer_failures():
+                raise other
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: nothing is a peer's failure
+    with pytest.raises(RuntimeError):
+        with peer_failures():
+            raise RuntimeError("Connection reset by peer")
+
+    def run(args):
+        raise caught.value
+
+    monkeypatch.setattr(command, "run", run)
+    assert main(["train"]) == 75
+    err = capsys.readouterr().err
+    assert err.startswith("phantomgrad train: error: rank 1 of 2") and err.count("\n") == 1 and "bug" not in err

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from .checkpoint import CheckpointError, describe_intact, has_checkpoint
 from .config import ConfigError
 from .distributed import DistInfo, broadcast_object
-from .errors import PeerFailure
+from .errors import PeerFailure, TrainError
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def peer_failures() -> Iterator[_Watch]:
     watch = _Watch()
     try:
         yield watch
-    except PeerFailure:
+    except TrainError:  # the trainer's own errors (diverged, interrupted, a peer's failure) say what they are
         raise
     except Exception as err:
         what = classify(err) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
