@@ -104,3 +104,22 @@ def test_implicit_with_gmres_gives_the_dense_implicit_gradient(lipschitz):
             dense[j] += torch.tensordot(u, jac, dims=1)
     for got, want in zip(grads, dense):
         assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_gmres_is_differentiable_when_autograd_records():
+    """Under autograd (a double backward through Implicit) the basis is kept out of place: the
+    solve's gradient is that of the dense solution, d sum(z*)/db = (I - A)^{-T} 1."""
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(2, 5, 5, dtype=F64, generator=gen) * 0.2
+    b = torch.randn(2, 5, dtype=F64, generator=gen, requires_grad=True)
+
+    def fn(z):
+        return torch.einsum("bij,bj->bi", A, z) + b
+
+    z, info = pg.GMRES(max_iter=10, tol=1e-14, restart=5).solve(fn, torch.zeros(2, 5, dtype=F64))
+    (grad,) = torch.autograd.grad(z.sum(), b)
+    with torch.no_grad():
+        z_plain, _ = pg.GMRES(max_iter=10, tol=1e-14, restart=5).solve(fn, torch.zeros(2, 5, dtype=F64))
+    dense = torch.linalg.solve((torch.eye(5, dtype=F64) - A).mT, torch.ones(2, 5, dtype=F64))
+    assert info.converged.all() and torch.allclose(z.detach(), z_plain, rtol=1e-12, atol=1e-13)
+    assert torch.allclose(grad, dense, rtol=1e-8, atol=1e-10)

@@ -20,8 +20,11 @@ class _GMRESState:
     t: Tensor | None = None  # (B, 1) the scale of the difference
     xc: Tensor | None = None  # the start of the current cycle and fn there
     fxc: Tensor | None = None
-    basis: list[Tensor] = field(default_factory=list)  # v_0..v_k, (B, D) each
-    images: list[Tensor] = field(default_factory=list)  # A v_0..A v_{k-1}
+    basis: list[Tensor] = field(default_factory=list)  # v_0..v_k, (B, D) each (autograd path)
+    images: list[Tensor] = field(default_factory=list)  # A v_0..A v_{k-1} (autograd path)
+    V: Tensor | None = None  # no-grad path: (B, restart + 1, D) the basis, written in place
+    AV: Tensor | None = None  # no-grad path: (B, restart, D) the images
+    k: int = -1  # the basis vectors of the current cycle, less one (-1: no cycle)
     columns: list[Tensor] = field(default_factory=list)  # column j of R (rotated Hessenberg), (B, j + 1)
     rotations: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (cos, sin), (B,) each
     rhs: list[Tensor] = field(default_factory=list)  # the rotated right-hand side beta e_1, (B,) each
@@ -92,24 +95,41 @@ class GMRES(Solver):
             state.t = torch.where(scale > 0, scale, 1.0)[:, None]
         assert state.fx0 is not None and state.t is not None
         state.fz = fz
-        if not state.basis:  # a new cycle from (z, fz): r = fn(z) - z = g
+        # Buffers written in place, unless autograd records through the solve (a double backward)
+        differentiable = torch.is_grad_enabled() and (g.requires_grad or state.fx0.requires_grad)
+        if state.k < 0:  # a new cycle from (z, fz): r = fn(z) - z = g
             beta = torch.linalg.vector_norm(g, dim=1)
             state.xc, state.fxc = z, fz
-            state.basis = [g / torch.where(beta > tiny, beta, 1.0)[:, None]]
-            state.images, state.columns, state.rotations, state.rhs = [], [], [], [beta]
-        k = len(state.columns)
-        v = state.basis[k]
+            v0 = g / torch.where(beta > tiny, beta, 1.0)[:, None]
+            if differentiable:
+                state.basis, state.images = [v0], []
+            else:
+                if state.V is None:
+                    state.V = z.new_empty(z.shape[0], self.restart + 1, z.shape[1])
+                    state.AV = z.new_empty(z.shape[0], self.restart, z.shape[1])
+                state.V[:, 0] = v0
+            state.columns, state.rotations, state.rhs, state.k = [], [], [beta], 0
+        k = state.k
+        v = state.basis[k] if differentiable else state.V[:, k]  # type: ignore[index]
         av = (loop.fn(state.x0 + state.t * v) - state.fx0) / state.t  # A v, one evaluation
         w = v - av  # M v
-        basis = torch.stack(state.basis, 1)  # (B, k + 1, D)
+        basis = torch.stack(state.basis, 1) if differentiable else state.V[:, : k + 1]  # type: ignore[index]
         h = (basis @ w.unsqueeze(-1)).squeeze(-1)  # classical Gram-Schmidt, twice
         w = w - (h.unsqueeze(1) @ basis).squeeze(1)
         h2 = (basis @ w.unsqueeze(-1)).squeeze(-1)
         w = w - (h2.unsqueeze(1) @ basis).squeeze(1)
         h = h + h2
         h_next = torch.linalg.vector_norm(w, dim=1)
-        state.basis.append(w / torch.where(h_next > tiny, h_next, 1.0)[:, None])
-        state.images.append(av)
+        v_next = w / torch.where(h_next > tiny, h_next, 1.0)[:, None]
+        if differentiable:
+            state.basis.append(v_next)
+            state.images.append(av)
+            images = torch.stack(state.images, 1)
+        else:
+            state.V[:, k + 1] = v_next  # type: ignore[index]
+            state.AV[:, k] = av  # type: ignore[index]
+            images = state.AV[:, : k + 1]  # type: ignore[index]
+        state.k = k + 1
         entries = list(h.unbind(1))
         for j, (c, s) in enumerate(state.rotations):  # the earlier rotations, oldest first
             a, b = entries[j], entries[j + 1]
@@ -132,9 +152,9 @@ class GMRES(Solver):
         yt = y.transpose(1, 2)  # (B, 1, k + 1)
         assert state.xc is not None and state.fxc is not None
         x = state.xc + (yt @ basis).squeeze(1)
-        state.fz_next = state.fxc + (yt @ torch.stack(state.images, 1)).squeeze(1)
+        state.fz_next = state.fxc + (yt @ images).squeeze(1)
         if size == self.restart:  # the next step starts a new cycle from x
-            state.basis = []
+            state.k = -1
         return state, x
 
 
