@@ -104,7 +104,14 @@ class TrainConfig:
     data_options: dict = _key(
         {}, "dataset keywords, e.g. {train_subset: 500}, imagefolder {size: 64}, lm {seq_len: 64}"
     )
-    model: str | None = _key(None, "model preset (null: the task's default)", choices=registry.models, per_task=True)
+    model: str | None = _key(
+        None,
+        "model preset (null: the task's default, "
+        + ", ".join(f"{name} {entry.default_model}" for name, entry in registry.TASKS.items())
+        + ")",
+        choices=registry.models,
+        per_task=True,
+    )
     arch: dict = _key({}, "architecture overrides passed to the model's config, e.g. arch.channels=[16,32]")
     dropout: float = _key(0.0, "dropout rate of the model's (variational) dropout", within=Interval(0, 1))
     # equilibrium solve
