@@ -189,7 +189,7 @@ class Loop:
         n_better = None
         if check:
             with torch.no_grad():
-                n_better, n_active = torch.stack((better.sum(), active.sum())).tolist()  # host sync (check_every)
+                n_better, n_active = torch.stack((better, active)).sum(1).tolist()  # host sync (check_every)
             batch = better.shape[0]
             self.all_active, self.any_active = n_active == batch, n_active > 0
         else:
