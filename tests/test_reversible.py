@@ -192,3 +192,21 @@ def test_mdeq_with_weight_norm_group_norm_dropout_and_a_tuple_state():
     got, want = grads(Reversible(beta=0.7, max_iter=12, tol=1e-30)), grads(_Stored(beta=0.7, max_iter=12, tol=1e-30))
     assert all(g is not None for g in got)
     _assert_close([torch.cat([g.flatten() for g in got])], [torch.cat([g.flatten() for g in want])], 1e-8)
+
+
+def test_inside_torch_compile_autograd_stores_the_steps_and_gives_the_same_gradient():
+    """Dynamo cannot trace the probe of F's inputs (a TorchFunctionMode): inside torch.compile the
+    coupled iteration is recorded by autograd instead, the same gradient up to rounding."""
+    torch.manual_seed(0)
+    f = TanhLayer(dim=6, lipschitz=0.5)
+    x = torch.randn(3, 4, dtype=D)
+    solver = Reversible(beta=0.6, max_iter=20, tol=1e-30, check_every=None)
+
+    def loss():
+        z, _ = solver.solve(lambda h: f(h, x), torch.zeros(3, 6, dtype=D))
+        return z.square().sum()
+
+    eager = torch.autograd.grad(loss(), tuple(f.parameters()))
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad(torch.compile(loss, backend="eager", fullgraph=True)(), tuple(f.parameters()))
+    _assert_close(list(compiled), list(eager), 1e-10)
