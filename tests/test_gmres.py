@@ -123,3 +123,13 @@ def test_gmres_is_differentiable_when_autograd_records():
     dense = torch.linalg.solve((torch.eye(5, dtype=F64) - A).mT, torch.ones(2, 5, dtype=F64))
     assert info.converged.all() and torch.allclose(z.detach(), z_plain, rtol=1e-12, atol=1e-13)
     assert torch.allclose(grad, dense, rtol=1e-8, atol=1e-10)
+
+
+def test_fused_gmres_matches_unfused():
+    fn, z_star, _ = _affine(scale=0.15)
+    z0 = torch.zeros(4, 12, dtype=F64)
+    (za, ia), (zb, ib) = (
+        pg.GMRES(max_iter=30, tol=1e-10, restart=5, fused=fused).solve(fn, z0) for fused in (False, True)
+    )
+    assert torch.allclose(za, zb, rtol=1e-12, atol=1e-14) and torch.equal(ia.nstep, ib.nstep)
+    assert torch.allclose(za, z_star, rtol=1e-8, atol=1e-9)

@@ -78,7 +78,7 @@ class Solver(abc.ABC):
             needs a working inductor: a C++ compiler on CPU, Triton on CUDA) and again for a new
             shape or dtype. Results equal
             the unfused ones up to the rounding of the norms' sums (float reductions in another
-            order). FixedPoint, Anderson and Broyden take it.
+            order). FixedPoint, Anderson, Broyden and GMRES take it.
 
     Class attributes a solver may set (the loop and the tests' catalogue read them):
         lockstep: every sample takes every step (no per-sample freezing, no best iterate); the
