@@ -214,8 +214,6 @@ def test_sync_free_layer_leaves_non_finite_inputs_to_the_device_flag():
 # Modes that still break the graph under torch.compile with default arguments in torch 2.13, and why. The
 # test below asserts that each of these does break (so the list cannot go stale) and that every other does not.
 BREAKS_WITH_DEFAULTS = {
-    "npg": "its backward's torch.autograd.grad is traced by Dynamo only with trace_autograd_ops=True",
-    "implicit": "its backward's torch.autograd.grad is traced by Dynamo only with trace_autograd_ops=True",
     "shine": "deciding on its fallback reads (~converged | fallback).any() on the host",
 }
 

@@ -158,10 +158,11 @@ class _RouteGradient(torch.autograd.Function):
 
 class _RouteGradientRecomputed(torch.autograd.Function):
     """:class:`_RouteGradient` for compiled graphs: ``fz`` = F(z*) carries a graph to the
-    parameters and the input only, and backward evaluates F once more at a fresh leaf for
-    z* to take ``vjp(v) = J_h^T v``. Dynamo cannot trace a leaf made with
+    parameters and the input only, and backward evaluates F once more, under ``torch.func.vjp``
+    at z*, to take ``vjp(v) = J_h^T v``. Dynamo cannot trace a leaf made with
     ``requires_grad_()`` in the forward graph, so this costs one extra evaluation of F
-    per backward, under ``torch.compile`` only.
+    per backward, under ``torch.compile`` only. ``torch.func.vjp`` (unlike ``torch.autograd.grad``)
+    is traced by Dynamo without ``torch._dynamo.config.trace_autograd_ops``.
     """
 
     @staticmethod
@@ -178,11 +179,10 @@ class _RouteGradientRecomputed(torch.autograd.Function):
             raise RuntimeError(ctx.refuse)
         (z_star,) = ctx.saved_tensors
         with torch.enable_grad(), keep_saved_tensors():
-            z_req = z_star.detach().requires_grad_()
-            fz = ctx.fn(z_req)
+            vjp_fn = torch.func.vjp(ctx.fn, z_star.detach())[1]  # traced by Dynamo without trace_autograd_ops
 
             def vjp(v: Tensor) -> Tensor:
-                return torch.autograd.grad(fz, z_req, v, retain_graph=True)[0]
+                return vjp_fn(v)[0]
 
             routed = ctx.transform(grad, vjp)
         return routed, None, None, None, None
@@ -199,9 +199,9 @@ def _route(fn: FlatFn, z_star: Tensor, transform, refuse: str) -> Tensor:
 
     Eager: one evaluation of F at a fresh leaf for z*, whose graph serves both the VJPs with
     J_h and the one with J_theta. Under torch.compile: :class:`_RouteGradientRecomputed`
-    (the backward then takes VJPs with ``torch.autograd.grad``, which Dynamo traces only with
-    ``torch._dynamo.config.trace_autograd_ops = True``). ``refuse`` is the error a backward
-    with ``create_graph=True`` raises: the gradient made here is of first order only.
+    (the backward takes its VJPs with ``torch.func.vjp``, which Dynamo traces as it is: the user
+    sets no Dynamo option). ``refuse`` is the error a backward with ``create_graph=True`` raises:
+    the gradient made here is of first order only.
     """
     if torch.compiler.is_compiling():
         with torch.enable_grad():
