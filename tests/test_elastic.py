@@ -2,6 +2,7 @@
 itself, a peer's failure is one line with its own exit code, SIGTERM stops every rank at one step with one
 checkpoint, and a resume with another number of processes does what docs/reliability.md says."""
 
+import contextlib
 import json
 import os
 import signal
@@ -34,7 +35,24 @@ TINY = [
     "optimizer=sgd",
     "lr=0.05",
     "dist_timeout=60",
+    "warm_start=none",  # a fixed-point cache per process: only rank 0's is saved, so a restart is not exact
 ]
+
+
+_STARTED: list = []  # every job a test starts: killed at its end if still alive (a failed assertion)
+
+
+@pytest.fixture(autouse=True)
+def _reap():
+    yield
+    while _STARTED:
+        job = _STARTED.pop()
+        if job.poll() is None:
+            for pid in _children(job.pid):  # torchrun's workers
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            job.kill()
+            job.communicate()
 
 
 def _env():
@@ -59,7 +77,9 @@ def _torchrun(args, cwd, nproc=2, restarts=0):
         "0.2",
         *args,
     ]
-    return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _STARTED.append(job)
+    return job
 
 
 def _train(args, cwd):
@@ -163,6 +183,7 @@ def _workers(args, cwd):
         env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         cmd = [sys.executable, "-m", "phantomgrad", "train", *args]
         procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        _STARTED.append(procs[-1])
     return procs
 
 
