@@ -50,6 +50,16 @@ def test_unseen_samples_keep_the_default_and_float16_rounds():
     assert torch.equal(default, torch.zeros(3, D, dtype=torch.float64))  # the default is not written into
 
 
+def test_a_non_finite_state_is_not_stored():
+    cache = pg.FixedPointCache(N, dtype=torch.float32)
+    cache.store(torch.tensor([1, 2]), torch.ones(2, D))
+    bad = torch.full((2, D), 2.0)
+    bad[0, 3] = float("nan")
+    cache.store(torch.tensor([1, 2]), bad)
+    out = cache.fill(torch.tensor([1, 2]), torch.zeros(2, D))
+    assert torch.equal(out[0], torch.ones(D)) and torch.equal(out[1], torch.full((D,), 2.0))
+
+
 def test_tuple_states_keep_their_structure():
     cache = pg.FixedPointCache(N, dtype=torch.float32)
     a, b = torch.randn(2, 3, 2, 2), torch.randn(2, 4)

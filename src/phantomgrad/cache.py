@@ -157,7 +157,9 @@ class FixedPointCache:
 
     # ---- writing --------------------------------------------------------------------------
     def store(self, indices: Tensor, z: State) -> None:
-        """Keep the states ``z`` (batch ``indices``; detached, cast to ``dtype``) of these samples."""
+        """Keep the states ``z`` (batch ``indices``; detached, cast to ``dtype``) of these samples. A
+        sample whose state is not finite (a diverged solve) keeps what it had: a NaN start would
+        only fail the next solve."""
         indices = self._check(indices)
         flat = _flat(z)
         if flat.shape[0] != len(indices):
@@ -173,7 +175,11 @@ class FixedPointCache:
         if not bool(keep.all()):
             self._warn_full()
             flat, indices = flat[keep.to(flat.device)], indices[keep]
-        self.rows[indices] = flat.to(device="cpu", dtype=self.dtype)  # device-to-host copy: a sync on a GPU
+        rows = flat.to(device="cpu", dtype=self.dtype)  # device-to-host copy: a sync on a GPU
+        finite = torch.isfinite(rows).all(1)
+        if not bool(finite.all()):
+            rows, indices = rows[finite], indices[finite]
+        self.rows[indices] = rows
         self.filled[indices] = True
 
     def _allocate(self, width: int) -> Tensor:
