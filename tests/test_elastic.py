@@ -63,12 +63,14 @@ def _env():
     }
 
 
-def _torchrun(args, cwd, nproc=2, restarts=0):
+def _torchrun(args, cwd, nproc=2, restarts=0, rdzv="c10d"):
+    """torchrun with the c10d rendezvous (``--standalone``) or the static one (a fixed master address)."""
+    where = ["--standalone"] if rdzv == "c10d" else ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *where,
         "--nproc-per-node",
         str(nproc),
         "--max-restarts",
@@ -146,12 +148,13 @@ def straight(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_killed_worker_is_restarted_by_torchrun_and_the_job_resumes_by_itself(tmp_path, straight):
+@pytest.mark.parametrize("rdzv", ["c10d", "static"])
+def test_a_killed_worker_is_restarted_by_torchrun_and_the_job_resumes_by_itself(tmp_path, straight, rdzv):
     """SIGKILL rank 1 in epoch 2 under --max-restarts 1: the restarted workers reconnect (a PrefixStore per
     restart), resume by themselves (resume=auto, the default under torchrun) and end with the weights of
     the same job run without a fault."""
     args = ["-m", "phantomgrad", "train", *TINY, "epochs=2"]
-    job = _torchrun([*args, f"out_dir={tmp_path / 'killed'}"], tmp_path, restarts=1)
+    job = _torchrun([*args, f"out_dir={tmp_path / 'killed'}"], tmp_path, restarts=1, rdzv=rdzv)
     _wait_for(tmp_path / "killed" / "checkpoint.pt.json", 1, job)
     time.sleep(0.3)  # into epoch 2
     victim = _worker(job, 1)
