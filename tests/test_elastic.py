@@ -177,11 +177,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _workers(args, cwd):
+def _workers(args, cwd, ranks=(0, 1)):
     """Two workers started by hand (RANK, WORLD_SIZE, MASTER_ADDR/PORT; torch's env:// rendezvous, no torchrun)."""
     port = str(_free_port())
     procs = []
-    for rank in range(2):
+    for rank in ranks:
         env = _env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
         env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         cmd = [sys.executable, "-m", "phantomgrad", "train", *args]
@@ -301,6 +301,18 @@ def test_classify_names_a_peers_failure_and_nothing_else(message, what):
         got = classify(err)
         assert (got is None) if what is None else got.startswith(what), (message, got)
     assert classify(ValueError("Connection reset by peer")) is None
+    store_error = torch.distributed.DistStoreError("Timed out after 4 seconds waiting for clients. 1/2 clients joined.")
+    assert classify(store_error).startswith("could not reach its peers")
+
+
+def test_a_peer_that_never_joins_is_a_rendezvous_failure(tmp_path):
+    """Rank 0 of 2 alone: init_process_group gives up after dist_timeout; one line, exit code 75."""
+    (rank0,) = _workers([*TINY, "epochs=1", "dist_timeout=3", f"out_dir={tmp_path / 'run'}"], tmp_path, ranks=(0,))
+    _, err = rank0.communicate(timeout=60)
+    assert rank0.returncode == 75, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("phantomgrad train: error: rank 0 of 2 could not reach its peers"), last
+    assert "no run directory was chosen yet" in last and "Traceback" not in err
 
 
 def test_each_restart_attempt_has_its_own_keys_in_torchruns_store(monkeypatch):

@@ -115,12 +115,12 @@ def classify(err: BaseException) -> str | None:
         return None
     if _LOST.search(text):
         return "lost the connection to a peer process, which died, was killed or lost its node"
-    if _TIMEOUT.search(text) and (isinstance(err, dist.DistError) or "gloo" in text.lower()):
-        return "timed out waiting for a peer process in a collective: the peer hung or died (see dist_timeout)"
     if isinstance(err, (dist.DistStoreError, dist.DistNetworkError)) or (
         isinstance(err, dist.DistError) and _RENDEZVOUS.search(text)
     ):
-        return "could not reach its peers: the rendezvous or the TCPStore failed"
+        return "could not reach its peers: the rendezvous or the TCPStore failed (a peer did not start or join)"
+    if _TIMEOUT.search(text) and (isinstance(err, dist.DistError) or "gloo" in text.lower()):
+        return "timed out waiting for a peer process in a collective: the peer hung or died (see dist_timeout)"
     return None
 
 
