@@ -43,3 +43,29 @@ def test_modes_with_vjps_in_backward_compile_fullgraph_with_no_dynamo_option(nam
     compiled = _step(torch.compile(deq, backend="aot_eager", fullgraph=True), f, x, z0)
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_repeated_vjps_through_a_compiled_map_need_no_process_wide_setting():
+    """A separately compiled F (the docs' recipe) in a UPG step, then NPG's and spectral_radius's repeated
+    VJPs through it: the eager results, while torch._functorch.config.donated_buffer stays as the user left
+    it (phantomgrad sets it only around its own calls of F and its backward passes)."""
+    import torch._functorch.config as aot_config
+
+    before = aot_config.donated_buffer
+    f = TanhMap(dim=6, in_dim=4, lipschitz=0.6, generator=torch.Generator().manual_seed(0))
+    fc = torch.compile(f, backend="aot_eager")
+    x = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    z0 = torch.zeros(3, 6, dtype=F64)
+    torch._dynamo.reset()
+    for mode in (pg.UPG(k=3, damping=0.5), pg.NPG(k=3, damping=0.5)):
+        solver = pg.Anderson(max_iter=40, tol=1e-12)
+        eager = _step(pg.DEQ(f, solver=solver, backward=mode), f, x, z0)
+        compiled = _step(pg.DEQ(fc, solver=solver, backward=mode), f, x, z0)
+        for a, b in zip(eager, compiled, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    z = eager[0]
+    torch.manual_seed(2)
+    radius_eager = pg.spectral_radius(f, z, x)
+    torch.manual_seed(2)
+    torch.testing.assert_close(pg.spectral_radius(fc, z, x), radius_eager, rtol=1e-9, atol=1e-12)
+    assert aot_config.donated_buffer == before

@@ -41,16 +41,21 @@ FlatFn = Callable[[Tensor], Tensor]
 
 
 def keep_saved_tensors() -> contextlib.AbstractContextManager[Any]:
-    """The context in which the backward modes take several VJPs through one graph of F.
+    """The context in which phantomgrad calls F with autograd on and takes repeated VJPs through it.
 
-    NPG, Implicit and SHINE take several VJPs through one graph of F (``retain_graph=True``).
-    Through a ``torch.compile``'d F, AOTAutograd refuses that while
-    ``torch._functorch.config.donated_buffer`` is on (it checks the setting when the compiled
-    backward runs; a backward first run with ``retain_graph=True`` is compiled without donated
-    buffers). The modes' backward passes therefore run inside
-    ``torch._functorch.config.patch(donated_buffer=False)``: the setting is scoped to them, and
-    importing phantomgrad changes no process-wide torch setting. Inside a graph that Dynamo is
-    tracing it is a no-op.
+    NPG, Implicit, SHINE, GDEQ, the gradient monitor and ``spectral_radius`` take several VJPs
+    through one graph of F (``retain_graph=True``). Through a ``torch.compile``'d F, AOTAutograd
+    compiles backward graphs that free ("donate") their saved tensors when
+    ``torch._functorch.config.donated_buffer`` is on at the forward's compile, and refuses
+    ``retain_graph=True`` while it is on when the backward runs. phantomgrad therefore calls F with
+    autograd on (the modes' ``attach``) and runs those backward passes inside
+    ``torch._functorch.config.patch(donated_buffer=False)``: a compiled F's training graph, compiled
+    on its first call with autograd on, donates nothing, and the repeated VJPs are allowed. The
+    setting is scoped to those calls; importing phantomgrad changes no process-wide torch setting.
+    One case is left to the user: an F compiled and first called with autograd on outside
+    phantomgrad, then backpropagated once without ``retain_graph``, has donated buffers; set
+    ``torch._functorch.config.donated_buffer = False`` before that first call. Inside a graph that
+    Dynamo is tracing this is a no-op.
     """
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
@@ -208,7 +213,7 @@ def _route(fn: FlatFn, z_star: Tensor, transform, refuse: str) -> Tensor:
             fz = fn(z_star.detach())
         return _RouteGradientRecomputed.apply(fz, z_star, fn, transform, refuse)
     z_req = z_star.detach().requires_grad_()
-    with torch.enable_grad():
+    with torch.enable_grad(), keep_saved_tensors():
         fz = fn(z_req)
     return _RouteGradient.apply(fz, z_req, z_star, transform, refuse)
 
@@ -431,7 +436,7 @@ class UPG(BackwardMode):
     def attach(self, fn, z_star, info):
         h = z_star.detach()
         lam = self.damping
-        with torch.enable_grad():
+        with torch.enable_grad(), keep_saved_tensors():  # a compiled F's graph is compiled without donated buffers
             for _ in range(self.k):
                 fh = fn(h)
                 h = fh if lam == 1.0 else torch.lerp(h, fh, lam)  # lam * F(h) + (1 - lam) * h, one kernel

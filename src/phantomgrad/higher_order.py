@@ -225,11 +225,11 @@ def implicit_output(
     ``adjoint(v, vjp)`` solves g = J^T g + v given ``vjp(u) = J^T u`` and returns g and the mask of
     samples that fell back to another gradient (or None; it may also record the solve's info);
     ``solver`` solves the transposed system (I - J) c' = c
-    of the second-order backward; the backward passes run inside ``context()``. One evaluation of
+    of the second-order backward; F's evaluations and the backward passes run inside ``context()``. One evaluation of
     F, at a detached leaf for z*, recording which tensors F reads (Python work per operation of F).
     """
     start = z_star.detach().requires_grad_()
-    with torch.enable_grad(), _Reads(start) as probe:
+    with torch.enable_grad(), context(), _Reads(start) as probe:
         fz = fn(start)
     reads = list(probe.found.values())
     spec = _Spec(fn, adjoint, solver, fz, start, context)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .backward import keep_saved_tensors
 from .deq import State, _Packer
 
 
@@ -16,7 +17,7 @@ def _graph_at(f, z: State, x) -> tuple[Tensor, Tensor, _Packer]:
     """Flat F(z) with a graph to a fresh leaf standing for z (and to the parameters)."""
     packer = _Packer(z)
     z_req = packer.pack(z).detach().requires_grad_()
-    with torch.enable_grad():
+    with torch.enable_grad(), keep_saved_tensors():  # repeated VJPs through a compiled F: no donated buffers
         out = f(packer.unpack(z_req), x)
         packer.check(out, "f(z, x)")
         fz = packer.pack(out)
@@ -48,7 +49,8 @@ def jacobian_penalty(f, z: State, x, n_samples: int = 1) -> Tensor:
     total = fz.new_zeros(())
     for _ in range(n_samples):
         eps = torch.randn_like(fz)
-        (vjp,) = torch.autograd.grad(fz, z_req, eps, create_graph=True, retain_graph=True)
+        with keep_saved_tensors():
+            (vjp,) = torch.autograd.grad(fz, z_req, eps, create_graph=True, retain_graph=True)
         total = total + vjp.pow(2).sum() / vjp.numel()
     return total / n_samples
 
@@ -67,7 +69,7 @@ def spectral_radius(f, z: State, x, iters: int = 20) -> Tensor:
     v = torch.randn_like(fz)
     v = v / v.norm(dim=1, keepdim=True)
     radius = torch.zeros(fz.shape[0], dtype=fz.dtype, device=fz.device)
-    with torch.enable_grad():
+    with torch.enable_grad(), keep_saved_tensors():
         for _ in range(iters):
             (jv,) = torch.autograd.grad(fz, z_req, v, retain_graph=True)
             radius = jv.norm(dim=1)
