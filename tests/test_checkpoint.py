@@ -156,3 +156,22 @@ def test_a_full_disk_while_writing_keeps_both_checkpoints(two, monkeypatch):
         save_checkpoint(two, _state(3))
     assert load_checkpoint(two)["epoch"] == 2 and ck.read_checkpoint(previous_path(two))["epoch"] == 1
     assert not [p for p in two.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_checkpoint_without_what_a_resume_reads_is_refused_or_replaced(tmp_path):
+    """A file that loads but lacks a key the trainer reads (or holds it with another type), e.g. an edited
+    checkpoint without a sidecar: one line, or the previous checkpoint when there is one."""
+    from phantomgrad.train.checkpoint import TRAINER_STATE
+
+    good = {"config": {}, "epoch": 1, "step": 3, "model": {}, "optimizer": {}, "scheduler": {}, "history": []}
+    good["rng"] = torch.get_rng_state()
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, good)
+    assert load_checkpoint(path, require=TRAINER_STATE)["step"] == 3
+    save_checkpoint(path, {**good, "step": "three", "model": None})
+    assert load_checkpoint(path, require=TRAINER_STATE)["step"] == 3  # the previous one
+    previous_path(path).unlink()
+    with pytest.raises(CheckpointError, match="step, model missing or of the wrong type") as err:
+        load_checkpoint(path, require=TRAINER_STATE)
+    assert "\n" not in str(err.value)
+    assert load_checkpoint(path)["step"] == "three"  # without require: whatever it holds

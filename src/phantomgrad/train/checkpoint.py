@@ -48,6 +48,19 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says why and what to do."""
 
 
+# what a resume of ``phantomgrad train`` reads, and its type (``require=`` of :func:`load_checkpoint`)
+TRAINER_STATE: dict[str, type | tuple[type, ...]] = {
+    "config": dict,
+    "epoch": int,
+    "step": int,
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "rng": torch.Tensor,
+    "history": list,
+}
+
+
 def previous_path(path: str | Path) -> Path:
     """Where the checkpoint before ``path`` is kept: ``checkpoint.pt`` -> ``checkpoint.prev.pt``."""
     path = Path(path)
@@ -163,9 +176,10 @@ def _write_all(fh: Any, data: bytes) -> None:
     fh.write(data)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, require: dict[str, type | tuple[type, ...]] | None = None) -> dict[str, Any]:
     """One checkpoint file, verified against its sidecar's SHA-256 (when it has one) and loaded with
-    ``weights_only=True``; raises :class:`CheckpointError` (one line) for anything unusable."""
+    ``weights_only=True``; raises :class:`CheckpointError` (one line) for anything unusable, including a
+    key of ``require`` that is missing or of another type."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -193,6 +207,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path} is not a phantomgrad checkpoint of format {FORMAT_VERSION}; start a new run"
         )
+    wrong = [key for key, kind in (require or {}).items() if not isinstance(state.get(key), kind)]
+    if wrong:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted or incomplete: {', '.join(wrong)} missing or of the wrong type; "
+            "delete it or resume from another run"
+        )
     return state
 
 
@@ -209,19 +229,22 @@ def _read_sidecar(path: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else {}
 
 
-def load_checkpoint(path: str | Path, fallback: bool = True) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, fallback: bool = True, require: dict[str, type | tuple[type, ...]] | None = None
+) -> dict[str, Any]:
     """The latest good checkpoint at ``path``: when it is missing or corrupt (and ``fallback``), the
-    previous one, with a warning that names both."""
+    previous one, with a warning that names both. ``require``: keys and types it must hold (e.g.
+    :data:`TRAINER_STATE`)."""
     path = Path(path)
     prev = previous_path(path)
     try:
-        return read_checkpoint(path)
+        return read_checkpoint(path, require)
     except (CheckpointError, FileNotFoundError) as err:
         if not fallback or not prev.is_file():
             raise
         first = err
     try:
-        state = read_checkpoint(prev)
+        state = read_checkpoint(prev, require)
     except CheckpointError as err:
         raise CheckpointError(f"{first}; the previous checkpoint is unusable too: {err}") from None
     log.warning(

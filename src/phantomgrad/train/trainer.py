@@ -48,7 +48,7 @@ from phantomgrad.monitor import deq_modules
 
 from . import builders, elastic
 from .callbacks import Callback, default_callbacks
-from .checkpoint import CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import TRAINER_STATE, CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .context import RunContext
 from .distributed import (
@@ -485,7 +485,7 @@ class Trainer:
         return out
 
     def _restore(self) -> None:
-        state = load_checkpoint(self.out_dir / "checkpoint.pt")
+        state = load_checkpoint(self.out_dir / "checkpoint.pt", require=TRAINER_STATE)
         saved = state["config"]
         defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
         # a key the checkpoint lacks was added by a later version: unchanged while it keeps its default
