@@ -336,6 +336,8 @@ def test_each_restart_attempt_has_its_own_keys_in_torchruns_store(monkeypatch):
         assert not store.check(["rank_0"])  # the other attempt's keys are not seen
     assert server.get("phantomgrad/attempt-0/rank_1") == b"attempt 0"
     assert server.get("phantomgrad/attempt-1/rank_1") == b"attempt 1"
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")  # two nodes: their agents' restart counts may differ
+    assert attempt_store(DistInfo(1, 2), None) is None
 
 
 def test_the_default_run_directory_survives_a_restart(monkeypatch):

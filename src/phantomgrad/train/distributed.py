@@ -66,10 +66,15 @@ def attempt_store(info: DistInfo, timeout: timedelta | None) -> dist.Store | Non
     """The store of this restart attempt: a PrefixStore keyed by TORCHELASTIC_RESTART_COUNT over the
     TCPStore at MASTER_ADDR:MASTER_PORT (torchrun's agent hosts it when it sets
     TORCHELASTIC_USE_AGENT_STORE=True, else rank 0 does, as torch's env:// rendezvous would). None
-    outside torchrun."""
+    outside torchrun and on several nodes (GROUP_WORLD_SIZE > 1), where the restart counts of the
+    nodes' agents can differ."""
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if restart is None or not addr or not port:
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        # several nodes: each node's agent counts only its own workers' failures (pytorch issues 108158,
+        # 135712), so the nodes could disagree on the prefix for good; torch's own rendezvous is used there
         return None
     wait = timeout or timedelta(minutes=30)  # torch's default for gloo
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
