@@ -8,7 +8,8 @@ A restarted job reconnects: torchrun keeps one TCPStore across the restarts of i
 restarted gloo workers could read the addresses the dead attempt published there and fail in
 ``connectFullMesh`` or hang (pytorch issue 167288). :func:`init_distributed` therefore hands
 ``init_process_group`` a :class:`~torch.distributed.PrefixStore` keyed by
-``TORCHELASTIC_RESTART_COUNT`` over that store: each attempt reads and writes its own keys.
+``TORCHELASTIC_RESTART_COUNT`` over that store: each attempt reads and writes its own keys (on
+one node: see :func:`attempt_store`).
 """
 
 from __future__ import annotations
