@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import phantomgrad as pg
+from catalogue import PER_SAMPLE, TO_TOLERANCE
 from conftest import TanhLayer
 from phantomgrad._checks import ArgumentTypeError, in_range, nonneg_int, positive_float, positive_int
 from phantomgrad.solvers import SOLVERS, make_solver
@@ -81,7 +82,7 @@ def _recording(fn):
     return wrapped, calls
 
 
-@pytest.mark.parametrize("name", ["fixed_point", "anderson", "broyden"])
+@pytest.mark.parametrize("name", [e.name for e in PER_SAMPLE])  # every per-sample forward solver
 @pytest.mark.parametrize("check_every", [1, None])
 def test_kept_states_are_the_iterates_after_those_steps(name, check_every):
     layer = TanhLayer(dim=8, lipschitz=0.9)
@@ -259,7 +260,7 @@ def test_unrolled_keeps_states_and_never_stops():
 # ---------------------------------------------------------------- API shape
 
 
-@pytest.mark.parametrize("cls", [pg.FixedPoint, pg.Anderson, pg.Broyden])
+@pytest.mark.parametrize("cls", [e.cls for e in TO_TOLERANCE], ids=lambda c: c.__name__)
 def test_signatures_show_every_keyword(cls):
     import inspect
 
