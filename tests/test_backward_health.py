@@ -76,6 +76,14 @@ def test_a_backward_solve_that_misses_its_tolerance_warns_once_per_interval(capl
     assert "\n" not in message
 
 
+def test_the_warnings_advice_can_be_put_in_a_callers_syntax(caplog):
+    mode = pg.Implicit(pg.FixedPoint(max_iter=2, tol=1e-10))
+    mode.not_converged_hint = "Raise backward_max_iter= or set backward_options.fallback=upg"
+    (record,) = _backward_calls(mode, 1, caplog)
+    message = record.getMessage()
+    assert "not exact. Raise backward_max_iter= or set backward_options.fallback=upg (next warning" in message
+
+
 def test_a_converged_backward_solve_does_not_warn(caplog):
     assert not _backward_calls(pg.Implicit(pg.Broyden(max_iter=100, tol=1e-12), warn_interval=1), 3, caplog)
 

@@ -296,6 +296,11 @@ class Implicit(BackwardMode):
     config_keys: ClassVar[tuple[str, ...]] = ("solver", "fallback", "warn_interval")
     outputs_fixed_point = True
     exact = True
+    #: The advice that ends the backward's not-converged warning, in the caller's syntax (a CLI may set
+    #: one that names its own keys instead of Python arguments).
+    not_converged_hint: str = (
+        "Raise the backward solver's max_iter, pass fallback='upg' or use a phantom gradient such as pg.UPG()"
+    )
 
     def __init__(self, solver: Solver | None = _DEFAULT_SOLVER, fallback: str | None = None, warn_interval: int = 1000):
         if solver is None or solver is _DEFAULT_SOLVER:
@@ -352,15 +357,15 @@ class Implicit(BackwardMode):
         self._quiet_until = call + self.warn_interval
         log.warning(
             "DEQ backward solve (pg.Implicit) missed its tolerance: mean %s residual %.3g >= 10 x tol=%.3g "
-            "(%d of %d samples not converged, at most %d steps), so the gradient is not exact. Raise the backward "
-            "solver's max_iter, pass fallback='upg' or use a phantom gradient such as pg.UPG() (next warning in "
-            ">= %d backward calls).",
+            "(%d of %d samples not converged, at most %d steps), so the gradient is not exact. %s (next warning "
+            "in >= %d backward calls).",
             stop,
             mean_res,
             tol,
             int(failed),
             binfo.converged.numel(),
             int(binfo.nstep.max()),
+            self.not_converged_hint,
             self.warn_interval,
         )
 
