@@ -1,6 +1,6 @@
 """Second-order gradients (create_graph=True) through every backward mode, in float64.
 
-Implicit is exact: checked against autograd through a long stored forward iteration (FixedPoint +
+Implicit is exact (to third order here): checked against autograd through a long stored forward iteration (FixedPoint +
 Backprop, which converges to the same function) and against finite differences of its own exact
 first-order gradient. UPG and JFB are exact for their own graphs (checked against the same steps
 written out by hand). NPG and SHINE refuse create_graph=True with a one-line error.
@@ -95,7 +95,6 @@ def test_implicit_hessian_vector_product_matches_finite_differences_of_the_first
     fd = (grad_b((b + eps * d).detach().requires_grad_()) - grad_b((b - eps * d).detach().requires_grad_())) / (2 * eps)
     _close(hvp, fd.detach(), rtol=1e-6)
     # torch.autograd.functional.vhp in the input x through the layer agrees with the unrolled reference
-    # (its hvp uses the double-backward trick, a third derivative, which Implicit refuses)
     dx = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(10))
     _, h_exact = torch.autograd.functional.vhp(lambda x_: _loss(deq(x_, z0)[0], w), x, dx)
     _, h_unrolled = torch.autograd.functional.vhp(lambda x_: _loss(_unrolled_deq(f)(x_, z0)[0], w), x, dx)
@@ -162,13 +161,23 @@ def test_first_order_modes_refuse_create_graph_with_one_line(solver, mode):
     assert all(g is not None for g in torch.autograd.grad(_loss(z, w), list(f.parameters())))
 
 
-def test_implicit_refuses_a_third_derivative_with_one_line():
-    f, x, z0, w = _problem()
-    z, _ = _exact_deq(f)(x, z0)
-    (gb,) = torch.autograd.grad(_loss(z, w), f.b, create_graph=True)
-    with pytest.raises(RuntimeError, match="third derivative .* not supported") as err:
-        torch.autograd.grad((gb**2).sum(), f.b, create_graph=True)  # a graph of the second derivative
-    assert "\n" not in str(err.value)
+def test_implicit_third_derivatives_match_autograd_through_a_stored_iteration():
+    """d/db of <d/db ||dL/db||^2, r> (a third derivative), and torch.autograd.functional.hvp in x (the
+    double-backward trick: three backward passes), against the unrolled reference."""
+    f, x, z0, w = _problem(seed=11)
+    r = torch.arange(6, dtype=F64)
+    dx = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(12))
+    results = []
+    for deq in (_exact_deq(f), _unrolled_deq(f)):
+        z, _ = deq(x, z0)
+        (gb,) = torch.autograd.grad(_loss(z, w), f.b, create_graph=True)
+        (hb,) = torch.autograd.grad((gb**2).sum(), f.b, create_graph=True)
+        (tb,) = torch.autograd.grad((hb * r).sum(), f.b)
+        _, hvp = torch.autograd.functional.hvp(lambda x_, deq=deq: _loss(deq(x_, z0)[0], w), x, dx)
+        results.append((tb, hvp))
+    (tb_exact, hvp_exact), (tb_unrolled, hvp_unrolled) = results
+    _close(tb_exact, tb_unrolled)
+    _close(hvp_exact, hvp_unrolled)
 
 
 def test_importing_phantomgrad_changes_no_torch_setting():

@@ -245,18 +245,18 @@ _DEFAULT_SOLVER = Broyden(max_iter=30, tol=1e-6, stop="rel")  # copied per insta
 
 
 class Implicit(BackwardMode):
-    """The exact gradient by implicit differentiation (Eq. 4), exact to second order.
+    """The exact gradient by implicit differentiation (Eq. 4), exact to every order.
 
     Solves g = J_h^T g + dL/dh at h* with ``solver`` (vector-Jacobian products through
     one stored evaluation of F, so memory is O(1) in the number of solver steps), then
     passes J_theta^T g on. The default solver stops on a *relative* residual, so the
     gradient stays exact whatever the scale of the loss.
 
-    Second order: with ``create_graph=True`` (gradient penalties, losses on input gradients,
+    Higher orders: with ``create_graph=True`` (gradient penalties, losses on input gradients,
     Hessian-vector products) the gradient is itself differentiated exactly, by implicit
     differentiation of the adjoint fixed point g = J^T g + v (see :mod:`phantomgrad.higher_order`;
-    it costs one more solve, with Jacobian-vector products, per second-order backward). A third
-    derivative is refused with a one-line error.
+    it costs one more solve, with Jacobian-vector products, per second-order backward), and so on
+    for third and higher derivatives (one more level of adjoint solves per order).
 
     Args:
         solver: the backward solver (its ``check_every=None`` keeps the backward sync-free).

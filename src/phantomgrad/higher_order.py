@@ -1,4 +1,4 @@
-"""Exact second-order gradients of the implicit layer (``create_graph=True`` through ``pg.Implicit``).
+"""Exact higher-order gradients of the implicit layer (``create_graph=True`` through ``pg.Implicit``).
 
 Notation: z*(theta) solves z* = F(z*, theta), where theta stands for every tensor F reads that
 needs a gradient (its parameters and the input x); J = dF/dz and F_theta = dF/dtheta at (z*, theta).
@@ -28,9 +28,15 @@ Second order (``create_graph=True``). The backward then builds, as a graph, a fu
   where J u is the vector-Jacobian product of the linear map g -> J^T g (a VJP of a VJP) and
   the partials are second derivatives of F. The same backward solver solves both systems.
 
-The result is exact to second order whenever z* is the fixed point and both solves converge;
-a third derivative (``create_graph=True`` again on the second-order graph) is refused with a
-one-line error. F must read theta through torch operations (as for ``pg.Reversible``): the
+Every order. The adjoint's backward is built the same way under ``create_graph``: its output and
+inputs are tied, the partials are taken with the ties off, and c' is the output of the adjoint of
+*its* fixed point (:class:`_Level`: each level's map is the VJP of the level below, linear in its
+unknown), so a k-th derivative takes k - 1 levels of adjoint solves (tested to third order).
+
+The higher-order backward evaluates F again, so F must be deterministic (a dropout mask fixed per
+batch, as the solvers need anyway) and read the same tensors as in the forward (checked).
+The result is exact whenever z* is the fixed point and every solve converges. F must read theta
+through torch operations (as for ``pg.Reversible``): the
 tensors F reads are recorded by a :class:`~torch.overrides.TorchFunctionMode` on the one
 evaluation of F that the first-order backward needs anyway, and a second-order backward checks
 that no other path leads from F's output to a tensor that needs a gradient.
@@ -48,11 +54,6 @@ from torch.overrides import TorchFunctionMode
 FlatFn = Callable[[Tensor], Tensor]
 Adjoint = Callable[[Tensor, Callable[[Tensor], Tensor]], tuple[Tensor, Tensor | None]]
 Context = Callable[[], contextlib.AbstractContextManager[Any]]
-
-THIRD_ORDER = (
-    "pg.Implicit differentiates exactly to second order; a third derivative (create_graph=True on a "
-    "second-order gradient) is not supported: use pg.UPG or pg.Backprop, whose graphs differentiate to any order"
-)
 
 
 class _Reads(TorchFunctionMode):
@@ -131,7 +132,7 @@ def _vjp_at(out: Tensor, at: Tensor) -> Callable[[Tensor], Tensor]:
 
 
 class _ImplicitFunction(torch.autograd.Function):
-    """Outputs z*; its backward is the implicit gradient, exact to second order (module docstring).
+    """Outputs z*; its backward is the implicit gradient, exact to every order (module docstring).
 
     Inputs: the shared :class:`_Spec`, z*, and the tensors F reads (``reads``), which receive
     their gradients from here only under ``create_graph`` (otherwise through ``spec.fz``'s graph).
@@ -171,56 +172,107 @@ class _ImplicitFunction(torch.autograd.Function):
                 "reparametrisation)"
             )
         with spec.context():
-            g = _AdjointFunction.apply(spec, grad, z, *reads)
+            g = _AdjointFunction.apply(_implicit_level(spec), grad, z, *reads)
             grads = torch.autograd.grad(fz, reads, g, create_graph=True, allow_unused=True)  # partials at fixed z
         switch.on = True  # from now on, differentiating F(z) follows z back to theta
         return None, None, None, *grads
 
 
-class _AdjointFunction(torch.autograd.Function):
-    """g with g = J(z, theta)^T g + v, differentiable once: the implicit derivative of that fixed point.
+class _Level:
+    """One adjoint fixed point a = (dP/dw)^T a + c, where P = ``prev(w, extras)`` is the map of the level
+    below (F itself for the first adjoint level) at the point w; ``solve(c, vjp)`` finds a given
+    ``vjp(u) = (dP/dw)^T u`` and returns it with the mask of samples that fell back (or None)."""
 
-    The forward keeps the graph of J(z, theta)^T g in (z, theta, g), made at detached copies of z
-    and g, for its backward: F is not evaluated again, so the backward sees the very tensors the
-    forward read.
+    def __init__(self, spec: _Spec, prev: Callable[[Tensor, list[Tensor]], Tensor], n_extras: int, solve):
+        self.spec, self.prev, self.n_extras, self.solve = spec, prev, n_extras, solve
+
+    def phi(self, a: Tensor, extras: list[Tensor]) -> Tensor:
+        """This level's map a -> (dP/dw)^T a + c at w = extras[1], c = extras[0]: a VJP made with a graph."""
+        c, w, rest = extras[0], extras[1], extras[2:]
+        return torch.autograd.grad(self.prev(w, rest), w, a, create_graph=True)[0] + c
+
+    def above(self) -> _Level:
+        """The adjoint level of this one: its map is :meth:`phi` (linear in a, so its transpose is a JVP)."""
+        solver = self.spec.solver
+
+        def plain(c: Tensor, vjp: Callable[[Tensor], Tensor]) -> tuple[Tensor, None]:
+            return solver.solve(lambda u: vjp(u) + c, c)[0], None
+
+        return _Level(self.spec, self.phi, 2 + self.n_extras, plain)
+
+
+def _implicit_level(spec: _Spec) -> _Level:
+    """The first adjoint level: g = J(z, theta)^T g + v, solved by Implicit's own adjoint (info, fallback)."""
+
+    def solve(v: Tensor, vjp: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor | None]:
+        g, fell_back = spec.adjoint(v, vjp)
+        if fell_back is not None and bool(fell_back.any()):  # host sync, higher orders only
+            raise RuntimeError(
+                f"pg.Implicit's backward solve did not converge for {int(fell_back.sum())} samples, which fell "
+                "back to a phantom gradient, and a phantom gradient has no exact second derivative; raise the "
+                "backward solver's max_iter, or pass fallback=None"
+            )
+        return g, None
+
+    return _Level(spec, lambda w, extras: spec.fn(w), 0, solve)
+
+
+class _AdjointFunction(torch.autograd.Function):
+    """a with a = (dP/dw)^T a + c (see :class:`_Level`), differentiable to any order: its backward is the
+    implicit derivative of that fixed point, whose own derivative (under ``create_graph``) is the next
+    level's fixed point, and so on.
+
+    Inputs: the level, c, w, the level's further ``extras`` and the tensors F reads. With a cotangent b
+    on a: b' = (I - dP/dw)^{-1} b (a solve with products (dP/dw) u, VJPs of the linear map a -> phi(a));
+    c receives b', and (w, extras, theta) the partials of <phi(a), b'> at fixed a. The forward keeps the
+    graph of phi at detached copies for a first-order backward, so F is not evaluated again there.
     """
 
     @staticmethod
-    def forward(ctx, spec: _Spec, v: Tensor, z: Tensor, *reads: Tensor) -> Tensor:
-        with torch.enable_grad(), spec.context():
-            start = z.detach().requires_grad_()
-            fz = spec.fn(start)
-            g, fell_back = spec.adjoint(v, _vjp_at(fz, start))
-            if fell_back is not None and bool(fell_back.any()):  # host sync, second order only
-                raise RuntimeError(
-                    f"pg.Implicit's backward solve did not converge for {int(fell_back.sum())} samples, which fell "
-                    "back to a phantom gradient, and a phantom gradient has no exact second derivative; raise the "
-                    "backward solver's max_iter, or pass fallback=None"
-                )
-            g = g.detach()
-            g_leaf = g.requires_grad_()
-            ctx.jtg = torch.autograd.grad(fz, start, g_leaf, create_graph=True)[0]  # J^T g, a graph
-        ctx.spec, ctx.start, ctx.g_leaf = spec, start, g_leaf
-        ctx.save_for_backward(*reads)
-        return g.detach()
+    def forward(ctx, level: _Level, c: Tensor, w: Tensor, *rest: Tensor) -> Tensor:
+        extras, reads = list(rest[: level.n_extras]), rest[level.n_extras :]
+        with torch.enable_grad(), level.spec.context():
+            w_leaf = w.detach().requires_grad_()
+            leaves = [e.detach().requires_grad_() for e in extras]
+            p = level.prev(w_leaf, leaves)
+            a, _ = level.solve(c, _vjp_at(p, w_leaf))
+            a_leaf = a.detach().requires_grad_()
+            ctx.jta = torch.autograd.grad(p, w_leaf, a_leaf, create_graph=True)[0]  # (dP/dw)^T a, a graph
+        ctx.level, ctx.w_leaf, ctx.leaves, ctx.a_leaf = level, w_leaf, leaves, a_leaf
+        ctx.set_materialize_grads(False)
+        out = a.detach()
+        ctx.save_for_backward(out, c, w, *extras, *reads)
+        return out
 
     @staticmethod
-    def backward(ctx, c: Tensor):
-        if torch.is_grad_enabled():
-            raise RuntimeError(THIRD_ORDER)
-        reads = ctx.saved_tensors
-        jtg, start = ctx.jtg, ctx.start
-        with torch.enable_grad(), ctx.spec.context():
-            jvp = _vjp_at(jtg, ctx.g_leaf)  # u -> J u: the map g -> J^T g is linear, its transpose is J
-            c_adj, _ = ctx.spec.solver.solve(lambda u: jvp(u) + c, c)  # (I - J)^{-1} c
-            grads = torch.autograd.grad(jtg, [start, *reads], c_adj, allow_unused=True)
-        return None, c_adj, *grads
+    def backward(ctx, b: Tensor | None):
+        level = ctx.level
+        out, c, w, *rest = ctx.saved_tensors
+        extras, reads = rest[: level.n_extras], rest[level.n_extras :]
+        if b is None:
+            return None, None, None, *(None for _ in rest)
+        if not torch.is_grad_enabled():
+            with torch.enable_grad(), level.spec.context():
+                jvp = _vjp_at(ctx.jta, ctx.a_leaf)  # u -> (dP/dw) u: the transpose of the linear map a -> phi(a)
+                b_adj, _ = level.spec.solver.solve(lambda u: jvp(u) + b, b)  # (I - dP/dw)^{-1} b
+                grads = torch.autograd.grad(ctx.jta, [ctx.w_leaf, *ctx.leaves, *reads], b_adj, allow_unused=True)
+            return None, b_adj, *grads
+        switch = _Switch()  # create_graph: the same construction one level up, at tied copies of the inputs
+        a_t, c_t, w_t = _Tie.apply(out, switch), _Tie.apply(c, switch), _Tie.apply(w, switch)
+        extras_t = [_Tie.apply(e, switch) for e in extras]
+        ex = [c_t, w_t, *extras_t]
+        with level.spec.context():
+            phi = level.phi(a_t, ex)
+            b_adj = _AdjointFunction.apply(level.above(), b, a_t, *ex, *reads)
+            grads = torch.autograd.grad(phi, [*ex, *reads], b_adj, create_graph=True, allow_unused=True)
+        switch.on = True
+        return None, *grads
 
 
 def implicit_output(
     fn: FlatFn, z_star: Tensor, adjoint: Adjoint, solver: Any, context: Context = contextlib.nullcontext
 ) -> Tensor:
-    """z* carrying the implicit gradient g ~ (I - J^T)^{-1} v, exact to second order.
+    """z* carrying the implicit gradient g ~ (I - J^T)^{-1} v, exact to every order.
 
     ``adjoint(v, vjp)`` solves g = J^T g + v given ``vjp(u) = J^T u`` and returns g and the mask of
     samples that fell back to another gradient (or None; it may also record the solve's info);
@@ -237,4 +289,4 @@ def implicit_output(
     return _ImplicitFunction.apply(spec, fz, z_star, *reads)
 
 
-__all__ = ["implicit_output", "THIRD_ORDER"]
+__all__ = ["implicit_output"]
