@@ -139,3 +139,19 @@ def test_the_radius_batch_is_cut_only_where_that_is_plain():
     assert _head(Batch(x, y, None), 16).indices is None
     started = Batch(x, y, None, start=lambda zeros: zeros)
     assert _head(started, 16) is started  # a start state belongs to the whole batch
+
+
+def test_backward_fallback_fraction_is_recorded(tmp_path):
+    """Implicit with fallback=upg and a backward solve that cannot converge (one step to 1e-12):
+    every sample falls back, and the column says so."""
+    overrides = [o for o in TINY if not o.startswith("backward_max_iter")] + [
+        "backward=implicit",
+        "backward_max_iter=1",
+        "backward_tol=1e-12",
+        "backward_options.fallback=upg",
+        "radius_every=0",
+        f"out_dir={tmp_path}",
+    ]
+    summary = train(TrainConfig.from_sources(None, overrides))
+    final = summary["final_metrics"]
+    assert final["train_bwd_converged"] == 0.0 and final["train_bwd_fallback"] == 1.0
