@@ -35,6 +35,9 @@ def _cfg(tmp_path, *extra):
 
 def test_the_image_task_yields_indices_and_its_step_takes_a_batch(tmp_path):
     task = build_task(_cfg(tmp_path))
+    warm = [cb for cb in task.callbacks if type(cb).__name__ == "WarmStart"]
+    assert len(warm) == 1 and warm[0].cache is not None  # warm_start=auto is reuse on the image task
+    assert not any(type(cb).__name__ == "WarmStart" for cb in build_task(_cfg(tmp_path, "warm_start=none")).callbacks)
     image, label, index = task.train_set[5]
     assert index == 5 and image.shape == (1, 8, 8)
     batch = next(iter(DataLoader(task.train_set, batch_size=4, shuffle=True, collate_fn=task.collate)))
@@ -60,6 +63,7 @@ def test_the_lm_and_graph_tasks_yield_indices(tmp_path):
         pytest.skip(str(err))
     batch = next(iter(DataLoader(graphs.train_set, batch_size=3, collate_fn=graphs.collate)))
     assert batch.indices.tolist() == [0, 1, 2] and len(batch.inputs) == 3 and len(batch.targets) == 3
+    assert not graphs.callbacks  # warm_start=auto is none on graph classification
     with pytest.raises(ConfigError, match="no per-sample state to reuse"):
         build_task(TrainConfig.from_sources(None, ["task=graph", "dataset=mutag", "warm_start=reuse"]))
     with pytest.raises(ConfigError, match="has no init head"):

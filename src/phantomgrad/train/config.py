@@ -146,9 +146,10 @@ class TrainConfig:
     )
     jac_reg_freq: float = _key(0.0, "probability of adding the Jacobian penalty on a step", within=FRACTION)
     warm_start: str = _key(
-        "none",
-        "where training solves start: learned (an init head's guess of z*), reuse (each sample's last z*), both",
-        choices=_fixed("none", "learned", "reuse", "learned+reuse"),
+        "auto",
+        "where training solves start: learned (an init head's guess of z*), reuse (each sample's last z*), both; "
+        "auto: the task's choice (image: reuse, measured in docs/convergence.md; lm, graph: none)",
+        choices=_fixed("auto", "learned", "reuse", "learned+reuse", "none"),
     )
     warm_start_weight: float = _key(
         1.0, "weight of the init head's loss ||g(x) - z*||^2 / ||z*||^2 (warm_start=learned)", within=NON_NEGATIVE

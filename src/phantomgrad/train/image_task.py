@@ -83,6 +83,7 @@ def build_image_task(cfg: TrainConfig) -> Task:
         finalize,
         collate=BatchCollate(),
         progress_keys=("loss", "accuracy"),
+        extra={"warm_start": "reuse"},  # what warm_start=auto means here (measured in docs/convergence.md)
     )
 
 

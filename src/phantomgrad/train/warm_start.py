@@ -13,10 +13,17 @@
   process caches the samples its sampler gave it (see the cache's docstring). Evaluation neither
   reads nor writes it: test figures are those of the model's own start (what inference costs).
 * ``learned+reuse``: both; the head is trained on every batch and starts the samples not cached.
+* ``auto`` (the default): the task's choice, ``task.extra["warm_start"]`` (``none`` when it names
+  none). The image task chooses ``reuse``: on the README's main job it cut the final epoch's forward
+  steps from 19.2 to 9.2 of 20 (docs/convergence.md); the language-model and graph tasks choose
+  ``none`` (not measured; an LM's cache of every chunk's (L, d) state is large). Under torchrun
+  ``auto`` is ``none`` (see Resume below); ask for ``reuse`` by name there.
 
 Resume: the cache is saved with the checkpoint (this object is a stateful callback of the
-trainer), so a resumed run starts every sample where the uninterrupted run would (bit-exact;
-under torchrun only rank 0's cache is saved, the other ranks rebuild theirs). Pretraining steps
+trainer), so a resumed run starts every sample where the uninterrupted run would (bit-exact). Under
+torchrun only rank 0 writes the checkpoint: on resume every rank starts from rank 0's cache (valid
+fixed points of those samples, but not what each rank had), so a resumed multi-process run with
+``reuse`` is not bit-exact; that is why ``auto`` does not choose it there. Pretraining steps
 (``pretrain_steps``) neither read nor write the cache. Language models: the chunks are shuffled
 and each is modelled on its own (``lm_task``), so the previous segment's state would belong to
 another sequence; the cache gives each chunk its own last state instead. Graph classification
@@ -31,6 +38,7 @@ samples that started from the cache, reuse).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,13 +51,24 @@ from .config import ConfigError, TrainConfig
 if TYPE_CHECKING:
     from .tasks import StepResult, Task
 
-WARM_STARTS = ("none", "learned", "reuse", "learned+reuse")
+WARM_STARTS = ("auto", "learned", "reuse", "learned+reuse", "none")
 SUM_KEYS = ("init_loss", "reused")
 
 
 def learned(cfg: TrainConfig) -> bool:
     """Whether ``cfg`` asks for a learned initial state (the model builders then set ``init_head``)."""
     return "learned" in cfg.warm_start
+
+
+def resolve(cfg: TrainConfig, task: "Task") -> str:
+    """``cfg.warm_start``, with ``auto`` replaced by the task's choice (``task.extra["warm_start"]``, else
+    none); under torchrun (``WORLD_SIZE`` > 1) ``auto`` is none: each process would cache other samples, and
+    only rank 0's cache reaches the checkpoint, so a resumed multi-process run would not be bit-exact."""
+    if cfg.warm_start != "auto":
+        return cfg.warm_start
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "none"
+    return str(task.extra.get("warm_start", "none"))
 
 
 def arch_with_init_head(cfg: TrainConfig, arch: dict[str, Any]) -> dict[str, Any]:
@@ -86,16 +105,17 @@ def with_warm_start(task: "Task", cfg: TrainConfig) -> "Task":
             DEQ sample is not one sample of its dataset (graph classification), or a
             ``warm_start_weight`` without ``learned`` (it would weigh nothing).
     """
-    want_init = learned(cfg)
+    mode = resolve(cfg, task)
+    want_init = "learned" in mode
     default_weight = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "warm_start_weight")
     if not want_init and cfg.warm_start_weight != default_weight:
         raise ConfigError(
             f"warm_start_weight={cfg.warm_start_weight:g} weighs the init head's loss, which only warm_start=learned "
             f"or learned+reuse adds (warm_start={cfg.warm_start}); drop it or set warm_start"
         )
-    if cfg.warm_start == "none":
+    if mode == "none":
         return task
-    reuse = "reuse" in cfg.warm_start
+    reuse = "reuse" in mode
     if want_init and not _has_init(task.model):
         raise ConfigError(
             f"warm_start={cfg.warm_start}: model {cfg.model!r} has no init head (MDEQ and the DEQ transformer have "
@@ -148,4 +168,4 @@ def with_warm_start(task: "Task", cfg: TrainConfig) -> "Task":
     return dataclasses.replace(task, step=step, finalize=finalize, callbacks=[*task.callbacks, state])
 
 
-__all__ = ["WARM_STARTS", "WarmStart", "with_warm_start", "arch_with_init_head", "learned"]
+__all__ = ["WARM_STARTS", "WarmStart", "with_warm_start", "arch_with_init_head", "learned", "resolve"]
