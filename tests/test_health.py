@@ -155,3 +155,47 @@ def test_backward_fallback_fraction_is_recorded(tmp_path):
     summary = train(TrainConfig.from_sources(None, overrides))
     final = summary["final_metrics"]
     assert final["train_bwd_converged"] == 0.0 and final["train_bwd_fallback"] == 1.0
+
+
+def test_health_and_jacobian_penalty_add_no_host_read_to_a_sync_free_step(monkeypatch):
+    """A sync-free layer (check_every=None) stays sync-free with the health sums and the Jacobian
+    penalty wrapped around the step: no .item/.tolist/bool on a tensor in the step, the backward or
+    the callback (the trainer's meter reads the sums once per logging interval)."""
+    from phantomgrad.train.context import RunContext
+    from phantomgrad.train.distributed import DistInfo
+    from phantomgrad.train.health import EquilibriumHealth
+    from phantomgrad.train.jacreg import with_jacobian_penalty
+
+    f = TanhLayer()
+    solver = pg.Anderson(max_iter=6, tol=1e-9, check_every=None)
+    backward = pg.Implicit(pg.Broyden(max_iter=4, tol=1e-9, check_every=None))
+    model = torch.nn.ModuleDict({"deq": pg.DEQ(f, solver=solver, backward=backward)})
+
+    def step(model, batch, device, global_step):
+        x, w = batch
+        z, info = model["deq"](x, torch.zeros(len(x), 6, dtype=torch.float64))
+        loss = (z * w).sum()
+        return StepResult(loss, {"loss": loss.detach()}, len(x), info)
+
+    task = Task("t", model, [], {}, step, lambda s, c: {})
+    cfg = TrainConfig(jac_reg_weight=1.0, jac_reg_freq=1.0)
+    wrapped = with_health(with_jacobian_penalty(task, cfg))
+    ctx = RunContext(None, model, torch.device("cpu"), cfg, DistInfo(), False)  # type: ignore[arg-type]
+    batch = (torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host read of a tensor on the hot path")
+
+    # the layer's own rate-limited warnings read the device on their first call (deq.py): take it here
+    first = wrapped.step(model, batch, torch.device("cpu"), 0)
+    first.loss.backward()
+    for method in ("tolist", "item", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, method, refuse)
+    try:
+        result = wrapped.step(model, batch, torch.device("cpu"), 0)
+        result.loss.backward()
+        EquilibriumHealth().after_backward(ctx, batch, result)
+    finally:
+        monkeypatch.undo()
+    assert {"solve_converged", "bwd_converged", "bwd_fallback", "jac_penalty"} <= set(result.sums)
+    assert all(isinstance(result.sums[k], torch.Tensor) for k in ("solve_converged", "bwd_residual", "jac_penalty"))
