@@ -73,3 +73,11 @@ def test_under_phantomgrad_train_the_warnings_name_cli_keys_and_a_key_silences_t
 def test_progress_true_still_draws_the_bar_off_a_terminal(tmp_path, capsys):
     _tiny_run(tmp_path, "bar", "progress=true")
     assert "epoch 1/1" in capsys.readouterr().err
+
+
+def test_under_phantomgrad_train_implicits_backward_warning_names_cli_keys(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="phantomgrad.backward")
+    _tiny_run(tmp_path, "implicit", "backward=implicit", "backward_max_iter=1", "backward_tol=1e-9")
+    texts = [r.getMessage() for r in caplog.records if r.name == "phantomgrad.backward"]
+    assert texts and all("backward_max_iter=" in t and "backward_options.fallback=upg" in t for t in texts)
+    assert not any("pg." in t.split("exact.")[-1] for t in texts)  # the advice has no Python syntax

@@ -85,12 +85,16 @@ def cli_not_converged_hint() -> str:
 
 def configure_layers(cfg: TrainConfig, model: torch.nn.Module) -> None:
     """What the trainer sets on every DEQ layer of ``model``: the fallback solver, and the not-converged
-    warning on or off (``warn_not_converged``) with its advice in CLI syntax."""
+    warnings (the forward's, on or off with ``warn_not_converged``; the backward solve's) with advice in CLI syntax."""
     fallback = build_fallback_solver(cfg)
     for layer in deq_modules(model):
         layer.fallback = fallback
         layer.warn_not_converged = cfg.warn_not_converged
         layer.not_converged_hint = cli_not_converged_hint()
+        if hasattr(layer.backward, "not_converged_hint"):  # a mode with a backward solve (Implicit) warns too
+            layer.backward.not_converged_hint = (
+                "Raise backward_max_iter=, set backward_options.fallback=upg, or use a phantom gradient (backward=upg)"
+            )
 
 
 def progress_disabled(cfg: TrainConfig, is_main: bool) -> bool | None:
