@@ -74,3 +74,17 @@ def test_a_bad_run_directory_ends_with_one_line_and_exit_2(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "has no checkpoint.pt to evaluate" in capsys.readouterr().err
     assert not (tmp_path / "evaluate").exists()
+
+
+def test_evaluate_reads_any_task_and_split(tmp_path, capsys):
+    """The graph task (one transductive graph, eval splits valid and test): the same command."""
+    out = tmp_path / "run"
+    train(
+        TrainConfig.from_sources(
+            None, ["task=graph", "dataset=chains", "epochs=1", "progress=false", "threads=1", f"out_dir={out}"]
+        )
+    )
+    assert main(["evaluate", str(out), "split=valid", "solver_max_iter=1,50"]) == 0
+    doc = json.loads((out / "evaluate" / "evaluate.json").read_text())
+    assert doc["split"] == "valid" and [r["solver_max_iter"] for r in doc["rows"]] == [1, 50]
+    assert doc["rows"][0]["f_evals"] == 1.0 and doc["rows"][1]["converged"] == 1.0
