@@ -16,7 +16,7 @@ every evaluation split (``metrics.csv``, the summary and the report):
                                steps) on the first ``RADIUS_SAMPLES`` samples of the epoch's last
                                training batch (all of it where the batch cannot be cut, e.g. a
                                graph), in eval mode, mean over the samples (max over the model's
-                               DEQ layers); NaN in other epochs
+                               DEQ layers); absent from other epochs' rows (blank in metrics.csv)
 
 The forward figures are sums the task's step leaves on the device (:func:`with_health` wraps it),
 the backward ones sums the callback adds after ``loss.backward()`` (:class:`EquilibriumHealth`,
@@ -164,7 +164,6 @@ class EquilibriumHealth:
     def on_epoch_end(self, ctx: RunContext, row: dict[str, Any]) -> None:
         if not self.radius_every or "train_spectral_radius" in row:  # the lm task measures its own
             return
-        row["train_spectral_radius"] = math.nan
         due = (ctx.epoch + 1) % self.radius_every == 0 or ctx.epoch + 1 == ctx.config.epochs
         batch, self.last_batch = self.last_batch, None
         if not due or batch is None or ctx.recompute_loss is None or ctx.step < ctx.config.pretrain_steps:
