@@ -155,3 +155,13 @@ def test_indices_survive_a_dataloader_over_a_subset():
     batch = next(iter(DataLoader(data, batch_size=4, collate_fn=BatchCollate())))
     assert batch.indices.tolist() == [0, 1, 2, 3] and batch.targets.tolist() == [5, 6, 7, 8]
     assert batch.inputs.shape == (4, 1, 2, 2)
+
+
+def test_a_start_provider_keeps_the_states_held_when_it_was_made():
+    cache = pg.FixedPointCache(N, dtype=torch.float32)
+    idx = torch.tensor([2, 3])
+    cache.store(idx, torch.ones(2, D))
+    provider = cache.start(idx)
+    cache.store(idx, torch.full((2, D), 5.0))  # a later store (the step's own h*) does not move the start
+    assert torch.equal(provider(torch.zeros(2, D)), torch.ones(2, D))
+    assert torch.equal(cache.start(idx)(torch.zeros(2, D)), torch.full((2, D), 5.0))

@@ -65,6 +65,20 @@ def _like(flat: Tensor, z: State) -> State:
     return tuple(out)
 
 
+def _put(default: State, found: Tensor, rows: Tensor) -> State:
+    """``default`` with its rows where ``found`` (a (B,) bool mask on the CPU) replaced by ``rows``."""
+    flat = _flat(default)
+    if flat.shape[1] != rows.shape[1]:
+        raise ValueError(
+            f"the cache holds states of {rows.shape[1]} numbers per sample, but this batch's state has "
+            f"{flat.shape[1]}; one cache serves one model and one dataset (make a new FixedPointCache)"
+        )
+    flat = flat.clone()
+    where = found.nonzero().squeeze(1).to(flat.device)
+    flat[where] = rows.to(device=flat.device, dtype=flat.dtype)  # host-to-device copy
+    return _like(flat, default)
+
+
 class FixedPointCache:
     """Per-sample fixed points, kept on the CPU between visits (see the module docstring).
 
@@ -129,21 +143,16 @@ class FixedPointCache:
         found = self.filled[indices]
         if self.rows is None or not bool(found.any()):
             return default
-        flat = _flat(default)
-        if flat.shape[1] != self.rows.shape[1]:
-            raise ValueError(
-                f"the cache holds states of {self.rows.shape[1]} numbers per sample, but this batch's state has "
-                f"{flat.shape[1]}; one cache serves one model and one dataset (make a new FixedPointCache)"
-            )
-        where = found.nonzero().squeeze(1)
-        flat = flat.clone()
-        flat[where.to(flat.device)] = self.rows[indices[where]].to(device=flat.device, dtype=flat.dtype)  # H2D copy
-        return _like(flat, default)
+        return _put(default, found, self.rows[indices[found]])
 
     def start(self, indices: Tensor) -> Callable[[State | None], State]:
         """A start provider for ``pg.DEQ`` and the models' ``z0``: ``start(default)`` is
-        :meth:`fill` of these indices (default: zeros, or the layer's learned initial state)."""
+        :meth:`fill` of these indices (default: zeros, or the layer's learned initial state) with
+        the states held when ``start`` was called: a later :meth:`store` does not change it, so a
+        batch solved again (a callback recomputing its loss) starts where it started the first time."""
         indices = self._check(indices)
+        found = self.filled[indices].clone()
+        held = self.rows[indices[found]].clone() if self.rows is not None and bool(found.any()) else None
 
         def provider(default: State | None) -> State:
             if default is None:
@@ -151,7 +160,7 @@ class FixedPointCache:
                     "FixedPointCache.start needs a default state for the samples it has not seen: use it with a "
                     "layer built with init=g, or pass z0=cache.fill(indices, zeros) instead"
                 )
-            return self.fill(indices, default)
+            return default if held is None else _put(default, found, held)
 
         return provider
 
