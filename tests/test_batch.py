@@ -78,14 +78,13 @@ def test_reuse_starts_revisited_samples_from_the_cache(tmp_path, monkeypatch):
     starts = []
     from phantomgrad.cache import FixedPointCache
 
-    original = FixedPointCache.fill
+    original = FixedPointCache.start
 
-    def spy(self, indices, default):
-        out = original(self, indices, default)
+    def spy(self, indices):
         starts.append((indices.clone(), self.found(indices).clone()))
-        return out
+        return original(self, indices)
 
-    monkeypatch.setattr(FixedPointCache, "fill", spy)
+    monkeypatch.setattr(FixedPointCache, "start", spy)
     summary = train(_cfg(tmp_path, "epochs=2", "warm_start=reuse"))
     rows = _rows(tmp_path)
     assert float(rows[0]["train_reused"]) == 0 and float(rows[1]["train_reused"]) == 1
