@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
@@ -30,7 +31,9 @@ class RunContext:
         resume: whether this run continues a checkpoint.
         autocast: a function returning the context the training forward runs under (bf16 or nothing).
         recompute_loss: ``recompute_loss(batch)`` is the training loss of ``batch`` at this step
-            (the task's forward under ``autocast``), e.g. to compare gradients on the same batch.
+            (the task's forward under ``autocast``), e.g. to compare gradients on the same batch. It
+            runs under :func:`recomputing`: a task's step leaves the run as it was (the warm start
+            neither stores fixed points nor starts the batch elsewhere than its training step did).
         step: index of the current training step (0-based, counts every batch of the run).
         epoch: epochs completed (the current epoch is ``epoch + 1``).
         skipped: steps the divergence guard has skipped so far (as far as the host has seen).
@@ -56,4 +59,23 @@ class RunContext:
         return self.step_code is None or int(self.step_code) == 0
 
 
-__all__ = ["RunContext"]
+_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("phantomgrad_recomputing", default=False)
+
+
+@contextlib.contextmanager
+def recomputing():
+    """Marks a callback's recomputation of a training step's loss (``RunContext.recompute_loss``): what a
+    task's step does to the run's state (e.g. the warm start's fixed-point cache) is skipped inside it."""
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
+
+
+def is_recomputing() -> bool:
+    """Whether the running task step is a callback's recomputation (see :func:`recomputing`)."""
+    return _RECOMPUTING.get()
+
+
+__all__ = ["RunContext", "recomputing", "is_recomputing"]

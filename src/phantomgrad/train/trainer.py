@@ -50,7 +50,7 @@ from . import builders, elastic
 from .callbacks import Callback, default_callbacks
 from .checkpoint import TRAINER_STATE, CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .context import RunContext
+from .context import RunContext, recomputing
 from .distributed import (
     all_reduce_max,
     barrier,
@@ -189,7 +189,7 @@ class Trainer:
 
     def _recompute_loss(self, batch: Any) -> torch.Tensor:
         """The training loss of ``batch`` at the current step (for callbacks; no DDP gradient sync)."""
-        with self._autocast():
+        with self._autocast(), recomputing():
             return self.task.step(self.model, batch, self.device, self.step).loss
 
     def _ctx(self) -> RunContext:

@@ -7,8 +7,10 @@
   ``warm_start_weight * info.init_loss`` (:mod:`phantomgrad.init`: it reaches the head only).
 * ``reuse``: a :class:`~phantomgrad.FixedPointCache` of the training set. A training batch
   starts each of its samples from the fixed point it was solved to at its last visit (samples
-  not seen yet from the init head's guess, or zeros); after the step, the solver's h* of each
-  sample is stored (float16, on the CPU). Keyed by the index each batch carries
+  not seen yet from the init head's guess, or zeros); the solver's h* of each sample is stored
+  (float16, on the CPU) when the next step begins, so that a callback's recomputation of a step
+  (``RunContext.recompute_loss``: the gradient monitor, the spectral radius) starts where the step
+  did and writes nothing. Keyed by the index each batch carries
   (:class:`~phantomgrad.data.batch.Batch`), so it holds under shuffling; under torchrun each
   process caches the samples its sampler gave it (see the cache's docstring). Evaluation neither
   reads nor writes it: test figures are those of the model's own start (what inference costs).
@@ -47,6 +49,7 @@ from torch import nn
 from ..cache import FixedPointCache
 from ..data.batch import Batch
 from .config import ConfigError, TrainConfig
+from .context import is_recomputing
 
 if TYPE_CHECKING:
     from .tasks import StepResult, Task
@@ -82,11 +85,23 @@ class WarmStart:
 
     def __init__(self, cache: FixedPointCache | None):
         self.cache = cache
+        # (indices, h*) of the last training step, stored when the next step begins (or the checkpoint
+        # is written): a callback's recomputation of that step (the gradient monitor's exact reference)
+        # then starts where the step itself did
+        self.pending: tuple[torch.Tensor, Any] | None = None
+
+    def flush(self) -> None:
+        """Store the last training step's fixed points in the cache."""
+        if self.pending is not None and self.cache is not None:
+            self.cache.store(*self.pending)  # a device-to-host copy (a sync on a GPU)
+        self.pending = None
 
     def state_dict(self) -> dict[str, Any]:
+        self.flush()
         return {"cache": self.cache.state_dict() if self.cache is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pending = None
         if self.cache is not None and state.get("cache") is not None:
             self.cache.load_state_dict(state["cache"])
 
@@ -133,8 +148,12 @@ def with_warm_start(task: "Task", cfg: TrainConfig) -> "Task":
     def step(model: nn.Module, batch: Any, device: torch.device, global_step: int | None) -> "StepResult":
         training = global_step is not None and global_step >= cfg.pretrain_steps
         use_cache = cache is not None and training and isinstance(batch, Batch) and batch.indices is not None
+        # a callback's recomputation of this step's loss reads the cache as the step did and writes nothing
+        recompute = is_recomputing()
         if use_cache:
             assert cache is not None and isinstance(batch, Batch) and batch.indices is not None
+            if not recompute:
+                state.flush()
             found = cache.found(batch.indices)  # on the CPU: no device sync
             batch.start = cache.start(batch.indices)
         try:
@@ -147,8 +166,8 @@ def with_warm_start(task: "Task", cfg: TrainConfig) -> "Task":
         info = result.info
         if use_cache:
             assert cache is not None and isinstance(batch, Batch) and batch.indices is not None
-            if info is not None and getattr(info, "fixed_point", None) is not None:
-                cache.store(batch.indices, info.fixed_point)  # a device-to-host copy (a sync on a GPU)
+            if not recompute and info is not None and getattr(info, "fixed_point", None) is not None:
+                state.pending = (batch.indices, info.fixed_point)  # stored when the next step begins
             result.sums["reused"] = float(found.sum()) * result.count / max(len(batch.indices), 1)
         init_loss = getattr(info, "init_loss", None) if want_init else None
         if want_init:
