@@ -84,6 +84,8 @@ RESUMABLE_CHANGES = {
     "log_every",
     "resume",
     "dist_timeout",
+    "radius_every",  # a measurement that leaves the run as it was (RNG restored, no cache write)
+    "warn_not_converged",
 }
 # steps between host reads of the metrics and the guard: a sync costs nothing on a CPU (it ran the step itself)
 DEFAULT_LOG_EVERY = {"cpu": 1, "cuda": 50}
