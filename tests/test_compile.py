@@ -213,9 +213,7 @@ def test_sync_free_layer_leaves_non_finite_inputs_to_the_device_flag():
 
 # Modes that still break the graph under torch.compile with default arguments in torch 2.13, and why. The
 # test below asserts that each of these does break (so the list cannot go stale) and that every other does not.
-BREAKS_WITH_DEFAULTS = {
-    "shine": "deciding on its fallback reads (~converged | fallback).any() on the host",
-}
+BREAKS_WITH_DEFAULTS: dict[str, str] = {}
 
 
 def _default_layer(name: str, f):
@@ -292,3 +290,19 @@ def test_a_model_around_the_layer_compiles_as_one_graph():
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled(x)[0].sum().backward()
         compiled(torch.randn(6, 8))[0].sum().backward()  # the same shapes: no recompile
+
+
+@pytest.mark.parametrize("max_iter", [2, 50], ids=["falls-back", "converges"])
+def test_shine_chooses_its_fallback_on_the_device_under_compile(max_iter):
+    """SHINE's batch-wide choice (its JFB fallback when a sample did not converge) is a where on the device
+    inside a compiled graph: one graph either way, and the eager gradient of the branch eager mode takes."""
+    torch.manual_seed(9)
+    layer, x, z0 = _problem(False)
+    deq = pg.DEQ(layer, solver=pg.Broyden(max_iter=max_iter, tol=1e-10), backward=pg.SHINE(), warn_not_converged=False)
+    eager = _run(deq, layer, x, z0)
+    assert bool(eager[1].converged.all()) == (max_iter == 50)  # both branches are exercised
+    torch._dynamo.reset()
+    counter = _CountGraphs()
+    compiled = _run(torch.compile(deq, backend=counter), layer, x, z0)
+    assert counter.graphs == 1
+    _assert_same(eager, compiled)

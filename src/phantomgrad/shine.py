@@ -127,9 +127,26 @@ class SHINE(BackwardMode):
                 "SHINE found no inverse-Jacobian estimate in the forward info: use solver=pg.Broyden(...) "
                 "and solve with keep_inverse=True"
             )
-        if self.fallback is not None and bool((~info.converged | info.fallback).any()):  # host sync, per batch
-            out = self.fallback.attach(fn, z_star, info)
-            return z_star.detach() + (out - out.detach())  # the value h*, the fallback's gradient
+        if self.fallback is None:
+            return self._attach_shine(fn, z_star, info, estimate)
+        use_fallback = (~info.converged | info.fallback).any()
+        if torch.compiler.is_compiling():
+            # No host read inside a compiled graph: both gradients are built and the batch's choice is a
+            # where on the device (its gradient flows to the chosen branch only); costs the fallback's VJP.
+            shine = self._attach_shine(fn, z_star, info, estimate)
+            return torch.where(use_fallback, self._attach_fallback(fn, z_star, info), shine)
+        if bool(use_fallback):  # host sync, per batch
+            return self._attach_fallback(fn, z_star, info)
+        return self._attach_shine(fn, z_star, info, estimate)
+
+    def _attach_fallback(self, fn, z_star: Tensor, info: Any) -> Tensor:
+        """The value h*, the fallback mode's gradient."""
+        assert self.fallback is not None  # called only with a fallback
+        out = self.fallback.attach(fn, z_star, info)
+        return z_star.detach() + (out - out.detach())
+
+    def _attach_shine(self, fn, z_star: Tensor, info: Any, estimate: Any) -> Tensor:
+        """The value h*, the gradient J_theta^T u with u = -H^T dL/dh (refined by ``refine`` Broyden steps)."""
         refiner, max_gain = self._refiner, self.max_gain
 
         def transform(grad: Tensor, vjp) -> Tensor:
