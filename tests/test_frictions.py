@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import inspect
 
+import pytest
 import torch
 
 import phantomgrad as pg
@@ -26,6 +27,21 @@ def test_the_backward_mode_is_deq_backward_and_backward_mode_is_an_alias():
     assert deq.backward_mode is mode
     assert "backward=NPG(" in repr(deq)
     assert copy.deepcopy(deq).backward is not mode  # a plain attribute: deep-copied with the layer
+
+
+def test_settings_changed_after_construction_are_checked_like_the_constructors():
+    """The trainer configures layers through their public attributes (issue 24: it set layer.fallback past the
+    layer's checks); a bad value is refused with the constructor's one-line error."""
+    deq = pg.DEQ(TanhLayer())
+    deq.fallback = pg.FixedPoint(damping=0.5)
+    deq.warn_not_converged = False
+    assert isinstance(deq.fallback, pg.FixedPoint) and deq.warn_not_converged is False
+    with pytest.raises(TypeError, match="fallback must be a phantomgrad solver"):
+        deq.fallback = "fixed_point"
+    with pytest.raises((TypeError, ValueError), match="warn_not_converged"):
+        deq.warn_not_converged = "no"
+    with pytest.raises(TypeError, match="fallback must be a phantomgrad solver"):
+        pg.DEQ(TanhLayer(), fallback="fixed_point")
 
 
 def test_the_signature_shows_the_real_defaults_and_layers_do_not_share_them():

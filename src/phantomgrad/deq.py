@@ -246,19 +246,36 @@ class DEQ(nn.Module):
         if not isinstance(self.backward, BackwardMode):
             raise TypeError(f"backward must be a phantomgrad backward mode such as pg.UPG(), got {self.backward!r}")
         self.backward.check_solver(self.solver)
-        self.warn_not_converged = boolean("warn_not_converged", warn_not_converged)
+        self.warn_not_converged = warn_not_converged  # checked by the setter
         self.warn_interval = positive_int("warn_interval", warn_interval)
         self.return_states = self._check_states(return_states, "return_states")
         self._calls = 0  # forward calls seen by the health checks (eager only)
         self._quiet_until = 0  # no not-converged warning before this call
-        if fallback is not None and not isinstance(fallback, Solver):
-            raise TypeError(
-                f"fallback must be a phantomgrad solver such as pg.FixedPoint(damping=0.5), got {fallback!r}"
-            )
-        self.fallback = fallback
+        self.fallback = fallback  # checked by the setter
         if init is not None and not callable(init):
             raise TypeError(f"init must be a module or callable returning the initial state, got {init!r}")
         self.init = init  # registered as a submodule when it is a Module
+
+    @property
+    def fallback(self) -> Solver | None:
+        """The solver that re-solves the samples whose forward solve went non-finite (None: none); set it
+        after construction too (the trainer does, from its ``fallback_solver`` key): it is checked either way."""
+        return self._fallback
+
+    @fallback.setter
+    def fallback(self, solver: Solver | None) -> None:
+        if solver is not None and not isinstance(solver, Solver):
+            raise TypeError(f"fallback must be a phantomgrad solver such as pg.FixedPoint(damping=0.5), got {solver!r}")
+        self._fallback = solver
+
+    @property
+    def warn_not_converged(self) -> bool:
+        """Whether the layer warns when its forward solve misses the tolerance by 10x (settable, checked)."""
+        return self._warn_not_converged
+
+    @warn_not_converged.setter
+    def warn_not_converged(self, value: bool) -> None:
+        self._warn_not_converged = boolean("warn_not_converged", value)
 
     @property
     def backward_mode(self) -> BackwardMode:
