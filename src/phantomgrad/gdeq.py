@@ -25,11 +25,11 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from .backward import BackwardMode, _route
-from .solvers import Broyden, Solver
+from .backward import _route
+from .shine import BroydenEstimateMode
 
 
-class GDEQ(BackwardMode):
+class GDEQ(BroydenEstimateMode):
     """JFB preconditioned by the forward Broyden solve's inverse-Jacobian estimate: u = -H^T dL/dh.
 
     Needs ``solver=pg.Broyden(...)`` (the layer then keeps the estimate). The layer outputs h*.
@@ -52,32 +52,13 @@ class GDEQ(BackwardMode):
     """
 
     config_keys: ClassVar[tuple[str, ...]] = ()
-    outputs_fixed_point: ClassVar[bool] = True
-    needs_inverse_jacobian: ClassVar[bool] = True  # the layer solves with keep_inverse=True
-    SECOND_ORDER: ClassVar[str] = (
-        "pg.GDEQ gives first-order gradients only (create_graph=True is not supported: Broyden's estimate has no "
-        "derivative): use pg.Implicit for the exact second-order gradient, or pg.UPG (its own graph, any order)"
-    )
 
     def __repr__(self) -> str:
         return "GDEQ()"
 
-    def check_solver(self, solver: Solver) -> None:
-        """Refuse a forward solver that keeps no inverse-Jacobian estimate (called by the layer)."""
-        if not isinstance(solver, Broyden):
-            raise ValueError(
-                f"backward=GDEQ() needs solver=pg.Broyden(...): it reuses Broyden's inverse-Jacobian "
-                f"estimate, and {type(solver).__name__} keeps none"
-            )
-
     def attach(self, fn, z_star: Tensor, info: Any) -> Tensor:
-        estimate = getattr(info, "inverse_jacobian", None)
-        if estimate is None:
-            raise ValueError(
-                "GDEQ found no inverse-Jacobian estimate in the forward info: use solver=pg.Broyden(...) "
-                "and solve with keep_inverse=True"
-            )
-        return _route(fn, z_star, lambda grad, vjp: -estimate.rmatvec(grad), self.SECOND_ORDER)
+        estimate = self.estimate(info)
+        return _route(fn, z_star, lambda grad, vjp: -estimate.rmatvec(grad), self.second_order_refusal)
 
 
 __all__ = ["GDEQ"]

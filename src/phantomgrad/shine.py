@@ -43,7 +43,43 @@ from .solvers import Broyden, Solver
 FALLBACKS: dict[str, type[BackwardMode] | None] = {"jfb": JFB, "implicit": Implicit, "none": None}
 
 
-class SHINE(BackwardMode):
+class BroydenEstimateMode(BackwardMode):
+    """Base of the modes that reuse the forward Broyden solve's inverse-Jacobian estimate H ~ (J_h - I)^{-1}
+    (:class:`SHINE`, :class:`~phantomgrad.gdeq.GDEQ`): the layer solves with ``keep_inverse=True``, the
+    mode refuses another forward solver, and it is first order only (H has no derivative of its own)."""
+
+    outputs_fixed_point: ClassVar[bool] = True
+    needs_inverse_jacobian: ClassVar[bool] = True  # the layer solves with keep_inverse=True
+
+    @property
+    def second_order_refusal(self) -> str:
+        """The one-line refusal of ``create_graph=True``, naming the alternatives."""
+        return (
+            f"pg.{type(self).__name__} gives first-order gradients only (create_graph=True is not supported: "
+            "Broyden's estimate has no derivative): use pg.Implicit for the exact second-order gradient, or pg.UPG "
+            "(its own graph, any order)"
+        )
+
+    def check_solver(self, solver: Solver) -> None:
+        """Refuse a forward solver that keeps no inverse-Jacobian estimate (called by the layer)."""
+        if not isinstance(solver, Broyden):
+            raise ValueError(
+                f"backward={type(self).__name__}() needs solver=pg.Broyden(...): it reuses Broyden's "
+                f"inverse-Jacobian estimate, and {type(solver).__name__} keeps none"
+            )
+
+    def estimate(self, info: Any) -> Any:
+        """The forward solve's estimate H (:class:`~phantomgrad.solvers.BroydenInverse`) from its info."""
+        estimate = getattr(info, "inverse_jacobian", None)
+        if estimate is None:
+            raise ValueError(
+                f"{type(self).__name__} found no inverse-Jacobian estimate in the forward info: use "
+                "solver=pg.Broyden(...) and solve with keep_inverse=True"
+            )
+        return estimate
+
+
+class SHINE(BroydenEstimateMode):
     """The SHINE gradient (see the module docstring); needs ``solver=pg.Broyden(...)``.
 
     Args:
@@ -75,12 +111,6 @@ class SHINE(BackwardMode):
     """
 
     config_keys: ClassVar[tuple[str, ...]] = ("refine", "refine_tol", "fallback", "max_gain")
-    outputs_fixed_point: ClassVar[bool] = True
-    needs_inverse_jacobian: ClassVar[bool] = True  # the layer solves with keep_inverse=True
-    SECOND_ORDER: ClassVar[str] = (
-        "pg.SHINE gives first-order gradients only (create_graph=True is not supported: Broyden's estimate has no "
-        "derivative): use pg.Implicit for the exact second-order gradient, or pg.UPG (its own graph, any order)"
-    )
 
     def __init__(
         self,
@@ -112,21 +142,8 @@ class SHINE(BackwardMode):
             f"max_gain={self.max_gain!r})"
         )
 
-    def check_solver(self, solver: Solver) -> None:
-        """Refuse a forward solver that keeps no inverse-Jacobian estimate (called by the layer)."""
-        if not isinstance(solver, Broyden):
-            raise ValueError(
-                f"backward=SHINE() needs solver=pg.Broyden(...): it reuses Broyden's inverse-Jacobian "
-                f"estimate, and {type(solver).__name__} keeps none"
-            )
-
     def attach(self, fn, z_star: Tensor, info: Any) -> Tensor:
-        estimate = getattr(info, "inverse_jacobian", None)
-        if estimate is None:
-            raise ValueError(
-                "SHINE found no inverse-Jacobian estimate in the forward info: use solver=pg.Broyden(...) "
-                "and solve with keep_inverse=True"
-            )
+        estimate = self.estimate(info)
         if self.fallback is None:
             return self._attach_shine(fn, z_star, info, estimate)
         use_fallback = (~info.converged | info.fallback).any()
@@ -158,7 +175,7 @@ class SHINE(BackwardMode):
                 u, info.backward = refiner.solve(lambda v: vjp(v) + grad, u)
             return u
 
-        return _route(fn, z_star, transform, self.SECOND_ORDER)
+        return _route(fn, z_star, transform, self.second_order_refusal)
 
 
-__all__ = ["SHINE", "FALLBACKS"]
+__all__ = ["SHINE", "BroydenEstimateMode", "FALLBACKS"]
