@@ -173,15 +173,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.max_k < 1 or args.trials < 1:
-        raise ValueError("--max-k and --trials must be >= 1")
+def check_lipschitz_and_set_threads(args: argparse.Namespace) -> None:
+    """The checks and the thread count shared by ``cosine`` and ``methods``: --lipschitz in (0, 1), --threads >= 1."""
     if not 0 < args.lipschitz < 1:
         raise ValueError(f"--lipschitz must be in (0, 1) for a contraction, got {args.lipschitz}")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_k < 1 or args.trials < 1:
+        raise ValueError("--max-k and --trials must be >= 1")
+    check_lipschitz_and_set_threads(args)
     return _run_fig1(args)
 
 

@@ -14,9 +14,14 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from .cosine import METHOD_MODELS, MethodsConfig, compare_methods, format_methods, machine
+from .cosine import (
+    METHOD_MODELS,
+    MethodsConfig,
+    check_lipschitz_and_set_threads,
+    compare_methods,
+    format_methods,
+    machine,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,12 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--models: unknown or no model(s) {unknown}; choose from {list(METHOD_MODELS)}")
     if min(args.batch, args.solver_iter, args.trials) < 1 or args.mdeq_warmup < 0:
         raise ValueError("--batch, --solver-iter and --trials must be >= 1 and --mdeq-warmup >= 0")
-    if not 0 < args.lipschitz < 1:
-        raise ValueError(f"--lipschitz must be in (0, 1) for a contraction, got {args.lipschitz}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    check_lipschitz_and_set_threads(args)
     cfg = MethodsConfig(
         models=models,
         batch=args.batch,
