@@ -63,8 +63,13 @@ def test_help_choices_come_from_the_registries(capsys):
     backward_line = next(line for line in out.splitlines() if line.startswith("  backward ("))
     assert all(name in backward_line for name in BACKWARD_MODES)
     solver_line = next(line for line in out.splitlines() if line.startswith("  solver ("))
-    assert all(name in solver_line for name in registry.solver_names())
+    assert all(name in solver_line for name in registry.forward_solver_names())
+    assert "gmres" not in solver_line
+    backward_solver_line = next(line for line in out.splitlines() if line.startswith("  backward_solver ("))
+    assert all(name in backward_solver_line for name in registry.solver_names())
     assert set(SOLVERS) - set(registry.solver_names()) == {"unrolled"}  # built from pretrain_depth, not solver=
+    # GMRES solves Implicit's linear backward system: a backward_solver, never the forward solver=
+    assert set(registry.solver_names()) - set(registry.forward_solver_names()) == {"gmres"}
     dataset_line = next(line for line in out.splitlines() if line.startswith("  dataset ("))
     assert all(name in dataset_line for task in registry.TASKS for name in registry.datasets(task))
 

@@ -154,8 +154,12 @@ def test_every_registered_name_is_accepted():
                 TrainConfig(task=task, dataset=dataset, model=model)
     for mode in registry.backward_modes():
         TrainConfig(backward=mode, solver=registry.solvers_for_mode(mode)[0])
-    for solver in registry.solver_names():
+    for solver in registry.forward_solver_names():
         TrainConfig(solver=solver, backward_solver=solver, fallback_solver=solver)
+    for solver in registry.solver_names():  # GMRES too: a backward solver only
+        TrainConfig(backward="implicit", backward_solver=solver)
+    with pytest.raises(ConfigError, match="solver must be one of"):
+        TrainConfig(solver="gmres")
 
 
 @pytest.mark.parametrize(

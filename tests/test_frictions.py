@@ -97,3 +97,11 @@ def test_under_phantomgrad_train_implicits_backward_warning_names_cli_keys(tmp_p
     texts = [r.getMessage() for r in caplog.records if r.name == "phantomgrad.backward"]
     assert texts and all("backward_max_iter=" in t and "backward_options.fallback=upg" in t for t in texts)
     assert not any("pg." in t.split("exact.")[-1] for t in texts)  # the advice has no Python syntax
+
+
+def test_a_linear_only_solver_is_refused_as_the_forward_solver():
+    """GMRES solves Implicit's linear backward system; as a DEQ's forward solver it would quietly solve the
+    linearisation at z0, so the layer refuses it with one line that says where it belongs."""
+    with pytest.raises(ValueError, match=r"linear systems only .*pg.Implicit\(solver=pg.GMRES"):
+        pg.DEQ(TanhLayer(), solver=pg.GMRES())
+    pg.DEQ(TanhLayer(), backward=pg.Implicit(solver=pg.GMRES()))  # where it belongs

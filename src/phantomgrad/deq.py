@@ -243,6 +243,11 @@ class DEQ(nn.Module):
         self.backward = copy.copy(_DEFAULT_BACKWARD) if backward is None or backward is _DEFAULT_BACKWARD else backward
         if not isinstance(self.solver, Solver):
             raise TypeError(f"solver must be a phantomgrad solver such as pg.Anderson(), got {self.solver!r}")
+        if self.solver.linear_only:
+            raise ValueError(
+                f"solver={type(self.solver).__name__}() solves linear systems only (Implicit's backward: "
+                f"pg.Implicit(solver=pg.{type(self.solver).__name__}(...))); the forward needs e.g. pg.Anderson()"
+            )
         if not isinstance(self.backward, BackwardMode):
             raise TypeError(f"backward must be a phantomgrad backward mode such as pg.UPG(), got {self.backward!r}")
         self.backward.check_solver(self.solver)

@@ -77,6 +77,10 @@ def _solvers(task: str) -> tuple[str, ...]:
     return registry.solver_names()
 
 
+def _forward_solvers(task: str) -> tuple[str, ...]:
+    return registry.forward_solver_names()
+
+
 def _stops(task: str) -> tuple[str, ...]:
     return registry.solver_stops()
 
@@ -115,7 +119,7 @@ class TrainConfig:
     arch: dict = _key({}, "architecture overrides passed to the model's config, e.g. arch.channels=[16,32]")
     dropout: float = _key(0.0, "dropout rate of the model's (variational) dropout", within=Interval(0, 1))
     # equilibrium solve
-    solver: str = _key("anderson", "forward solver of the fixed point", choices=_solvers)
+    solver: str = _key("anderson", "forward solver of the fixed point", choices=_forward_solvers)
     solver_max_iter: int = _key(20, "forward solver steps at most", within=AT_LEAST_ONE)
     solver_tol: float = _key(1e-3, "forward solver tolerance on the residual", within=POSITIVE)
     solver_stop: str = _key("rel", "rel: ||F(z)-z|| / ||F(z)|| <= tol; abs: ||F(z)-z|| <= tol", choices=_stops)
@@ -171,7 +175,7 @@ class TrainConfig:
     # robustness
     max_bad_steps: int = _key(5, "stop after this many skipped (non-finite) steps in a row", within=AT_LEAST_ONE)
     fallback_solver: str | None = _key(
-        "fixed_point", "re-solve with this (damped) when a solve goes non-finite (null: off)", choices=_solvers
+        "fixed_point", "re-solve with this (damped) when a solve goes non-finite (null: off)", choices=_forward_solvers
     )
     # gradient-quality monitor
     monitor_every: int = _key(

@@ -114,6 +114,12 @@ def solver_names() -> tuple[str, ...]:
     return tuple(name for name, cls in SOLVERS.items() if "max_iter" in inspect.signature(cls).parameters)
 
 
+def forward_solver_names() -> tuple[str, ...]:
+    """The solvers of :func:`solver_names` that find the fixed point of a nonlinear F: all but the
+    ``linear_only`` ones (GMRES solves Implicit's linear backward system, not a DEQ's forward)."""
+    return tuple(name for name in solver_names() if not SOLVERS[name].linear_only)
+
+
 def solver_stops() -> tuple[str, ...]:
     """The values of a solver's ``stop`` argument, read from its annotation (``Literal[...]``)."""
     try:
@@ -143,7 +149,7 @@ def solvers_for_mode(mode: str) -> tuple[str, ...]:
     except TypeError:  # a mode without defaults for every argument: it says nothing about solvers here
         return solver_names()
     takes = []
-    for name in solver_names():
+    for name in forward_solver_names():
         try:
             instance.check_solver(SOLVERS[name]())
         except ValueError:

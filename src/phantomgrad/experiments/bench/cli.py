@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .config import MODELS, BenchConfig
 from .measure import run_bench
-from .modes import UNSET, solver_names
+from .modes import UNSET, forward_solver_names
 from .output import format_tables, from_json, plot, to_json
 from .torchdeq import TORCHDEQ_INSTALL
 
@@ -46,7 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--image-size", type=int, default=d.image_size, help="mdeq-tiny and conv-cell image size (default %(default)s)")
     arg("--dim", type=int, default=d.dim, help="synthetic state size (default %(default)s)")
     arg("--seq-len", type=int, default=d.seq_len, help="deq-transformer tokens per sequence (default %(default)s)")
-    arg("--solver", choices=solver_names(), default=d.solver, help="forward solver of every mode (default %(default)s)")
+    arg(
+        "--solver",
+        choices=forward_solver_names(),
+        default=d.solver,
+        help="forward solver of every mode (default %(default)s)",
+    )
     arg("--solver-iter", type=int, default=d.solver_iter, help="forward solver steps K (default %(default)s)")
     arg("--solver-tol", type=float, default=d.solver_tol, help="forward tolerance (default %(default)s)")
     arg(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .modes import UNSET, check_mode, forward_solver, make_solver, mode_names, solver_names
+from .modes import UNSET, check_mode, forward_solver, forward_solver_names, make_solver, mode_names
 
 MODELS: tuple[str, ...] = ("mdeq-tiny", "synthetic", "deq-transformer-small", "deq-transformer", "conv-cell")
 MODES: tuple[str, ...] = mode_names()  # every registered backward mode (see .modes)
@@ -81,8 +81,8 @@ class BenchConfig:
         self.sweep_K = tuple(self.sweep_K)
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {list(MODELS)}")
-        if self.solver not in solver_names():
-            raise ValueError(f"unknown solver {self.solver!r}; choose one of {list(solver_names())}")
+        if self.solver not in forward_solver_names():
+            raise ValueError(f"unknown solver {self.solver!r}; choose one of {list(forward_solver_names())}")
         if not self.modes:
             raise ValueError(f"no backward modes given; choose from {list(MODES)}")
         for mode in self.modes:

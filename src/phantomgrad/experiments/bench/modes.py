@@ -66,6 +66,11 @@ def solver_names() -> tuple[str, ...]:
     return tuple(n for n, cls in SOLVERS.items() if takes(cls, "max_iter") and takes(cls, "tol"))
 
 
+def forward_solver_names() -> tuple[str, ...]:
+    """The solvers of :func:`solver_names` that solve a nonlinear F (not ``linear_only``, as GMRES is)."""
+    return tuple(n for n in solver_names() if not SOLVERS[n].linear_only)
+
+
 def mode_names(backward_solvers: tuple[str, ...] = BACKWARD_SOLVERS) -> tuple[str, ...]:
     """Every bench mode, in registry order."""
     names: list[str] = []
@@ -97,8 +102,8 @@ def check_mode(mode: str) -> None:
     if cls is None:
         raise ValueError(f"unknown backward mode {mode!r}; choose from {list(mode_names())}")
     forward = forward_name(mode)
-    if forward is not None and forward not in solver_names():
-        raise ValueError(f"unknown forward solver in {mode!r}; write <mode>@<one of {list(solver_names())}>")
+    if forward is not None and forward not in forward_solver_names():
+        raise ValueError(f"unknown forward solver in {mode!r}; write <mode>@<one of {list(forward_solver_names())}>")
     if takes(cls, "solver") != (solver is not None) or (solver is not None and solver not in solver_names()):
         hint = [f"{name}-{s}" for s in solver_names()] if takes(cls, "solver") else [name]
         raise ValueError(f"unknown backward mode {mode!r}; write it as one of {hint}")
