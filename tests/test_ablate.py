@@ -7,6 +7,7 @@ import pytest
 from phantomgrad.cli import main
 
 
+@pytest.mark.slow
 def test_ablate_tiny_writes_table_plot_and_json(tmp_path, capsys):
     out = tmp_path / "ablate"
     small = [

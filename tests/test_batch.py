@@ -74,6 +74,7 @@ def _rows(path):
     return list(csv.DictReader((path / "metrics.csv").open()))
 
 
+@pytest.mark.slow
 def test_reuse_starts_revisited_samples_from_the_cache(tmp_path, monkeypatch):
     starts = []
     from phantomgrad.cache import FixedPointCache
@@ -93,6 +94,7 @@ def test_reuse_starts_revisited_samples_from_the_cache(tmp_path, monkeypatch):
     assert summary["test_accuracy"] is not None
 
 
+@pytest.mark.slow
 def test_learned_adds_the_init_loss_and_trains_the_head(tmp_path):
     train(_cfg(tmp_path, "epochs=2", "warm_start=learned", "warm_start_weight=1.0"))
     rows = _rows(tmp_path)
@@ -101,6 +103,7 @@ def test_learned_adds_the_init_loss_and_trains_the_head(tmp_path):
     assert any(k.startswith("deq.init.") for k in state)
 
 
+@pytest.mark.slow
 def test_resume_with_the_cache_is_bit_exact(tmp_path):
     extra = ("epochs=2", "warm_start=learned+reuse")
     straight = train(_cfg(tmp_path / "a", *extra))

@@ -138,6 +138,7 @@ def test_implicit_count_follows_an_early_stop():
     assert counts["vjp_backward"] == counts["backward_nstep"] + 1
 
 
+@pytest.mark.slow
 def test_mdeq_tiny_at_tiny_size(tmp_path):
     code = main(
         [

@@ -56,6 +56,7 @@ def test_cosine_command_writes_csv_png_json(tmp_path, capsys):
     assert not (out / "methods.json").exists()  # Fig. 1 alone: the methods study is its own command
 
 
+@pytest.mark.slow
 def test_methods_command_writes_the_table(tmp_path):
     out = tmp_path / "methods"
     code = main(["methods", "--models", "synthetic", "--batch", "4", "--dim", "8", "--trials", "1", "--out", str(out)])
@@ -109,6 +110,7 @@ def test_every_method_on_the_synthetic_layer():
     assert rows[("shine", "broyden")]["held_bytes"] > 0 and rows[("upg", "broyden")]["held_bytes"] == 0
 
 
+@pytest.mark.slow
 def test_reversible_saved_memory_does_not_grow_with_steps():
     def saved(steps: int) -> float:
         cfg = MethodsConfig(models=("synthetic",), **{**TINY, "solver_iter": steps, "solver_tol": 1e-30})
@@ -132,6 +134,7 @@ def test_saved_bytes_counts_each_new_storage_once():
     assert saved.retained == h.numel() * h.element_size()  # tanh's graph, through h
 
 
+@pytest.mark.slow
 def test_every_method_runs_on_mdeq_tiny():
     cfg = MethodsConfig(models=("mdeq-tiny",), batch=2, trials=1, solver_iter=4, ref_iter=6, mdeq_warmup=1)
     rows = compare_methods(cfg)["rows"]

@@ -66,6 +66,7 @@ def test_all_unreadable_class_is_a_clear_error(tmp_path):
         load_imagefolder("train", data_dir=root, size=8)
 
 
+@pytest.mark.slow
 def test_a_run_with_corrupt_images_completes_and_counts_them(damaged_folder, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(

@@ -27,6 +27,7 @@ def _torchrun(args, tmp_path, timeout=300):
     return done
 
 
+@pytest.mark.slow
 def test_ddp_averaged_gradients_equal_single_process_for_every_mode(tmp_path):
     _torchrun([str(HERE / "helpers" / "ddp_grad_worker.py"), str(tmp_path / "grads.pt")], tmp_path)
     ddp = torch.load(tmp_path / "grads.pt")
@@ -61,6 +62,7 @@ TINY = [
 ]  # SGD: Adam would amplify float32 rounding of near-zero gradients
 
 
+@pytest.mark.slow
 def test_torchrun_training_matches_one_process(tmp_path):
     _torchrun(["-m", "phantomgrad", "train", *TINY, f"out_dir={tmp_path / 'two'}"], tmp_path)
     one = subprocess.run(
@@ -80,6 +82,7 @@ def test_torchrun_training_matches_one_process(tmp_path):
     assert not (tmp_path / "two" / "tensorboard").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_default_out_dir_is_chosen_by_rank_0_and_only_rank_0_logs(tmp_path):
     """Without out_dir every process uses rank 0's time-stamped directory: the one printed exists
     and holds the run; the INFO lines come from rank 0 alone."""

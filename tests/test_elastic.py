@@ -268,6 +268,7 @@ def test_sigterm_to_the_job_writes_one_checkpoint_and_the_same_command_resumes(t
     assert b["step"] == a["step"] == 32 and _same_weights(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_world_size_change_that_would_change_the_schedule_is_refused(tmp_path):
     from phantomgrad.train.checkpoint import CheckpointError
     from phantomgrad.train.elastic import check_world_size
@@ -305,6 +306,7 @@ def test_classify_names_a_peers_failure_and_nothing_else(message, what):
     assert classify(store_error).startswith("could not reach its peers")
 
 
+@pytest.mark.slow
 def test_a_peer_that_never_joins_is_a_rendezvous_failure(tmp_path):
     """Rank 0 of 2 alone: init_process_group gives up after dist_timeout; one line, exit code 75."""
     (rank0,) = _workers([*TINY, "epochs=1", "dist_timeout=3", f"out_dir={tmp_path / 'run'}"], tmp_path, ranks=(0,))

@@ -48,6 +48,7 @@ def _without_timing(rows):
     return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path):
     straight = _run([*TINY, "epochs=3", f"out_dir={tmp_path / 'straight'}"])
     killed_dir = tmp_path / "killed"
@@ -301,6 +302,7 @@ def _wait_for_checkpoint(run_dir, seconds=240):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_mid_epoch_with_a_checkpoint_and_resume_is_bit_exact(tmp_path, sig):
     args = [*TINY, "epochs=2", "data_options.train_subset=1280"]

@@ -18,6 +18,7 @@ def _script():
     return module
 
 
+@pytest.mark.slow
 def test_sync_free_step_passes_and_host_checks_are_caught(tmp_path, capsys):
     script = _script()
     assert script.main(["--device", "cpu", "--tiny", "--json", str(tmp_path / "s.json")]) == 0

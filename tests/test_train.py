@@ -28,6 +28,7 @@ def _cfg(tmp_path, *extra):
     return TrainConfig.from_sources(None, TINY + [f"out_dir={tmp_path}", *extra])
 
 
+@pytest.mark.slow
 def test_train_command_writes_metrics_checkpoint_summary(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", *TINY, "epochs=2", f"out_dir={out}", "--json", str(tmp_path / "s.json")])
@@ -46,12 +47,14 @@ def test_train_command_writes_metrics_checkpoint_summary(tmp_path, capsys):
     assert (out / "config.yaml").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backward", ["implicit", "npg", "jfb"])
 def test_every_backward_mode_trains(tmp_path, backward):
     summary = train(_cfg(tmp_path, "epochs=1", f"backward={backward}", "backward_max_iter=5"))
     assert summary["test_accuracy"] is not None and summary["train_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_solver_fused_trains_like_the_unfused_solver(tmp_path):
     # the same run with the solvers' bookkeeping compiled: the same losses up to float32 rounding of the norms
     from phantomgrad.train.builders import build_backward, build_solver
@@ -67,11 +70,13 @@ def test_solver_fused_trains_like_the_unfused_solver(tmp_path):
         build_solver(_cfg(tmp_path, "solver=reversible", "solver_fused=true"))
 
 
+@pytest.mark.slow
 def test_learning_happens(tmp_path):
     summary = train(_cfg(tmp_path, "epochs=3", "lr=0.005"))
     assert summary["test_accuracy"] > 0.6  # chance is 0.1
 
 
+@pytest.mark.slow
 def test_pretraining_steps_use_the_unrolled_model(tmp_path, monkeypatch):
     calls = []
     original = pg.Unrolled.solve
@@ -85,6 +90,7 @@ def test_pretraining_steps_use_the_unrolled_model(tmp_path, monkeypatch):
     assert calls == [3, 3, 3, 3]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     straight = train(_cfg(tmp_path / "a", "epochs=2", "dropout=0.1"))
     train_killed_in_epoch(_cfg(tmp_path / "b", "epochs=2", "dropout=0.1"), epoch=1)
@@ -97,6 +103,7 @@ def test_resume_continues_exactly(tmp_path):
     assert len(list(csv.DictReader((tmp_path / "b" / "metrics.csv").open()))) == 2
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_config(tmp_path):
     train(_cfg(tmp_path, "epochs=1"))
     with pytest.raises(CheckpointError, match="lr"):

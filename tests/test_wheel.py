@@ -48,6 +48,7 @@ def share_site_packages(python: Path, env: dict[str, str], cwd: Path) -> None:
     (target / "_running_interpreter.pth").write_text("\n".join(running_site_packages()) + "\n")
 
 
+@pytest.mark.slow
 def test_wheel_installs_and_runs(tmp_path):
     pytest.importorskip("build", reason="the test extra is not installed: pip install -c constraints.txt -e '.[test]'")
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
