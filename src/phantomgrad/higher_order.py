@@ -49,34 +49,12 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
+
+from ._reads import ReadRecorder
 
 FlatFn = Callable[[Tensor], Tensor]
 Adjoint = Callable[[Tensor, Callable[[Tensor], Tensor]], tuple[Tensor, Tensor | None]]
 Context = Callable[[], contextlib.AbstractContextManager[Any]]
-
-
-class _Reads(TorchFunctionMode):
-    """Collects the tensors needing a gradient that F reads but did not make (its parameters, x)."""
-
-    def __init__(self, start: Tensor):
-        super().__init__()
-        self.made = {id(start)}
-        self.alive = [start]  # keeps every id in ``made`` from being reused while the mode runs
-        self.found: dict[int, Tensor] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        for arg in (*args, *kwargs.values()):
-            for t in arg if isinstance(arg, (tuple, list)) else (arg,):
-                if isinstance(t, Tensor) and t.requires_grad and id(t) not in self.made:
-                    self.found.setdefault(id(t), t)
-        out = func(*args, **kwargs)
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, Tensor):
-                self.made.add(id(t))
-                self.alive.append(t)
-        return out
 
 
 def _unseen_reads(out: Tensor, start: Tensor, reads: list[Tensor]) -> bool:
@@ -163,7 +141,7 @@ class _ImplicitFunction(torch.autograd.Function):
             )
         switch = _Switch()
         z = _Tie.apply(out, switch)
-        with spec.context(), _Reads(z) as probe:
+        with spec.context(), ReadRecorder(z) as probe:
             fz = spec.fn(z)
         if set(probe.found) != spec.read_ids:  # e.g. F's parameters were swapped back since the forward
             raise RuntimeError(
@@ -281,7 +259,7 @@ def implicit_output(
     F, at a detached leaf for z*, recording which tensors F reads (Python work per operation of F).
     """
     start = z_star.detach().requires_grad_()
-    with torch.enable_grad(), context(), _Reads(start) as probe:
+    with torch.enable_grad(), context(), ReadRecorder(start) as probe:
         fz = fn(start)
     reads = list(probe.found.values())
     spec = _Spec(fn, adjoint, solver, fz, start, context)

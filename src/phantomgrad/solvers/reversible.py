@@ -53,9 +53,9 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from .._checks import in_range
+from .._reads import ReadRecorder
 from .base import Solver
 from .loop import FlatFn, Loop
 
@@ -69,29 +69,6 @@ def _check_beta(beta: float) -> float:
             f"beta={beta!r} is too close to 1: the reversal divides by 1 - beta; use |1 - beta| >= {MIN_GAP}"
         )
     return float(beta)
-
-
-class _Inputs(TorchFunctionMode):
-    """Collects the tensors requiring grad that a call of F reads but did not make (parameters, x)."""
-
-    def __init__(self, start: Tensor):
-        super().__init__()
-        self.made = {id(start)}
-        self.keep = [start]  # references, so no id is reused while the mode is alive
-        self.found: dict[int, Tensor] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        for a in (*args, *kwargs.values()):
-            for t in a if isinstance(a, (tuple, list)) else (a,):
-                if isinstance(t, Tensor) and t.requires_grad and id(t) not in self.made:
-                    self.found.setdefault(id(t), t)
-        out = func(*args, **kwargs)
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, Tensor):
-                self.made.add(id(t))
-                self.keep.append(t)
-        return out
 
 
 def _graph_counter() -> int:
@@ -254,7 +231,7 @@ class Reversible(Solver):
         else:
             start = z0.detach().requires_grad_()  # a fresh leaf: what F makes from it is told apart from its inputs
             before = _graph_counter()
-            with _Inputs(start) as probe:  # F(z_0), recording which tensors F reads
+            with ReadRecorder(start) as probe:  # F(z_0), recording which tensors F reads
                 f0 = fn(start)
             inputs = list(probe.found.values())
             if inputs:  # the iteration runs without a graph; the reversal gives the gradient
