@@ -331,6 +331,7 @@ def test_sync_free_and_compiled_rows(tmp_path):
     assert compiled["cosine"] == pytest.approx(sync_free["cosine"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_fused_rows_and_solver_table(tmp_path):
     # --fused adds a row per mode whose solvers (forward and Implicit's backward) have fused=True,
     # and fused rows to the forward-solver table for the solvers that take it

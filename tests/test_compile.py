@@ -76,6 +76,7 @@ def test_solvers_run_on_a_compiled_map(compiled_map, solver):
     assert torch.allclose(z_e, z_c, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_whole_layer_compiles_and_matches_eager():
     """torch.compile(DEQ) traces the solver loop too (every max_iter step, no host read); the aot_eager
     backend keeps the test quick while exercising Dynamo and AOTAutograd."""
@@ -174,6 +175,7 @@ def test_sync_free_layer_compiles_with_trajectory_states_in_eval_mode():
     _assert_same(eager, compiled)
 
 
+@pytest.mark.slow
 def test_sync_free_layer_compiles_with_inductor():
     torch.manual_seed(6)
     f = MLPMap()

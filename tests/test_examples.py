@@ -23,6 +23,7 @@ def test_example_is_short(script):
     assert len(script.read_text().splitlines()) < 100, f"{script.name} should stay under 100 lines"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs_tiny(script, tmp_path):
     env = dict(os.environ)

@@ -257,6 +257,7 @@ def test_bad_fold_and_model_are_config_errors(tmp_path):
 # ----------------------------------------------------------------------------- the command
 
 
+@pytest.mark.slow
 @needs_mutag
 def test_graph_table_runs_end_to_end(tmp_path, capsys):
     js, md = tmp_path / "t.json", tmp_path / "t.md"

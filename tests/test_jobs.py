@@ -46,6 +46,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_stops_every_run_with_a_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
