@@ -1,4 +1,4 @@
-"""Which tensors a call of F reads: the one probe that the reversible solver and Implicit's higher orders share."""
+"""Which tensors a call of F reads, and whether F read one unseen (the reversible solver, Implicit's higher orders)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,24 @@ class ReadRecorder(TorchFunctionMode):
                 self.made.add(id(t))
                 self.alive.append(t)
         return out
+
+
+def unseen_leaf(out: Tensor, start: Tensor, reads: list[Tensor]) -> Tensor | None:
+    """A leaf needing a gradient that some path of ``out``'s graph reaches without passing through one of
+    ``reads`` and that is neither ``start`` nor one of ``reads`` (F read a tensor the probe did not see), or
+    None when every path ends at them: then the gradients of F's inputs are exactly those of ``reads``."""
+    leaves = {id(start)} | {id(t) for t in reads if t.grad_fn is None}
+    stops = {(id(t.grad_fn), t.output_nr) for t in reads if t.grad_fn is not None}
+    seen: set[int] = set()
+    todo = [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf
+            if id(node.variable) not in leaves:
+                return node.variable
+            continue
+        todo.extend(nxt for nxt, nr in node.next_functions if nxt is not None and (id(nxt), nr) not in stops)
+    return None

@@ -50,7 +50,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._reads import ReadRecorder
+from ._reads import ReadRecorder, unseen_leaf
 
 FlatFn = Callable[[Tensor], Tensor]
 Adjoint = Callable[[Tensor, Callable[[Tensor], Tensor]], tuple[Tensor, Tensor | None]]
@@ -60,21 +60,7 @@ Context = Callable[[], contextlib.AbstractContextManager[Any]]
 def _unseen_reads(out: Tensor, start: Tensor, reads: list[Tensor]) -> bool:
     """True when some path of ``out``'s graph reaches a leaf needing a gradient other than ``start``
     and ``reads`` without passing through one of ``reads`` (F read a tensor the probe did not see)."""
-    leaves = {id(start)} | {id(t) for t in reads if t.grad_fn is None}
-    stops = {(id(t.grad_fn), t.output_nr) for t in reads if t.grad_fn is not None}
-    seen: set[int] = set()
-    todo = [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if hasattr(node, "variable"):  # AccumulateGrad: a leaf
-            if id(node.variable) not in leaves:
-                return True
-            continue
-        todo.extend(nxt for nxt, nr in node.next_functions if nxt is not None and (id(nxt), nr) not in stops)
-    return False
+    return unseen_leaf(out, start, reads) is not None
 
 
 class _Switch:

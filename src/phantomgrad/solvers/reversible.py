@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from .._checks import in_range
-from .._reads import ReadRecorder
+from .._reads import ReadRecorder, unseen_leaf
 from .base import Solver
 from .loop import FlatFn, Loop
 
@@ -93,22 +93,9 @@ def _check_complete(out: Tensor, start: Tensor, inputs: list[Tensor], before: in
     for t in inputs:
         if t.grad_fn is not None and t.grad_fn._sequence_nr() > before:  # made inside F: not an input
             raise unseen(t.shape)
-    leaves = {id(start)} | {id(t) for t in inputs if t.grad_fn is None}
-    stops = {(id(t.grad_fn), t.output_nr) for t in inputs if t.grad_fn is not None}
-    seen: set[int] = set()
-    todo = [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if hasattr(node, "variable"):  # AccumulateGrad: a leaf
-            if id(node.variable) not in leaves:
-                raise unseen(node.variable.shape)
-            continue
-        for nxt, nr in node.next_functions:
-            if nxt is not None and (id(nxt), nr) not in stops:
-                todo.append(nxt)
+    leaf = unseen_leaf(out, start, inputs)
+    if leaf is not None:
+        raise unseen(leaf.shape)
 
 
 class _ReverseSolve(torch.autograd.Function):
