@@ -146,8 +146,11 @@ def test_fallback_solver_is_used_when_it_helps():
     class Flaky(pg.Solver):
         """A solver that always returns NaN residuals: stands in for a diverging Anderson."""
 
-        def _iterate(self, fn, z, tracker, fallback):
-            tracker.observe(z, torch.full_like(z, float("nan")))
+        def evaluate(self, loop, state, z):
+            return torch.full_like(z, float("nan"))
+
+        def step(self, loop, state, z, fz, g):
+            return state, z
 
     layer = TanhLayer()
     x = torch.randn(3, 4, dtype=F64)

@@ -102,8 +102,6 @@ class Solver(abc.ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "_iterate" in vars(cls) and "step" not in vars(cls):  # the old hook: solve runs _iterate instead
-            cls.step = Solver._no_step  # type: ignore[method-assign]
         if "__init__" not in vars(cls):  # a dataclass: its options, then the common keywords
             dataclass(eq=False, repr=False)(cls)
 
@@ -173,9 +171,6 @@ class Solver(abc.ABC):
             evals_per_step=self.evals_per_step,
             keep_inverse=boolean("keep_inverse", keep_inverse),
         )
-        if type(self)._iterate is not Solver._iterate:  # a solver written for the old hook: its own loop
-            self._iterate(fn, z0, loop, loop.fallback)
-            return loop.best_z, loop.info(loop.best_z)
         state, z = self.init(loop, z0)
         steps = self.max_iter // self.evals_per_step
         for n in range(steps):
@@ -204,20 +199,11 @@ class Solver(abc.ABC):
         recorded them), the new state and the next iterate. The loop freezes the samples that
         stopped (``loop.active``), so the step need not mask."""
 
-    def _no_step(self, loop: Loop, state: Any, z: Tensor, fz: Tensor, g: Tensor) -> tuple[Any, Tensor]:
-        raise AssertionError("a solver with the old _iterate hook runs its own loop")  # pragma: no cover
-
     def finish(self, loop: Loop, state: Any, z: Tensor, fz: Tensor, g: Tensor) -> Tensor:
         """Called once after the last evaluation (the last iterate ``z``, fz, g); returns the state
         the solve returns: by default the best iterate (``lockstep``: the last iterate). A solver
         that keeps an inverse-Jacobian estimate puts it in ``loop.inverse_jacobian`` here."""
         return loop.best_z
-
-    def _iterate(self, fn: FlatFn, z: Tensor, tracker: Loop, fallback: Tensor) -> None:
-        """The hook of solvers written before :meth:`init`/:meth:`step` (each wrote its own loop with
-        ``tracker.observe``/``tracker.advance``); still run for such a subclass. New solvers implement
-        :meth:`step` instead."""
-        raise NotImplementedError
 
 
 _Tracker = Loop  # the former name of the loop's bookkeeping
