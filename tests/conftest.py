@@ -52,6 +52,18 @@ def tanh_layer():
     return TanhLayer()
 
 
+# The MDEQ of tests/test_train.py's end-to-end runs (threads=2: the runs time nothing), shared with test_batch.py
+TRAIN_TINY = [
+    "arch.channels=[8,8]",
+    "arch.head_channels=[4,8]",
+    "arch.final_channels=32",
+    "batch_size=128",
+    "solver_max_iter=6",
+    "progress=false",
+    "threads=2",
+]
+
+
 def tiny_overrides(*, train_subset: int = 192, backward_max_iter: int = 4) -> list[str]:
     """``phantomgrad train`` overrides for a run of seconds: a small MDEQ on a digits subset, one thread."""
     return [

@@ -9,24 +9,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import train_killed_in_epoch
+from conftest import TRAIN_TINY, train_killed_in_epoch
 from phantomgrad.data.batch import Batch, as_batch
 from phantomgrad.train.checkpoint import load_checkpoint
 from phantomgrad.train.config import ConfigError, TrainConfig
 from phantomgrad.train.tasks import build_task
 from phantomgrad.train.trainer import train
 
-TINY = [
-    "arch.channels=[8,8]",
-    "arch.head_channels=[4,8]",
-    "arch.final_channels=32",
-    "batch_size=128",
-    "solver_max_iter=6",
-    "progress=false",
-    "threads=2",
-    "data_options={train_subset: 384, test_subset: 128}",
-    "radius_every=0",
-]
+TINY = [*TRAIN_TINY, "data_options={train_subset: 384, test_subset: 128}", "radius_every=0"]
 
 
 def _cfg(tmp_path, *extra):

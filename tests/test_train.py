@@ -7,21 +7,13 @@ import pytest
 import torch
 
 import phantomgrad as pg
-from conftest import train_killed_in_epoch
+from conftest import TRAIN_TINY, train_killed_in_epoch
 from phantomgrad.cli import main
 from phantomgrad.train.checkpoint import CheckpointError, load_checkpoint
 from phantomgrad.train.config import ConfigError, TrainConfig
 from phantomgrad.train.trainer import train
 
-TINY = [
-    "arch.channels=[8,8]",
-    "arch.head_channels=[4,8]",
-    "arch.final_channels=32",
-    "batch_size=128",
-    "solver_max_iter=6",
-    "progress=false",
-    "threads=2",
-]
+TINY = TRAIN_TINY
 
 
 def _cfg(tmp_path, *extra):
