@@ -66,6 +66,22 @@ TABLE1_FULL_ROWS: tuple[Row, ...] = (
     ("UPG A_{9,0.5} + dropout", ("backward=upg", "k=9", "damping=0.5", "dropout=0.1")),
 )
 
+# Issue 25's full-scale rows: the same setting as TABLE1_FULL_ROWS, with and without the levers that
+# bring the forward solve to its equilibrium. "today" is warm_start=none (the committed table1_full ran
+# before warm starts existed); "best" is the recipe the README's main job chose (docs/convergence.md):
+# fixed-point reuse with Jacobian regularisation of weight 2 on half of the steps. Ordered in pairs for
+# --jobs 2: each pair trains side by side, one thread each, so its times compare directly.
+_BEST = ("warm_start=reuse", "jac_reg_weight=2.0", "jac_reg_freq=0.5")
+_UPG = ("backward=upg", "k=5", "damping=0.5")
+TABLE1_CONVERGE_ROWS: tuple[Row, ...] = (
+    ("UPG A_{5,0.5} (today)", (*_UPG, "warm_start=none")),
+    ("UPG A_{5,0.5} + reuse + Jacobian reg. (best)", (*_UPG, *_BEST)),
+    ("Implicit (today)", ("backward=implicit", "warm_start=none")),
+    ("Implicit + reuse + Jacobian reg. (best)", ("backward=implicit", *_BEST)),
+    ("UPG A_{5,0.5} + reuse", (*_UPG, "warm_start=reuse")),
+    ("UPG A_{5,0.5} + learned init", (*_UPG, "warm_start=learned")),
+)
+
 # The methods that came before and after the paper, as extra rows of the CPU-scale table (same setting
 # and seeds as docs/results/ablate): SHINE needs a Broyden forward (12 steps, as Anderson's) and runs without its
 # fallback (at 12 steps the forward never meets its tolerance, so the fallback would make every step JFB); the
@@ -120,6 +136,20 @@ BUDGETS = {
         dampings=(0.5,),
         rows=TABLE1_FULL_ROWS,
         reference="Implicit",
+        eval_every=1,
+    ),
+    # docs/results/table1_converge (issue 25): the full budget's setting and seed, TABLE1_CONVERGE_ROWS,
+    # times against today's UPG row.
+    "full_converge": Budget(
+        train_subset=None,
+        test_subset=None,
+        epochs=6,
+        seeds=(0,),
+        pretrain_steps=0,
+        ks=(5,),
+        dampings=(0.5,),
+        rows=TABLE1_CONVERGE_ROWS,
+        reference="UPG A_{5,0.5} (today)",
         eval_every=1,
     ),
     # docs/results/ablate_methods: the cpu budget's setting and seeds for TABLE1_METHOD_ROWS
@@ -457,7 +487,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(BUDGETS),
         default="cpu",
         help="cpu: docs/results/ablate (8,000 images, 2 epochs); full: docs/results/table1_full "
-        "(60,000 images, 6 epochs, hours); cpu_methods: SHINE, JFB, reversible rows at cpu scale "
+        "(60,000 images, 6 epochs, hours); full_converge: issue 25's rows with and without warm starts and "
+        "Jacobian regularisation (docs/results/table1_converge); cpu_methods: SHINE, JFB, reversible rows at cpu scale "
         "(docs/results/ablate_methods); tiny: seconds",
     )
     parser.add_argument(
