@@ -21,6 +21,7 @@ from phantomgrad.experiments.bench import (
     solver_names,
     variant,
 )
+from phantomgrad.experiments.bench.measure import variants_of
 
 TINY_SYNTHETIC = ["bench", "--model", "synthetic", "--dim", "8", "--batch", "4", "--repeats", "1", "--warmup", "0"]
 
@@ -460,3 +461,32 @@ def test_conv_cell_model_runs_every_phantomgrad_mode_it_names(tmp_path):
     rows = {r["label"]: r for r in result["rows"]}
     assert rows["UPG A_{5,0.5}"]["f_forward"] == 3 + 5 and rows["JFB"]["vjp_backward"] == 1
     assert all(r["step_ms"] > 0 for r in rows.values())
+
+
+def test_warm_start_rows_reuse_the_last_fixed_point_and_train_an_init_head():
+    # --warm-starts: a reuse row (the batch's fixed point of the previous step, through FixedPointCache)
+    # and a learned row (an MDEQ init head trained by info.init_loss), each at --warm-iter solver steps
+    cfg, runner = _runner(
+        model="mdeq-tiny", image_size=8, batch=2, solver_iter=6, warm_starts=True, warm_iter=3, modes=("upg",)
+    )
+    labels = [v.label for v in variants_of(cfg)[0]]
+    assert labels[1:] == ["UPG A_{5,0.5}, reuse start (3 steps)", "UPG A_{5,0.5}, learned start (3 steps)"]
+    reuse, learned = (variant(cfg, "upg", start=start, solver_iter=3) for start in ("reuse", "learned"))
+    assert runner.count(reuse)["f_forward"] == 3 + 5 and runner.count(learned)["f_forward"] == 3 + 5
+    runner.step(reuse)
+    stored = runner._caches[reuse].fill(torch.arange(2), runner.last_info.fixed_point)
+    for got, want in zip(stored, runner.last_info.fixed_point):
+        torch.testing.assert_close(got, want.half().float())  # the next step starts here (float16 store)
+    seen = []
+    runner.p.deq.register_forward_pre_hook(lambda mod, args: seen.append(args[1] if len(args) > 1 else None))
+    runner.step(reuse)
+    for got, want in zip(seen[-1], stored):
+        torch.testing.assert_close(got, want)
+    head = runner._head(learned)[0]
+    before = [q.detach().clone() for q in head.parameters()]
+    keys = set(runner.p.model.state_dict())
+    runner.step(learned)
+    assert runner.last_info.init_loss is not None and set(runner.p.model.state_dict()) == keys
+    assert any(not torch.equal(a, b) for a, b in zip(before, head.parameters()))  # the head trained
+    with pytest.raises(ValueError, match="init head"):
+        BenchConfig(model="synthetic", warm_starts=True)

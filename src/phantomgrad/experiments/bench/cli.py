@@ -93,6 +93,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="add a row for every mode whose solvers run their per-step bookkeeping fused (fused=True; "
         "check_every=none with --sync-free) and fused rows to the forward-solver table",
     )
+    arg(
+        "--warm-starts",
+        action="store_true",
+        help="add, for every mode, a row whose solve starts from the batch's fixed point of the previous step "
+        "(reuse, through pg.FixedPointCache) and one that starts from a learned init head (mdeq-tiny only)",
+    )
+    arg(
+        "--warm-iter",
+        type=int,
+        default=d.warm_iter,
+        help="solver steps of the warm-start rows: the steps a run took with them (default: --solver-iter)",
+    )
     arg("--compile-backend", default=d.compile_backend, help="torch.compile backend (default %(default)s)")
     arg("--compile-mode", default=d.compile_mode, help="torch.compile mode, e.g. reduce-overhead (default none)")
     arg("--repeats", type=int, default=d.repeats, help="timed rounds (default %(default)s)")
@@ -145,6 +157,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         sync_free=args.sync_free,
         compiled=args.compiled,
         fused=args.fused,
+        warm_starts=args.warm_starts,
+        warm_iter=args.warm_iter,
         compile_backend=args.compile_backend,
         compile_mode=args.compile_mode,
         repeats=args.repeats,

@@ -57,6 +57,8 @@ class BenchConfig:
     compile_backend: str = "inductor"
     compile_mode: str | None = None  # e.g. "reduce-overhead" (CUDA graphs on CUDA)
     fused: bool = False  # add a row per phantomgrad mode whose solvers run fused bookkeeping (fused=True)
+    warm_starts: bool = False  # add a reuse-start and a learned-start row per phantomgrad mode
+    warm_iter: int | None = None  # those rows' solver steps (the steps a run took with them); None: solver_iter
     repeats: int = 5
     warmup: int = 1
     threads: int = 2
@@ -91,6 +93,14 @@ class BenchConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        wi = self.warm_iter
+        if wi is not None and (not isinstance(wi, int) or isinstance(wi, bool) or wi < 1):
+            raise ValueError(f"warm_iter must be an integer >= 1 or None (solver_iter), got {wi!r}")
+        if self.warm_starts and not self.model.startswith("mdeq"):
+            raise ValueError(
+                f"--warm-starts needs a model with an init head (mdeq-tiny), got {self.model!r}; "
+                "drop --warm-starts or choose --model mdeq-tiny"
+            )
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup!r}")
         if not 0 < self.damping <= 1:

@@ -164,6 +164,9 @@ def variants_of(cfg: BenchConfig) -> tuple[list[Variant], list[dict[str, Any]]]:
         if cfg.fused:
             check_every = None if cfg.sync_free else cfg.check_every
             variants.append(variant(cfg, mode, fused=True, check_every=check_every))
+        if cfg.warm_starts:
+            steps = cfg.warm_iter or cfg.solver_iter
+            variants += [variant(cfg, mode, start=start, solver_iter=steps) for start in ("reuse", "learned")]
     return variants, na
 
 

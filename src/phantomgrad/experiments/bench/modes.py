@@ -116,7 +116,10 @@ class Variant:
     ``check_every`` is the solvers' host-check interval (``"default"``: not passed, the
     solver's own default; None: the host never looks, every solve runs ``max_iter`` steps);
     ``compiled`` times the training step's forward and loss under ``torch.compile``;
-    ``fused`` builds phantomgrad's solvers with ``fused=True`` (compiled per-step bookkeeping).
+    ``fused`` builds phantomgrad's solvers with ``fused=True`` (compiled per-step bookkeeping);
+    ``start`` is where the forward solve starts: ``"zeros"``, ``"reuse"`` (the batch's fixed point
+    from this variant's previous step, through a ``pg.FixedPointCache``) or ``"learned"`` (an init
+    head g(u) trained by ``info.init_loss``; MDEQ only).
     """
 
     lib: str  # "phantomgrad" or "torchdeq"
@@ -129,6 +132,7 @@ class Variant:
     compiled: bool = False
     solver: str | None = None  # the forward solver; None: the run's
     fused: bool = False
+    start: str = "zeros"
 
     @property
     def label(self) -> str:
@@ -247,6 +251,8 @@ def label(v: Variant) -> str:
         text += ", compiled"
     if v.fused:
         text += ", fused"
+    if v.start != "zeros":
+        text += f", {v.start} start ({v.solver_iter} steps)"
     if v.check_every != UNSET:
         text += f", check_every={v.check_every}"
     return text

@@ -43,6 +43,8 @@ class Runner:
         self._td: dict[tuple[Variant, str], tuple[nn.Module, dict]] = {}
         self._pg: dict[Variant, tuple[pg.Solver, pg.BackwardMode]] = {}
         self._compiled: dict[Variant, Callable[[Tensor, Tensor], Tensor]] = {}
+        self._caches: dict[Variant, pg.FixedPointCache] = {}  # start="reuse": the batch's last fixed point
+        self._heads: dict[Variant, tuple[nn.Module, torch.optim.Optimizer]] = {}  # start="learned"
         self.counter: FCounter | None = None
         self.last_info: Any = None
 
@@ -59,10 +61,40 @@ class Runner:
         if v.lib == "phantomgrad":
             deq = self.p.deq
             deq.solver, deq.backward_mode = self.solver_and_mode(v)
+            if v.start == "reuse":
+                return self._reuse_start(v, deq, u, z0)
+            if v.start == "learned":
+                deq.init = self._head(v)[0]
+                try:
+                    return deq(u)  # starts at g(u); info.init_loss trains g
+                finally:
+                    deq.init = None  # the model's state_dict stays the snapshot's
             return deq(u, z0)
         tdeq, skw = self.torchdeq(v)
         tdeq.train(self.p.model.training)
         return torchdeq_call(tdeq, skw, self.p.f, u, z0)
+
+    def _reuse_start(self, v: Variant, deq: pg.DEQ, u: Any, z0: State) -> tuple[State, Any]:
+        """The solve from the batch's fixed point of this variant's previous step (zeros the first
+        time): what ``warm_start=reuse`` gives a sample on its next visit, one optimizer step stale.
+        The cache's gather and store are part of the timed step."""
+        if v not in self._caches:
+            self._caches[v] = pg.FixedPointCache(self.cfg.batch)
+        cache, indices = self._caches[v], torch.arange(self.cfg.batch)
+        z, info = deq(u, cache.fill(indices, z0))
+        cache.store(indices, info.fixed_point)  # host copy to the CPU store (a sync on CUDA)
+        return z, info
+
+    def _head(self, v: Variant) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The variant's MDEQ init head (built once, seeded) and its optimizer."""
+        if v not in self._heads:
+            from phantomgrad.models.mdeq import MDEQInitHead
+
+            config = self.p.model.config
+            torch.manual_seed(self.cfg.seed)
+            head = MDEQInitHead(config.channels, config.num_groups).to(self.p.x.device, self.p.x.dtype)
+            self._heads[v] = (head, torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9))
+        return self._heads[v]
 
     def torchdeq(self, v: Variant, solver: str | None = None) -> tuple[nn.Module, dict]:
         key = (v, solver or self.cfg.solver)
@@ -94,6 +126,8 @@ class Runner:
             self.last_info = info
             t2 = clock()
             loss = F.cross_entropy(p.logits(z), p.y)
+            if getattr(info, "init_loss", None) is not None:  # start="learned": the head's loss
+                loss = loss + info.init_loss
         self.window.arm(z, u)
         t3 = clock()
         self._phase("backward")
@@ -101,6 +135,10 @@ class Runner:
         t4 = clock()
         if optimizer_step:
             self.opt.step()
+            if v.start == "learned":
+                self._head(v)[1].step()
+        if v.start == "learned":
+            self._head(v)[1].zero_grad(set_to_none=True)
         t5 = clock()
         cpu = time.process_time() - cpu0
         self._phase("forward")
