@@ -68,3 +68,32 @@ def test_table_rows_show_finished_seeds_and_compare_times_on_shared_seeds():
     assert rows["UPG A_{5,0.5}"]["accuracy_mean"] == pytest.approx(0.92)
     assert rows["UPG A_{5,0.5}"]["time_vs_implicit"] == pytest.approx(0.8)  # seed 0 against seed 0, not 70/100
     assert "| 0, 1 |" in format_table1(list(rows.values()), budget)
+
+
+def test_convergence_table_reports_final_epoch_health_and_both_time_ratios():
+    # --budget full_converge: the final epoch's steps and converged fractions, and the time against
+    # today's UPG (the reference) and against today's Implicit, over the seeds both finished
+    from phantomgrad.experiments.ablate import BUDGETS, _table1_rows, format_table1
+
+    budget = BUDGETS["full_converge"]
+
+    def run(secs, train_steps, test_steps, converged):
+        keys = ("seconds_per_epoch", "spectral_radius", "mean_forward_steps", "eval_rel_residual")
+        final = {"train_nstep": train_steps, "train_converged": converged, "test_nstep": test_steps}
+        final["test_converged"] = converged
+        return {
+            "test_accuracy": 0.9,
+            "train_seconds": secs,
+            "epochs": 6,
+            "final_metrics": final,
+            **dict.fromkeys(keys, 1.0),
+        }
+
+    results = {
+        (0, 0): run(100.0, 12.0, 12.0, 0.0),
+        (1, 0): run(50.0, 3.0, 8.0, 0.95),
+        (2, 0): run(125.0, 12.0, 12.0, 0.0),
+    }
+    table = format_table1(_table1_rows(budget, results), budget)
+    best = next(line for line in table.splitlines() if line.startswith("| UPG A_{5,0.5} + reuse + Jacobian reg."))
+    assert "| 3.00; 1.00 | 95.0% | 8.00 | 95.0% | 50 s | 0.50x | 0.40x |" in best

@@ -107,6 +107,7 @@ class Budget:
     rows: tuple[Row, ...] = TABLE1_ROWS
     reference: str = "Implicit (no pretraining)"  # the row that "time vs implicit" divides by
     eval_every: int = 1000  # 1000: only after the last epoch; 1: a per-epoch test curve
+    health: bool = False  # the table adds the final epoch's equilibrium health (steps, converged fractions)
 
 
 # Used for docs/results/ablate.md: 8000 training images (a fixed subset), 2 epochs (250 steps of
@@ -151,6 +152,7 @@ BUDGETS = {
         rows=TABLE1_CONVERGE_ROWS,
         reference="UPG A_{5,0.5} (today)",
         eval_every=1,
+        health=True,
     ),
     # docs/results/ablate_methods: the cpu budget's setting and seeds for TABLE1_METHOD_ROWS
     # (no Implicit row: compare with docs/results/ablate's, same setting and seeds).
@@ -379,11 +381,53 @@ def run_fig3(budget: Budget, out_dir: Path, base: list[str]) -> list[dict[str, A
     return results
 
 
+def _final(row: dict[str, Any], key: str) -> float:
+    """The mean over the row's seeds of a final-epoch metric (metrics.csv's last row)."""
+    return statistics.fmean(float(r["final_metrics"][key]) for r in row["runs"])
+
+
+def format_health(rows: list[dict[str, Any]], budget: Budget) -> str:
+    """The final epoch's equilibrium health per row (means over its seeds), and each row's training
+    time against the budget's reference row and against the "Implicit (today)" row where there is one."""
+    implicit = next((r for r in rows if r["row"].startswith("Implicit") and "today" in r["row"]), None)
+    lines = [
+        "| row | test accuracy | forward F evals per train step (final epoch; whole run) | train converged | "
+        "F evals per test sample | test converged | training time | vs "
+        + budget.reference
+        + " | vs Implicit (today) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        versus = "-"
+        if implicit is not None:
+            common = [s for s in r["seeds"] if s in implicit["seeds"]]
+            if common:
+                mine = statistics.fmean(x["train_seconds"] for s, x in zip(r["seeds"], r["runs"]) if s in common)
+                theirs = statistics.fmean(
+                    x["train_seconds"] for s, x in zip(implicit["seeds"], implicit["runs"]) if s in common
+                )
+                versus = f"{mine / theirs:.2f}x"
+        ratio = "-" if r["time_vs_implicit"] is None else f"{r['time_vs_implicit']:.2f}x"
+        lines.append(
+            f"| {r['row']} | {100 * r['accuracy_mean']:.2f} | {_final(r, 'train_nstep'):.2f}; "
+            f"{r['mean_forward_steps']:.2f} | {100 * _final(r, 'train_converged'):.1f}% | "
+            f"{_final(r, 'test_nstep'):.2f} | {100 * _final(r, 'test_converged'):.1f}% | "
+            f"{r['train_seconds_mean']:.0f} s | {ratio} | {versus} |"
+        )
+    return "\n".join(lines)
+
+
 def format_table1(rows: list[dict[str, Any]], budget: Budget) -> str:
+    if budget.health:
+        return format_health(rows, budget) + "\n\n" + _format_table1(rows, budget)
+    return _format_table1(rows, budget)
+
+
+def _format_table1(rows: list[dict[str, Any]], budget: Budget) -> str:
     full = budget.eval_every == 1
     head = (
         "| row | test accuracy (mean +- std over its seeds) | seeds | "
-        "training time vs implicit | mean forward steps | spectral radius at h* |"
+        f"training time vs {budget.reference or 'implicit'} | mean forward steps | spectral radius at h* |"
     )
     lines = [
         head + (" s/epoch | rel. residual at h* (test) | Implicit backward converged |" if full else ""),
