@@ -210,3 +210,17 @@ def test_inside_torch_compile_autograd_stores_the_steps_and_gives_the_same_gradi
     torch._dynamo.reset()
     compiled = torch.autograd.grad(torch.compile(loss, backend="eager", fullgraph=True)(), tuple(f.parameters()))
     _assert_close(list(compiled), list(eager), 1e-10)
+
+
+def test_a_second_order_gradient_is_refused_with_one_line():
+    # the reversal rebuilds the states without a graph: create_graph=True would silently give a
+    # gradient that does not depend on the inputs (torch's "does not require grad" later); refused now
+    torch.manual_seed(0)
+    layer = TanhLayer()
+    x = torch.randn(2, 4, dtype=D, requires_grad=True)
+    deq = pg.DEQ(layer, solver=Reversible(max_iter=10), backward=pg.Backprop())
+    out, _ = deq(x, torch.zeros(2, 6, dtype=D))
+    with pytest.raises(RuntimeError, match="first-order gradient only.*pg.Implicit"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(deq(x, torch.zeros(2, 6, dtype=D))[0].sum(), x)  # first order: as before
+    assert torch.isfinite(g).all()

@@ -115,6 +115,11 @@ class _ReverseSolve(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        if torch.is_grad_enabled():  # True in a backward exactly when create_graph=True
+            raise RuntimeError(
+                "pg.Reversible's memory-free backward gives a first-order gradient only (create_graph=True); "
+                "for higher orders use pg.Implicit() with another solver, or pg.Backprop() with pg.FixedPoint"
+            )
         z0, y, z, *inputs = ctx.saved_tensors
         fn, b, steps = ctx.fn, ctx.solver.beta, ctx.steps
         a = 1.0 - b
