@@ -329,16 +329,21 @@ def _table1_rows(budget: Budget, results: dict[tuple[int, int], dict[str, Any]])
         rows.append(row)
     reference = next((r for r in rows if r["row"] == budget.reference), None)
     for row in rows:
-        common = [s for s in row["seeds"] if reference is not None and s in reference["seeds"]]
-        if reference is None or not common:
-            row["time_vs_implicit"] = None
-            continue
-        mine = statistics.fmean(r["train_seconds"] for s, r in zip(row["seeds"], row["runs"]) if s in common)
-        theirs = statistics.fmean(
-            r["train_seconds"] for s, r in zip(reference["seeds"], reference["runs"]) if s in common
-        )
-        row["time_vs_implicit"] = mine / theirs
+        row["time_vs_implicit"] = _time_ratio(row, reference)
     return rows
+
+
+def _time_ratio(row: dict[str, Any], reference: dict[str, Any] | None) -> float | None:
+    """Row's training time over the reference row's, over the seeds both finished (runs that trained
+    side by side); None without a reference or a shared seed."""
+    common = [s for s in row["seeds"] if reference is not None and s in reference["seeds"]]
+    if reference is None or not common:
+        return None
+
+    def seconds(r: dict[str, Any]) -> float:
+        return statistics.fmean(run["train_seconds"] for s, run in zip(r["seeds"], r["runs"]) if s in common)
+
+    return seconds(row) / seconds(reference)
 
 
 def run_table1(
@@ -398,21 +403,13 @@ def format_health(rows: list[dict[str, Any]], budget: Budget) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        versus = "-"
-        if implicit is not None:
-            common = [s for s in r["seeds"] if s in implicit["seeds"]]
-            if common:
-                mine = statistics.fmean(x["train_seconds"] for s, x in zip(r["seeds"], r["runs"]) if s in common)
-                theirs = statistics.fmean(
-                    x["train_seconds"] for s, x in zip(implicit["seeds"], implicit["runs"]) if s in common
-                )
-                versus = f"{mine / theirs:.2f}x"
+        versus = _time_ratio(r, implicit)
         ratio = "-" if r["time_vs_implicit"] is None else f"{r['time_vs_implicit']:.2f}x"
         lines.append(
             f"| {r['row']} | {100 * r['accuracy_mean']:.2f} | {_final(r, 'train_nstep'):.2f}; "
             f"{r['mean_forward_steps']:.2f} | {100 * _final(r, 'train_converged'):.1f}% | "
             f"{_final(r, 'test_nstep'):.2f} | {100 * _final(r, 'test_converged'):.1f}% | "
-            f"{r['train_seconds_mean']:.0f} s | {ratio} | {versus} |"
+            f"{r['train_seconds_mean']:.0f} s | {ratio} | {'-' if versus is None else f'{versus:.2f}x'} |"
         )
     return "\n".join(lines)
 
