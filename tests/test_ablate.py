@@ -1,6 +1,7 @@
 """`phantomgrad ablate` end to end at the tiny budget (on digits, so it needs no installed data)."""
 
 import json
+import shutil
 
 import pytest
 
@@ -42,6 +43,18 @@ def test_ablate_tiny_writes_table_plot_and_json(tmp_path, capsys):
     assert (out / "fig3.png").stat().st_size > 1000
     assert "| UPG A_{5,0.5} |" in (out / "ablate.md").read_text()
     assert "Table 1" in capsys.readouterr().out
+    # --report-only: the finished runs read back, nothing trained (a missing run is left out, not started)
+    shutil.rmtree(out / "npg-3-s0")
+    report = ["ablate", "--budget", "tiny", "--what", "table1", "--report-only", "--out", str(out), *small]
+    assert main(report) == 0
+    rows = [r["row"] for r in json.loads((out / "ablate.json").read_text())["table1"]]
+    assert rows == [
+        "Implicit (with pretraining)",
+        "Implicit (no pretraining)",
+        "UPG A_{5,0.5}",
+        "UPG A_{9,0.5} + dropout",
+    ]
+    assert not (out / "npg-3-s0").exists()
 
 
 def test_ablate_rejects_a_bad_override(tmp_path, capsys):

@@ -347,17 +347,33 @@ def _time_ratio(row: dict[str, Any], reference: dict[str, Any] | None) -> float 
 
 
 def run_table1(
-    budget: Budget, out_dir: Path, base: list[str], n_jobs: int = 1, threads: int = 1, on_rows: Any = None
+    budget: Budget,
+    out_dir: Path,
+    base: list[str],
+    n_jobs: int = 1,
+    threads: int = 1,
+    on_rows: Any = None,
+    report_only: bool = False,
 ) -> list[dict[str, Any]]:
+    """Train (or resume, or read back) every row and seed; ``report_only``: read back the finished
+    runs only, train nothing (the table of what has finished while other rows still train)."""
     jobs = []
     for seed in budget.seeds:
         for i, (name, extra) in enumerate(budget.rows):
             slug = name.split(" ")[0].lower() + f"-{i}-s{seed}"
             jobs.append(((i, seed), _overrides(budget, list(extra), seed, out_dir / slug, base)))
+    if report_only:
+        done = {key: Path(_run_dir(overrides)) / "result.json" for key, overrides in jobs}
+        return _table1_rows(budget, {key: json.loads(p.read_text()) for key, p in done.items() if p.exists()})
     results = run_jobs(
         run_one, jobs, n_jobs, threads, on_done=(lambda res: on_rows(_table1_rows(budget, res))) if on_rows else None
     )
     return _table1_rows(budget, results)
+
+
+def _run_dir(overrides: list[str]) -> str:
+    """The out_dir among a run's overrides (the last one wins, as in the config)."""
+    return [o.split("=", 1)[1] for o in overrides if o.startswith("out_dir=")][-1]
 
 
 def run_fig3(budget: Budget, out_dir: Path, base: list[str]) -> list[dict[str, Any]]:
@@ -553,6 +569,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the table of the runs in --out that have finished (while others still train)",
+    )
+    parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="extra config overrides for every run (e.g. data_dir=...)"
     )
 
@@ -574,6 +595,8 @@ def run(args: argparse.Namespace) -> int:
     text = []
     if args.jobs < 1 or args.threads < 1:
         raise ValueError("--jobs and --threads take a positive integer")
+    if args.report_only and args.what != "table1":
+        raise ValueError("--report-only reads back Table 1 runs; pass --what table1")
     if args.what in ("table1", "both"):
 
         def write_partial(rows: list[dict[str, Any]]) -> None:  # each row's result as soon as it finishes
@@ -585,7 +608,15 @@ def run(args: argparse.Namespace) -> int:
                 rows,
             )
 
-        rows = run_table1(budget, args.out, base, n_jobs=args.jobs, threads=args.threads, on_rows=write_partial)
+        rows = run_table1(
+            budget,
+            args.out,
+            base,
+            n_jobs=args.jobs,
+            threads=args.threads,
+            on_rows=write_partial,
+            report_only=args.report_only,
+        )
         result["table1"] = rows
         text.append("## Table 1\n\n" + format_table1(rows, budget))
         if budget.eval_every == 1 and rows:
