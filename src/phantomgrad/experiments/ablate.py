@@ -122,37 +122,29 @@ _CPU = Budget(
     dampings=(0.3, 0.5, 1.0),
 )
 
+# docs/results/table1_full: all 60,000 training images, 6 epochs (5,628 steps of batch 64), seed 0
+# (--seeds 0 1 for both), the test set evaluated after every epoch for the curves (the table reports
+# the last epoch only).
+_FULL = Budget(
+    train_subset=None,
+    test_subset=None,
+    epochs=6,
+    seeds=(0,),
+    pretrain_steps=0,
+    ks=(5,),
+    dampings=(0.5,),
+    rows=TABLE1_FULL_ROWS,
+    reference="Implicit",
+    eval_every=1,
+)
+
 BUDGETS = {
     "cpu": _CPU,
-    # docs/results/table1_full: all 60,000 training images, 6 epochs (5,628 steps of batch 64), seed 0
-    # (--seeds 0 1 for both), the test set evaluated after every epoch for the curves (the table reports
-    # the last epoch only).
-    "full": Budget(
-        train_subset=None,
-        test_subset=None,
-        epochs=6,
-        seeds=(0,),
-        pretrain_steps=0,
-        ks=(5,),
-        dampings=(0.5,),
-        rows=TABLE1_FULL_ROWS,
-        reference="Implicit",
-        eval_every=1,
-    ),
+    "full": _FULL,
     # docs/results/table1_converge (issue 25): the full budget's setting and seed, TABLE1_CONVERGE_ROWS,
     # times against today's UPG row.
-    "full_converge": Budget(
-        train_subset=None,
-        test_subset=None,
-        epochs=6,
-        seeds=(0,),
-        pretrain_steps=0,
-        ks=(5,),
-        dampings=(0.5,),
-        rows=TABLE1_CONVERGE_ROWS,
-        reference="UPG A_{5,0.5} (today)",
-        eval_every=1,
-        health=True,
+    "full_converge": dataclasses.replace(
+        _FULL, rows=TABLE1_CONVERGE_ROWS, reference="UPG A_{5,0.5} (today)", health=True
     ),
     # docs/results/ablate_methods: the cpu budget's setting and seeds for TABLE1_METHOD_ROWS
     # (no Implicit row: compare with docs/results/ablate's, same setting and seeds).
