@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 
 from conftest import TRAIN_TINY, train_killed_in_epoch
 from phantomgrad.data.batch import Batch, as_batch
+from phantomgrad.train.builders import build_task
 from phantomgrad.train.checkpoint import load_checkpoint
 from phantomgrad.train.config import ConfigError, TrainConfig
-from phantomgrad.train.tasks import build_task
 from phantomgrad.train.trainer import train
 
 TINY = [*TRAIN_TINY, "data_options={train_subset: 384, test_subset: 128}", "radius_every=0"]

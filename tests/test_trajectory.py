@@ -162,8 +162,8 @@ def test_the_trainer_puts_a_loss_on_each_trajectory_state(tmp_path):
     the gradient of that sum reaches the weights (checked against the model's own list of logits)."""
     import torch.nn.functional as F
 
+    from phantomgrad.train.builders import build_task
     from phantomgrad.train.config import ConfigError, TrainConfig
-    from phantomgrad.train.tasks import build_task
 
     small = ["arch.channels=[8,8]", "arch.head_channels=[4,4]", "arch.final_channels=16", "solver_max_iter=6"]
     cfg = TrainConfig.from_sources(None, small + ["trajectory_states=[2, 4]", "trajectory_weight=0.5", "seed=0"])

@@ -42,10 +42,11 @@ from torch.utils.data import DataLoader
 
 from phantomgrad.monitor import deq_modules
 from phantomgrad.train import builders
+from phantomgrad.train.builders import build_task
 from phantomgrad.train.checkpoint import CheckpointError, has_checkpoint, load_checkpoint
 from phantomgrad.train.config import ConfigError, TrainConfig
 from phantomgrad.train.meter import Meter
-from phantomgrad.train.tasks import as_dataset, build_task
+from phantomgrad.train.tasks import as_dataset
 
 log = logging.getLogger(__name__)
 

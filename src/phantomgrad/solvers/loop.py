@@ -4,16 +4,14 @@ per-sample stopping, the best iterate, host checks, the trace and the kept state
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .._checks import positive_int
 from .info import SolverInfo
-
-if TYPE_CHECKING:
-    from .broyden import BroydenInverse
+from .inverse import BroydenInverse
 
 FlatFn = Callable[[Tensor], Tensor]
 

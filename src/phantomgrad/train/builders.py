@@ -13,6 +13,10 @@ from phantomgrad.solvers import fusable
 
 from . import registry
 from .config import ConfigError, TrainConfig
+from .health import with_health
+from .jacreg import with_jacobian_penalty
+from .tasks import Task
+from .warm_start import with_warm_start
 
 
 def _fused(cfg: TrainConfig, name: str) -> dict[str, bool]:
@@ -121,3 +125,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
     return torch.device(name)
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    """The task ``cfg.task`` built for ``cfg`` (a validated config names a registered task and dataset),
+    with the warm start of ``warm_start``, the Jacobian penalty of ``jac_reg_*`` and the
+    equilibrium-health sums added to its steps."""
+    task = with_warm_start(registry.TASKS[cfg.task].build(cfg), cfg)
+    return with_health(with_jacobian_penalty(task, cfg))

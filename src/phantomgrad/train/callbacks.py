@@ -13,19 +13,17 @@ A callback is any object with some of these methods (all optional):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from .config import TrainConfig
 from .context import RunContext
 from .health import EquilibriumHealth
 from .monitor_callback import GradientMonitor
 from .recorder import RunRecorder
-
-if TYPE_CHECKING:
-    from .config import TrainConfig
-    from .tasks import StepResult
+from .tasks import StepResult
 
 
 class Callback(Protocol):

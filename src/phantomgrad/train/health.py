@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,9 +39,7 @@ from phantomgrad.monitor import deq_modules
 from phantomgrad.regularize import spectral_radius
 
 from .context import RunContext
-
-if TYPE_CHECKING:  # tasks.build_task applies the wrapper
-    from .tasks import StepResult, Task
+from .tasks import StepResult, Task
 
 RADIUS_ITERS = 20  # power-iteration steps of the spectral-radius estimate
 RADIUS_SAMPLES = 16  # samples of the batch it is measured on (where the batch can be cut; its cost is linear in them)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +32,7 @@ from phantomgrad.monitor import deq_modules
 from phantomgrad.regularize import jacobian_penalty
 
 from .config import ConfigError, TrainConfig
-
-if TYPE_CHECKING:  # tasks.build_task applies the wrapper
-    from .tasks import StepResult, Task
+from .tasks import StepResult, Task
 
 log = logging.getLogger(__name__)
 

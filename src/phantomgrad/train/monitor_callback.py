@@ -35,7 +35,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -43,13 +43,11 @@ import phantomgrad as pg
 from phantomgrad.adaptive import AdaptivePhantom
 from phantomgrad.monitor import GradientQuality, RNGState, capture_rng_state, deq_modules, gradient_quality
 
+from .config import TrainConfig
 from .context import RunContext
 from .distributed import all_reduce_sum
 from .runfiles import json_default, read_csv, write_csv
-
-if TYPE_CHECKING:
-    from .config import TrainConfig
-    from .tasks import StepResult
+from .tasks import StepResult
 
 log = logging.getLogger(__name__)
 

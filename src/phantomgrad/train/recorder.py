@@ -16,15 +16,13 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .context import RunContext
 from .runfiles import append_csv, read_csv, write_csv
-
-if TYPE_CHECKING:
-    from .tasks import StepResult
+from .tasks import StepResult
 
 STATS_FILE = "forward_stats.csv"
 HIST_FILE = "forward_hist.json"

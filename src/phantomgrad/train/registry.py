@@ -19,7 +19,7 @@ import inspect
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -28,8 +28,14 @@ from phantomgrad.data import DATASETS
 from phantomgrad.modes import BACKWARD_MODES
 from phantomgrad.solvers import SOLVERS, Solver
 
-if TYPE_CHECKING:
-    from .config import TrainConfig
+
+class OptimizerSettings(Protocol):
+    """The keys of a :class:`~phantomgrad.train.config.TrainConfig` an optimiser factory reads (named
+    structurally: the config imports this registry for its choices, so the registry does not import it)."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,8 @@ class TaskEntry:
     family: str
     refuses: dict[str, str] = field(default_factory=dict)
 
-    def build(self, cfg: "TrainConfig") -> Any:
+    def build(self, cfg: Any) -> Any:
+        """The task of ``cfg`` (a ``TrainConfig``): the builder's ``build(cfg) -> Task``."""
         module, function = self.builder.split(":")
         return getattr(importlib.import_module(module), function)(cfg)
 
@@ -179,17 +186,17 @@ def backward_config_keys(mode: type[BackwardMode]) -> tuple[str, ...]:
 # ---- optimisers and schedules: name -> factory -------------------------------------------
 
 
-def _adam(params, cfg: "TrainConfig") -> torch.optim.Optimizer:
+def _adam(params, cfg: OptimizerSettings) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _sgd(params, cfg: "TrainConfig") -> torch.optim.Optimizer:
+def _sgd(params, cfg: OptimizerSettings) -> torch.optim.Optimizer:
     return torch.optim.SGD(
         params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
     )
 
 
-OPTIMIZERS: dict[str, Callable[[Any, "TrainConfig"], torch.optim.Optimizer]] = {"adam": _adam, "sgd": _sgd}
+OPTIMIZERS: dict[str, Callable[[Any, OptimizerSettings], torch.optim.Optimizer]] = {"adam": _adam, "sgd": _sgd}
 
 
 def _cosine(total_steps: int) -> Callable[[int], float]:

@@ -2,7 +2,8 @@
 
 A :class:`Task` owns its data and model and knows how to turn one batch into a loss and
 metric sums; the trainer owns everything else (optimisation, logging, checkpoints). New
-tasks register a builder in :data:`phantomgrad.train.registry.TASKS`: ``build(cfg) -> Task``.
+tasks register a builder in :data:`phantomgrad.train.registry.TASKS`: ``build(cfg) -> Task``;
+:func:`phantomgrad.train.builders.build_task` builds one with the step wrappers a config asks for.
 """
 
 from __future__ import annotations
@@ -13,12 +14,6 @@ from typing import Any, Callable, Mapping, Protocol, cast
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-
-from . import registry
-from .config import TrainConfig
-from .health import with_health
-from .jacreg import with_jacobian_penalty
-from .warm_start import with_warm_start
 
 
 class SizedDataset(Protocol):
@@ -69,14 +64,6 @@ class Task:
     progress_keys: tuple[str, ...] = ("loss",)
     extra: dict[str, Any] = field(default_factory=dict)
     callbacks: list[Any] = field(default_factory=list)  # the trainer adds them to its own (e.g. the warm start)
-
-
-def build_task(cfg: TrainConfig) -> Task:
-    """The task ``cfg.task`` built for ``cfg`` (a validated config names a registered task and dataset),
-    with the warm start of ``warm_start``, the Jacobian penalty of ``jac_reg_*`` and the
-    equilibrium-health sums added to its steps."""
-    task = with_warm_start(registry.TASKS[cfg.task].build(cfg), cfg)
-    return with_health(with_jacobian_penalty(task, cfg))
 
 
 def mean_loss_accuracy(sums: dict[str, float], count: int) -> dict[str, float]:

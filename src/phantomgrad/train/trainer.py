@@ -67,7 +67,7 @@ from .metrics import MetricsWriter
 from .report import write_report
 from .rundir import RunLock, writing
 from .stop import GracefulStop
-from .tasks import as_dataset, build_task
+from .tasks import as_dataset
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class Trainer:
                 f"{self.dist.world_size} processes"
             )
         torch.manual_seed(cfg.seed)
-        self.task = build_task(cfg)
+        self.task = builders.build_task(cfg)
         self.model = self.task.model.to(self.device)
         builders.configure_layers(cfg, self.model)  # fallback solver, not-converged warning in CLI syntax
         if self.dist.enabled and any(

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,9 +50,7 @@ from ..cache import FixedPointCache
 from ..data.batch import Batch
 from .config import ConfigError, TrainConfig
 from .context import is_recomputing
-
-if TYPE_CHECKING:
-    from .tasks import StepResult, Task
+from .tasks import StepResult, Task
 
 WARM_STARTS = ("auto", "learned", "reuse", "learned+reuse", "none")
 SUM_KEYS = ("init_loss", "reused")
