@@ -129,6 +129,7 @@ PROBES: dict[str, dict[str, list[str]] | list[str]] = {
     "seed": ["seed=1"],
     "eval_every": ["eval_every=2", "epochs=2"],
     "radius_every": ["radius_every=0"],
+    "bn_recalibrate": ["bn_recalibrate=2"],
     "warm_start_weight": {  # acts with a learned start; the IGNN has no init head
         "image": ["warm_start_weight=0.5", "warm_start=learned"],
         "lm": ["warm_start_weight=0.5", "warm_start=learned"],

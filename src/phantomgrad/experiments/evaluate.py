@@ -16,6 +16,8 @@ Keys (comma-separated lists where a grid is meant):
     split=test                    evaluation split of the task (default: test)
     batch_size=256                evaluation batch; device=auto|cpu|cuda; threads=N
     out_dir=DIR                   where the files go (default: RUN_DIR/evaluate)
+    bn_recalibrate=N              first re-estimate the BatchNorm running statistics over N training
+                                  batches (phantomgrad.train.batchnorm; default 0: as trained)
 
 The cheapest budget at the reference accuracy (that of the budget the run was trained with, where
 the grid has it) is named with its saving in F evaluations.
@@ -42,6 +44,7 @@ from torch.utils.data import DataLoader
 
 from phantomgrad.monitor import deq_modules
 from phantomgrad.train import builders
+from phantomgrad.train.batchnorm import batchnorm_layers, draw_seed, recalibrate_task
 from phantomgrad.train.builders import build_task
 from phantomgrad.train.checkpoint import CheckpointError, has_checkpoint, load_checkpoint
 from phantomgrad.train.config import ConfigError, TrainConfig
@@ -67,6 +70,7 @@ class EvalOptions:
     device: str = "auto"
     threads: int | None = None
     out_dir: str | None = None
+    bn_recalibrate: int = 0
 
     @classmethod
     def parse(cls, items: list[str]) -> "EvalOptions":
@@ -93,6 +97,8 @@ def _value(key: str, raw: str) -> Any:
             bad = [v for v in out if not (v > 0 and math.isfinite(v))]
         elif key in ("batch_size", "threads"):
             out, bad = int(raw), [int(raw)] if int(raw) < 1 else []
+        elif key == "bn_recalibrate":
+            out, bad = int(raw), [int(raw)] if int(raw) < 0 else []
         else:
             return raw
     except ValueError:
@@ -167,6 +173,12 @@ def evaluate_budget(task: Any, cfg: TrainConfig, device: torch.device, split: st
 def run_grid(run_dir: Path, opts: EvalOptions) -> dict[str, Any]:
     """Evaluate every budget of the grid; returns the document written to ``evaluate.json``."""
     cfg, task, device = load_run(run_dir, opts)
+    if opts.bn_recalibrate:
+        if not batchnorm_layers(task.model):
+            raise ConfigError(f"bn_recalibrate={opts.bn_recalibrate}: the model of {run_dir} has no BatchNorm layer")
+        # the batches of the run's last evaluation, had it trained with this key
+        recalibrate_task(task, device, cfg.batch_size, opts.bn_recalibrate, draw_seed(cfg.seed, cfg.epochs - 1))
+        task.model.eval()
     max_iters = opts.solver_max_iter or tuple(sorted({*DEFAULT_MAX_ITERS, cfg.solver_max_iter}))
     tols = opts.solver_tol or (cfg.solver_tol,)
     rows = []
@@ -182,6 +194,7 @@ def run_grid(run_dir: Path, opts: EvalOptions) -> dict[str, Any]:
         "solver": cfg.solver,
         "solver_stop": cfg.solver_stop,
         "trained_with": trained,
+        "bn_recalibrate": opts.bn_recalibrate,
         "device": str(device),
         "rows": rows,
         "cheapest_at_reference": cheapest(rows, trained),

@@ -12,6 +12,7 @@ from phantomgrad.monitor import deq_modules
 from phantomgrad.solvers import fusable
 
 from . import registry
+from .batchnorm import with_batchnorm_recalibration
 from .config import ConfigError, TrainConfig
 from .health import with_health
 from .jacreg import with_jacobian_penalty
@@ -130,6 +131,7 @@ def resolve_device(name: str) -> torch.device:
 def build_task(cfg: TrainConfig) -> Task:
     """The task ``cfg.task`` built for ``cfg`` (a validated config names a registered task and dataset),
     with the warm start of ``warm_start``, the Jacobian penalty of ``jac_reg_*`` and the
-    equilibrium-health sums added to its steps."""
+    equilibrium-health sums added to its steps, and the BatchNorm recalibration of ``bn_recalibrate``
+    before its evaluations."""
     task = with_warm_start(registry.TASKS[cfg.task].build(cfg), cfg)
-    return with_health(with_jacobian_penalty(task, cfg))
+    return with_batchnorm_recalibration(with_health(with_jacobian_penalty(task, cfg)), cfg)

@@ -4,6 +4,8 @@ A callback is any object with some of these methods (all optional):
 
     after_backward(ctx, batch, result)   after loss.backward(), before the optimiser step; may
                                          change the gradients in p.grad (e.g. rescale them)
+    before_evaluate(ctx)                 before the epoch's evaluation (e.g. re-estimate BatchNorm
+                                         statistics, :mod:`.batchnorm`)
     on_epoch_end(ctx, row)               after the epoch's evaluation; may add columns to ``row``
     state_dict() / load_state_dict(s)    what a checkpoint keeps of it (a run stopped mid-epoch)
 

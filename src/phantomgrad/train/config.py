@@ -187,6 +187,11 @@ class TrainConfig:
         "every N epochs (and the last) estimate the spectral radius of dF/dh at h* on a training batch (0: off)",
         within=NON_NEGATIVE,
     )
+    bn_recalibrate: int = _key(
+        0,
+        "before each evaluation, re-estimate BatchNorm running statistics over this many training batches (0: off)",
+        within=NON_NEGATIVE,
+    )
     # run
     seed: int = _key(0, "seed of the weights, the data order and dropout")
     device: str = _key("auto", "auto: cuda when a GPU is visible, else cpu", choices=lambda task: registry.DEVICES)

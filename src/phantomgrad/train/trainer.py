@@ -392,6 +392,9 @@ class Trainer:
             self._epoch_lr = lr
             row.update(self.train_epoch(epoch))
             if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs:
+                for cb in self.callbacks:
+                    if hasattr(cb, "before_evaluate"):
+                        cb.before_evaluate(self._ctx())
                 row.update(self.evaluate())
             for cb in self.callbacks:
                 if hasattr(cb, "on_epoch_end"):
