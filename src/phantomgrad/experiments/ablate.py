@@ -18,6 +18,9 @@ own directory under ``--out``: a run with a checkpoint resumes from it (mid-epoc
 signal), a finished run (``result.json``) is read back, so an interrupted experiment continues
 where it stopped; ``--jobs N`` trains N runs side by side, one thread each. Ctrl-C or SIGTERM stops
 every run with a checkpoint and exits 130 or 143 (:mod:`phantomgrad.experiments.jobs`).
+
+The rows and budgets are plain data in :mod:`.ablate_budgets`; the tables and plots are made by
+:mod:`.ablate_report`; this module trains the runs and aggregates them.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import logging
 import platform
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -42,145 +44,11 @@ from phantomgrad.train.config import TrainConfig
 from phantomgrad.train.errors import TrainingInterrupted
 from phantomgrad.train.trainer import Trainer
 
+from .ablate_budgets import BASE, BUDGETS, Budget, _overrides
+from .ablate_report import format_fig3, format_table1, plot_curves, plot_fig3, time_ratio
 from .jobs import RunsInterrupted, run_jobs
 
 log = logging.getLogger(__name__)
-
-Row = tuple[str, tuple[str, ...]]
-
-TABLE1_ROWS: tuple[Row, ...] = (
-    ("Implicit (with pretraining)", ("backward=implicit", "pretrain_steps=PRETRAIN")),
-    ("Implicit (no pretraining)", ("backward=implicit",)),
-    ("UPG A_{5,0.5}", ("backward=upg", "k=5", "damping=0.5")),
-    ("NPG A_{5,0.5}", ("backward=npg", "k=5", "damping=0.5")),
-    ("UPG A_{9,0.5} + dropout", ("backward=upg", "k=9", "damping=0.5", "dropout=0.1")),
-)
-
-# The full-scale table (issue 17): the rows are run in this order, so that with --jobs 2 the
-# first pair (Implicit, UPG A_{5,0.5}) trains side by side and their times compare directly.
-TABLE1_FULL_ROWS: tuple[Row, ...] = (
-    ("Implicit", ("backward=implicit",)),
-    ("UPG A_{5,0.5}", ("backward=upg", "k=5", "damping=0.5")),
-    ("NPG A_{5,0.5}", ("backward=npg", "k=5", "damping=0.5")),
-    ("JFB", ("backward=jfb",)),
-    ("UPG A_{9,0.5} + dropout", ("backward=upg", "k=9", "damping=0.5", "dropout=0.1")),
-)
-
-# Issue 25's full-scale rows: the same setting as TABLE1_FULL_ROWS, with and without the levers that
-# bring the forward solve to its equilibrium. "today" is warm_start=none (the committed table1_full ran
-# before warm starts existed); "best" is the recipe the README's main job chose (docs/convergence.md):
-# fixed-point reuse with Jacobian regularisation of weight 2 on half of the steps. Ordered in pairs for
-# --jobs 2: each pair trains side by side, one thread each, so its times compare directly.
-_BEST = ("warm_start=reuse", "jac_reg_weight=2.0", "jac_reg_freq=0.5")
-_UPG = ("backward=upg", "k=5", "damping=0.5")
-TABLE1_CONVERGE_ROWS: tuple[Row, ...] = (
-    ("UPG A_{5,0.5} (today)", (*_UPG, "warm_start=none")),
-    ("UPG A_{5,0.5} + reuse + Jacobian reg. (best)", (*_UPG, *_BEST)),
-    ("Implicit (today)", ("backward=implicit", "warm_start=none")),
-    ("Implicit + reuse + Jacobian reg. (best)", ("backward=implicit", *_BEST)),
-    ("UPG A_{5,0.5} + reuse", (*_UPG, "warm_start=reuse")),
-    ("UPG A_{5,0.5} + learned init", (*_UPG, "warm_start=learned")),
-)
-
-# The methods that came before and after the paper, as extra rows of the CPU-scale table (same setting
-# and seeds as docs/results/ablate): SHINE needs a Broyden forward (12 steps, as Anderson's) and runs without its
-# fallback (at 12 steps the forward never meets its tolerance, so the fallback would make every step JFB); the
-# reversible solver counts F evaluations, two per coupled step, so 24 of them make 12 steps.
-TABLE1_METHOD_ROWS: tuple[Row, ...] = (
-    ("SHINE (Broyden forward, no fallback)", ("backward=shine", "solver=broyden", "backward_options.fallback=none")),
-    ("JFB", ("backward=jfb",)),
-    ("Reversible + Backprop", ("solver=reversible", "solver_max_iter=24", "backward=backprop")),
-)
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much each run trains; the same for every row."""
-
-    train_subset: int | None
-    test_subset: int | None
-    epochs: int
-    seeds: tuple[int, ...]
-    pretrain_steps: int
-    ks: tuple[int, ...]
-    dampings: tuple[float, ...]
-    rows: tuple[Row, ...] = TABLE1_ROWS
-    reference: str = "Implicit (no pretraining)"  # the row that "time vs implicit" divides by
-    eval_every: int = 1000  # 1000: only after the last epoch; 1: a per-epoch test curve
-    health: bool = False  # the table adds the final epoch's equilibrium health (steps, converged fractions)
-
-
-# Used for docs/results/ablate.md: 8000 training images (a fixed subset), 2 epochs (250 steps of
-# batch 64), the full 10,000-image test set; 15 Table-1 runs and 13 Fig.-3 runs.
-_CPU = Budget(
-    train_subset=8000,
-    test_subset=None,
-    epochs=2,
-    seeds=(0, 1, 2),
-    pretrain_steps=50,
-    ks=(1, 3, 5, 9),
-    dampings=(0.3, 0.5, 1.0),
-)
-
-# docs/results/table1_full: all 60,000 training images, 6 epochs (5,628 steps of batch 64), seed 0
-# (--seeds 0 1 for both), the test set evaluated after every epoch for the curves (the table reports
-# the last epoch only).
-_FULL = Budget(
-    train_subset=None,
-    test_subset=None,
-    epochs=6,
-    seeds=(0,),
-    pretrain_steps=0,
-    ks=(5,),
-    dampings=(0.5,),
-    rows=TABLE1_FULL_ROWS,
-    reference="Implicit",
-    eval_every=1,
-)
-
-BUDGETS = {
-    "cpu": _CPU,
-    "full": _FULL,
-    # docs/results/table1_converge (issue 25): the full budget's setting and seed, TABLE1_CONVERGE_ROWS,
-    # times against today's UPG row.
-    "full_converge": dataclasses.replace(
-        _FULL, rows=TABLE1_CONVERGE_ROWS, reference="UPG A_{5,0.5} (today)", health=True
-    ),
-    # docs/results/ablate_methods: the cpu budget's setting and seeds for TABLE1_METHOD_ROWS
-    # (no Implicit row: compare with docs/results/ablate's, same setting and seeds).
-    "cpu_methods": dataclasses.replace(
-        _CPU, pretrain_steps=0, ks=(5,), dampings=(0.5,), rows=TABLE1_METHOD_ROWS, reference=""
-    ),
-    # For tests: seconds.
-    "tiny": Budget(
-        train_subset=128, test_subset=64, epochs=1, seeds=(0,), pretrain_steps=1, ks=(1, 2), dampings=(0.5, 1.0)
-    ),
-}
-
-BASE = [
-    "dataset=fashion-mnist",
-    "model=mdeq-tiny-28",
-    "batch_size=64",
-    "lr=0.002",
-    "optimizer=adam",
-    "solver=anderson",
-    "solver_max_iter=12",
-    "solver_tol=1e-3",
-    "backward_solver=broyden",
-    "backward_max_iter=12",
-    "backward_tol=1e-4",
-    "pretrain_depth=6",
-    "eval_every=1000",
-    "progress=false",
-]
-
-
-def _overrides(budget: Budget, extra: list[str], seed: int, out_dir: Path, base: list[str]) -> list[str]:
-    subsets = [f"data_options.train_subset={budget.train_subset}"] if budget.train_subset else []
-    subsets += [f"data_options.test_subset={budget.test_subset}"] if budget.test_subset else []
-    extra = [e.replace("PRETRAIN", str(budget.pretrain_steps)) for e in extra]
-    evals = [f"eval_every={budget.eval_every}"]
-    return base + subsets + evals + [f"epochs={budget.epochs}", f"seed={seed}", f"out_dir={out_dir}"] + extra
 
 
 class BackwardSolveRecorder:
@@ -321,21 +189,8 @@ def _table1_rows(budget: Budget, results: dict[tuple[int, int], dict[str, Any]])
         rows.append(row)
     reference = next((r for r in rows if r["row"] == budget.reference), None)
     for row in rows:
-        row["time_vs_implicit"] = _time_ratio(row, reference)
+        row["time_vs_implicit"] = time_ratio(row, reference)
     return rows
-
-
-def _time_ratio(row: dict[str, Any], reference: dict[str, Any] | None) -> float | None:
-    """Row's training time over the reference row's, over the seeds both finished (runs that trained
-    side by side); None without a reference or a shared seed."""
-    common = [s for s in row["seeds"] if reference is not None and s in reference["seeds"]]
-    if reference is None or not common:
-        return None
-
-    def seconds(r: dict[str, Any]) -> float:
-        return statistics.fmean(run["train_seconds"] for s, run in zip(r["seeds"], r["runs"]) if s in common)
-
-    return seconds(row) / seconds(reference)
 
 
 def run_table1(
@@ -392,141 +247,6 @@ def run_fig3(budget: Budget, out_dir: Path, base: list[str]) -> list[dict[str, A
             }
         )
     return results
-
-
-def _final(row: dict[str, Any], key: str) -> float:
-    """The mean over the row's seeds of a final-epoch metric (metrics.csv's last row)."""
-    return statistics.fmean(float(r["final_metrics"][key]) for r in row["runs"])
-
-
-def format_health(rows: list[dict[str, Any]], budget: Budget) -> str:
-    """The final epoch's equilibrium health per row (means over its seeds), and each row's training
-    time against the budget's reference row and against the "Implicit (today)" row where there is one."""
-    implicit = next((r for r in rows if r["row"].startswith("Implicit") and "today" in r["row"]), None)
-    lines = [
-        "| row | test accuracy | forward F evals per train step (final epoch; whole run) | train converged | "
-        "F evals per test sample | test converged | training time | vs "
-        + budget.reference
-        + " | vs Implicit (today) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        versus = _time_ratio(r, implicit)
-        ratio = "-" if r["time_vs_implicit"] is None else f"{r['time_vs_implicit']:.2f}x"
-        lines.append(
-            f"| {r['row']} | {100 * r['accuracy_mean']:.2f} | {_final(r, 'train_nstep'):.2f}; "
-            f"{r['mean_forward_steps']:.2f} | {100 * _final(r, 'train_converged'):.1f}% | "
-            f"{_final(r, 'test_nstep'):.2f} | {100 * _final(r, 'test_converged'):.1f}% | "
-            f"{r['train_seconds_mean']:.0f} s | {ratio} | {'-' if versus is None else f'{versus:.2f}x'} |"
-        )
-    return "\n".join(lines)
-
-
-def format_table1(rows: list[dict[str, Any]], budget: Budget) -> str:
-    if budget.health:
-        return format_health(rows, budget) + "\n\n" + _format_table1(rows, budget)
-    return _format_table1(rows, budget)
-
-
-def _format_table1(rows: list[dict[str, Any]], budget: Budget) -> str:
-    full = budget.eval_every == 1
-    head = (
-        "| row | test accuracy (mean +- std over its seeds) | seeds | "
-        f"training time vs {budget.reference or 'implicit'} | mean forward steps | spectral radius at h* |"
-    )
-    lines = [
-        head + (" s/epoch | rel. residual at h* (test) | Implicit backward converged |" if full else ""),
-        "|---|---|---|---|---|---|" + ("---|---|---|" if full else ""),
-    ]
-    for r in rows:
-        ratio = (
-            f"{r['time_vs_implicit']:.2f}x"
-            if r["time_vs_implicit"] is not None
-            else "n/a (no Implicit row in this table)"
-        )
-        line = (
-            f"| {r['row']} | {100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f} | "
-            f"{', '.join(map(str, r['seeds']))} | {ratio} ({r['train_seconds_mean']:.0f} s) | "
-            f"{r['mean_forward_steps']:.1f} | "
-            f"{r['spectral_radius_mean']:.2f} |"
-        )
-        if full:
-            conv = r.get("backward_converged_fraction")
-            line += (
-                f" {r['seconds_per_epoch_mean']:.0f} | {r['eval_rel_residual_mean']:.2g} | "
-                f"{'-' if conv is None else f'{100 * conv:.0f}% of samples'} |"
-            )
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    """Test accuracy and the training solves' mean relative residual per epoch, one line per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for r in rows:
-        curve = r["runs"][0]["curves"]
-        pts = [c for c in curve if c["test_accuracy"] is not None]
-        axes[0].plot([c["epoch"] for c in pts], [100 * c["test_accuracy"] for c in pts], marker="o", label=r["row"])
-        pts = [c for c in curve if c["train_rel_residual"] is not None]
-        axes[1].semilogy([c["epoch"] for c in pts], [c["train_rel_residual"] for c in pts], marker="o", label=r["row"])
-    axes[0].set(
-        xlabel="epoch", ylabel="test accuracy (%)", title=f"test accuracy per epoch (seed {rows[0]['seeds'][0]})"
-    )
-    axes[1].set(
-        xlabel="epoch",
-        ylabel="mean relative residual ||F(z)-z||/||F(z)||",
-        title="forward residual of the training solves",
-    )
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def format_fig3(points: list[dict[str, Any]]) -> str:
-    lines = [
-        "| mode | k | lambda | test accuracy | spectral radius at h* | training time |",
-        "|---|---|---|---|---|---|",
-    ]
-    for p in points:
-        lines.append(
-            f"| {p['mode']} | {p['k']} | {p['damping']} | {100 * p['test_accuracy']:.2f} | "
-            f"{p['spectral_radius']:.2f} | {p['train_seconds']:.0f} s |"
-        )
-    return "\n".join(lines)
-
-
-def plot_fig3(points: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for mode, marker in (("UPG", "o"), ("NPG", "s")):
-        pts = sorted((p for p in points if p["mode"] == mode and p["damping"] == 0.5), key=lambda p: p["k"])
-        axes[0].plot(
-            [p["k"] for p in pts], [100 * p["test_accuracy"] for p in pts], marker=marker, label=f"{mode}, lambda=0.5"
-        )
-        axes[1].plot([p["k"] for p in pts], [p["spectral_radius"] for p in pts], marker=marker, label=mode)
-    pts = sorted((p for p in points if p["mode"] == "UPG" and p["k"] == 5), key=lambda p: p["damping"])
-    axes[2].plot([p["damping"] for p in pts], [100 * p["test_accuracy"] for p in pts], marker="o", label="UPG, k=5")
-    axes[0].set(xlabel="k", ylabel="test accuracy (%)", title="accuracy vs k")
-    axes[1].set(xlabel="k", ylabel="spectral radius of dF/dh at h*", title="spectral radius vs k")
-    axes[2].set(xlabel="lambda", ylabel="test accuracy (%)", title="accuracy vs lambda")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
