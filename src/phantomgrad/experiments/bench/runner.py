@@ -91,8 +91,9 @@ class Runner:
             from phantomgrad.models.mdeq import MDEQInitHead
 
             config = self.p.model.config
-            torch.manual_seed(self.cfg.seed)
-            head = MDEQInitHead(config.channels, config.num_groups).to(self.p.x.device, self.p.x.dtype)
+            with torch.random.fork_rng(devices=[]):  # seeded weights; the run's own random stream untouched
+                torch.manual_seed(self.cfg.seed)
+                head = MDEQInitHead(config.channels, config.num_groups).to(self.p.x.device, self.p.x.dtype)
             self._heads[v] = (head, torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9))
         return self._heads[v]
 
