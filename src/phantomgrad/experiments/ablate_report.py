@@ -23,6 +23,11 @@ def time_ratio(row: dict[str, Any], reference: dict[str, Any] | None) -> float |
     return seconds(row) / seconds(reference)
 
 
+def _times(ratio: float | None) -> str:
+    """A time ratio as the tables print it ("-" where there is none)."""
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
 def _final(row: dict[str, Any], key: str) -> float:
     """The mean over the row's seeds of a final-epoch metric (metrics.csv's last row)."""
     return statistics.fmean(float(r["final_metrics"][key]) for r in row["runs"])
@@ -40,13 +45,11 @@ def format_health(rows: list[dict[str, Any]], budget: Budget) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        versus = time_ratio(r, implicit)
-        ratio = "-" if r["time_vs_implicit"] is None else f"{r['time_vs_implicit']:.2f}x"
         lines.append(
             f"| {r['row']} | {100 * r['accuracy_mean']:.2f} | {_final(r, 'train_nstep'):.2f}; "
             f"{r['mean_forward_steps']:.2f} | {100 * _final(r, 'train_converged'):.1f}% | "
             f"{_final(r, 'test_nstep'):.2f} | {100 * _final(r, 'test_converged'):.1f}% | "
-            f"{r['train_seconds_mean']:.0f} s | {ratio} | {'-' if versus is None else f'{versus:.2f}x'} |"
+            f"{r['train_seconds_mean']:.0f} s | {_times(r['time_vs_implicit'])} | {_times(time_ratio(r, implicit))} |"
         )
     return "\n".join(lines)
 

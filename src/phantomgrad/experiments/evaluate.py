@@ -44,8 +44,7 @@ from torch.utils.data import DataLoader
 
 from phantomgrad.monitor import deq_modules
 from phantomgrad.train import builders
-from phantomgrad.train.batchnorm import batchnorm_layers, draw_seed, recalibrate_task
-from phantomgrad.train.builders import build_task
+from phantomgrad.train.batchnorm import draw_seed, recalibrate_task, require_batchnorm
 from phantomgrad.train.checkpoint import CheckpointError, has_checkpoint, load_checkpoint
 from phantomgrad.train.config import ConfigError, TrainConfig
 from phantomgrad.train.meter import Meter
@@ -124,7 +123,7 @@ def load_run(run_dir: Path, opts: EvalOptions) -> tuple[TrainConfig, Any, torch.
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = builders.resolve_device(cfg.device)
-    task = build_task(cfg)
+    task = builders.build_task(cfg)
     if opts.split not in task.eval_sets:
         raise ConfigError(f"split={opts.split}: task {cfg.task} evaluates on {', '.join(task.eval_sets)}")
     state = load_checkpoint(checkpoint)
@@ -174,8 +173,7 @@ def run_grid(run_dir: Path, opts: EvalOptions) -> dict[str, Any]:
     """Evaluate every budget of the grid; returns the document written to ``evaluate.json``."""
     cfg, task, device = load_run(run_dir, opts)
     if opts.bn_recalibrate:
-        if not batchnorm_layers(task.model):
-            raise ConfigError(f"bn_recalibrate={opts.bn_recalibrate}: the model of {run_dir} has no BatchNorm layer")
+        require_batchnorm(task.model, opts.bn_recalibrate, f"the model of {run_dir}")
         # the batches of the run's last evaluation, had it trained with this key
         recalibrate_task(task, device, cfg.batch_size, opts.bn_recalibrate, draw_seed(cfg.seed, cfg.epochs - 1))
         task.model.eval()

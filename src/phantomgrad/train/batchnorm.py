@@ -36,6 +36,12 @@ def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
+def require_batchnorm(model: nn.Module, batches: int, which: str) -> None:
+    """The one-line refusal of ``bn_recalibrate=batches`` for a model (``which`` names it) without BatchNorm."""
+    if not batchnorm_layers(model):
+        raise ConfigError(f"bn_recalibrate={batches}: {which} has no BatchNorm layer to recalibrate; drop the key")
+
+
 @torch.no_grad()
 def recalibrate(model: nn.Module, batches: Iterable[Any], forward: Callable[[Any], Any]) -> int:
     """Re-estimate the running statistics of ``model``'s BatchNorm layers as the cumulative average
@@ -105,11 +111,7 @@ def with_batchnorm_recalibration(task: Task, cfg: TrainConfig) -> Task:
     without BatchNorm refuses the key with one line."""
     if not cfg.bn_recalibrate:
         return task
-    if not batchnorm_layers(task.model):
-        raise ConfigError(
-            f"bn_recalibrate={cfg.bn_recalibrate}: model {cfg.model} has no BatchNorm layer to recalibrate; "
-            "drop the key (bn_recalibrate=0)"
-        )
+    require_batchnorm(task.model, cfg.bn_recalibrate, f"model {cfg.model}")
     task.callbacks.append(BatchNormRecalibration(task, cfg.bn_recalibrate, cfg.batch_size, cfg.seed))
     return task
 
@@ -120,6 +122,7 @@ __all__ = [
     "draw_seed",
     "recalibrate",
     "recalibrate_task",
+    "require_batchnorm",
     "training_batches",
     "with_batchnorm_recalibration",
 ]
