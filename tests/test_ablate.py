@@ -55,6 +55,22 @@ def test_ablate_tiny_writes_table_plot_and_json(tmp_path, capsys):
         "UPG A_{9,0.5} + dropout",
     ]
     assert not (out / "npg-3-s0").exists()
+    # --rows: train the missing row only; the others' finished runs are read back, not retrained
+    before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*-s0/result.json")}
+    train = ["ablate", "--budget", "tiny", "--what", "table1", "--out", str(out), "--threads", "1", "--rows", "3"]
+    assert main([*train, *small]) == 0
+    assert (out / "npg-3-s0" / "result.json").exists()
+    after = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*-s0/result.json")}
+    assert {name: t for name, t in after.items() if name in before} == before and len(after) == 5
+    assert len(json.loads((out / "ablate.json").read_text())["table1"]) == 5
+
+
+def test_ablate_rows_must_name_rows_of_the_budget(tmp_path, capsys):
+    assert main(["ablate", "--budget", "tiny", "--what", "table1", "--out", str(tmp_path), "--rows", "5"]) == 2
+    assert "--rows takes indices 0-4" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:  # argparse's own usage error
+        main(["ablate", "--budget", "tiny", "--what", "table1", "--out", str(tmp_path), "--rows", "a"])
+    assert done.value.code == 2 and "comma-separated row indices" in capsys.readouterr().err
 
 
 def test_ablate_rejects_a_bad_override(tmp_path, capsys):
@@ -109,4 +125,6 @@ def test_convergence_table_reports_final_epoch_health_and_both_time_ratios():
     }
     table = format_table1(_table1_rows(budget, results), budget)
     best = next(line for line in table.splitlines() if line.startswith("| UPG A_{5,0.5} + reuse + Jacobian reg."))
-    assert "| 3.00; 1.00 | 95.0% | 8.00 | 95.0% | 50 s | 0.50x | 0.40x |" in best
+    assert "| 3.00; 1.00 | 95.0% | 8.00 | 95.0% | 50 s | 0.50x | 0.40x | 0.50x |" in best
+    alone = next(line for line in table.splitlines() if line.startswith("| Implicit (today)"))
+    assert alone.endswith("| 1.25x | 1.00x | - |")  # its partner (row 3) has not finished

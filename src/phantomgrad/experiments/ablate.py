@@ -33,6 +33,7 @@ import logging
 import platform
 import statistics
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, cast
 
@@ -201,21 +202,31 @@ def run_table1(
     threads: int = 1,
     on_rows: Any = None,
     report_only: bool = False,
+    only_rows: Collection[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Train (or resume, or read back) every row and seed; ``report_only``: read back the finished
-    runs only, train nothing (the table of what has finished while other rows still train)."""
+    runs only, train nothing (the table of what has finished while other rows still train);
+    ``only_rows``: train these rows (indices into ``budget.rows``) only, the others' finished runs
+    are read back into the table."""
     jobs = []
     for seed in budget.seeds:
         for i, (name, extra) in enumerate(budget.rows):
             slug = name.split(" ")[0].lower() + f"-{i}-s{seed}"
             jobs.append(((i, seed), _overrides(budget, list(extra), seed, out_dir / slug, base)))
+    done = {key: Path(_run_dir(overrides)) / "result.json" for key, overrides in jobs}
+    finished = {key: json.loads(p.read_text()) for key, p in done.items() if p.exists()}
     if report_only:
-        done = {key: Path(_run_dir(overrides)) / "result.json" for key, overrides in jobs}
-        return _table1_rows(budget, {key: json.loads(p.read_text()) for key, p in done.items() if p.exists()})
+        return _table1_rows(budget, finished)
+    if only_rows is not None:
+        jobs = [(key, overrides) for key, overrides in jobs if key[0] in only_rows]
     results = run_jobs(
-        run_one, jobs, n_jobs, threads, on_done=(lambda res: on_rows(_table1_rows(budget, res))) if on_rows else None
+        run_one,
+        jobs,
+        n_jobs,
+        threads,
+        on_done=(lambda res: on_rows(_table1_rows(budget, {**finished, **res}))) if on_rows else None,
     )
-    return _table1_rows(budget, results)
+    return _table1_rows(budget, {**finished, **results})
 
 
 def _run_dir(overrides: list[str]) -> str:
@@ -286,8 +297,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train nothing: write the table of the runs in --out that have finished (while others still train)",
     )
     parser.add_argument(
+        "--rows",
+        type=_row_indices,
+        default=None,
+        metavar="I,J",
+        help="train these Table 1 rows only (0-based, in the budget's order, e.g. 6,7); the table reads back the "
+        "others' finished runs",
+    )
+    parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="extra config overrides for every run (e.g. data_dir=...)"
     )
+
+
+def _row_indices(text: str) -> list[int]:
+    """``--rows 6,7``: comma-separated, so that the overrides after it stay overrides."""
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated row indices such as 6,7, not {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -307,8 +334,10 @@ def run(args: argparse.Namespace) -> int:
     text = []
     if args.jobs < 1 or args.threads < 1:
         raise ValueError("--jobs and --threads take a positive integer")
-    if args.report_only and args.what != "table1":
-        raise ValueError("--report-only reads back Table 1 runs; pass --what table1")
+    if args.rows is not None and not all(0 <= i < len(budget.rows) for i in args.rows):
+        raise ValueError(f"--rows takes indices 0-{len(budget.rows) - 1} of the {args.budget} budget's rows")
+    if (args.report_only or args.rows is not None) and args.what != "table1":
+        raise ValueError("--report-only and --rows concern Table 1 runs; pass --what table1")
     if args.what in ("table1", "both"):
 
         def write_partial(rows: list[dict[str, Any]]) -> None:  # each row's result as soon as it finishes
@@ -328,6 +357,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             on_rows=write_partial,
             report_only=args.report_only,
+            only_rows=args.rows,
         )
         result["table1"] = rows
         text.append("## Table 1\n\n" + format_table1(rows, budget))

@@ -35,21 +35,27 @@ def _final(row: dict[str, Any], key: str) -> float:
 
 def format_health(rows: list[dict[str, Any]], budget: Budget) -> str:
     """The final epoch's equilibrium health per row (means over its seeds), and each row's training
-    time against the budget's reference row and against the "Implicit (today)" row where there is one."""
+    time against the budget's reference row, against the "Implicit (today)" row where there is one, and
+    against the row it trained beside (rows 0|1, 2|3, ...: the pairs of ``--jobs 2``)."""
     implicit = next((r for r in rows if r["row"].startswith("Implicit") and "today" in r["row"]), None)
+    by_name = {r["row"]: r for r in rows}
+    names = [name for name, _ in budget.rows]
     lines = [
         "| row | test accuracy | forward F evals per train step (final epoch; whole run) | train converged | "
         "F evals per test sample | test converged | training time | vs "
         + budget.reference
-        + " | vs Implicit (today) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        + " | vs Implicit (today) | vs the row beside it |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        # rows 2j and 2j+1 train side by side under --jobs 2, so their times compare directly
+        partner = by_name.get(names[names.index(r["row"]) ^ 1]) if names.index(r["row"]) ^ 1 < len(names) else None
         lines.append(
             f"| {r['row']} | {100 * r['accuracy_mean']:.2f} | {_final(r, 'train_nstep'):.2f}; "
             f"{r['mean_forward_steps']:.2f} | {100 * _final(r, 'train_converged'):.1f}% | "
             f"{_final(r, 'test_nstep'):.2f} | {100 * _final(r, 'test_converged'):.1f}% | "
-            f"{r['train_seconds_mean']:.0f} s | {_times(r['time_vs_implicit'])} | {_times(time_ratio(r, implicit))} |"
+            f"{r['train_seconds_mean']:.0f} s | {_times(r['time_vs_implicit'])} | {_times(time_ratio(r, implicit))} | "
+            f"{_times(time_ratio(r, partner))} |"
         )
     return "\n".join(lines)
 
