@@ -106,3 +106,31 @@ def test_resume_with_the_cache_is_bit_exact(tmp_path):
     assert torch.equal(cache_a["cache"]["rows"], cache_b["cache"]["rows"])
     timing = lambda metrics: {k: v for k, v in metrics.items() if "seconds" not in k}  # noqa: E731
     assert timing(resumed["final_metrics"]) == timing(straight["final_metrics"])
+
+
+@pytest.mark.slow
+def test_reuse_cache_in_a_memory_mapped_file_trains_and_resumes_as_in_memory(tmp_path):
+    # warm_start_cache_mb=0: the rows live in <out_dir>/fixed_points.bin (float16, as in memory), so the
+    # run is the same to the last digit; killed after epoch 0 and resumed, it reads the file back
+    extra = ("epochs=2", "warm_start=reuse")
+    memory = train(_cfg(tmp_path / "memory", *extra))
+    train_killed_in_epoch(_cfg(tmp_path / "file", *extra, "warm_start_cache_mb=0"), epoch=1)
+    resumed = train(_cfg(tmp_path / "file", *extra, "warm_start_cache_mb=0"), resume=True)
+    timing = lambda metrics: {k: v for k, v in metrics.items() if "seconds" not in k}  # noqa: E731
+    assert timing(resumed["final_metrics"]) == timing(memory["final_metrics"])
+    assert float(_rows(tmp_path / "file")[1]["train_reused"]) == 1
+    saved = load_checkpoint(tmp_path / "file" / "checkpoint.pt")["callbacks"]
+    cache = next(v for k, v in saved.items() if k.startswith("WarmStart"))["cache"]
+    assert cache["rows"] == str(tmp_path / "file" / "fixed_points.bin")  # the path, not a copy of the rows
+    size = (tmp_path / "file" / "fixed_points.bin").stat().st_size
+    assert size > 0 and size % (384 * 2) == 0 and bool(cache["filled"].all())  # 384 samples x width x float16
+
+
+def test_cache_size_keys_are_refused_where_they_act_on_nothing(tmp_path):
+    with pytest.raises(ConfigError, match="warm_start_cache_mb=64 sizes the reuse cache") as err:
+        build_task(_cfg(tmp_path, "warm_start=none", "warm_start_cache_mb=64"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="pass out_dir"):
+        build_task(TrainConfig.from_sources(None, [*TINY, "warm_start=reuse", "warm_start_cache_mb=0"]))
+    cache = next(cb for cb in build_task(_cfg(tmp_path, "warm_start_cache_mb=2")).callbacks if hasattr(cb, "cache"))
+    assert cache.cache.max_bytes == 2 << 20 and cache.cache.path is None

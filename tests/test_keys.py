@@ -78,6 +78,10 @@ NO_NUMERIC_EFFECT: dict[str, str] = {
     "fallback_solver": "acts only on a non-finite solve (tests/test_deq.py tests the fallback)",
     "solver_fused": "the same numbers up to the rounding of the norms (tests/test_fused.py); compiling is slow here",
     "resume": "continues a run from its checkpoint (the resume tests); a fresh run is the same run",
+    "warm_start_cache_mb": (
+        "where the reuse cache's rows live (memory under a cap, or a file) and the cap, which a tiny state never "
+        "reaches: the same rows (tests/test_batch.py: file-backed equals in memory; refused without reuse)"
+    ),
     "dist_timeout": "the process group's timeout under torchrun; a single process has none",
 }
 

@@ -242,7 +242,13 @@ class FixedPointCache:
             )
         rows = state["rows"]
         if isinstance(rows, str):
-            self.path = Path(rows)
+            # a cache made with its own path keeps it (under torchrun each process maps its own file, and
+            # a run directory may have moved); otherwise the saved path
+            self.path = self.path if self.path is not None else Path(rows)
+            if not self.path.exists():
+                log.warning("FixedPointCache: %s is gone; every sample starts cold again", self.path)
+                self.rows, self.filled = None, torch.zeros(self.num_samples, dtype=torch.bool)
+                return
             width = self.path.stat().st_size // (self.num_samples * torch.empty((), dtype=self.dtype).element_size())
             self.rows = self._allocate(width) if width else None
         else:

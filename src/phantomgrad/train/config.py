@@ -158,6 +158,12 @@ class TrainConfig:
     warm_start_weight: float = _key(
         1.0, "weight of the init head's loss ||g(x) - z*||^2 / ||z*||^2 (warm_start=learned)", within=NON_NEGATIVE
     )
+    warm_start_cache_mb: int = _key(
+        1024,
+        "memory cap of the reuse cache in MiB (warm_start=reuse; samples beyond it start cold, with a warning); "
+        "0: memory-map <out_dir>/fixed_points.bin instead, without a cap",
+        within=NON_NEGATIVE,
+    )
     # optimisation
     epochs: int = _key(12, "passes over the training set", within=AT_LEAST_ONE)
     batch_size: int = _key(64, "samples per step (the global batch under torchrun)", within=AT_LEAST_ONE)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -110,21 +111,44 @@ def _has_init(model: nn.Module) -> bool:
     return any(getattr(layer, "init", None) is not None for layer in deq_modules(model))
 
 
+def _default(key: str) -> Any:
+    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == key)
+
+
+def _cache(cfg: TrainConfig, num_samples: int) -> FixedPointCache:
+    """The reuse cache of ``warm_start_cache_mb``: in memory under that cap, or (0) a memory-mapped file in
+    the run directory, one per process under torchrun (each caches the samples its sampler gave it)."""
+    if cfg.warm_start_cache_mb:
+        return FixedPointCache(num_samples, max_bytes=cfg.warm_start_cache_mb << 20)
+    if cfg.out_dir is None:
+        raise ConfigError(
+            "warm_start_cache_mb=0 memory-maps the reuse cache into <out_dir>/fixed_points.bin; pass out_dir=..."
+        )
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    name = f"fixed_points.rank{rank}.bin" if world > 1 else "fixed_points.bin"
+    return FixedPointCache(num_samples, path=Path(cfg.out_dir) / name)
+
+
 def with_warm_start(task: "Task", cfg: TrainConfig) -> "Task":
     """``task`` with the warm start of ``cfg`` in its training step; ``task`` itself for ``none``.
 
     Raises:
         ConfigError: ``learned`` for a model without an init head, ``reuse`` for a task whose
-            DEQ sample is not one sample of its dataset (graph classification), or a
-            ``warm_start_weight`` without ``learned`` (it would weigh nothing).
+            DEQ sample is not one sample of its dataset (graph classification), a
+            ``warm_start_weight`` without ``learned`` or a ``warm_start_cache_mb`` without ``reuse`` (they
+            would act on nothing), or ``warm_start_cache_mb=0`` (a file) without ``out_dir``.
     """
     mode = resolve(cfg, task)
     want_init = "learned" in mode
-    default_weight = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "warm_start_weight")
-    if not want_init and cfg.warm_start_weight != default_weight:
+    if not want_init and cfg.warm_start_weight != _default("warm_start_weight"):
         raise ConfigError(
             f"warm_start_weight={cfg.warm_start_weight:g} weighs the init head's loss, which only warm_start=learned "
             f"or learned+reuse adds (warm_start={cfg.warm_start}); drop it or set warm_start"
+        )
+    if "reuse" not in mode and cfg.warm_start_cache_mb != _default("warm_start_cache_mb"):
+        raise ConfigError(
+            f"warm_start_cache_mb={cfg.warm_start_cache_mb} sizes the reuse cache, which only warm_start=reuse or "
+            f"learned+reuse keeps (warm_start={cfg.warm_start}, here {mode}); drop it or set warm_start"
         )
     if mode == "none":
         return task
@@ -139,7 +163,7 @@ def with_warm_start(task: "Task", cfg: TrainConfig) -> "Task":
             f"warm_start={cfg.warm_start}: {task.name} on {cfg.dataset} solves a whole batch of graphs as one DEQ "
             "sample, so there is no per-sample state to reuse; use warm_start=none (or dataset=chains)"
         )
-    cache = FixedPointCache(len(task.train_set)) if reuse else None
+    cache = _cache(cfg, len(task.train_set)) if reuse else None
     state = WarmStart(cache)
     inner_step, inner_finalize = task.step, task.finalize
 
