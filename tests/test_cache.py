@@ -118,6 +118,24 @@ def test_memory_cap_and_memory_mapped_file(tmp_path, caplog):
     assert torch.equal(again.fill(idx, torch.zeros(2, D)), _states(idx, 0))
 
 
+def test_a_file_backed_cache_keeps_its_own_file_on_resume(tmp_path, caplog):
+    # under torchrun rank 0's checkpoint names rank 0's file: another rank (or a moved run directory)
+    # keeps the file it was made with; a file that is gone starts every sample cold, with a warning
+    idx = torch.tensor([3, 15])
+    rank0 = pg.FixedPointCache(N, dtype=torch.float32, path=tmp_path / "rank0.bin")
+    rank0.store(idx, _states(idx, 0))
+    rank1 = pg.FixedPointCache(N, dtype=torch.float32, path=tmp_path / "rank1.bin")
+    rank1.store(idx, _states(idx, 1))
+    rank1.load_state_dict(rank0.state_dict())
+    assert rank1.path == tmp_path / "rank1.bin"
+    assert torch.equal(rank1.fill(idx, torch.zeros(2, D)), _states(idx, 1))
+    gone = pg.FixedPointCache(N, dtype=torch.float32, path=tmp_path / "gone.bin")
+    with caplog.at_level(logging.WARNING, logger="phantomgrad.cache"):
+        gone.load_state_dict(rank0.state_dict())
+    assert "is gone; every sample starts cold" in caplog.text
+    assert len(gone) == 0 and gone.rows is None
+
+
 def test_bad_input():
     cache = pg.FixedPointCache(N)
     with pytest.raises(IndexError, match=r"in \[0, 23\)"):
