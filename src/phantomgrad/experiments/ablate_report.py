@@ -48,8 +48,8 @@ def format_health(rows: list[dict[str, Any]], budget: Budget) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        # rows 2j and 2j+1 train side by side under --jobs 2, so their times compare directly
-        partner = by_name.get(names[names.index(r["row"]) ^ 1]) if names.index(r["row"]) ^ 1 < len(names) else None
+        beside = names.index(r["row"]) ^ 1  # rows 2j and 2j+1 train side by side under --jobs 2
+        partner = by_name.get(names[beside]) if beside < len(names) else None
         lines.append(
             f"| {r['row']} | {100 * r['accuracy_mean']:.2f} | {_final(r, 'train_nstep'):.2f}; "
             f"{r['mean_forward_steps']:.2f} | {100 * _final(r, 'train_converged'):.1f}% | "
